@@ -1,0 +1,392 @@
+// pybind11 module over the kernel interface: DLPack tensors in, validated, kernels run with the
+// GIL released. The same source builds the CPU module `gmattn._core` and, with
+// GMATTN_BACKEND_CUDA defined, the CUDA module `gmattn._cuda`; only the device they accept and
+// the kernels they call differ.
+#include <pybind11/pybind11.h>
+
+#include <cstring>
+#include <limits>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "dlpack.h"
+#include "gmattn/gmattn.h"
+
+#ifndef GMATTN_MODULE_NAME
+#error "GMATTN_MODULE_NAME must be defined by the build"
+#endif
+#ifndef GMATTN_VERSION
+#define GMATTN_VERSION "0.0.0"
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+#ifdef GMATTN_BACKEND_CUDA
+constexpr int32_t kDevice = kDLCUDA;
+constexpr const char* kDeviceName = "CUDA";
+#else
+constexpr int32_t kDevice = kDLCPU;
+constexpr const char* kDeviceName = "CPU";
+#endif
+
+enum class Kind { kInput, kAccumulator, kMask };
+
+std::string shape_str(const int64_t* shape, int ndim) {
+  std::ostringstream s;
+  s << "(";
+  for (int i = 0; i < ndim; ++i) s << (i ? ", " : "") << shape[i];
+  if (ndim == 1) s << ",";
+  s << ")";
+  return s.str();
+}
+
+std::string dl_dtype_str(DLDataType t) {
+  const char* base = "?";
+  switch (t.code) {
+    case kDLInt: base = "int"; break;
+    case kDLUInt: base = "uint"; break;
+    case kDLFloat: base = "float"; break;
+    case kDLBfloat: base = "bfloat"; break;
+    case kDLComplex: base = "complex"; break;
+    case kDLBool: base = "bool"; break;
+    default: break;
+  }
+  std::string s = std::string(base) + std::to_string(t.bits);
+  if (t.code == kDLBool) s = "bool";
+  if (t.lanes != 1) s += "x" + std::to_string(t.lanes);
+  return s;
+}
+
+bool dl_to_dtype(DLDataType t, gmattn::DType* out) {
+  if (t.lanes != 1) return false;
+  if (t.code == kDLFloat && t.bits == 16) { *out = gmattn::DType::kFloat16; return true; }
+  if (t.code == kDLBfloat && t.bits == 16) { *out = gmattn::DType::kBFloat16; return true; }
+  if (t.code == kDLFloat && t.bits == 32) { *out = gmattn::DType::kFloat32; return true; }
+  if (t.code == kDLFloat && t.bits == 64) { *out = gmattn::DType::kFloat64; return true; }
+  return false;
+}
+
+[[noreturn]] void fail(const std::string& arg, const std::string& what) {
+  throw py::value_error("gmattn: argument '" + arg + "' " + what);
+}
+
+// One imported DLPack tensor. Owns the capsule: the producer's capsule destructor releases the
+// tensor (the name stays "dltensor"), so nothing leaks whether we return or throw.
+struct Imported {
+  py::object capsule;
+  DLTensor* t = nullptr;
+  bool read_only = false;
+};
+
+Imported import_dlpack(py::handle obj, const std::string& arg, int64_t stream) {
+  if (!py::hasattr(obj, "__dlpack__")) {
+    fail(arg, "must be an array that supports DLPack (torch.Tensor, numpy.ndarray, mx.array), got " +
+                  std::string(py::str(py::type::of(obj).attr("__name__"))));
+  }
+  py::object fn = obj.attr("__dlpack__");
+  py::object cap;
+  // DLPack >= 1.0 carries a read-only flag; older producers only speak the legacy protocol.
+  py::dict kw;
+  kw["max_version"] = py::make_tuple(1, 0);
+  if (kDevice == kDLCUDA) kw["stream"] = py::int_(stream);
+  try {
+    cap = fn(**kw);
+  } catch (py::error_already_set& e) {
+    if (!e.matches(PyExc_TypeError)) throw;
+    py::dict legacy;
+    if (kDevice == kDLCUDA) legacy["stream"] = py::int_(stream);
+    cap = fn(**legacy);
+  }
+  Imported im;
+  im.capsule = cap;
+  PyObject* c = cap.ptr();
+  if (PyCapsule_IsValid(c, "dltensor_versioned")) {
+    auto* m = static_cast<DLManagedTensorVersioned*>(PyCapsule_GetPointer(c, "dltensor_versioned"));
+    if (m->version.major > 1) fail(arg, "was exported with an unsupported DLPack major version");
+    im.t = &m->dl_tensor;
+    im.read_only = (m->flags & DLPACK_FLAG_BITMASK_READ_ONLY) != 0;
+  } else if (PyCapsule_IsValid(c, "dltensor")) {
+    auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(c, "dltensor"));
+    im.t = &m->dl_tensor;
+  } else {
+    fail(arg, "__dlpack__() did not return a DLPack capsule");
+  }
+  return im;
+}
+
+struct Spec {
+  const char* name;
+  std::vector<int64_t> shape;  // expected shape
+  Kind kind;
+  bool output;
+  bool contiguous;  // outputs must be C-contiguous: no aliasing, no gaps
+};
+
+// Validates an imported tensor against its spec and fills a View. `dtype` is the input dtype
+// of this call (set by the first input tensor when unknown).
+gmattn::View make_view(const Imported& im, const Spec& spec, gmattn::DType input_dtype,
+                       int device_id) {
+  const DLTensor* t = im.t;
+  const std::string arg = spec.name;
+  const int ndim = static_cast<int>(spec.shape.size());
+  if (t->device.device_type != kDevice) {
+    fail(arg, std::string("must be on the ") + kDeviceName + " device for this module (DLPack device type " +
+                  std::to_string(t->device.device_type) + ")");
+  }
+  if (kDevice == kDLCUDA && t->device.device_id != device_id) {
+    fail(arg, "is on CUDA device " + std::to_string(t->device.device_id) + ", expected device " +
+                  std::to_string(device_id) + " like q");
+  }
+  if (t->ndim != ndim) {
+    fail(arg, "must have " + std::to_string(ndim) + " dimensions " + shape_str(spec.shape.data(), ndim) +
+                  ", got " + std::to_string(t->ndim) + " dimensions " + shape_str(t->shape, t->ndim));
+  }
+  for (int i = 0; i < ndim; ++i) {
+    if (t->shape[i] != spec.shape[i]) {
+      fail(arg, "must have shape " + shape_str(spec.shape.data(), ndim) + ", got " + shape_str(t->shape, ndim));
+    }
+  }
+  // dtype
+  if (spec.kind == Kind::kMask) {
+    const bool ok = t->dtype.lanes == 1 && t->dtype.bits == 8 && (t->dtype.code == kDLBool || t->dtype.code == kDLUInt);
+    if (!ok) fail(arg, "must be bool (or uint8), got " + dl_dtype_str(t->dtype));
+  } else {
+    gmattn::DType dt;
+    if (!dl_to_dtype(t->dtype, &dt)) {
+      fail(arg, "must be a floating tensor (float16, bfloat16, float32 or float64), got " + dl_dtype_str(t->dtype));
+    }
+    const gmattn::DType want =
+        spec.kind == Kind::kInput ? input_dtype : gmattn::accumulator_dtype(input_dtype);
+    if (dt != want) {
+      fail(arg, std::string("must be ") + gmattn::dtype_name(want) + " (inputs are " +
+                    gmattn::dtype_name(input_dtype) + "), got " + gmattn::dtype_name(dt));
+    }
+  }
+  if (spec.output && im.read_only) fail(arg, "is read-only but is written by the kernel");
+  gmattn::View v;
+  int64_t numel = 1;
+  for (int i = 0; i < ndim; ++i) {
+    if (spec.shape[i] < 0) fail(arg, "has a negative dimension");
+    if (spec.shape[i] != 0 && numel > std::numeric_limits<int64_t>::max() / spec.shape[i]) {
+      fail(arg, "has more elements than fit in a 64-bit index");
+    }
+    numel *= spec.shape[i];
+  }
+  // strides (elements); compact row-major when absent
+  int64_t expect = 1;
+  int64_t span_hi = 0, span_lo = 0;  // reachable element offsets, for overflow checks
+  for (int i = ndim - 1; i >= 0; --i) {
+    const int64_t stride = t->strides ? t->strides[i] : expect;
+    v.shape[i] = spec.shape[i];
+    v.stride[i] = stride;
+    if (spec.shape[i] > 1) {
+      const int64_t extent = spec.shape[i] - 1;
+      const int64_t mag = stride < 0 ? -stride : stride;
+      if (mag != 0 && extent > std::numeric_limits<int64_t>::max() / 4 / mag) {
+        fail(arg, "has strides whose offsets overflow a 64-bit index");
+      }
+      (stride < 0 ? span_lo : span_hi) += extent * stride;
+      if (span_hi > std::numeric_limits<int64_t>::max() / 4 || span_lo < std::numeric_limits<int64_t>::min() / 4) {
+        fail(arg, "has strides whose offsets overflow a 64-bit index");
+      }
+      if (spec.contiguous && stride != expect) {
+        fail(arg, "must be C-contiguous (it is written by the kernel), got strides " + shape_str(t->strides, ndim));
+      }
+    }
+    expect *= spec.shape[i] > 0 ? spec.shape[i] : 1;
+  }
+  if (numel > 0 && t->data == nullptr) fail(arg, "has a null data pointer");
+  v.data = static_cast<char*>(t->data) + t->byte_offset;
+  if (numel == 0) v.data = nullptr;
+  return v;
+}
+
+struct Call {
+  gmattn::Dims dims;
+  gmattn::DType dtype;
+  int device_id = 0;
+  int64_t stream = 0;
+  std::vector<Imported> keep;  // capsules alive until the kernel returns
+
+  // Imports `obj` (None allowed when optional) and validates it; returns an empty View for None.
+  gmattn::View view(py::handle obj, const Spec& spec, bool optional) {
+    if (obj.is_none()) {
+      if (!optional) fail(spec.name, "is required");
+      return gmattn::View{};
+    }
+    keep.push_back(import_dlpack(obj, spec.name, stream));
+    gmattn::View v = make_view(keep.back(), spec, dtype, device_id);
+    if (v.data == nullptr) v.data = reinterpret_cast<void*>(alignof(std::max_align_t));  // present but empty
+    return v;
+  }
+};
+
+// Reads B, N, H, D from q, Dv from v, K from mu, and the input dtype from q: the shapes every
+// other argument is checked against.
+Call start_call(py::handle q, py::handle v, py::handle mu, int64_t stream) {
+  Call c;
+  c.stream = stream;
+  Imported iq = import_dlpack(q, "q", stream);
+  Imported iv = import_dlpack(v, "v", stream);
+  Imported imu = import_dlpack(mu, "mu", stream);
+  if (iq.t->ndim != 4) fail("q", "must have 4 dimensions (B, N, H, D), got " + shape_str(iq.t->shape, iq.t->ndim));
+  if (iv.t->ndim != 4) fail("v", "must have 4 dimensions (B, N, H, Dv), got " + shape_str(iv.t->shape, iv.t->ndim));
+  if (imu.t->ndim != 3) fail("mu", "must have 3 dimensions (H, K, D), got " + shape_str(imu.t->shape, imu.t->ndim));
+  if (!dl_to_dtype(iq.t->dtype, &c.dtype)) {
+    fail("q", "must be a floating tensor (float16, bfloat16, float32 or float64), got " + dl_dtype_str(iq.t->dtype));
+  }
+  c.device_id = iq.t->device.device_id;
+  c.dims.B = iq.t->shape[0];
+  c.dims.N = iq.t->shape[1];
+  c.dims.H = iq.t->shape[2];
+  c.dims.D = iq.t->shape[3];
+  c.dims.Dv = iv.t->shape[3];
+  c.dims.K = imu.t->shape[1];
+  const gmattn::Dims& d = c.dims;
+  if (d.B < 1) fail("q", "must have a batch size B >= 1, got shape " + shape_str(iq.t->shape, 4));
+  if (d.N < 1) fail("q", "must have a sequence length N >= 1, got shape " + shape_str(iq.t->shape, 4));
+  if (d.H < 1) fail("q", "must have at least one head, got shape " + shape_str(iq.t->shape, 4));
+  if (d.D < 1) fail("q", "must have a routing dimension D >= 1, got shape " + shape_str(iq.t->shape, 4));
+  if (d.Dv < 1) fail("v", "must have a value dimension Dv >= 1, got shape " + shape_str(iv.t->shape, 4));
+  if (d.K < 1) fail("mu", "must have at least one component (K >= 1), got shape " + shape_str(imu.t->shape, 3));
+  // Kernels index rows and components with 64-bit offsets but loop counters of 32 bits.
+  const int64_t i32max = std::numeric_limits<int32_t>::max();
+  if (d.N > i32max || d.K > i32max || d.D > i32max || d.Dv > i32max || d.B * d.H > i32max) {
+    fail("q", "has a dimension larger than 2^31-1, which the kernels do not support");
+  }
+  return c;
+}
+
+gmattn::Options make_options(bool causal, double eps, double sigma_eps, int num_threads, int64_t stream,
+                             bool deterministic) {
+  if (!(eps >= 0.0)) fail("eps", "must be a non-negative number, got " + std::to_string(eps));
+  if (!(sigma_eps > 0.0)) fail("sigma_eps", "must be a positive number, got " + std::to_string(sigma_eps));
+  if (num_threads < 0) fail("num_threads", "must be >= 0 (0 = default), got " + std::to_string(num_threads));
+  gmattn::Options o;
+  o.causal = causal;
+  o.eps = eps;
+  o.sigma_eps = sigma_eps;
+  o.num_threads = num_threads;
+  o.stream = reinterpret_cast<void*>(static_cast<intptr_t>(stream));
+  o.deterministic = deterministic;
+  return o;
+}
+
+void forward(py::handle q, py::handle k, py::handle v, py::handle mu, py::handle omega, py::handle alpha,
+             py::handle mask, py::handle S0, py::handle z0, py::handle out, py::handle S_final,
+             py::handle z_final, py::handle gq, py::handle gk, py::handle den, bool causal, double eps,
+             double sigma_eps, int num_threads, int64_t stream) {
+  Call c = start_call(q, v, mu, stream);
+  const auto& d = c.dims;
+  gmattn::ForwardArgs a;
+  a.dims = d;
+  a.dtype = c.dtype;
+  a.opt = make_options(causal, eps, sigma_eps, num_threads, stream, true);
+  a.q = c.view(q, {"q", {d.B, d.N, d.H, d.D}, Kind::kInput, false, false}, false);
+  a.k = c.view(k, {"k", {d.B, d.N, d.H, d.D}, Kind::kInput, false, false}, false);
+  a.v = c.view(v, {"v", {d.B, d.N, d.H, d.Dv}, Kind::kInput, false, false}, false);
+  a.mu = c.view(mu, {"mu", {d.H, d.K, d.D}, Kind::kAccumulator, false, false}, false);
+  a.omega = c.view(omega, {"omega", {d.H, d.K, d.D}, Kind::kAccumulator, false, false}, false);
+  a.alpha = c.view(alpha, {"alpha", {d.H, d.K}, Kind::kAccumulator, false, false}, false);
+  a.mask = c.view(mask, {"key_padding_mask", {d.B, d.N}, Kind::kMask, false, false}, true);
+  a.S0 = c.view(S0, {"initial_state[0] (S)", {d.B, d.H, d.K, d.Dv}, Kind::kAccumulator, false, false}, true);
+  a.z0 = c.view(z0, {"initial_state[1] (z)", {d.B, d.H, d.K}, Kind::kAccumulator, false, false}, true);
+  if (a.S0.present() != a.z0.present()) fail("initial_state", "must give both S and z, or neither");
+  a.out = c.view(out, {"out", {d.B, d.N, d.H, d.Dv}, Kind::kInput, true, true}, false);
+  a.S_final = c.view(S_final, {"S_final", {d.B, d.H, d.K, d.Dv}, Kind::kAccumulator, true, true}, true);
+  a.z_final = c.view(z_final, {"z_final", {d.B, d.H, d.K}, Kind::kAccumulator, true, true}, true);
+  if (a.S_final.present() != a.z_final.present()) fail("S_final", "and z_final must be given together");
+  a.gq = c.view(gq, {"gq", {d.B, d.H, d.N, d.K}, Kind::kAccumulator, true, true}, true);
+  a.gk = c.view(gk, {"gk", {d.B, d.H, d.N, d.K}, Kind::kAccumulator, true, true}, true);
+  a.den = c.view(den, {"den", {d.B, d.H, d.N}, Kind::kAccumulator, true, true}, true);
+  if (a.gq.present() != a.gk.present() || a.gq.present() != a.den.present()) {
+    fail("gq", "gk and den (saved for backward) must be given together");
+  }
+  py::gil_scoped_release release;
+#ifdef GMATTN_BACKEND_CUDA
+  gmattn::cuda::forward(a);
+#else
+  gmattn::cpu::forward(a);
+#endif
+}
+
+void backward(py::handle q, py::handle k, py::handle v, py::handle mu, py::handle omega, py::handle alpha,
+              py::handle mask, py::handle S0, py::handle z0, py::handle out, py::handle gq, py::handle gk,
+              py::handle den, py::handle dout, py::handle dS_final, py::handle dz_final, py::handle dq,
+              py::handle dk, py::handle dv, py::handle dmu, py::handle domega, py::handle dalpha,
+              py::handle dS0, py::handle dz0, bool causal, double eps, double sigma_eps, int num_threads,
+              int64_t stream, bool deterministic) {
+  Call c = start_call(q, v, mu, stream);
+  const auto& d = c.dims;
+  gmattn::BackwardArgs a;
+  a.dims = d;
+  a.dtype = c.dtype;
+  a.opt = make_options(causal, eps, sigma_eps, num_threads, stream, deterministic);
+  a.q = c.view(q, {"q", {d.B, d.N, d.H, d.D}, Kind::kInput, false, false}, false);
+  a.k = c.view(k, {"k", {d.B, d.N, d.H, d.D}, Kind::kInput, false, false}, false);
+  a.v = c.view(v, {"v", {d.B, d.N, d.H, d.Dv}, Kind::kInput, false, false}, false);
+  a.mu = c.view(mu, {"mu", {d.H, d.K, d.D}, Kind::kAccumulator, false, false}, false);
+  a.omega = c.view(omega, {"omega", {d.H, d.K, d.D}, Kind::kAccumulator, false, false}, false);
+  a.alpha = c.view(alpha, {"alpha", {d.H, d.K}, Kind::kAccumulator, false, false}, false);
+  a.mask = c.view(mask, {"key_padding_mask", {d.B, d.N}, Kind::kMask, false, false}, true);
+  a.S0 = c.view(S0, {"initial_state[0] (S)", {d.B, d.H, d.K, d.Dv}, Kind::kAccumulator, false, false}, true);
+  a.z0 = c.view(z0, {"initial_state[1] (z)", {d.B, d.H, d.K}, Kind::kAccumulator, false, false}, true);
+  if (a.S0.present() != a.z0.present()) fail("initial_state", "must give both S and z, or neither");
+  a.out = c.view(out, {"out", {d.B, d.N, d.H, d.Dv}, Kind::kInput, false, false}, false);
+  a.gq = c.view(gq, {"gq", {d.B, d.H, d.N, d.K}, Kind::kAccumulator, false, false}, false);
+  a.gk = c.view(gk, {"gk", {d.B, d.H, d.N, d.K}, Kind::kAccumulator, false, false}, false);
+  a.den = c.view(den, {"den", {d.B, d.H, d.N}, Kind::kAccumulator, false, false}, false);
+  a.dout = c.view(dout, {"dout", {d.B, d.N, d.H, d.Dv}, Kind::kInput, false, false}, false);
+  a.dS_final = c.view(dS_final, {"dS_final", {d.B, d.H, d.K, d.Dv}, Kind::kAccumulator, false, false}, true);
+  a.dz_final = c.view(dz_final, {"dz_final", {d.B, d.H, d.K}, Kind::kAccumulator, false, false}, true);
+  a.dq = c.view(dq, {"dq", {d.B, d.N, d.H, d.D}, Kind::kInput, true, true}, false);
+  a.dk = c.view(dk, {"dk", {d.B, d.N, d.H, d.D}, Kind::kInput, true, true}, false);
+  a.dv = c.view(dv, {"dv", {d.B, d.N, d.H, d.Dv}, Kind::kInput, true, true}, false);
+  a.dmu = c.view(dmu, {"dmu", {d.H, d.K, d.D}, Kind::kAccumulator, true, true}, false);
+  a.domega = c.view(domega, {"domega", {d.H, d.K, d.D}, Kind::kAccumulator, true, true}, false);
+  a.dalpha = c.view(dalpha, {"dalpha", {d.H, d.K}, Kind::kAccumulator, true, true}, false);
+  a.dS0 = c.view(dS0, {"dS0", {d.B, d.H, d.K, d.Dv}, Kind::kAccumulator, true, true}, true);
+  a.dz0 = c.view(dz0, {"dz0", {d.B, d.H, d.K}, Kind::kAccumulator, true, true}, true);
+  py::gil_scoped_release release;
+#ifdef GMATTN_BACKEND_CUDA
+  gmattn::cuda::backward(a);
+#else
+  gmattn::cpu::backward(a);
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(GMATTN_MODULE_NAME, m) {
+  m.doc() = "gmattn compiled core (torch-free): Gaussian Mixture Attention kernels over DLPack tensors";
+  m.attr("__version__") = GMATTN_VERSION;
+  m.attr("device") = kDeviceName;
+#ifdef GMATTN_BACKEND_CUDA
+  m.attr("isa") = "cuda";
+#else
+  m.attr("isa") = gmattn::cpu::isa();
+#endif
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const std::invalid_argument& e) {
+      PyErr_SetString(PyExc_ValueError, (std::string("gmattn: ") + e.what()).c_str());
+    }
+  });
+  m.def("forward", &forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mu"), py::arg("omega"),
+        py::arg("alpha"), py::arg("mask"), py::arg("S0"), py::arg("z0"), py::arg("out"), py::arg("S_final"),
+        py::arg("z_final"), py::arg("gq"), py::arg("gk"), py::arg("den"), py::arg("causal"), py::arg("eps"),
+        py::arg("sigma_eps"), py::arg("num_threads") = 0, py::arg("stream") = 0,
+        "Forward pass: writes out (and the optional final state and saved tensors) in place.");
+  m.def("backward", &backward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mu"), py::arg("omega"),
+        py::arg("alpha"), py::arg("mask"), py::arg("S0"), py::arg("z0"), py::arg("out"), py::arg("gq"),
+        py::arg("gk"), py::arg("den"), py::arg("dout"), py::arg("dS_final"), py::arg("dz_final"), py::arg("dq"),
+        py::arg("dk"), py::arg("dv"), py::arg("dmu"), py::arg("domega"), py::arg("dalpha"), py::arg("dS0"),
+        py::arg("dz0"), py::arg("causal"), py::arg("eps"), py::arg("sigma_eps"), py::arg("num_threads") = 0,
+        py::arg("stream") = 0, py::arg("deterministic") = true,
+        "Backward pass: writes dq, dk, dv, dmu, domega, dalpha (and dS0, dz0 when given) in place.");
+}

@@ -1,0 +1,125 @@
+// Scalar helpers shared by the CPU kernels: storage conversions for 16-bit floats, a
+// vectorisable exp, and stable softplus/sigmoid. Header-only so every ISA build inlines them.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace gmattn {
+namespace cpu_detail {
+
+struct bf16_t {
+  uint16_t bits;
+};
+struct f16_t {
+  uint16_t bits;
+};
+
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float to_float(bf16_t x) { return bits_float(static_cast<uint32_t>(x.bits) << 16); }
+
+inline bf16_t to_bf16(float f) {
+  uint32_t u = float_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{static_cast<uint16_t>((u >> 16) | 0x40)};  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return bf16_t{static_cast<uint16_t>(u >> 16)};
+}
+
+inline float to_float(f16_t x) {
+  const uint32_t sign = (x.bits & 0x8000u) << 16;
+  const uint32_t exp = (x.bits >> 10) & 0x1fu;
+  const uint32_t man = x.bits & 0x3ffu;
+  if (exp == 0x1f) return bits_float(sign | 0x7f800000u | (man << 13));  // inf / nan
+  if (exp == 0) {
+    // zero or subnormal: value = man * 2^-24
+    const float v = static_cast<float>(man) * 5.9604644775390625e-08f;
+    return sign ? -v : v;
+  }
+  return bits_float(sign | ((exp + 112) << 23) | (man << 13));
+}
+
+inline f16_t to_f16(float f) {
+  const uint32_t u = float_bits(f);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return f16_t{static_cast<uint16_t>(sign | 0x7e00u)};  // nan
+  if (a >= 0x477ff000u) return f16_t{static_cast<uint16_t>(sign | 0x7c00u)};  // overflow -> inf
+  if (a < 0x38800000u) {
+    // result is subnormal or zero: round a * 2^24 to an integer (nearest even)
+    const float scaled = bits_float(a) * 16777216.0f;
+    const float r = std::nearbyint(scaled);  // default rounding mode: nearest even
+    return f16_t{static_cast<uint16_t>(sign | static_cast<uint16_t>(r))};
+  }
+  // normal: rebias exponent, round mantissa from 23 to 10 bits (nearest even)
+  uint32_t m = a - 0x38000000u;  // exponent rebias by (127 - 15) << 23
+  m += 0xfffu + ((m >> 13) & 1u);
+  return f16_t{static_cast<uint16_t>(sign | (m >> 13))};
+}
+
+template <class Acc>
+inline Acc to_acc(float x) { return static_cast<Acc>(x); }
+
+template <class Acc, class T>
+inline Acc load_as(const T& x) {
+  return static_cast<Acc>(x);
+}
+template <>
+inline float load_as<float, bf16_t>(const bf16_t& x) { return to_float(x); }
+template <>
+inline float load_as<float, f16_t>(const f16_t& x) { return to_float(x); }
+
+template <class T, class Acc>
+inline T store_as(Acc x) {
+  return static_cast<T>(x);
+}
+template <>
+inline bf16_t store_as<bf16_t, float>(float x) { return to_bf16(x); }
+template <>
+inline f16_t store_as<f16_t, float>(float x) { return to_f16(x); }
+
+// exp for x <= 0 (softmax after max subtraction), pure arithmetic so `omp simd` loops vectorise
+// it. Range reduction x = n ln2 + r, |r| <= ln2/2, degree-7 Taylor polynomial: relative error
+// below 2e-7 (about 1.5 float ulp); results under 2^-126 flush to a tiny normal value, harmless
+// next to the row maximum that contributes exactly 1.
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t e = static_cast<int32_t>(n) + 127;
+  return p * bits_float(static_cast<uint32_t>(e) << 23);
+}
+inline double exp_nonpositive(double x) { return std::exp(x); }
+
+template <class Acc>
+inline Acc softplus(Acc w) {
+  return (w > Acc(0) ? w : Acc(0)) + std::log1p(std::exp(-std::fabs(w)));
+}
+template <class Acc>
+inline Acc sigmoid(Acc w) {
+  if (w >= Acc(0)) return Acc(1) / (Acc(1) + std::exp(-w));
+  const Acc e = std::exp(w);
+  return e / (Acc(1) + e);
+}
+
+}  // namespace cpu_detail
+}  // namespace gmattn

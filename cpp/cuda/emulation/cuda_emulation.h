@@ -1,0 +1,257 @@
+// CPU emulation of the small CUDA subset the gmattn kernels use, for testing their logic on a
+// machine without a GPU. Only used when GMATTN_CUDA_EMULATION is defined and the .cu sources
+// are compiled as C++ by a host compiler (see emulation/README.md); never part of the real build.
+//
+// Model: a block's threads are cooperative fibers (ucontext) on one OS thread, run round-robin;
+// a thread yields only at __syncthreads(), so shared memory needs no locks. Blocks run one
+// after another. Warp-level WMMA is executed by lane 0 of each warp on whole tiles (the other
+// lanes skip it), which is race-free because the kernels only touch fragments through
+// load/mma/store/fill and element-wise conversion.
+#pragma once
+
+#include <cuda_fp16.h>  // __half, __nv_bfloat16, dim3, cudaStream_t (host-usable headers)
+#include <cuda_bf16.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <stdexcept>
+#include <vector>
+
+#ifndef __launch_bounds__
+#define __launch_bounds__(...)
+#endif
+
+namespace emu {
+
+struct State {
+  dim3 thread_idx, block_idx, block_dim, grid_dim;
+  // block barrier
+  unsigned arrived = 0, generation = 0, expected = 0;
+  bool progress = false;
+  ucontext_t scheduler;
+  ucontext_t* current = nullptr;
+  std::vector<unsigned char> smem;
+};
+inline State& state() {
+  static State s;
+  return s;
+}
+
+inline void syncthreads() {
+  State& s = state();
+  const unsigned gen = s.generation;
+  s.progress = true;
+  if (++s.arrived == s.expected) {
+    s.arrived = 0;
+    ++s.generation;
+    return;
+  }
+  while (s.generation == gen) swapcontext(s.current, &s.scheduler);
+  s.progress = true;
+}
+
+struct Fiber {
+  ucontext_t ctx;
+  std::vector<char> stack;
+  dim3 tid;
+  bool done = false;
+};
+
+inline std::function<void()>*& fiber_body() {
+  static std::function<void()>* body = nullptr;
+  return body;
+}
+inline Fiber*& running_fiber() {
+  static Fiber* f = nullptr;
+  return f;
+}
+inline void fiber_entry() {
+  (*fiber_body())();
+  running_fiber()->done = true;
+  state().progress = true;
+}  // returns to uc_link (the scheduler)
+
+// Runs body() as every thread of every block of the grid.
+inline void run_grid(dim3 grid, dim3 block, size_t smem_bytes, std::function<void()> body) {
+  State& s = state();
+  s.grid_dim = grid;
+  s.block_dim = block;
+  const unsigned nthreads = block.x * block.y * block.z;
+  std::vector<Fiber> fibers(nthreads);
+  for (auto& f : fibers) f.stack.resize(256 * 1024);
+  s.smem.assign(smem_bytes + 64, 0);
+  fiber_body() = &body;
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        s.block_idx = dim3(bx, by, bz);
+        s.arrived = 0;
+        s.expected = nthreads;
+        // Poison shared memory so that reads of unwritten shared memory show up as NaN.
+        std::fill(s.smem.begin(), s.smem.end(), (unsigned char)0xFF);
+        for (unsigned t = 0; t < nthreads; ++t) {
+          Fiber& f = fibers[t];
+          f.done = false;
+          f.tid = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+          getcontext(&f.ctx);
+          f.ctx.uc_stack.ss_sp = f.stack.data();
+          f.ctx.uc_stack.ss_size = f.stack.size();
+          f.ctx.uc_link = &s.scheduler;
+          makecontext(&f.ctx, fiber_entry, 0);
+        }
+        unsigned alive = nthreads;
+        while (alive > 0) {
+          s.progress = false;
+          alive = 0;
+          for (auto& f : fibers) {
+            if (f.done) continue;
+            s.thread_idx = f.tid;
+            s.current = &f.ctx;
+            running_fiber() = &f;
+            swapcontext(&s.scheduler, &f.ctx);
+            if (!f.done) ++alive;
+          }
+          if (alive > 0 && !s.progress) {
+            std::fprintf(stderr, "emu: deadlock in block (%u,%u,%u): %u threads stuck at a barrier\n",
+                         bx, by, bz, alive);
+            std::abort();
+          }
+          // A finished thread while others wait at a barrier is a deadlock on a real GPU too.
+          if (alive > 0 && alive < nthreads && s.arrived > 0 && s.arrived == alive) {
+            std::fprintf(stderr, "emu: __syncthreads() not reached by all threads\n");
+            std::abort();
+          }
+        }
+      }
+}
+
+inline unsigned char* dynamic_smem() {
+  // 64-byte aligned like the real thing (the kernels need 32 bytes for WMMA).
+  auto p = reinterpret_cast<uintptr_t>(state().smem.data());
+  return reinterpret_cast<unsigned char*>((p + 63) & ~uintptr_t(63));
+}
+
+inline unsigned lane_id() {
+  State& s = state();
+  unsigned linear = s.thread_idx.x + s.block_dim.x * (s.thread_idx.y + s.block_dim.y * s.thread_idx.z);
+  return linear % 32;
+}
+
+}  // namespace emu
+
+#define threadIdx (::emu::state().thread_idx)
+#define blockIdx (::emu::state().block_idx)
+#define blockDim (::emu::state().block_dim)
+#define gridDim (::emu::state().grid_dim)
+#define __syncthreads() ::emu::syncthreads()
+#define GMA_DYNAMIC_SMEM(name) unsigned char* name = ::emu::dynamic_smem()
+
+template <class T>
+inline T atomicAdd(T* address, T val) {
+  T old = *address;
+  *address = old + val;
+  return old;
+}
+
+// ---- WMMA (tf32 only, as used by the kernels) --------------------------------------------
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+namespace precision {
+struct tf32 {};
+}
+enum layout_t { mem_row_major, mem_col_major };
+
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment;
+
+template <class Layout>
+struct fragment<matrix_a, 16, 16, 8, precision::tf32, Layout> {
+  static constexpr int rows = 16, cols = 8, num_elements = 128;
+  float x[128];  // row-major 16 x 8
+};
+template <class Layout>
+struct fragment<matrix_b, 16, 16, 8, precision::tf32, Layout> {
+  static constexpr int rows = 8, cols = 16, num_elements = 128;
+  float x[128];  // row-major 8 x 16
+};
+template <>
+struct fragment<accumulator, 16, 16, 8, float, void> {
+  static constexpr int rows = 16, cols = 16, num_elements = 256;
+  float x[256];
+};
+
+template <class Use, class Layout>
+inline void load_matrix_sync(fragment<Use, 16, 16, 8, precision::tf32, Layout>& f, const float* p,
+                             unsigned ldm) {
+  if (emu::lane_id() != 0) return;
+  constexpr bool col = std::is_same<Layout, col_major>::value;
+  using F = fragment<Use, 16, 16, 8, precision::tf32, Layout>;
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || ldm % 4 != 0) {
+    std::fprintf(stderr, "emu: misaligned wmma load\n");
+    std::abort();
+  }
+  for (int r = 0; r < F::rows; ++r)
+    for (int c = 0; c < F::cols; ++c) f.x[r * F::cols + c] = col ? p[r + c * ldm] : p[r * ldm + c];
+}
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 8, float>& f, const float* p, unsigned ldm,
+                             layout_t layout) {
+  if (emu::lane_id() != 0) return;
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || ldm % 4 != 0) {
+    std::fprintf(stderr, "emu: misaligned wmma load\n");
+    std::abort();
+  }
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = layout == mem_row_major ? p[r * ldm + c] : p[r + c * ldm];
+}
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 8, float>& f, unsigned ldm,
+                              layout_t layout) {
+  if (emu::lane_id() != 0) return;
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || ldm % 4 != 0) {
+    std::fprintf(stderr, "emu: misaligned wmma store\n");
+    std::abort();
+  }
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) (layout == mem_row_major ? p[r * ldm + c] : p[r + c * ldm]) = f.x[r * 16 + c];
+}
+inline void fill_fragment(fragment<accumulator, 16, 16, 8, float>& f, float v) {
+  for (float& e : f.x) e = v;
+}
+template <class LA, class LB>
+inline void mma_sync(fragment<accumulator, 16, 16, 8, float>& d,
+                     const fragment<matrix_a, 16, 16, 8, precision::tf32, LA>& a,
+                     const fragment<matrix_b, 16, 16, 8, precision::tf32, LB>& b,
+                     const fragment<accumulator, 16, 16, 8, float>& c) {
+  if (emu::lane_id() != 0) return;
+  float out[256];
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) {
+      float acc = c.x[i * 16 + j];
+      for (int k = 0; k < 8; ++k) acc += a.x[i * 8 + k] * b.x[k * 16 + j];
+      out[i * 16 + j] = acc;
+    }
+  std::memcpy(d.x, out, sizeof(out));
+}
+// Round to the nearest tf32 value (10 explicit mantissa bits), ties away from zero, as cvt.rna.
+inline float __float_to_tf32(float v) {
+  if (!std::isfinite(v)) return v;
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u += 0x1000u;  // half of the dropped 13 bits: rounds ties away from zero in magnitude
+  u &= 0xFFFFE000u;
+  float r;
+  std::memcpy(&r, &u, 4);
+  return r;
+}
+}  // namespace wmma
+}  // namespace nvcuda

@@ -1,0 +1,114 @@
+// gmattn: the kernel interface of the torch-free core.
+//
+// Every kernel path (CPU, CUDA) takes the same argument structs: raw pointers, shapes and
+// strides (in elements), a dtype tag and, for CUDA, a stream. Nothing here knows about torch,
+// MLX or Python; the bindings fill these structs from DLPack tensors after validating them.
+//
+// Layouts (names as in DESIGN.md section 2):
+//   q, k      (B, N, H, D)     input dtype, any strides
+//   v, out    (B, N, H, Dv)    input dtype; out is written
+//   mu, omega (H, K, D)        accumulator dtype (float32, or float64 for float64 inputs)
+//   alpha     (H, K)           accumulator dtype
+//   mask      (B, N)           uint8/bool, 1 = real token; data == nullptr means no mask
+//   S         (B, H, K, Dv)    accumulator dtype (initial / final state)
+//   z         (B, H, K)        accumulator dtype
+//   gq, gk    (B, H, N, K)     accumulator dtype, responsibilities saved for backward
+//                              (gk already multiplied by the mask)
+//   den       (B, H, N)        accumulator dtype, read denominators saved for backward
+// Any optional tensor is absent when its data pointer is null.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace gmattn {
+
+enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+
+inline const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::kFloat16: return "float16";
+    case DType::kBFloat16: return "bfloat16";
+    case DType::kFloat32: return "float32";
+    case DType::kFloat64: return "float64";
+  }
+  return "unknown";
+}
+
+// The accumulator (state, saved responsibilities, parameters) dtype for an input dtype.
+inline DType accumulator_dtype(DType t) {
+  return t == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32;
+}
+
+// A strided view of up to 4 dimensions. Unused trailing dimensions have shape 1.
+struct View {
+  void* data = nullptr;
+  int64_t shape[4] = {1, 1, 1, 1};
+  int64_t stride[4] = {0, 0, 0, 0};
+  bool present() const { return data != nullptr; }
+};
+
+struct Dims {
+  int64_t B = 0, N = 0, H = 0, K = 0, D = 0, Dv = 0;
+};
+
+struct Options {
+  bool causal = false;
+  double eps = 1e-6;        // added to the read denominator
+  double sigma_eps = 1e-4;  // floor of the variances
+  int num_threads = 0;      // CPU: 0 = OpenMP default
+  void* stream = nullptr;   // CUDA: cudaStream_t of the caller; ignored on CPU
+  bool deterministic = true;  // CUDA: false allows atomics for parameter gradients
+};
+
+struct ForwardArgs {
+  Dims dims;
+  Options opt;
+  DType dtype = DType::kFloat32;  // dtype of q, k, v, out
+  // inputs
+  View q, k, v;
+  View mu, omega, alpha;
+  View mask;
+  View S0, z0;
+  // outputs
+  View out;
+  View S_final, z_final;  // optional
+  View gq, gk, den;       // optional as a group: written when gq.data != nullptr
+};
+
+struct BackwardArgs {
+  Dims dims;
+  Options opt;
+  DType dtype = DType::kFloat32;
+  // forward inputs
+  View q, k, v;
+  View mu, omega, alpha;
+  View mask;
+  View S0, z0;
+  // saved by forward
+  View out, gq, gk, den;
+  // incoming gradients
+  View dout;                // (B, N, H, Dv) input dtype
+  View dS_final, dz_final;  // optional (zero when absent)
+  // outputs (all required except dS0/dz0)
+  View dq, dk, dv;             // input dtype
+  View dmu, domega, dalpha;    // accumulator dtype, summed over the batch
+  View dS0, dz0;               // optional
+};
+
+// CPU kernels (OpenMP). Throw std::invalid_argument on inconsistent arguments; the bindings
+// validate first, these checks are the last line of defence.
+namespace cpu {
+void forward(const ForwardArgs& args);
+void backward(const BackwardArgs& args);
+// The instruction set the CPU kernels dispatched to at run time ("avx512", "avx2", "generic").
+const char* isa();
+}  // namespace cpu
+
+// CUDA kernels (separate module, built only with GMATTN_CUDA).
+namespace cuda {
+void forward(const ForwardArgs& args);
+void backward(const BackwardArgs& args);
+}  // namespace cuda
+
+}  // namespace gmattn

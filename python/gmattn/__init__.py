@@ -1,0 +1,59 @@
+"""gmattn: Gaussian Mixture Attention (arXiv:2606.18283) as a fast, installable sequence mixer.
+
+    import gmattn
+    out = gmattn.gma_attention(q, k, v, mu, omega, alpha, causal=True)
+
+`gma_attention` takes torch tensors (CPU or CUDA, with autograd), MLX arrays or NumPy arrays and
+returns the caller's type. Layers live in `gmattn.torch` and `gmattn.mlx`; the naive and chunked
+pure-PyTorch implementations used as references live in `gmattn.reference`.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from typing import Any
+
+__all__ = ["gma_attention", "__version__"]
+
+
+def _framework(x: Any) -> str:
+    module = type(x).__module__
+    if module.startswith("torch"):
+        return "torch"
+    if module.startswith("mlx"):
+        return "mlx"
+    if module.startswith("numpy"):
+        return "numpy"
+    raise TypeError(
+        f"gma_attention: 'q' must be a torch.Tensor, an mlx.core.array or a numpy.ndarray, got {type(x).__name__}"
+    )
+
+
+def gma_attention(q, k, v, mu, omega, alpha, *, causal=False, key_padding_mask=None, initial_state=None,
+                  output_final_state=False, eps=1e-6, sigma_eps=1e-4):
+    """Gaussian Mixture Attention.
+
+    Args:
+        q, k: (B, N, H, D) queries and keys (routing space); v: (B, N, H, Dv) values.
+        mu, omega: (H, K, D) component means and raw variances (sigma^2 = softplus(omega) + sigma_eps).
+        alpha: (H, K) prior logits.
+        causal: position i reads only keys j <= i.
+        key_padding_mask: (B, N) bool, True = real token; masked keys write nothing.
+        initial_state: optional (S (B, H, K, Dv), z (B, H, K)) memory to start from.
+        output_final_state: also return the state (S, z) after the last token.
+        eps: added to the read denominator. sigma_eps: floor of the variances.
+
+    Returns:
+        out (B, N, H, Dv) in the caller's array type and device, or (out, (S, z)) when
+        output_final_state. The state is float32 (float64 for float64 inputs).
+    """
+    kind = _framework(q)
+    if kind == "torch":
+        from .torch.ops import gma_attention as impl
+    elif kind == "mlx":
+        from .mlx.ops import gma_attention as impl
+    else:
+        from .numpy_ops import gma_attention as impl
+    return impl(q, k, v, mu, omega, alpha, causal=causal, key_padding_mask=key_padding_mask,
+                initial_state=initial_state, output_final_state=output_final_state, eps=eps, sigma_eps=sigma_eps)

@@ -1,0 +1,147 @@
+"""Framework-neutral argument checks for gma_attention.
+
+Every front end (torch, MLX, NumPy) calls `check_arguments` before allocating outputs, so a
+mistake gets one clear message naming the argument, whatever array library the caller uses.
+The compiled modules check again (memory safety), but users should never need to read those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+FLOATING = ("float16", "bfloat16", "float32", "float64")
+
+
+def dtype_name(dtype: Any) -> str:
+    """'float32' for torch.float32, np.float32 / dtype('float32') and mx.float32 alike."""
+    name = getattr(dtype, "name", None)
+    if isinstance(name, str):  # numpy dtype
+        return name
+    text = str(dtype)
+    if text.startswith("<class"):  # numpy scalar type, e.g. np.float32
+        text = text.split("'")[1]
+    return text.rsplit(".", 1)[-1]
+
+
+def accumulator_dtype_name(input_dtype: str) -> str:
+    """State, saved responsibilities and mixture parameters run in float32 (float64 for float64)."""
+    return "float64" if input_dtype == "float64" else "float32"
+
+
+@dataclass(frozen=True)
+class Dims:
+    B: int
+    N: int
+    H: int
+    K: int
+    D: int
+    Dv: int
+    dtype: str  # dtype of q, k, v and out
+
+    @property
+    def accumulator(self) -> str:
+        return accumulator_dtype_name(self.dtype)
+
+
+def _shape(x: Any) -> tuple:
+    return tuple(int(s) for s in x.shape)
+
+
+def _fmt(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _require_rank(name: str, x: Any, rank: int, layout: str) -> tuple:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"gma_attention: '{name}' must be an array (torch, MLX or NumPy), got {type(x).__name__}")
+    shape = _shape(x)
+    if len(shape) != rank:
+        raise ValueError(f"gma_attention: '{name}' must have {rank} dimensions {layout}, got shape {_fmt(shape)}")
+    return shape
+
+
+def _require_shape(name: str, x: Any, expected: tuple, layout: str) -> None:
+    shape = _require_rank(name, x, len(expected), layout)
+    if shape != expected:
+        raise ValueError(f"gma_attention: '{name}' must have shape {layout} = {_fmt(expected)}, got {_fmt(shape)}")
+
+
+def _require_floating(name: str, x: Any) -> str:
+    name_ = dtype_name(x.dtype)
+    if name_ not in FLOATING:
+        raise TypeError(
+            f"gma_attention: '{name}' must be a floating array (float16, bfloat16, float32 or float64), got {name_}"
+        )
+    return name_
+
+
+def check_arguments(
+    q: Any,
+    k: Any,
+    v: Any,
+    mu: Any,
+    omega: Any,
+    alpha: Any,
+    key_padding_mask: Optional[Any],
+    initial_state: Optional[Any],
+    eps: float,
+    sigma_eps: float,
+) -> Dims:
+    """Validates shapes, dtypes and scalars; returns the problem's dimensions."""
+    B, N, H, D = _require_rank("q", q, 4, "(B, N, H, D)")
+    _require_shape("k", k, (B, N, H, D), "(B, N, H, D)")
+    vB, vN, vH, Dv = _require_rank("v", v, 4, "(B, N, H, Dv)")
+    if (vB, vN, vH) != (B, N, H):
+        raise ValueError(
+            f"gma_attention: 'v' must have shape (B, N, H, Dv) with (B, N, H) = {_fmt((B, N, H))} like q, "
+            f"got {_fmt((vB, vN, vH, Dv))}"
+        )
+    mH, K, mD = _require_rank("mu", mu, 3, "(H, K, D)")
+    if mH != H or mD != D:
+        raise ValueError(
+            f"gma_attention: 'mu' must have shape (H, K, D) with H={H}, D={D} (from q), got {_fmt((mH, K, mD))}"
+        )
+    _require_shape("omega", omega, (H, K, D), "(H, K, D)")
+    _require_shape("alpha", alpha, (H, K), "(H, K)")
+    for name, size in (("B (batch)", B), ("N (sequence length)", N), ("H (heads)", H), ("D (routing dim)", D),
+                       ("Dv (value dim)", Dv), ("K (components)", K)):
+        if size < 1:
+            raise ValueError(f"gma_attention: {name} must be at least 1, got {size}")
+
+    dtype = _require_floating("q", q)
+    for name, x in (("k", k), ("v", v)):
+        other = _require_floating(name, x)
+        if other != dtype:
+            raise TypeError(f"gma_attention: '{name}' must have the dtype of q ({dtype}), got {other}")
+    pdtype = _require_floating("mu", mu)
+    for name, x in (("omega", omega), ("alpha", alpha)):
+        other = _require_floating(name, x)
+        if other != pdtype:
+            raise TypeError(f"gma_attention: '{name}' must have the dtype of mu ({pdtype}), got {other}")
+    if pdtype != dtype and not (pdtype == "float32" and dtype in ("float16", "bfloat16")):
+        raise TypeError(
+            f"gma_attention: the mixture parameters (mu, omega, alpha) are {pdtype} but q, k, v are {dtype}; "
+            "they must match, except float32 parameters with float16/bfloat16 inputs (mixed precision)"
+        )
+
+    if key_padding_mask is not None:
+        _require_shape("key_padding_mask", key_padding_mask, (B, N), "(B, N)")
+        mdtype = dtype_name(key_padding_mask.dtype)
+        if mdtype not in ("bool", "bool_"):
+            raise TypeError(f"gma_attention: 'key_padding_mask' must be a bool array (True = real token), got {mdtype}")
+
+    if initial_state is not None:
+        if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
+            raise TypeError("gma_attention: 'initial_state' must be a pair (S, z) with S (B, H, K, Dv), z (B, H, K)")
+        S0, z0 = initial_state
+        _require_shape("initial_state[0] (S)", S0, (B, H, K, Dv), "(B, H, K, Dv)")
+        _require_shape("initial_state[1] (z)", z0, (B, H, K), "(B, H, K)")
+        _require_floating("initial_state[0] (S)", S0)
+        _require_floating("initial_state[1] (z)", z0)
+
+    if not eps >= 0:
+        raise ValueError(f"gma_attention: 'eps' must be >= 0, got {eps}")
+    if not sigma_eps > 0:
+        raise ValueError(f"gma_attention: 'sigma_eps' must be > 0, got {sigma_eps}")
+    return Dims(B=B, N=N, H=H, K=K, D=D, Dv=Dv, dtype=dtype)

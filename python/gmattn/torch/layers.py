@@ -1,0 +1,125 @@
+"""GaussianMixtureAttention as a torch.nn.Module."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .ops import gma_attention
+
+
+def initial_variance(routing_variance: float, routing_dim: int) -> float:
+    """Initial sigma^2 of every component, chosen so routing starts soft but informative.
+
+    For x and mu drawn with per-dimension variance v, the squared distance ||x - mu_k||^2 varies
+    over components with standard deviation about v * sqrt(6 D). Dividing by 2 sigma^2 gives the
+    spread of the log-densities; sigma^2 = 0.5 v sqrt(6 D) makes that spread about one nat: no
+    component starts dead (responsibilities near 0 everywhere) and none dominates.
+    """
+    return 0.5 * routing_variance * math.sqrt(6.0 * routing_dim)
+
+
+class GaussianMixtureAttention(nn.Module):
+    """Multi-head Gaussian Mixture Attention layer: (B, N, d_model) -> (B, N, d_model).
+
+    Args:
+        d_model: model width.
+        num_heads: H.
+        num_components: K, the mixture components (memory slots) per head.
+        head_dim: value width per head Dv (default d_model // num_heads).
+        routing_dim: query/key width per head D (default head_dim).
+        causal: each position reads only keys at or before it.
+        eps, sigma_eps: see gmattn.gma_attention.
+        bias: bias in the q/k/v/out projections.
+
+    Parameters `mu` (H, K, D), `omega` (H, K, D) and `alpha` (H, K) are the component means,
+    raw variances (sigma^2 = softplus(omega) + sigma_eps) and prior logits.
+
+    Initialisation: projections use nn.Linear's default, which gives routing coordinates of
+    variance about 1/3 for unit-variance inputs (as after a LayerNorm). Means are drawn from
+    N(0, 1/3) so components sit where queries and keys are; variances follow
+    `initial_variance` (soft, non-collapsed routing); prior logits start at zero (uniform prior).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        num_components: int,
+        head_dim: Optional[int] = None,
+        routing_dim: Optional[int] = None,
+        causal: bool = False,
+        eps: float = 1e-6,
+        sigma_eps: float = 1e-4,
+        bias: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if d_model < 1 or num_heads < 1 or num_components < 1:
+            raise ValueError(
+                f"GaussianMixtureAttention: d_model, num_heads and num_components must be >= 1, got "
+                f"{d_model}, {num_heads}, {num_components}"
+            )
+        if head_dim is None:
+            if d_model % num_heads:
+                raise ValueError(
+                    f"GaussianMixtureAttention: d_model={d_model} is not divisible by num_heads={num_heads}; "
+                    "pass head_dim explicitly"
+                )
+            head_dim = d_model // num_heads
+        routing_dim = head_dim if routing_dim is None else routing_dim
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.num_heads, self.num_components = d_model, num_heads, num_components
+        self.head_dim, self.routing_dim = head_dim, routing_dim
+        self.causal, self.eps, self.sigma_eps = causal, eps, sigma_eps
+        self.q_proj = nn.Linear(d_model, num_heads * routing_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(d_model, num_heads * routing_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(d_model, num_heads * head_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(num_heads * head_dim, d_model, bias=bias, **factory)
+        self.mu = nn.Parameter(torch.empty(num_heads, num_components, routing_dim, **factory))
+        self.omega = nn.Parameter(torch.empty(num_heads, num_components, routing_dim, **factory))
+        self.alpha = nn.Parameter(torch.empty(num_heads, num_components, **factory))
+        self.reset_mixture_parameters()
+
+    ROUTING_VARIANCE = 1.0 / 3.0
+
+    @torch.no_grad()
+    def reset_mixture_parameters(self) -> None:
+        self.mu.normal_(0.0, math.sqrt(self.ROUTING_VARIANCE))
+        sigma2 = initial_variance(self.ROUTING_VARIANCE, self.routing_dim)
+        self.omega.fill_(math.log(math.expm1(sigma2 - self.sigma_eps)))  # softplus^-1
+        self.alpha.zero_()
+
+    def forward(
+        self,
+        x: Tensor,
+        key_padding_mask: Optional[Tensor] = None,
+        state: Optional[Tuple[Tensor, Tensor]] = None,
+        return_state: bool = False,
+    ):
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"GaussianMixtureAttention: x must have shape (B, N, d_model={self.d_model}), got {tuple(x.shape)}"
+            )
+        B, N, _ = x.shape
+        H, D, Dv = self.num_heads, self.routing_dim, self.head_dim
+        q = self.q_proj(x).view(B, N, H, D)
+        k = self.k_proj(x).view(B, N, H, D)
+        v = self.v_proj(x).view(B, N, H, Dv)
+        result = gma_attention(
+            q, k, v, self.mu, self.omega, self.alpha, causal=self.causal, key_padding_mask=key_padding_mask,
+            initial_state=state, output_final_state=return_state, eps=self.eps, sigma_eps=self.sigma_eps,
+        )
+        out, new_state = result if return_state else (result, None)
+        y = self.out_proj(out.reshape(B, N, H * Dv))
+        return (y, new_state) if return_state else y
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, num_heads={self.num_heads}, num_components={self.num_components}, "
+            f"head_dim={self.head_dim}, routing_dim={self.routing_dim}, causal={self.causal}"
+        )

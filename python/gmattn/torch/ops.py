@@ -1,0 +1,226 @@
+"""PyTorch front end: the compiled kernels as torch.library custom ops.
+
+`gmattn::forward` and `gmattn::backward` are custom ops with fake (meta) implementations and
+an autograd formula, so the op works under torch.compile(fullgraph=True) without graph breaks
+and passes torch.library.opcheck. CPU tensors go to `gmattn._core`, CUDA tensors to
+`gmattn._cuda` (loaded on first use) on the caller's current stream.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _checks, _config, _ext
+
+_ACC = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32,
+        torch.float64: torch.float64}
+
+
+def _empty(shape, like: Tensor, dtype: torch.dtype) -> Tensor:
+    if _config.poison_outputs:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def _backend(x: Tensor):
+    """(compiled module, stream handle) for the device of x."""
+    if x.device.type == "cpu":
+        return _ext.core(), 0
+    if x.device.type == "cuda":
+        return _ext.cuda(), torch.cuda.current_stream(x.device).cuda_stream
+    raise ValueError(f"gma_attention: tensors on device '{x.device}' are not supported (CPU and CUDA are)")
+
+
+def _plain(*tensors):
+    """Detached views for the compiled module: DLPack refuses tensors that require grad, and the
+    kernels only read inputs (or write freshly allocated outputs)."""
+    return [None if t is None else t.detach() for t in tensors]
+
+
+def _threads(x: Tensor) -> int:
+    return torch.get_num_threads() if x.device.type == "cpu" else 0
+
+
+@torch.library.custom_op("gmattn::forward", mutates_args=())
+def forward_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mu: Tensor,
+    omega: Tensor,
+    alpha: Tensor,
+    key_padding_mask: Optional[Tensor],
+    S0: Optional[Tensor],
+    z0: Optional[Tensor],
+    causal: bool,
+    eps: float,
+    sigma_eps: float,
+    return_state: bool,
+    save_for_backward: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (out, S_final, z_final, gq, gk, den); unrequested ones are empty (size 0)."""
+    B, N, H, _ = q.shape
+    K, Dv = mu.shape[1], v.shape[3]
+    acc = _ACC[q.dtype]
+    out = _empty((B, N, H, Dv), q, q.dtype)
+    S_final = _empty((B, H, K, Dv) if return_state else (0,), q, acc)
+    z_final = _empty((B, H, K) if return_state else (0,), q, acc)
+    gq = _empty((B, H, N, K) if save_for_backward else (0,), q, acc)
+    gk = _empty((B, H, N, K) if save_for_backward else (0,), q, acc)
+    den = _empty((B, H, N) if save_for_backward else (0,), q, acc)
+    module, stream = _backend(q)
+    module.forward(
+        *_plain(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0), out,
+        S_final if return_state else None, z_final if return_state else None,
+        gq if save_for_backward else None, gk if save_for_backward else None, den if save_for_backward else None,
+        causal=causal, eps=eps, sigma_eps=sigma_eps, num_threads=_threads(q), stream=stream,
+    )
+    return out, S_final, z_final, gq, gk, den
+
+
+@forward_op.register_fake
+def _forward_fake(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, causal, eps, sigma_eps, return_state,
+                  save_for_backward):
+    B, N, H, _ = q.shape
+    K, Dv = mu.shape[1], v.shape[3]
+    acc = _ACC[q.dtype]
+    return (
+        q.new_empty((B, N, H, Dv)),
+        q.new_empty((B, H, K, Dv) if return_state else (0,), dtype=acc),
+        q.new_empty((B, H, K) if return_state else (0,), dtype=acc),
+        q.new_empty((B, H, N, K) if save_for_backward else (0,), dtype=acc),
+        q.new_empty((B, H, N, K) if save_for_backward else (0,), dtype=acc),
+        q.new_empty((B, H, N) if save_for_backward else (0,), dtype=acc),
+    )
+
+
+@torch.library.custom_op("gmattn::backward", mutates_args=())
+def backward_op(
+    dout: Tensor,
+    dS_final: Optional[Tensor],
+    dz_final: Optional[Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mu: Tensor,
+    omega: Tensor,
+    alpha: Tensor,
+    key_padding_mask: Optional[Tensor],
+    S0: Optional[Tensor],
+    z0: Optional[Tensor],
+    out: Tensor,
+    gq: Tensor,
+    gk: Tensor,
+    den: Tensor,
+    causal: bool,
+    eps: float,
+    sigma_eps: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv, dmu, domega, dalpha, dS0, dz0); dS0/dz0 are empty without S0."""
+    B, N, H, D = q.shape
+    K, Dv = mu.shape[1], v.shape[3]
+    acc = mu.dtype
+    dq, dk = _empty(q.shape, q, q.dtype), _empty(k.shape, q, q.dtype)
+    dv = _empty(v.shape, q, q.dtype)
+    dmu, domega, dalpha = _empty(mu.shape, q, acc), _empty(omega.shape, q, acc), _empty(alpha.shape, q, acc)
+    has_state = S0 is not None
+    dS0 = _empty((B, H, K, Dv) if has_state else (0,), q, acc)
+    dz0 = _empty((B, H, K) if has_state else (0,), q, acc)
+    module, stream = _backend(q)
+    module.backward(
+        *_plain(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, out, gq, gk, den, dout, dS_final, dz_final),
+        dq, dk, dv, dmu, domega, dalpha, dS0 if has_state else None, dz0 if has_state else None,
+        causal=causal, eps=eps, sigma_eps=sigma_eps, num_threads=_threads(q), stream=stream,
+        deterministic=True,
+    )
+    return dq, dk, dv, dmu, domega, dalpha, dS0, dz0
+
+
+@backward_op.register_fake
+def _backward_fake(dout, dS_final, dz_final, q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, out, gq, gk, den,
+                   causal, eps, sigma_eps):
+    B, N, H, D = q.shape
+    K, Dv = mu.shape[1], v.shape[3]
+    has_state = S0 is not None
+    return (
+        torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+        torch.empty_like(mu), torch.empty_like(omega), torch.empty_like(alpha),
+        mu.new_empty((B, H, K, Dv) if has_state else (0,)),
+        mu.new_empty((B, H, K) if has_state else (0,)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, mu, omega, alpha, mask, S0, z0, causal, eps, sigma_eps, return_state, save_for_backward) = inputs
+    out, _, _, gq, gk, den = output
+    ctx.save_for_backward(q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den)
+    ctx.causal, ctx.eps, ctx.sigma_eps, ctx.return_state = causal, eps, sigma_eps, return_state
+    ctx.saved_responsibilities = save_for_backward
+
+
+def _backward(ctx, dout, dS_final, dz_final, _dgq, _dgk, _dden):
+    if not ctx.saved_responsibilities:
+        raise RuntimeError(
+            "gmattn: backward through a forward that ran without gradient tracking; "
+            "call gma_attention with inputs that require grad"
+        )
+    q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den = ctx.saved_tensors
+    if not ctx.return_state:
+        dS_final = dz_final = None
+    dq, dk, dv, dmu, domega, dalpha, dS0, dz0 = backward_op(
+        dout, dS_final, dz_final, q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den,
+        ctx.causal, ctx.eps, ctx.sigma_eps,
+    )
+    if S0 is None:
+        dS0 = dz0 = None
+    return dq, dk, dv, dmu, domega, dalpha, None, dS0, dz0, None, None, None, None, None
+
+
+forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gma_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mu: Tensor,
+    omega: Tensor,
+    alpha: Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+    initial_state: Optional[Tuple[Tensor, Tensor]] = None,
+    output_final_state: bool = False,
+    eps: float = 1e-6,
+    sigma_eps: float = 1e-4,
+):
+    """Gaussian Mixture Attention on torch tensors (CPU or CUDA); see gmattn.gma_attention."""
+    _checks.check_arguments(q, k, v, mu, omega, alpha, key_padding_mask, initial_state, eps, sigma_eps)
+    for name, t in (("k", k), ("v", v), ("mu", mu), ("omega", omega), ("alpha", alpha),
+                    ("key_padding_mask", key_padding_mask)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"gma_attention: '{name}' is on {t.device} but q is on {q.device}")
+    acc = _ACC[q.dtype]
+    # The core keeps parameters and state in the accumulator dtype; casting here keeps autograd
+    # returning gradients in the caller's parameter dtype.
+    mu, omega, alpha = mu.to(acc), omega.to(acc), alpha.to(acc)
+    S0 = z0 = None
+    if initial_state is not None:
+        S0, z0 = initial_state
+        for name, t in (("initial_state[0] (S)", S0), ("initial_state[1] (z)", z0)):
+            if t.device != q.device:
+                raise ValueError(f"gma_attention: '{name}' is on {t.device} but q is on {q.device}")
+        S0, z0 = S0.to(acc), z0.to(acc)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, mu, omega, alpha, S0, z0)
+    )
+    out, S_final, z_final, _, _, _ = forward_op(
+        q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, bool(causal), float(eps), float(sigma_eps),
+        bool(output_final_state), bool(needs_grad),
+    )
+    if output_final_state:
+        return out, (S_final, z_final)
+    return out
