@@ -162,12 +162,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, dS_final, dz_final, _dgq, _dgk, _dden):
-    if not ctx.saved_responsibilities:
-        raise RuntimeError(
-            "gmattn: backward through a forward that ran without gradient tracking; "
-            "call gma_attention with inputs that require grad"
-        )
     q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den = ctx.saved_tensors
+    if not ctx.saved_responsibilities:
+        # The forward ran without saving (no input required grad when it was traced); recompute.
+        out, _, _, gq, gk, den = forward_op(q, k, v, mu, omega, alpha, mask, S0, z0, ctx.causal, ctx.eps,
+                                            ctx.sigma_eps, False, True)
     if not ctx.return_state:
         dS_final = dz_final = None
     dq, dk, dv, dmu, domega, dalpha, dS0, dz0 = backward_op(

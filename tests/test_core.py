@@ -1,0 +1,366 @@
+"""The compiled CPU core through the torch front end, judged against the float64 reference
+(DESIGN.md section 4): outputs, final state and every gradient."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import gmattn
+from gmattn import reference
+from gmattn.testing import poisoned_outputs
+from gmattn.torch.ops import backward_op, forward_op
+
+from conftest import make_problem
+
+TOL64 = dict(rtol=1e-9, atol=1e-11)
+
+
+def run(fn, p, causal, *, final_state=True, seed=123):
+    """Calls fn like gma_attention; returns (outputs, gradients of a random linear loss)."""
+    kwargs = dict(causal=causal, key_padding_mask=p.mask, initial_state=p.state, output_final_state=final_state)
+    res = fn(p.q, p.k, p.v, p.mu, p.omega, p.alpha, **kwargs)
+    outs = [res[0], res[1][0], res[1][1]] if final_state else [res]
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64)).sum() for o in outs)
+    grads = torch.autograd.grad(loss, p.tensors())
+    return [o.detach() for o in outs], [x.detach() for x in grads]
+
+
+def assert_close_all(got, want, names, **tol):
+    for a, b, name in zip(got, want, names):
+        assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+        torch.testing.assert_close(a.double(), b.double(), msg=lambda m: f"{name}: {m}", **tol)
+
+
+GRAD_NAMES = ["dq", "dk", "dv", "dmu", "domega", "dalpha", "dS0", "dz0"]
+OUT_NAMES = ["out", "S_final", "z_final"]
+
+SHAPES = [
+    # B, N, H, K, D, Dv
+    (2, 37, 3, 5, 4, 6),     # D != Dv, N below one chunk
+    (1, 1, 1, 1, 2, 3),      # N = 1, K = 1, B*H = 1
+    (1, 130, 1, 7, 5, 3),    # N not a multiple of the chunk, B*H = 1
+    (3, 65, 4, 1, 3, 2),     # K = 1, chunk + 1
+    (4, 20, 5, 3, 2, 2),     # B*H = 20, much larger than the thread count
+    (1, 200, 2, 16, 8, 8),   # several chunks
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}N{}H{}K{}D{}Dv{}".format(*s))
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("mask,state", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["plain", "mask", "state", "mask+state"])
+def test_matches_naive_float64(shape, causal, mask, state):
+    B, N, H, K, D, Dv = shape
+    p = make_problem(B, N, H, K, D, Dv, mask=mask, state=state, seed=sum(shape))
+    with poisoned_outputs():
+        outs, grads = run(gmattn.gma_attention, p, causal)
+    ref_outs, ref_grads = run(reference.naive_gma, p.detached(), causal)
+    assert_close_all(outs, ref_outs, OUT_NAMES, **TOL64)
+    assert_close_all(grads, ref_grads, GRAD_NAMES, **TOL64)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_without_final_state(causal):
+    p = make_problem(2, 70, 2, 4, 3, 5, mask=True)
+    outs, grads = run(gmattn.gma_attention, p, causal, final_state=False)
+    ref_outs, ref_grads = run(reference.naive_gma, p.detached(), causal, final_state=False)
+    assert_close_all(outs, ref_outs, OUT_NAMES, **TOL64)
+    assert_close_all(grads, ref_grads, GRAD_NAMES, **TOL64)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_gradcheck(causal):
+    p = make_problem(2, 9, 2, 3, 3, 2, mask=True, state=True, seed=7)
+
+    def fn(q, k, v, mu, omega, alpha, S0, z0):
+        out, (S, z) = gmattn.gma_attention(q, k, v, mu, omega, alpha, causal=causal, key_padding_mask=p.mask,
+                                           initial_state=(S0, z0), output_final_state=True)
+        return out, S, z
+
+    assert torch.autograd.gradcheck(fn, tuple(p.tensors()), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_gradcheck_without_mask_or_state():
+    p = make_problem(1, 70, 1, 2, 2, 2, seed=3)
+    for causal in (False, True):
+        fn = lambda *t: gmattn.gma_attention(*t, causal=causal)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, tuple(p.tensors()), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("split", [1, 40, 64, 99])
+def test_split_resume(split):
+    """Two causal calls with the state handed across equal one call: outputs, state, gradients."""
+    p = make_problem(2, 100, 2, 6, 4, 5, mask=True, state=True, seed=11)
+    outs, grads = run(gmattn.gma_attention, p, True)
+
+    def two_halves(q, k, v, mu, omega, alpha, *, causal, key_padding_mask, initial_state, output_final_state):
+        m = key_padding_mask
+        out1, st = gmattn.gma_attention(q[:, :split], k[:, :split], v[:, :split], mu, omega, alpha, causal=True,
+                                        key_padding_mask=m[:, :split], initial_state=initial_state,
+                                        output_final_state=True)
+        out2, st = gmattn.gma_attention(q[:, split:], k[:, split:], v[:, split:], mu, omega, alpha, causal=True,
+                                        key_padding_mask=m[:, split:], initial_state=st, output_final_state=True)
+        return torch.cat([out1, out2], dim=1), st
+
+    p2 = p.detached()
+    outs2, grads2 = run(two_halves, p2, True)
+    assert_close_all(outs2, outs, OUT_NAMES, **TOL64)
+    assert_close_all(grads2, grads, GRAD_NAMES, **TOL64)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_mask_equals_loop_over_trimmed_sequences(causal):
+    """A right-padded batch with a mask equals running each sequence alone at its true length."""
+    lengths = [13, 70, 1, 64]
+    B, N, H, K, D, Dv = len(lengths), max(lengths), 2, 5, 3, 4
+    p = make_problem(B, N, H, K, D, Dv, seed=5)
+    mask = torch.arange(N)[None, :] < torch.tensor(lengths)[:, None]
+    out, (S, z) = gmattn.gma_attention(p.q, p.k, p.v, p.mu, p.omega, p.alpha, causal=causal,
+                                       key_padding_mask=mask, output_final_state=True)
+    for b, n in enumerate(lengths):
+        o_b, (S_b, z_b) = gmattn.gma_attention(p.q[b:b + 1, :n], p.k[b:b + 1, :n], p.v[b:b + 1, :n], p.mu,
+                                               p.omega, p.alpha, causal=causal, output_final_state=True)
+        torch.testing.assert_close(out[b:b + 1, :n], o_b, **TOL64)
+        torch.testing.assert_close(S[b:b + 1], S_b, **TOL64)
+        torch.testing.assert_close(z[b:b + 1], z_b, **TOL64)
+        assert torch.isfinite(out[b]).all(), "outputs at padded positions must be defined"
+
+
+def test_non_contiguous_inputs():
+    p = make_problem(2, 50, 3, 4, 5, 6, mask=True, state=True, seed=9)
+    outs, grads = run(gmattn.gma_attention, p, True)
+    # Same values, other memory layouts: transposed storage, strided views, Fortran-ish params.
+    q = p.q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    k_big = torch.zeros(2, 50, 3, 10, dtype=torch.float64)
+    k_big[..., ::2] = p.k.detach()
+    k = k_big[..., ::2].requires_grad_()
+    v = p.v.detach().permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0).requires_grad_()
+    mu = p.mu.detach().transpose(0, 2).contiguous().transpose(0, 2).requires_grad_()
+    mask_big = torch.zeros(2, 100, dtype=torch.bool)
+    mask_big[:, ::2] = p.mask
+    S0 = p.state[0].detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_()
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous() or mu.is_contiguous())
+    from conftest import Problem
+
+    p2 = Problem(q, k, v, mu, p.omega.detach().clone().requires_grad_(), p.alpha.detach().clone().requires_grad_(),
+                 mask_big[:, ::2], (S0, p.state[1].detach().clone().requires_grad_()))
+    outs2, grads2 = run(gmattn.gma_attention, p2, True)
+    assert_close_all(outs2, outs, OUT_NAMES, rtol=0, atol=0)
+    assert_close_all(grads2, grads, GRAD_NAMES, rtol=0, atol=0)
+
+
+def test_expanded_zero_stride_gradient():
+    """Backward receives dout with zero strides (gradient of .sum()); the kernel must read it right."""
+    p = make_problem(1, 40, 2, 3, 4, 4, seed=2)
+    out = gmattn.gma_attention(p.q, p.k, p.v, p.mu, p.omega, p.alpha, causal=True)
+    grads = torch.autograd.grad(out.sum(), p.tensors())
+    p2 = p.detached()
+    ref = reference.naive_gma(p2.q, p2.k, p2.v, p2.mu, p2.omega, p2.alpha, causal=True)
+    ref_grads = torch.autograd.grad(ref.sum(), p2.tensors())
+    assert_close_all(grads, ref_grads, GRAD_NAMES, **TOL64)
+
+
+def test_float32_close_to_float64():
+    p64 = make_problem(2, 300, 4, 16, 16, 16, mask=True, state=True, seed=21)
+    p32 = p64.detached(torch.float32)
+    for causal in (False, True):
+        outs, grads = run(gmattn.gma_attention, p32, causal)
+        ref_outs, ref_grads = run(reference.naive_gma, p64.detached(), causal)
+        for a, b, name in zip(outs + grads, ref_outs + ref_grads, OUT_NAMES + GRAD_NAMES):
+            err = (a.double() - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
+            assert err < 2e-5, f"{name} (causal={causal}): relative error {err:.2e} in float32"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_low_precision_within_pytorch_error(dtype, causal):
+    """Error against float64 at most 2x (3x for gradients) that of plain PyTorch in the same dtype."""
+    p64 = make_problem(2, 150, 2, 8, 8, 8, mask=True, seed=4)
+    ref_outs, ref_grads = run(reference.naive_gma, p64.detached(), causal)
+    # plain PyTorch in low precision: same math, same dtype everywhere (parameters included)
+    torch_outs, torch_grads = run(reference.naive_gma, p64.detached(dtype), causal)
+    # ours: low-precision q, k, v; float32 parameters (mixed precision, as a model would hold them)
+    p_low = p64.detached(dtype)
+    for name in ("mu", "omega", "alpha"):
+        setattr(p_low, name, getattr(p64, name).detach().float().requires_grad_())
+    outs, grads = run(gmattn.gma_attention, p_low, causal)
+    for a, t, r, name, factor in zip(outs + grads, torch_outs + torch_grads, ref_outs + ref_grads,
+                                     OUT_NAMES + GRAD_NAMES, [2] * 3 + [3] * 6):
+        assert a.dtype == t.dtype or name in ("S_final", "z_final") or name.startswith("d")
+        ours = (a.double() - r).abs().max().item()
+        theirs = (t.double() - r).abs().max().item()
+        assert ours <= factor * theirs + 1e-6, f"{name}: error {ours:.3e} vs plain PyTorch {theirs:.3e}"
+
+
+def test_output_dtypes_follow_inputs():
+    p = make_problem(1, 10, 2, 3, 4, 5, state=True, dtype=torch.float32)
+    q16 = p.q.detach().bfloat16()
+    out, (S, z) = gmattn.gma_attention(q16, p.k.detach().bfloat16(), p.v.detach().bfloat16(), p.mu, p.omega,
+                                       p.alpha, causal=True, initial_state=p.state, output_final_state=True)
+    assert out.dtype == torch.bfloat16 and S.dtype == torch.float32 and z.dtype == torch.float32
+    grads = torch.autograd.grad(out.float().sum(), [p.mu, p.omega, p.alpha])
+    assert all(g.dtype == torch.float32 for g in grads)
+
+
+def test_parameter_gradients_deterministic():
+    p = make_problem(8, 300, 2, 16, 8, 8, mask=True, dtype=torch.float32, seed=13)
+    first = run(gmattn.gma_attention, p, True)[1]
+    for _ in range(3):
+        again = run(gmattn.gma_attention, p, True)[1]
+        for a, b, name in zip(again, first, GRAD_NAMES):
+            assert torch.equal(a, b), f"{name} differs between identical runs"
+
+
+def test_thread_counts_agree():
+    p = make_problem(2, 200, 3, 8, 8, 8, mask=True, dtype=torch.float64, seed=17)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(gmattn.gma_attention, p, True)
+        torch.set_num_threads(2)
+        two = run(gmattn.gma_attention, p, True)
+    finally:
+        torch.set_num_threads(before)
+    assert_close_all(one[0] + one[1], two[0] + two[1], OUT_NAMES + GRAD_NAMES, **TOL64)
+
+
+def test_numpy_forward_matches_torch():
+    p = make_problem(2, 90, 2, 5, 4, 3, mask=True, state=True, dtype=torch.float32, seed=8)
+    args = [t.detach() for t in (p.q, p.k, p.v, p.mu, p.omega, p.alpha)]
+    st = tuple(s.detach() for s in p.state)
+    for causal in (False, True):
+        want, (S_w, z_w) = gmattn.gma_attention(*args, causal=causal, key_padding_mask=p.mask, initial_state=st,
+                                                output_final_state=True)
+        with poisoned_outputs():
+            got, (S_g, z_g) = gmattn.gma_attention(*[a.numpy() for a in args], causal=causal,
+                                                   key_padding_mask=p.mask.numpy(),
+                                                   initial_state=tuple(s.numpy() for s in st),
+                                                   output_final_state=True)
+        assert isinstance(got, np.ndarray) and got.dtype == np.float32
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(S_g, S_w.numpy(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(z_g, z_w.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_numpy_read_only_inputs():
+    p = make_problem(1, 20, 1, 3, 2, 2, dtype=torch.float64)
+    arrs = [t.detach().numpy().copy() for t in (p.q, p.k, p.v, p.mu, p.omega, p.alpha)]
+    for a in arrs:
+        a.flags.writeable = False
+    out = gmattn.gma_attention(*arrs, causal=True)
+    ref = reference.naive_gma(*[t.detach() for t in (p.q, p.k, p.v, p.mu, p.omega, p.alpha)], causal=True)
+    np.testing.assert_allclose(out, ref.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def _sample_args(requires_grad=True, state=True):
+    p = make_problem(2, 70, 2, 3, 4, 5, mask=True, state=state, dtype=torch.float64, seed=1)
+    S0, z0 = p.state if state else (None, None)
+    return p, (p.q, p.k, p.v, p.mu, p.omega, p.alpha, p.mask, S0, z0)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_opcheck(causal):
+    p, base = _sample_args()
+    torch.library.opcheck(forward_op, base + (causal, 1e-6, 1e-4, True, True))
+    torch.library.opcheck(forward_op, base + (causal, 1e-6, 1e-4, False, False))
+    out, S, z, gq, gk, den = forward_op(*[t.detach() if isinstance(t, torch.Tensor) else t for t in base],
+                                        causal, 1e-6, 1e-4, True, True)
+    dout = torch.randn_like(out)
+    detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in base]
+    torch.library.opcheck(backward_op, (dout, torch.randn_like(S), torch.randn_like(z), *detached, out, gq, gk, den,
+                                        causal, 1e-6, 1e-4))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    p = make_problem(2, 80, 2, 4, 8, 8, mask=True, state=True, dtype=torch.float32, seed=31)
+
+    def step(q, k, v, mu, omega, alpha, S0, z0, mask):
+        out, (S, z) = gmattn.gma_attention(torch.tanh(q), k * 2, v, mu, omega, alpha, causal=True,
+                                           key_padding_mask=mask, initial_state=(S0, z0), output_final_state=True)
+        return out.square().mean() + S.mean() + z.mean()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    args = p.tensors() + [p.mask]
+    loss_c = compiled(*args)
+    grads_c = torch.autograd.grad(loss_c, p.tensors())
+    loss_e = step(*args)
+    grads_e = torch.autograd.grad(loss_e, p.tensors())
+    torch.testing.assert_close(loss_c, loss_e)
+    for a, b in zip(grads_c, grads_e):
+        torch.testing.assert_close(a, b)
+
+
+def test_torch_compile_inductor_layer():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = gmattn.torch.GaussianMixtureAttention(32, 4, 8, causal=True)
+    x = torch.randn(2, 50, 32)
+    compiled = torch.compile(layer, fullgraph=True)
+    y_c = compiled(x)
+    torch.testing.assert_close(y_c, layer(x), rtol=1e-5, atol=1e-6)
+    y_c.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# Each ISA build of the CPU kernels agrees with the reference.
+
+def _supported_isas():
+    import gmattn._core as core
+
+    best = core.isa
+    order = ["generic", "avx2", "avx512"]
+    return order[: order.index(best) + 1] if best in order else ["generic"]
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_each_isa_build_matches_reference(isa):
+    if isa not in _supported_isas():
+        pytest.skip(f"{isa} not supported on this machine")
+    script = textwrap.dedent(
+        """
+        import sys, torch, gmattn
+        sys.path.insert(0, sys.argv[1])
+        from conftest import make_problem
+        from gmattn import reference
+        import gmattn._core as core
+        assert core.isa == sys.argv[2], core.isa
+        worst = 0.0
+        for causal in (False, True):
+            for dtype in (torch.float64, torch.float32):
+                p = make_problem(2, 150, 2, 16, 20, 12, mask=True, state=True, dtype=dtype, seed=3)
+                out, (S, z) = gmattn.gma_attention(p.q, p.k, p.v, p.mu, p.omega, p.alpha, causal=causal,
+                    key_padding_mask=p.mask, initial_state=p.state, output_final_state=True)
+                g = torch.autograd.grad(out.sum() + S.sum() + z.sum(), p.tensors())
+                r = p.detached(torch.float64)
+                ro, (rS, rz) = reference.naive_gma(r.q, r.k, r.v, r.mu, r.omega, r.alpha, causal=causal,
+                    key_padding_mask=r.mask, initial_state=r.state, output_final_state=True)
+                rg = torch.autograd.grad(ro.sum() + rS.sum() + rz.sum(), r.tensors())
+                for a, b in zip([out, S, z, *g], [ro, rS, rz, *rg]):
+                    err = ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+                    tol = 1e-12 if dtype == torch.float64 else 2e-5
+                    assert err < tol, (causal, dtype, err)
+        print("ok")
+        """
+    )
+    env = dict(os.environ, GMATTN_CPU_ISA=isa)
+    res = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__), isa], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+def test_isa_override_rejects_unknown_value():
+    env = dict(os.environ, GMATTN_CPU_ISA="sse9")
+    script = "import numpy as np, gmattn; gmattn.gma_attention(*[np.ones(s, np.float32) for s in " \
+             "[(1,2,1,2),(1,2,1,2),(1,2,1,2),(1,3,2),(1,3,2),(1,3)]])"
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "GMATTN_CPU_ISA" in res.stderr
