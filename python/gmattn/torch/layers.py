@@ -8,18 +8,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .._init import ROUTING_VARIANCE, initial_omega, initial_variance  # noqa: F401 (re-exported)
 from .ops import gma_attention
-
-
-def initial_variance(routing_variance: float, routing_dim: int) -> float:
-    """Initial sigma^2 of every component, chosen so routing starts soft but informative.
-
-    For x and mu drawn with per-dimension variance v, the squared distance ||x - mu_k||^2 varies
-    over components with standard deviation about v * sqrt(6 D). Dividing by 2 sigma^2 gives the
-    spread of the log-densities; sigma^2 = 0.5 v sqrt(6 D) makes that spread about one nat: no
-    component starts dead (responsibilities near 0 everywhere) and none dominates.
-    """
-    return 0.5 * routing_variance * math.sqrt(6.0 * routing_dim)
 
 
 class GaussianMixtureAttention(nn.Module):
@@ -85,13 +75,12 @@ class GaussianMixtureAttention(nn.Module):
         self.alpha = nn.Parameter(torch.empty(num_heads, num_components, **factory))
         self.reset_mixture_parameters()
 
-    ROUTING_VARIANCE = 1.0 / 3.0
+    ROUTING_VARIANCE = ROUTING_VARIANCE
 
     @torch.no_grad()
     def reset_mixture_parameters(self) -> None:
         self.mu.normal_(0.0, math.sqrt(self.ROUTING_VARIANCE))
-        sigma2 = initial_variance(self.ROUTING_VARIANCE, self.routing_dim)
-        self.omega.fill_(math.log(math.expm1(sigma2 - self.sigma_eps)))  # softplus^-1
+        self.omega.fill_(initial_omega(self.ROUTING_VARIANCE, self.routing_dim, self.sigma_eps))
         self.alpha.zero_()
 
     def forward(

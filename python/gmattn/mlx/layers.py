@@ -1,0 +1,136 @@
+"""GaussianMixtureAttention as an mlx.nn.Module (mirrors gmattn.torch.GaussianMixtureAttention)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .. import _init
+from .ops import gma_attention
+
+
+class GaussianMixtureAttention(nn.Module):
+    """Multi-head Gaussian Mixture Attention layer: (B, N, d_model) -> (B, N, d_model).
+
+    Same constructor, call arguments, parameter names and initialisation rule as
+    ``gmattn.torch.GaussianMixtureAttention``, so weights move between the two unchanged:
+    ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj`` (``nn.Linear``, weight (out, in) as in torch),
+    ``mu`` (H, K, D), ``omega`` (H, K, D), ``alpha`` (H, K). A torch ``state_dict()`` converted to
+    mx.arrays loads with ``layer.load_weights(list(state.items()))``.
+
+    Args:
+        d_model: model width.
+        num_heads: H.
+        num_components: K, the mixture components (memory slots) per head.
+        head_dim: value width per head Dv (default d_model // num_heads).
+        routing_dim: query/key width per head D (default head_dim).
+        causal: each position reads only keys at or before it.
+        eps, sigma_eps: see gmattn.gma_attention.
+        bias: bias in the q/k/v/out projections.
+        device: must be None (MLX arrays have no device; accepted for signature parity with torch).
+        dtype: parameter dtype (an mx.Dtype); default float32.
+
+    Initialisation: projections use nn.Linear's default (uniform in +-1/sqrt(fan_in), the same
+    distribution as torch's default), means from N(0, 1/3), variances from
+    ``gmattn._init.initial_variance``, prior logits zero.
+
+    In training mode (``layer.train()``, the default) the op keeps the responsibilities for the
+    backward pass; in ``layer.eval()`` mode it stores nothing (a later gradient recomputes them).
+    The kernels run on the CPU (see gmattn.mlx.ops), whatever the default device.
+    """
+
+    ROUTING_VARIANCE = _init.ROUTING_VARIANCE
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        num_components: int,
+        head_dim: Optional[int] = None,
+        routing_dim: Optional[int] = None,
+        causal: bool = False,
+        eps: float = 1e-6,
+        sigma_eps: float = 1e-4,
+        bias: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if d_model < 1 or num_heads < 1 or num_components < 1:
+            raise ValueError(
+                f"GaussianMixtureAttention: d_model, num_heads and num_components must be >= 1, got "
+                f"{d_model}, {num_heads}, {num_components}"
+            )
+        if head_dim is None:
+            if d_model % num_heads:
+                raise ValueError(
+                    f"GaussianMixtureAttention: d_model={d_model} is not divisible by num_heads={num_heads}; "
+                    "pass head_dim explicitly"
+                )
+            head_dim = d_model // num_heads
+        routing_dim = head_dim if routing_dim is None else routing_dim
+        if head_dim < 1 or routing_dim < 1:
+            raise ValueError(
+                f"GaussianMixtureAttention: head_dim and routing_dim must be >= 1, got {head_dim}, {routing_dim}"
+            )
+        if device is not None:
+            raise ValueError(
+                "GaussianMixtureAttention (MLX): 'device' must be None; MLX arrays have no device "
+                "(use mx.set_default_device or streams). The GMA kernels run on the CPU."
+            )
+        self.d_model, self.num_heads, self.num_components = d_model, num_heads, num_components
+        self.head_dim, self.routing_dim = head_dim, routing_dim
+        self.causal, self.eps, self.sigma_eps = causal, eps, sigma_eps
+        self.q_proj = nn.Linear(d_model, num_heads * routing_dim, bias=bias)
+        self.k_proj = nn.Linear(d_model, num_heads * routing_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, num_heads * head_dim, bias=bias)
+        self.out_proj = nn.Linear(num_heads * head_dim, d_model, bias=bias)
+        self.mu = mx.zeros((num_heads, num_components, routing_dim))
+        self.omega = mx.zeros((num_heads, num_components, routing_dim))
+        self.alpha = mx.zeros((num_heads, num_components))
+        self.reset_mixture_parameters()
+        if dtype is not None:
+            self.set_dtype(dtype)
+
+    def reset_mixture_parameters(self) -> None:
+        dtype = self.mu.dtype
+        H, K, D = self.num_heads, self.num_components, self.routing_dim
+        self.mu = (mx.random.normal((H, K, D)) * math.sqrt(self.ROUTING_VARIANCE)).astype(dtype)
+        self.omega = mx.full((H, K, D), _init.initial_omega(self.ROUTING_VARIANCE, D, self.sigma_eps), dtype=dtype)
+        self.alpha = mx.zeros((H, K), dtype=dtype)
+
+    def __call__(
+        self,
+        x: mx.array,
+        key_padding_mask: Optional[mx.array] = None,
+        state: Optional[Tuple[mx.array, mx.array]] = None,
+        return_state: bool = False,
+    ):
+        if not isinstance(x, mx.array):
+            raise TypeError(f"GaussianMixtureAttention: x must be an mlx.core.array, got {type(x).__name__}")
+        if x.ndim != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"GaussianMixtureAttention: x must have shape (B, N, d_model={self.d_model}), got {tuple(x.shape)}"
+            )
+        B, N, _ = x.shape
+        H, D, Dv = self.num_heads, self.routing_dim, self.head_dim
+        q = self.q_proj(x).reshape(B, N, H, D)
+        k = self.k_proj(x).reshape(B, N, H, D)
+        v = self.v_proj(x).reshape(B, N, H, Dv)
+        result = gma_attention(
+            q, k, v, self.mu, self.omega, self.alpha, causal=self.causal, key_padding_mask=key_padding_mask,
+            initial_state=state, output_final_state=return_state, eps=self.eps, sigma_eps=self.sigma_eps,
+            save_for_backward=self.training,
+        )
+        out, new_state = result if return_state else (result, None)
+        y = self.out_proj(out.reshape(B, N, H * Dv))
+        return (y, new_state) if return_state else y
+
+    def _extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, num_heads={self.num_heads}, num_components={self.num_components}, "
+            f"head_dim={self.head_dim}, routing_dim={self.routing_dim}, causal={self.causal}"
+        )

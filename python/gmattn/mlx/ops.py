@@ -1,0 +1,356 @@
+"""MLX front end: the compiled CPU core behind an ``mx.custom_function`` with a vjp.
+
+What runs where
+---------------
+* The kernels are the torch-free compiled core ``gmattn._core`` (C++/OpenMP, CPU). There are no
+  Metal kernels yet. MLX arrays live in host-addressable memory (unified memory on Apple
+  silicon, ordinary RAM with ``mlx[cpu]`` on Linux), so the core reads them in place.
+* If the MLX default device is the GPU, the op still works: its few MLX operations (dtype casts)
+  are placed on the CPU stream, the kernels run on the CPU, and a ``RuntimeWarning`` says so
+  once per process. The results are ordinary ``mx.array``s usable on either device.
+
+Copies
+------
+* Inputs are not copied: each argument is evaluated (``mx.eval``) and viewed as a NumPy array
+  through MLX's buffer protocol (same pointer, any strides), and the core reads that memory.
+* Outputs are copied once: the core writes into fresh NumPy arrays, which become ``mx.array``s
+  (MLX offers no zero-copy import of foreign memory). ``benchmarks/mlx_overhead.py`` measures
+  what this costs against calling the core on NumPy arrays directly.
+
+Dtypes
+------
+float32 and float64 run natively. float16 and bfloat16 inputs are up-cast to float32 at the
+boundary (an MLX ``astype``), the core runs in float32 and the output is cast back to the input
+dtype; the gradients of q, k, v come back in the input dtype through the cast's own vjp. The
+mixture parameters and the state run in float32 (float64 for float64 inputs) whatever the
+input dtype, as in DESIGN.md; the returned final state is float32 (float64).
+
+Transformations
+---------------
+* ``mx.grad``, ``mx.value_and_grad``, ``nn.value_and_grad``, ``mx.vjp``: supported; the vjp calls
+  the core's backward. Gradients reach q, k, v, mu, omega, alpha and the initial state.
+* ``mx.compile``: not supported. The op calls compiled host code on evaluated arrays, and
+  ``mx.compile`` traces with placeholder arrays that cannot be evaluated; calling the op inside a
+  compiled function raises a ``RuntimeError`` that says so. Compile the code before and after
+  the op separately (or leave the step uncompiled); nothing is silently wrong.
+* ``mx.vmap`` fails like ``mx.compile`` (``RuntimeError``; the op already takes a batch axis B);
+  ``mx.jvp`` and second-order gradients raise ``NotImplementedError``. Never a silently wrong
+  (zero) derivative.
+* Gradients recompute the forward unless ``save_for_backward=True`` (the layer sets it in
+  training mode): the saved responsibilities, 2 B H N K + B H N accumulator floats, are held
+  only until the vjp consumes them or the output is evaluated without a gradient.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+from .. import _checks, _config, _ext
+
+__all__ = ["gma_attention"]
+
+_LOW_PRECISION = ("float16", "bfloat16")
+
+# Every MLX operation of this front end runs on the CPU stream: the kernels are CPU kernels, and
+# the float64 path only exists on MLX's CPU backend.
+_STREAM = mx.cpu
+
+_gpu_warning_issued = False
+
+
+def _default_device_is_gpu() -> bool:
+    try:
+        return mx.default_device().type == mx.gpu
+    except Exception:  # an MLX without device introspection: assume the CPU
+        return False
+
+
+def _warn_if_gpu_default() -> None:
+    """Warns once per process when the default device is the GPU (the op runs on the CPU)."""
+    global _gpu_warning_issued
+    if _gpu_warning_issued or not _default_device_is_gpu():
+        return
+    _gpu_warning_issued = True
+    warnings.warn(
+        "gmattn: the MLX default device is the GPU, but gmattn has no Metal/GPU kernels for MLX yet: "
+        "gma_attention runs on the CPU (compiled OpenMP core) and its casts on the CPU stream. Inputs "
+        "are read in place from unified memory and results are ordinary mx.arrays. "
+        "(This warning is shown once.)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _transform_error(exc: Exception) -> Optional[RuntimeError]:
+    text = str(exc)
+    if "function transformations" in text:
+        return RuntimeError(
+            "gmattn: gma_attention cannot run inside mx.compile (or mx.vmap): it calls the compiled gmattn "
+            "core on evaluated host arrays, and these transformations trace with placeholder arrays that "
+            "cannot be evaluated. Call gma_attention (or the GMA layer) outside the compiled function, and "
+            "compile the code before and after it separately. mx.grad, mx.value_and_grad and "
+            "nn.value_and_grad are supported. (MLX said: " + text + ")"
+        )
+    return None
+
+
+def _evaluate(arrays: Sequence[Any]) -> None:
+    try:
+        mx.eval(*[a for a in arrays if a is not None])
+    except ValueError as exc:
+        err = _transform_error(exc)
+        if err is not None:
+            raise err from exc
+        raise
+
+
+def _host(x: Optional[mx.array], name: str) -> Optional[np.ndarray]:
+    """Zero-copy NumPy view of an evaluated mx.array (same memory, same strides)."""
+    if x is None:
+        return None
+    try:
+        view = np.asarray(x)
+    except ValueError as exc:
+        err = _transform_error(exc)
+        if err is not None:
+            raise err from exc
+        raise
+    if view.dtype.name != _checks.dtype_name(x.dtype):
+        raise TypeError(f"gma_attention: internal error: '{name}' viewed as {view.dtype}, expected {x.dtype}")
+    return view
+
+
+def _empty(shape, dtype) -> np.ndarray:
+    if _config.poison_outputs:
+        return np.full(shape, np.nan, dtype=dtype)
+    return np.empty(shape, dtype=dtype)
+
+
+def _cast(x: mx.array, dtype) -> mx.array:
+    return x if x.dtype == dtype else x.astype(dtype, stream=_STREAM)
+
+
+def _to_mlx(x: np.ndarray) -> mx.array:
+    """Copies a kernel output into a new mx.array of the same dtype (mx.array alone turns float64
+    into float32)."""
+    return mx.array(x, dtype=getattr(mx, x.dtype.name))
+
+
+def _as_tuple(x) -> tuple:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _host_forward(q, k, v, mu, omega, alpha, mask, S0, z0, *, causal, eps, sigma_eps, return_state, save,
+                  num_threads):
+    """Runs the core's forward on NumPy arrays; returns (out, S_final, z_final, gq, gk, den)."""
+    B, N, H, _ = q.shape
+    K, Dv = mu.shape[1], v.shape[3]
+    acc = mu.dtype
+    out = _empty((B, N, H, Dv), q.dtype)
+    S_final = _empty((B, H, K, Dv), acc) if return_state else None
+    z_final = _empty((B, H, K), acc) if return_state else None
+    gq = _empty((B, H, N, K), acc) if save else None
+    gk = _empty((B, H, N, K), acc) if save else None
+    den = _empty((B, H, N), acc) if save else None
+    _ext.core().forward(
+        q, k, v, mu, omega, alpha, mask, S0, z0, out, S_final, z_final, gq, gk, den,
+        causal=causal, eps=eps, sigma_eps=sigma_eps, num_threads=num_threads, stream=0,
+    )
+    return out, S_final, z_final, gq, gk, den
+
+
+def _host_backward(q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, dout, dS_final, dz_final, *,
+                   causal, eps, sigma_eps, num_threads):
+    """Runs the core's backward on NumPy arrays; returns (dq, dk, dv, dmu, domega, dalpha, dS0, dz0)."""
+    acc = mu.dtype
+    dq, dk, dv = _empty(q.shape, q.dtype), _empty(k.shape, k.dtype), _empty(v.shape, v.dtype)
+    dmu, domega, dalpha = _empty(mu.shape, acc), _empty(omega.shape, acc), _empty(alpha.shape, acc)
+    dS0 = _empty(S0.shape, acc) if S0 is not None else None
+    dz0 = _empty(z0.shape, acc) if z0 is not None else None
+    _ext.core().backward(
+        q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, dout, dS_final, dz_final,
+        dq, dk, dv, dmu, domega, dalpha, dS0, dz0,
+        causal=causal, eps=eps, sigma_eps=sigma_eps, num_threads=num_threads, stream=0, deterministic=True,
+    )
+    return dq, dk, dv, dmu, domega, dalpha, dS0, dz0
+
+
+_PRIMAL_NAMES = ("q", "k", "v", "mu", "omega", "alpha", "initial_state[0] (S)", "initial_state[1] (z)")
+
+
+def _build_op(mask: Optional[np.ndarray], *, has_state: bool, causal: bool, eps: float, sigma_eps: float,
+              return_state: bool, save: bool, num_threads: int):
+    """One custom_function per call: the mask and the options are constants of the closure, and
+    the responsibilities saved by the forward (when `save`) live in it until the vjp takes them."""
+    options = dict(causal=causal, eps=eps, sigma_eps=sigma_eps)
+    saved: dict = {}
+
+    def host_primals(primals):
+        primals = _as_tuple(primals)
+        _evaluate(primals)
+        arrays = [_host(p, n) for p, n in zip(primals, _PRIMAL_NAMES)]
+        if not has_state:
+            arrays += [None, None]
+        return arrays
+
+    @mx.custom_function
+    def op(*primals):
+        q, k, v, mu, omega, alpha, S0, z0 = host_primals(primals)
+        out, S_final, z_final, gq, gk, den = _host_forward(
+            q, k, v, mu, omega, alpha, mask, S0, z0, return_state=return_state, save=save,
+            num_threads=num_threads, **options,
+        )
+        if save:
+            saved["forward"] = (out, gq, gk, den)
+        if return_state:
+            return _to_mlx(out), _to_mlx(S_final), _to_mlx(z_final)
+        return _to_mlx(out)
+
+    @op.vjp
+    def op_vjp(primals, cotangents, outputs):
+        primals, cotangents = _as_tuple(primals), _as_tuple(cotangents)
+        acc = primals[3].dtype
+        # Cotangents come in the outputs' dtypes; be tolerant of a transformation that promoted them.
+        dout = _cast(cotangents[0], primals[0].dtype)
+        dS_final = dz_final = None
+        if return_state:
+            dS_final, dz_final = _cast(cotangents[1], acc), _cast(cotangents[2], acc)
+        grads = _backward_op(primals, dout, dS_final, dz_final)
+        return tuple(grads)
+
+    def _backward_op(primals, dout, dS_final, dz_final):
+        n_primals = len(primals)
+        extra = (dout,) + ((dS_final, dz_final) if return_state else ())
+
+        @mx.custom_function
+        def backward(*arrays):
+            primals_, extra_ = arrays[:n_primals], arrays[n_primals:]
+            q, k, v, mu, omega, alpha, S0, z0 = host_primals(primals_)
+            _evaluate(extra_)
+            g = _host(extra_[0], "dout")
+            dS = _host(extra_[1], "dS_final") if return_state else None
+            dz = _host(extra_[2], "dz_final") if return_state else None
+            record = saved.pop("forward", None)
+            if record is None:  # forward ran without saving: recompute the responsibilities
+                out, _, _, gq, gk, den = _host_forward(
+                    q, k, v, mu, omega, alpha, mask, S0, z0, return_state=False, save=True,
+                    num_threads=num_threads, **options,
+                )
+            else:
+                out, gq, gk, den = record
+            grads = _host_backward(
+                q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, g, dS, dz,
+                num_threads=num_threads, **options,
+            )
+            grads = grads[:6] + (grads[6:] if has_state else ())
+            return tuple(_to_mlx(x) for x in grads)
+
+        @backward.vjp
+        def _second_order(*_):
+            raise NotImplementedError(
+                "gmattn: second-order gradients of gma_attention (a gradient of its gradient) are not "
+                "implemented for MLX"
+            )
+
+        @backward.jvp
+        def _backward_jvp(*_):
+            raise NotImplementedError(
+                "gmattn: forward-mode derivatives of gma_attention's backward are not implemented"
+            )
+
+        return backward(*primals, *extra)
+
+    @op.jvp
+    def op_jvp(*_):
+        raise NotImplementedError(
+            "gmattn: forward-mode derivatives (mx.jvp) of gma_attention are not implemented for MLX; "
+            "use mx.grad / mx.vjp"
+        )
+
+    @op.vmap
+    def op_vmap(*_):
+        raise NotImplementedError(
+            "gmattn: mx.vmap over gma_attention is not implemented; it already takes a batch dimension B "
+            "(and per-row masks): fold the mapped axis into B instead"
+        )
+
+    return op
+
+
+def _require_mlx(name: str, x: Any) -> None:
+    if x is not None and not isinstance(x, mx.array):
+        raise TypeError(f"gma_attention: '{name}' must be an mlx.core.array like q, got {type(x).__module__}."
+                        f"{type(x).__name__}")
+
+
+def gma_attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    mu: mx.array,
+    omega: mx.array,
+    alpha: mx.array,
+    *,
+    causal: bool = False,
+    key_padding_mask: Optional[mx.array] = None,
+    initial_state: Optional[Tuple[mx.array, mx.array]] = None,
+    output_final_state: bool = False,
+    eps: float = 1e-6,
+    sigma_eps: float = 1e-4,
+    save_for_backward: bool = False,
+    num_threads: int = 0,
+):
+    """Gaussian Mixture Attention on MLX arrays; see gmattn.gma_attention and the module docstring.
+
+    MLX-only keywords:
+        save_for_backward: keep the responsibilities (2 B H N K + B H N floats) from the forward for
+            the vjp. When False (default) the forward stores nothing (fastest for inference) and a
+            gradient recomputes them with one extra forward pass. The layer sets it to
+            ``self.training``.
+        num_threads: OpenMP threads of the core; 0 = OpenMP's default (OMP_NUM_THREADS, else all cores).
+    """
+    _require_mlx("q", q)
+    for name, x in (("k", k), ("v", v), ("mu", mu), ("omega", omega), ("alpha", alpha),
+                    ("key_padding_mask", key_padding_mask)):
+        _require_mlx(name, x)
+    dims = _checks.check_arguments(q, k, v, mu, omega, alpha, key_padding_mask, initial_state, eps, sigma_eps)
+    S0 = z0 = None
+    if initial_state is not None:
+        S0, z0 = initial_state
+        _require_mlx("initial_state[0] (S)", S0)
+        _require_mlx("initial_state[1] (z)", z0)
+    if int(num_threads) < 0:
+        raise ValueError(f"gma_attention: 'num_threads' must be >= 0 (0 = default), got {num_threads}")
+    _warn_if_gpu_default()
+
+    acc = getattr(mx, dims.accumulator)
+    low_precision = dims.dtype in _LOW_PRECISION
+
+    if low_precision:
+        q, k, v = _cast(q, acc), _cast(k, acc), _cast(v, acc)
+    mu, omega, alpha = _cast(mu, acc), _cast(omega, acc), _cast(alpha, acc)
+    primals = [q, k, v, mu, omega, alpha]
+    if S0 is not None:
+        primals += [_cast(S0, acc), _cast(z0, acc)]
+
+    mask = None
+    if key_padding_mask is not None:
+        _evaluate([key_padding_mask])
+        mask = _host(key_padding_mask, "key_padding_mask")
+
+    op = _build_op(mask, has_state=S0 is not None, causal=bool(causal), eps=float(eps), sigma_eps=float(sigma_eps),
+                   return_state=bool(output_final_state), save=bool(save_for_backward), num_threads=int(num_threads))
+    result = op(*primals)
+    if output_final_state:
+        out, S_final, z_final = result
+    else:
+        out = result
+    if low_precision:
+        out = out.astype(getattr(mx, dims.dtype), stream=_STREAM)
+    if output_final_state:
+        return out, (S_final, z_final)
+    return out
