@@ -70,6 +70,21 @@ bool dl_to_dtype(DLDataType t, gmattn::DType* out) {
   return false;
 }
 
+const char* device_type_name(int t) {
+  switch (t) {
+    case kDLCPU: return "CPU";
+    case kDLCUDA: return "CUDA";
+    case kDLCUDAHost: return "CUDA pinned host";
+    case kDLCUDAManaged: return "CUDA managed";
+    case kDLROCM: return "ROCm";
+    case kDLMetal: return "Metal";
+    case kDLVulkan: return "Vulkan";
+    case kDLOneAPI: return "oneAPI";
+    case kDLExtDev: return "extension-device (e.g. torch 'meta')";
+    default: return "unknown-device";
+  }
+}
+
 [[noreturn]] void fail(const std::string& arg, const std::string& what) {
   throw py::value_error("gmattn: argument '" + arg + "' " + what);
 }
@@ -86,6 +101,16 @@ Imported import_dlpack(py::handle obj, const std::string& arg, int64_t stream) {
   if (!py::hasattr(obj, "__dlpack__")) {
     fail(arg, "must be an array that supports DLPack (torch.Tensor, numpy.ndarray, mx.array), got " +
                   std::string(py::str(py::type::of(obj).attr("__name__"))));
+  }
+  // Ask the producer where the data lives before exporting: a stream argument means nothing to a
+  // CPU producer (NumPy rejects it), and a tensor on the wrong device should say so plainly.
+  if (py::hasattr(obj, "__dlpack_device__")) {
+    py::tuple dev = obj.attr("__dlpack_device__")();
+    const int device_type = dev.size() > 0 ? dev[0].cast<int>() : -1;
+    if (device_type != kDevice) {
+      fail(arg, std::string("must be on the ") + kDeviceName + " device for this module, got a " +
+                    device_type_name(device_type) + " array");
+    }
   }
   py::object fn = obj.attr("__dlpack__");
   py::object cap;
@@ -134,8 +159,8 @@ gmattn::View make_view(const Imported& im, const Spec& spec, gmattn::DType input
   const std::string arg = spec.name;
   const int ndim = static_cast<int>(spec.shape.size());
   if (t->device.device_type != kDevice) {
-    fail(arg, std::string("must be on the ") + kDeviceName + " device for this module (DLPack device type " +
-                  std::to_string(t->device.device_type) + ")");
+    fail(arg, std::string("must be on the ") + kDeviceName + " device for this module, got a " +
+                  device_type_name(t->device.device_type) + " array");
   }
   if (kDevice == kDLCUDA && t->device.device_id != device_id) {
     fail(arg, "is on CUDA device " + std::to_string(t->device.device_id) + ", expected device " +

@@ -36,10 +36,12 @@ namespace cuda_impl {
 #if defined(GMATTN_CUDA_EMULATION)
 
 struct DeviceInfo {
-  int sm_count = 8;
-  int max_smem_optin = 227 * 1024;
+  int sm_count = 0;
+  int max_smem_optin = 0;
 };
-inline DeviceInfo device_info() { return DeviceInfo{}; }
+inline DeviceInfo device_info() {
+  return DeviceInfo{emu::device_config().sm_count, emu::device_config().max_smem_optin};
+}
 
 inline void* malloc_async(size_t bytes, cudaStream_t) {
   if (bytes == 0) return nullptr;

@@ -3,7 +3,10 @@
 // are compiled as C++ by a host compiler (see emulation/README.md); never part of the real build.
 //
 // Model: a block's threads are cooperative fibers (ucontext) on one OS thread, run round-robin;
-// a thread yields only at __syncthreads(), so shared memory needs no locks. Blocks run one
+// a thread yields only at __syncthreads(), so shared memory needs no locks. The order in which
+// threads run between two barriers is ascending, descending or shuffled anew each round
+// (environment GMATTN_EMU_ORDER=ascending|descending|random): a missing barrier shows up as a
+// wrong result in at least one of the orders. Blocks run one
 // after another. Warp-level WMMA is executed by lane 0 of each warp on whole tiles (the other
 // lanes skip it), which is race-free because the kernels only touch fragments through
 // load/mma/store/fill and element-wise conversion.
@@ -20,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <string>
 #include <stdexcept>
 #include <vector>
 
@@ -41,6 +45,17 @@ struct State {
 inline State& state() {
   static State s;
   return s;
+}
+
+// The emulated device's size, settable by tests to exercise the kernels' size choices.
+struct DeviceConfig {
+  int sm_count = 8;
+  int max_smem_optin = 227 * 1024;
+  int order = -1;  // 0 ascending, 1 descending, 2 random; -1: from GMATTN_EMU_ORDER
+};
+inline DeviceConfig& device_config() {
+  static DeviceConfig c;
+  return c;
 }
 
 inline void syncthreads() {
@@ -78,6 +93,12 @@ inline void fiber_entry() {
 }  // returns to uc_link (the scheduler)
 
 // Runs body() as every thread of every block of the grid.
+// (swapcontext is declared returns_twice, which makes GCC warn about clobbered locals; it
+// returns exactly once per switch with callee-saved registers restored, so they are safe.)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wclobbered"
+#endif
 inline void run_grid(dim3 grid, dim3 block, size_t smem_bytes, std::function<void()> body) {
   State& s = state();
   s.grid_dim = grid;
@@ -87,6 +108,15 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem_bytes, std::function<voi
   for (auto& f : fibers) f.stack.resize(256 * 1024);
   s.smem.assign(smem_bytes + 64, 0);
   fiber_body() = &body;
+  if (device_config().order < 0) {
+    const char* env = std::getenv("GMATTN_EMU_ORDER");
+    const std::string order = env ? env : "ascending";
+    device_config().order = order == "descending" ? 1 : order == "random" ? 2 : 0;
+  }
+  std::vector<unsigned> sequence(nthreads);
+  for (unsigned t = 0; t < nthreads; ++t) sequence[t] = t;
+  if (device_config().order == 1) std::reverse(sequence.begin(), sequence.end());
+  uint64_t rng = 0x9E3779B97F4A7C15ull;
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -109,7 +139,15 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem_bytes, std::function<voi
         while (alive > 0) {
           s.progress = false;
           alive = 0;
-          for (auto& f : fibers) {
+          if (device_config().order == 2)
+            for (unsigned i = nthreads; i > 1; --i) {  // Fisher-Yates with a fixed-seed xorshift
+              rng ^= rng << 13;
+              rng ^= rng >> 7;
+              rng ^= rng << 17;
+              std::swap(sequence[i - 1], sequence[rng % i]);
+            }
+          for (unsigned t : sequence) {
+            Fiber& f = fibers[t];
             if (f.done) continue;
             s.thread_idx = f.tid;
             s.current = &f.ctx;
@@ -130,6 +168,10 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem_bytes, std::function<voi
         }
       }
 }
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 inline unsigned char* dynamic_smem() {
   // 64-byte aligned like the real thing (the kernels need 32 bytes for WMMA).

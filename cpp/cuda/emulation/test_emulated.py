@@ -1,0 +1,305 @@
+"""Checks the gmattn CUDA kernels against a float64 torch autograd reference of DESIGN.md
+section 1: run on the CPU by the emulator, or (--cuda) the real kernels on a GPU.
+
+usage: python cpp/cuda/emulation/test_emulated.py [--cuda] [path/to/lib.so] [-k FILTER]
+Build the library first with cpp/cuda/emulation/build.sh [--cuda]. Needs torch (CPU is enough
+for the emulation; a CUDA build of torch for --cuda).
+"""
+
+import ctypes
+import itertools
+import math
+import os
+import sys
+import time
+
+import torch
+
+from gmattn.reference import naive_gma, responsibilities
+
+
+class View(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("shape", ctypes.c_int64 * 4), ("stride", ctypes.c_int64 * 4)]
+
+
+class Dims(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int64) for n in ("B", "N", "H", "K", "D", "Dv")]
+
+
+class Options(ctypes.Structure):
+    _fields_ = [
+        ("causal", ctypes.c_bool),
+        ("eps", ctypes.c_double),
+        ("sigma_eps", ctypes.c_double),
+        ("num_threads", ctypes.c_int),
+        ("stream", ctypes.c_void_p),
+        ("deterministic", ctypes.c_bool),
+    ]
+
+
+FWD_VIEWS = ["q", "k", "v", "mu", "omega", "alpha", "mask", "S0", "z0", "out", "S_final", "z_final", "gq", "gk", "den"]
+BWD_VIEWS = ["q", "k", "v", "mu", "omega", "alpha", "mask", "S0", "z0", "out", "gq", "gk", "den", "dout",
+             "dS_final", "dz_final", "dq", "dk", "dv", "dmu", "domega", "dalpha", "dS0", "dz0"]
+
+
+class ForwardArgs(ctypes.Structure):
+    _fields_ = [("dims", Dims), ("opt", Options), ("dtype", ctypes.c_int)] + [(n, View) for n in FWD_VIEWS]
+
+
+class BackwardArgs(ctypes.Structure):
+    _fields_ = [("dims", Dims), ("opt", Options), ("dtype", ctypes.c_int)] + [(n, View) for n in BWD_VIEWS]
+
+
+DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+
+
+def view_of(t, flip_dim=None):
+    """A View of tensor t; with flip_dim, a negative-stride view of t.flip(flip_dim)."""
+    v = View()
+    if t is None:
+        return v
+    shape = list(t.shape) + [1] * (4 - t.dim())
+    stride = list(t.stride()) + [0] * (4 - t.dim())
+    ptr = t.data_ptr()
+    if flip_dim is not None:
+        ptr += (shape[flip_dim] - 1) * stride[flip_dim] * t.element_size()
+        stride[flip_dim] = -stride[flip_dim]
+    v.data = ptr
+    for i in range(4):
+        v.shape[i] = shape[i]
+        v.stride[i] = stride[i]
+    return v
+
+
+def reference(q, k, v, mu, omega, alpha, mask, S0, z0, causal, eps, sigma_eps):
+    """gmattn.reference.naive_gma, plus the tensors the kernels save for backward."""
+    state = None if S0 is None else (S0, z0)
+    out, (S_final, z_final) = naive_gma(q, k, v, mu, omega, alpha, causal=causal, key_padding_mask=mask,
+                                        initial_state=state, output_final_state=True, eps=eps, sigma_eps=sigma_eps)
+    Gq = responsibilities(q, mu, omega, alpha, sigma_eps).permute(0, 2, 1, 3)  # B H N K
+    Gk = responsibilities(k, mu, omega, alpha, sigma_eps).permute(0, 2, 1, 3)
+    if mask is not None:
+        Gk = Gk * mask[:, None, :, None].to(Gk.dtype)
+    z_read = Gk.cumsum(2) if causal else Gk.sum(2, keepdim=True)  # what each query's read sees
+    if z0 is not None:
+        z_read = z_read + z0[:, :, None, :]
+    den = (Gq * z_read).sum(-1) + eps
+    return out, S_final, z_final, Gq, Gk, den
+
+
+def rel_err(got, want):
+    got = got.detach().cpu().double()
+    want = want.double()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    scale = want.abs().max().item()
+    return (got - want).abs().max().item() / max(scale, 1e-30)
+
+
+TOL = {torch.float64: (1e-9, 1e-8), torch.float32: (3e-5, 3e-4), torch.float16: (4e-3, 2e-2),
+       torch.bfloat16: (2e-2, 6e-2)}
+
+
+USE_CUDA = False  # set by --cuda: kernel tensors on the GPU, reference on the CPU
+
+
+def run_case(lib, dtype, causal, B, N, H, K, D, Dv, use_mask=False, use_init=False, use_dfinal=False,
+             noncontig=False, negstride=False, deterministic=True, device=(8, 227 * 1024), seed=0,
+             save=True):
+    lib.gma_emu_set_device(device[0], device[1])
+    g = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    eps, sigma_eps = 1e-6, 1e-4
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=f64) * scale)
+
+    # Inputs in the kernel dtype; the reference sees the same (rounded) values in float64.
+    q = rnd(B, N, H, D, scale=0.7).to(dtype)
+    k = rnd(B, N, H, D, scale=0.7).to(dtype)
+    v = rnd(B, N, H, Dv).to(dtype)
+    if noncontig:  # (B, N, H, D) views with permuted storage
+        q = q.permute(2, 0, 3, 1).contiguous().permute(1, 3, 0, 2)
+        v = v.transpose(0, 1).contiguous().transpose(0, 1)
+    mu = rnd(H, K, D, scale=0.5).to(acc)
+    omega = rnd(H, K, D, scale=0.5).to(acc)
+    alpha = rnd(H, K, scale=0.5).to(acc)
+    mask = None
+    if use_mask:
+        mask = (torch.rand(B, N, generator=g) > 0.3).to(torch.uint8)
+        mask[0, : min(3, N)] = 0
+    S0 = rnd(B, H, K, Dv).to(acc) if use_init else None
+    z0 = (torch.rand(B, H, K, generator=g, dtype=f64) * 3).to(acc) if use_init else None
+    dout = rnd(B, N, H, Dv).to(dtype)
+    dS_final = rnd(B, H, K, Dv, scale=0.1).to(acc) if use_dfinal else None
+    dz_final = rnd(B, H, K, scale=0.1).to(acc) if use_dfinal else None
+
+    # float64 reference with autograd
+    leaves = {n: (t.double().clone().requires_grad_(True) if t is not None else None)
+              for n, t in dict(q=q, k=k, v=v, mu=mu, omega=omega, alpha=alpha, S0=S0, z0=z0).items()}
+    out_r, Sf_r, zf_r, Gq_r, Gk_r, den_r = reference(
+        leaves["q"], leaves["k"], leaves["v"], leaves["mu"], leaves["omega"], leaves["alpha"],
+        mask, leaves["S0"], leaves["z0"], causal, eps, sigma_eps)
+    loss = (out_r * dout.double()).sum()
+    if use_dfinal:
+        loss = loss + (Sf_r * dS_final.double()).sum() + (zf_r * dz_final.double()).sum()
+    grads = torch.autograd.grad(loss, [t for t in leaves.values() if t is not None])
+    grad_of = dict(zip([n for n, t in leaves.items() if t is not None], grads))
+
+    dev = "cuda" if USE_CUDA else "cpu"
+
+    def nan(*shape, dt):
+        return torch.full(shape, float("nan"), dtype=dt, device=dev)
+
+    def on_dev(t):  # the kernel's copy of an input (strides preserved)
+        return t.to(dev) if t is not None else None
+
+    def call(fn, args):
+        rc = fn(ctypes.byref(args), err, 512)
+        if USE_CUDA:
+            torch.cuda.synchronize()
+        if rc != 0:
+            raise RuntimeError(err.value.decode())
+
+    stream = torch.cuda.current_stream().cuda_stream if USE_CUDA else None
+    err = ctypes.create_string_buffer(512)
+
+    out = nan(B, N, H, Dv, dt=dtype)
+    S_final = nan(B, H, K, Dv, dt=acc)
+    z_final = nan(B, H, K, dt=acc)
+    gq = nan(B, H, N, K, dt=acc)
+    gk = nan(B, H, N, K, dt=acc)
+    den = nan(B, H, N, dt=acc)
+
+    fa = ForwardArgs()
+    fa.dims = Dims(B, N, H, K, D, Dv)
+    fa.opt = Options(causal, eps, sigma_eps, 0, stream, deterministic)
+    fa.dtype = DTYPE_CODE[dtype]
+    # negstride: pass k as a flipped view of k_store (so the kernel sees k)
+    k_store = on_dev(k.flip(1).contiguous() if negstride else k)
+    dq_, dv_, dmu_, domega_, dalpha_ = on_dev(q), on_dev(v), on_dev(mu), on_dev(omega), on_dev(alpha)
+    dmask_, dS0_, dz0_ = on_dev(mask), on_dev(S0), on_dev(z0)
+    fa.q, fa.v = view_of(dq_), view_of(dv_)
+    fa.k = view_of(k_store, flip_dim=1 if negstride else None)
+    fa.mu, fa.omega, fa.alpha = view_of(dmu_), view_of(domega_), view_of(dalpha_)
+    fa.mask, fa.S0, fa.z0 = view_of(dmask_), view_of(dS0_), view_of(dz0_)
+    fa.out, fa.S_final, fa.z_final = view_of(out), view_of(S_final), view_of(z_final)
+    if save:
+        fa.gq, fa.gk, fa.den = view_of(gq), view_of(gk), view_of(den)
+    t0 = time.time()
+    call(lib.gma_emu_forward, fa)
+    t_fwd = time.time() - t0
+
+    results = {}
+    tf, tb = TOL[dtype]
+    results["out"] = rel_err(out, out_r)
+    results["S_final"] = rel_err(S_final, Sf_r)
+    results["z_final"] = rel_err(z_final, zf_r)
+    if not save:
+        return results, (t_fwd, 0.0), (tf, tb)
+    results["gq"] = rel_err(gq, Gq_r)
+    results["gk"] = rel_err(gk, Gk_r)
+    results["den"] = rel_err(den, den_r)
+
+    dq = nan(B, N, H, D, dt=dtype)
+    dk = nan(B, N, H, D, dt=dtype)
+    dv = nan(B, N, H, Dv, dt=dtype)
+    dmu = nan(H, K, D, dt=acc)
+    domega = nan(H, K, D, dt=acc)
+    dalpha = nan(H, K, dt=acc)
+    dS0 = nan(B, H, K, Dv, dt=acc)
+    dz0 = nan(B, H, K, dt=acc)
+    ba = BackwardArgs()
+    ba.dims = fa.dims
+    ba.opt = fa.opt
+    ba.dtype = fa.dtype
+    for n in ["q", "k", "v", "mu", "omega", "alpha", "mask", "S0", "z0"]:
+        setattr(ba, n, getattr(fa, n))
+    ba.out, ba.gq, ba.gk, ba.den = view_of(out), view_of(gq), view_of(gk), view_of(den)
+    ddout_, ddSf_, ddzf_ = on_dev(dout), on_dev(dS_final), on_dev(dz_final)
+    ba.dout = view_of(ddout_)
+    ba.dS_final, ba.dz_final = view_of(ddSf_), view_of(ddzf_)
+    ba.dq, ba.dk, ba.dv = view_of(dq), view_of(dk), view_of(dv)
+    ba.dmu, ba.domega, ba.dalpha = view_of(dmu), view_of(domega), view_of(dalpha)
+    ba.dS0, ba.dz0 = view_of(dS0), view_of(dz0)
+    t0 = time.time()
+    call(lib.gma_emu_backward, ba)
+    t_bwd = time.time() - t0
+    results["dq"] = rel_err(dq, grad_of["q"])
+    results["dk"] = rel_err(dk, grad_of["k"])
+    results["dv"] = rel_err(dv, grad_of["v"])
+    results["dmu"] = rel_err(dmu, grad_of["mu"])
+    results["domega"] = rel_err(domega, grad_of["omega"])
+    results["dalpha"] = rel_err(dalpha, grad_of["alpha"])
+    if use_init:
+        results["dS0"] = rel_err(dS0, grad_of["S0"])
+        results["dz0"] = rel_err(dz0, grad_of["z0"])
+    else:  # dS0 = total backward state; check against a run with zero initial state as leaf
+        pass
+    return results, (t_fwd, t_bwd), (tf, tb)
+
+
+CASES = []
+for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+    for causal in (True, False):
+        CASES.append(dict(dtype=dtype, causal=causal, B=2, N=77, H=2, K=5, D=7, Dv=9,
+                          use_mask=True, use_init=True, use_dfinal=True))
+# geometry and layout coverage (float64 to judge exactly, plus bf16 for the tensor-core path)
+for dtype in (torch.float64, torch.bfloat16):
+    for causal in (True, False):
+        CASES += [
+            dict(dtype=dtype, causal=causal, B=1, N=100, H=1, K=20, D=18, Dv=80),                 # 2 slices
+            dict(dtype=dtype, causal=causal, B=4, N=40, H=4, K=16, D=16, Dv=16, use_init=True),  # P == 1
+            dict(dtype=dtype, causal=causal, B=1, N=130, H=2, K=33, D=5, Dv=20, use_mask=True,
+                 noncontig=True, negstride=True, use_dfinal=True),
+            dict(dtype=dtype, causal=causal, B=2, N=50, H=1, K=12, D=4, Dv=24, use_init=True,
+                 deterministic=False),
+            dict(dtype=dtype, causal=causal, B=1, N=64, H=1, K=40, D=8, Dv=70, use_init=True,
+                 use_dfinal=True, device=(1, 60 * 1024)),  # small smem: C = 16, narrower slices
+        ]
+CASES.append(dict(dtype=torch.float32, causal=True, B=1, N=40, H=2, K=8, D=8, Dv=8, save=False))
+CASES.append(dict(dtype=torch.float64, causal=True, B=1, N=20, H=1, K=256, D=3, Dv=4, use_init=True))
+CASES.append(dict(dtype=torch.float64, causal=False, B=1, N=300, H=1, K=100, D=40, Dv=8, use_mask=True))
+CASES.append(dict(dtype=torch.float32, causal=True, B=1, N=90, H=1, K=250, D=37, Dv=8, use_init=True,
+                  device=(2, 100 * 1024)))  # shared memory fallbacks of every kernel
+
+
+def main():
+    global USE_CUDA
+    args = sys.argv[1:]
+    flt = None
+    if "--cuda" in args:
+        args.remove("--cuda")
+        USE_CUDA = True
+    if "-k" in args:
+        i = args.index("-k")
+        flt = args[i + 1]
+        del args[i:i + 2]
+    here = os.path.dirname(os.path.abspath(__file__))
+    default = os.path.join(here, "..", "..", "..", "build", "cuda" if USE_CUDA else "emulated",
+                           "libgmattn_cuda_test.so" if USE_CUDA else "libgmattn_cuda_emulated.so")
+    lib = ctypes.CDLL(args[0] if args else default)
+    lib.gma_emu_sizeof_forward_args.restype = ctypes.c_size_t
+    lib.gma_emu_sizeof_backward_args.restype = ctypes.c_size_t
+    assert lib.gma_emu_sizeof_forward_args() == ctypes.sizeof(ForwardArgs)
+    assert lib.gma_emu_sizeof_backward_args() == ctypes.sizeof(BackwardArgs)
+    passed = failed = 0
+    for case in CASES:
+        name = ",".join(f"{k}={str(v).replace('torch.', '')}" for k, v in case.items())
+        if flt and flt not in name:
+            continue
+        res, (tf_, tb_), (tol_f, tol_b) = run_case(lib, **case)
+        bad = {k: v for k, v in res.items() if not v <= (tol_b if k.startswith("d") and k != "den" else tol_f)}
+        worst = max(res.items(), key=lambda kv: kv[1])
+        status = "ok  " if not bad else "FAIL"
+        print(f"{status} {name}  worst {worst[0]}={worst[1]:.2e}  ({tf_:.1f}s + {tb_:.1f}s)"
+              + (f"  bad: {', '.join(f'{k}={v:.2e}' for k, v in bad.items())}" if bad else ""), flush=True)
+        passed += not bad
+        failed += bool(bad)
+    print(f"{passed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
