@@ -14,7 +14,9 @@ __version__ = "0.1.0"
 
 from typing import Any
 
-__all__ = ["gma_attention", "__version__"]
+from .mixers import MixerConfig, build_block, build_mixer, build_model  # noqa: E402 (imports no framework)
+
+__all__ = ["gma_attention", "MixerConfig", "build_mixer", "build_block", "build_model", "__version__"]
 
 
 def _framework(x: Any) -> str:

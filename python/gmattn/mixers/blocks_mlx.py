@@ -1,0 +1,96 @@
+"""MixerBlock and SequenceModel in MLX: the twins of gmattn.mixers.blocks_torch (same names,
+same structure, same weights)."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ._common import check_model_args
+from .config import MixerConfig
+from .mlx_mixers import _Exchange, build
+
+
+class MixerBlock(_Exchange, nn.Module):
+    """Pre-norm residual block: x + mixer(norm1(x)), then x + fc2(gelu(fc1(norm2(x))))."""
+
+    def __init__(self, config: MixerConfig, mlp_ratio: float = 4.0, dropout: float = 0.0, norm_eps: float = 1e-5):
+        super().__init__()
+        d = config.d_model
+        hidden = int(round(mlp_ratio * d))
+        self.config = config
+        self.norm1 = nn.LayerNorm(d, eps=norm_eps)
+        self.mixer = build(config)
+        self.norm2 = nn.LayerNorm(d, eps=norm_eps)
+        self.fc1 = nn.Linear(d, hidden)
+        self.fc2 = nn.Linear(hidden, d)
+        self.drop = nn.Dropout(dropout)
+
+    def __call__(self, x: mx.array, key_padding_mask=None, state=None, return_state: bool = False):
+        h = self.mixer(self.norm1(x), key_padding_mask=key_padding_mask, state=state, return_state=return_state)
+        if return_state:
+            h, state = h
+        x = x + self.drop(h)
+        x = x + self.drop(self.fc2(nn.gelu(self.fc1(self.norm2(x)))))
+        return (x, state) if return_state else x
+
+
+class SequenceModel(_Exchange, nn.Module):
+    """Token model: embedding (+ learned positions if max_len), MixerBlocks, final norm, head.
+    Same arguments and calling convention as gmattn.mixers.blocks_torch.SequenceModel."""
+
+    def __init__(self, config: MixerConfig, vocab_size: int, num_layers: int = 2, head: str = "lm",
+                 num_classes: Optional[int] = None, pooling: str = "mean", max_len: Optional[int] = None,
+                 tie_embeddings: bool = False, mlp_ratio: float = 4.0, dropout: float = 0.0):
+        super().__init__()
+        check_model_args(head, num_classes, pooling, tie_embeddings)
+        d = config.d_model
+        self.config, self.head_kind, self.pooling, self.tie_embeddings = config, head, pooling, tie_embeddings
+        self.max_len = max_len
+        self.embed = nn.Embedding(vocab_size, d)
+        if max_len:
+            self.pos_embed = nn.Embedding(max_len, d)
+        self.blocks = [MixerBlock(config, mlp_ratio, dropout) for _ in range(num_layers)]
+        self.norm = nn.LayerNorm(d)
+        if head == "classification":
+            self.head = nn.Linear(d, num_classes)
+        elif not tie_embeddings:
+            self.head = nn.Linear(d, vocab_size, bias=False)
+
+    def __call__(self, tokens: mx.array, key_padding_mask=None, state=None, return_state: bool = False):
+        if (state is not None or return_state) and self.head_kind != "lm":
+            raise ValueError("SequenceModel: state is only carried with the 'lm' head")
+        B, N = tokens.shape
+        offset, layer_states = (0, [None] * len(self.blocks)) if state is None else state
+        x = self.embed(tokens)
+        if self.max_len:
+            if offset + N > self.max_len:
+                raise ValueError(f"SequenceModel: positions up to {offset + N} exceed max_len={self.max_len}")
+            x = x + self.pos_embed(mx.arange(offset, offset + N))
+        new_states: List = []
+        for block, s in zip(self.blocks, layer_states):
+            if return_state:
+                x, s = block(x, key_padding_mask=key_padding_mask, state=s, return_state=True)
+                new_states.append(s)
+            else:
+                x = block(x, key_padding_mask=key_padding_mask, state=s)
+        x = self.norm(x)
+        if self.head_kind == "lm":
+            logits = self.embed.as_linear(x) if self.tie_embeddings else self.head(x)
+            return (logits, (offset + N, new_states)) if return_state else logits
+        return self.head(pool(x, key_padding_mask, self.pooling))
+
+
+def pool(x: mx.array, key_padding_mask, pooling: str) -> mx.array:
+    """(B, N, d) -> (B, d): mean over real tokens, or the last real token."""
+    B, N, _ = x.shape
+    if key_padding_mask is None:
+        return x.mean(1) if pooling == "mean" else x[:, -1]
+    m = key_padding_mask.astype(mx.bool_)
+    if pooling == "mean":
+        w = m.astype(x.dtype)[..., None]
+        return (x * w).sum(1) / mx.maximum(w.sum(1), 1.0)
+    idx = mx.argmax(m.astype(mx.int32) * mx.arange(1, N + 1), axis=1)
+    return x[mx.arange(B), idx]
