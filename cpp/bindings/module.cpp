@@ -89,6 +89,15 @@ const char* device_type_name(int t) {
   throw py::value_error("gmattn: argument '" + arg + "' " + what);
 }
 
+// Re-raises a producer's exception with the same type, chained, naming the argument: "boom" from
+// some __dlpack__ alone does not say which of twenty arguments it came from.
+[[noreturn]] void rethrow_named(py::error_already_set& e, const std::string& arg, const char* method) {
+  const std::string what = "gmattn: argument '" + arg + "': its " + method + " raised " +
+                           std::string(py::str(e.type().attr("__name__"))) + ": " + std::string(py::str(e.value()));
+  py::raise_from(e, e.type().ptr(), what.c_str());
+  throw py::error_already_set();
+}
+
 // One imported DLPack tensor. Owns the capsule: the producer's capsule destructor releases the
 // tensor (the name stays "dltensor"), so nothing leaks whether we return or throw.
 struct Imported {
@@ -105,8 +114,19 @@ Imported import_dlpack(py::handle obj, const std::string& arg, int64_t stream) {
   // Ask the producer where the data lives before exporting: a stream argument means nothing to a
   // CPU producer (NumPy rejects it), and a tensor on the wrong device should say so plainly.
   if (py::hasattr(obj, "__dlpack_device__")) {
-    py::tuple dev = obj.attr("__dlpack_device__")();
-    const int device_type = dev.size() > 0 ? dev[0].cast<int>() : -1;
+    int device_type = -1;
+    try {
+      py::object dev = obj.attr("__dlpack_device__")();
+      if (!py::isinstance<py::tuple>(dev) && !py::isinstance<py::list>(dev)) throw py::cast_error();
+      py::sequence pair = dev;
+      if (py::len(pair) != 2) throw py::cast_error();
+      device_type = pair[0].cast<int>();
+      (void)pair[1].cast<int>();
+    } catch (const py::cast_error&) {
+      fail(arg, "has a __dlpack_device__() that did not return a (device_type, device_id) pair of integers");
+    } catch (py::error_already_set& e) {
+      rethrow_named(e, arg, "__dlpack_device__()");
+    }
     if (device_type != kDevice) {
       fail(arg, std::string("must be on the ") + kDeviceName + " device for this module, got a " +
                     device_type_name(device_type) + " array");
@@ -119,12 +139,16 @@ Imported import_dlpack(py::handle obj, const std::string& arg, int64_t stream) {
   kw["max_version"] = py::make_tuple(1, 0);
   if (kDevice == kDLCUDA) kw["stream"] = py::int_(stream);
   try {
-    cap = fn(**kw);
+    try {
+      cap = fn(**kw);
+    } catch (py::error_already_set& e) {
+      if (!e.matches(PyExc_TypeError)) throw;
+      py::dict legacy;
+      if (kDevice == kDLCUDA) legacy["stream"] = py::int_(stream);
+      cap = fn(**legacy);
+    }
   } catch (py::error_already_set& e) {
-    if (!e.matches(PyExc_TypeError)) throw;
-    py::dict legacy;
-    if (kDevice == kDLCUDA) legacy["stream"] = py::int_(stream);
-    cap = fn(**legacy);
+    rethrow_named(e, arg, "__dlpack__()");
   }
   Imported im;
   im.capsule = cap;
@@ -236,6 +260,13 @@ struct Call {
   int device_id = 0;
   int64_t stream = 0;
   std::vector<Imported> keep;  // capsules alive until the kernel returns
+  // Bytes [lo, hi) each present tensor can reach, and whether the kernel writes it.
+  struct Extent {
+    std::string name;
+    uintptr_t lo, hi;
+    bool output;
+  };
+  std::vector<Extent> extents;
 
   // Imports `obj` (None allowed when optional) and validates it; returns an empty View for None.
   gmattn::View view(py::handle obj, const Spec& spec, bool optional) {
@@ -245,8 +276,35 @@ struct Call {
     }
     keep.push_back(import_dlpack(obj, spec.name, stream));
     gmattn::View v = make_view(keep.back(), spec, dtype, device_id);
-    if (v.data == nullptr) v.data = reinterpret_cast<void*>(alignof(std::max_align_t));  // present but empty
+    if (v.data == nullptr) {
+      v.data = reinterpret_cast<void*>(alignof(std::max_align_t));  // present but empty
+      return v;
+    }
+    // make_view bounds every reachable element offset by 2^61, so this arithmetic cannot wrap
+    // for real memory; unsigned keeps it defined for producers that lie.
+    const uint64_t itemsize = (keep.back().t->dtype.bits * keep.back().t->dtype.lanes + 7) / 8;
+    uintptr_t lo = reinterpret_cast<uintptr_t>(v.data), hi = lo + itemsize;
+    for (size_t i = 0; i < spec.shape.size(); ++i) {
+      if (spec.shape[i] <= 1) continue;
+      const int64_t reach = (spec.shape[i] - 1) * v.stride[i];
+      if (reach < 0) lo -= static_cast<uint64_t>(-reach) * itemsize;
+      else hi += static_cast<uint64_t>(reach) * itemsize;
+    }
+    extents.push_back({spec.name, lo, hi, spec.output});
     return v;
+  }
+
+  // Outputs must not share memory with any other argument: the kernels read inputs after writing
+  // outputs (dout in the causal reverse scan, gk before gq), so aliasing gives wrong answers.
+  void check_overlaps() const {
+    for (const Extent& a : extents) {
+      if (!a.output) continue;
+      for (const Extent& b : extents) {
+        if (&a != &b && a.lo < b.hi && b.lo < a.hi) {
+          fail(a.name, "shares memory with '" + b.name + "': outputs must not overlap any other argument");
+        }
+      }
+    }
   }
 };
 
@@ -280,16 +338,27 @@ Call start_call(py::handle q, py::handle v, py::handle mu, int64_t stream) {
   if (d.K < 1) fail("mu", "must have at least one component (K >= 1), got shape " + shape_str(imu.t->shape, 3));
   // Kernels index rows and components with 64-bit offsets but loop counters of 32 bits.
   const int64_t i32max = std::numeric_limits<int32_t>::max();
-  if (d.N > i32max || d.K > i32max || d.D > i32max || d.Dv > i32max || d.B * d.H > i32max) {
-    fail("q", "has a dimension larger than 2^31-1, which the kernels do not support");
+  // B and H first, so that B * H cannot overflow.
+  if (d.B > i32max || d.H > i32max || d.B * d.H > i32max || d.N > i32max || d.D > i32max) {
+    fail("q", "has a dimension larger than 2^31-1 (or B * H > 2^31-1), which the kernels do not support");
   }
+  if (d.Dv > i32max) fail("v", "has a dimension larger than 2^31-1, which the kernels do not support");
+  if (d.K > i32max) fail("mu", "has a dimension larger than 2^31-1, which the kernels do not support");
   return c;
 }
 
-gmattn::Options make_options(bool causal, double eps, double sigma_eps, int num_threads, int64_t stream,
-                             bool deterministic) {
-  if (!(eps >= 0.0)) fail("eps", "must be a non-negative number, got " + std::to_string(eps));
-  if (!(sigma_eps > 0.0)) fail("sigma_eps", "must be a positive number, got " + std::to_string(sigma_eps));
+gmattn::Options make_options(gmattn::DType dtype, bool causal, double eps, double sigma_eps, int num_threads,
+                             int64_t stream, bool deterministic) {
+  // The kernels use eps and sigma_eps in the accumulator dtype: inf, NaN or a value that
+  // overflows float32 would turn every output into 0 or NaN without a word.
+  const gmattn::DType acc = gmattn::accumulator_dtype(dtype);
+  const double limit = acc == gmattn::DType::kFloat64 ? std::numeric_limits<double>::max()
+                                                       : static_cast<double>(std::numeric_limits<float>::max());
+  const std::string range = std::string(" (finite in ") + gmattn::dtype_name(acc) + "), got ";
+  if (!(eps >= 0.0 && eps <= limit)) fail("eps", "must be a non-negative number" + range + std::to_string(eps));
+  if (!(sigma_eps > 0.0 && sigma_eps <= limit)) {
+    fail("sigma_eps", "must be a positive number" + range + std::to_string(sigma_eps));
+  }
   if (num_threads < 0) fail("num_threads", "must be >= 0 (0 = default), got " + std::to_string(num_threads));
   gmattn::Options o;
   o.causal = causal;
@@ -310,7 +379,7 @@ void forward(py::handle q, py::handle k, py::handle v, py::handle mu, py::handle
   gmattn::ForwardArgs a;
   a.dims = d;
   a.dtype = c.dtype;
-  a.opt = make_options(causal, eps, sigma_eps, num_threads, stream, true);
+  a.opt = make_options(c.dtype, causal, eps, sigma_eps, num_threads, stream, true);
   a.q = c.view(q, {"q", {d.B, d.N, d.H, d.D}, Kind::kInput, false, false}, false);
   a.k = c.view(k, {"k", {d.B, d.N, d.H, d.D}, Kind::kInput, false, false}, false);
   a.v = c.view(v, {"v", {d.B, d.N, d.H, d.Dv}, Kind::kInput, false, false}, false);
@@ -331,6 +400,7 @@ void forward(py::handle q, py::handle k, py::handle v, py::handle mu, py::handle
   if (a.gq.present() != a.gk.present() || a.gq.present() != a.den.present()) {
     fail("gq", "gk and den (saved for backward) must be given together");
   }
+  c.check_overlaps();
   py::gil_scoped_release release;
 #ifdef GMATTN_BACKEND_CUDA
   gmattn::cuda::forward(a);
@@ -350,7 +420,7 @@ void backward(py::handle q, py::handle k, py::handle v, py::handle mu, py::handl
   gmattn::BackwardArgs a;
   a.dims = d;
   a.dtype = c.dtype;
-  a.opt = make_options(causal, eps, sigma_eps, num_threads, stream, deterministic);
+  a.opt = make_options(c.dtype, causal, eps, sigma_eps, num_threads, stream, deterministic);
   a.q = c.view(q, {"q", {d.B, d.N, d.H, d.D}, Kind::kInput, false, false}, false);
   a.k = c.view(k, {"k", {d.B, d.N, d.H, d.D}, Kind::kInput, false, false}, false);
   a.v = c.view(v, {"v", {d.B, d.N, d.H, d.Dv}, Kind::kInput, false, false}, false);
@@ -376,6 +446,7 @@ void backward(py::handle q, py::handle k, py::handle v, py::handle mu, py::handl
   a.dalpha = c.view(dalpha, {"dalpha", {d.H, d.K}, Kind::kAccumulator, true, true}, false);
   a.dS0 = c.view(dS0, {"dS0", {d.B, d.H, d.K, d.Dv}, Kind::kAccumulator, true, true}, true);
   a.dz0 = c.view(dz0, {"dz0", {d.B, d.H, d.K}, Kind::kAccumulator, true, true}, true);
+  c.check_overlaps();
   py::gil_scoped_release release;
 #ifdef GMATTN_BACKEND_CUDA
   gmattn::cuda::backward(a);

@@ -7,6 +7,7 @@ The compiled modules check again (memory safety), but users should never need to
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -108,6 +109,12 @@ def check_arguments(
                        ("Dv (value dim)", Dv), ("K (components)", K)):
         if size < 1:
             raise ValueError(f"gma_attention: {name} must be at least 1, got {size}")
+    # The kernels count rows, components and (batch, head) pairs in 32 bits: refuse before any
+    # output is allocated (an N = 2^31 output alone is 8 GiB).
+    for name, size in (("N (sequence length)", N), ("K (components)", K), ("D (routing dim)", D),
+                       ("Dv (value dim)", Dv), ("B * H (batch x heads)", B * H)):
+        if size > 2 ** 31 - 1:
+            raise ValueError(f"gma_attention: {name} = {size} exceeds 2^31-1, which the kernels do not support")
 
     dtype = _require_floating("q", q)
     for name, x in (("k", k), ("v", v)):
@@ -140,8 +147,8 @@ def check_arguments(
         _require_floating("initial_state[0] (S)", S0)
         _require_floating("initial_state[1] (z)", z0)
 
-    if not eps >= 0:
-        raise ValueError(f"gma_attention: 'eps' must be >= 0, got {eps}")
-    if not sigma_eps > 0:
-        raise ValueError(f"gma_attention: 'sigma_eps' must be > 0, got {sigma_eps}")
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"gma_attention: 'eps' must be >= 0 and finite, got {eps}")
+    if not (sigma_eps > 0 and math.isfinite(sigma_eps)):
+        raise ValueError(f"gma_attention: 'sigma_eps' must be > 0 and finite, got {sigma_eps}")
     return Dims(B=B, N=N, H=H, K=K, D=D, Dv=Dv, dtype=dtype)
