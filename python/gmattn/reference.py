@@ -15,9 +15,15 @@ Three public functions:
   so use it only for small N. Computes in the dtype it is given.
 * :func:`chunked_gma` -- the same math the way the best plain-PyTorch implementation would
   compute it (the speed baseline for the compiled kernels): responsibilities through the
-  expanded quadratic form as one matmul, bidirectional as ``Gq (Gk^T V)``, causal as
-  chunked linear attention with all chunks batched and the inter-chunk state built by a
-  cumulative sum over chunks. No Python loop over chunks, nothing O(N^2).
+  expanded quadratic form as batched matmuls, bidirectional as ``Gq (Gk^T V)``, causal as
+  chunked linear attention with all chunks batched and the inter-chunk states built by a
+  prefix sum over chunks (a two-level triangular-matmul scan). No Python loop over chunks,
+  nothing O(N^2).
+
+CPU speed note: plain-PyTorch timings on CPU are dominated by page faults unless the
+allocator reuses memory (glibc returns every block above the mmap threshold to the OS);
+benchmark with e.g. ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>`` or jemalloc, for
+this baseline and the compiled op alike.
 
 The state ``(S, z)`` is returned in float32 (float64 for float64 inputs) whatever the input
 dtype, as in DESIGN.md.
@@ -25,7 +31,6 @@ dtype, as in DESIGN.md.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -207,21 +212,65 @@ def naive_gma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # --------------------------------------------------------------------------------------
 # chunked reference (the plain-PyTorch speed baseline)
 # --------------------------------------------------------------------------------------
+#
+# Internal layout: (H, B, N, .) with the batch of matrices M = H * B. The (B, N, H, D) inputs
+# are read through strided views, so q and k are never copied: (B, N, H, D) -> (H, B*N, D) is
+# a view whose rows have stride H*D, which bmm takes as a leading dimension directly.
 
 def _fast_responsibilities(x: torch.Tensor, mu, sigma2, lam, logpi) -> torch.Tensor:
-    """gamma for x (B, H, N, D) -> (B, H, N, K) through the expanded quadratic form.
+    """gamma for x (B, N, H, D) -> (H, B*N, K) through the expanded quadratic form.
 
     s = c[k] + x @ (lam*mu)^T - 0.5 (x*x) @ lam^T with c = logpi - 0.5 sum(log sigma2 + lam mu^2),
-    done as a single matmul [x, x*x] @ W with W (H, 2D, K). Cheap, but it subtracts large
-    numbers when |x| or |mu| is large relative to sigma (catastrophic cancellation), so it
-    is less accurate than :func:`responsibilities` for huge |x|; fine for a baseline.
+    as two batched matmuls accumulated in place (baddbmm). Cheap, but it subtracts large
+    terms when |x| or |mu| is large relative to sigma (catastrophic cancellation), so it is
+    less accurate than :func:`responsibilities` for huge |x|; fine for a speed baseline.
     """
+    B, N, H, D = x.shape
     dt = x.dtype
     c = logpi - 0.5 * (torch.log(sigma2).sum(-1) + (lam * mu * mu).sum(-1))    # (H, K)
-    W = torch.cat([lam * mu, -0.5 * lam], dim=-1).transpose(-1, -2)           # (H, 2D, K)
-    xx = torch.cat([x, x * x], dim=-1)                                         # (B, H, N, 2D)
-    s = torch.matmul(xx, W.to(dt)) + c.to(dt).unsqueeze(-2)                    # (B, H, N, K)
+    Wlin = (lam * mu).transpose(-1, -2).to(dt)                                  # (H, D, K)
+    Wsq = (-0.5 * lam).transpose(-1, -2).to(dt)                                 # (H, D, K)
+    xr = x.reshape(B * N, H, D).transpose(0, 1)                                 # (H, B*N, D) view
+    s = torch.baddbmm(c.to(dt).unsqueeze(1), xr, Wlin)
+    s = torch.baddbmm(s, xr * xr, Wsq)
     return torch.softmax(s, dim=-1)
+
+
+def _exclusive_scan(x: torch.Tensor, init: Optional[torch.Tensor], group: int = 16):
+    """Exclusive prefix sum over dim 1 of x (M, NC, F), plus init (M, F); also the total.
+
+    torch.cumsum over a non-innermost dim is slow on CPU (and slower still in backward), so
+    this is a two-level scan made of matmuls with strictly-lower-triangular ones matrices:
+    within groups of ``group`` chunks, then across the group totals.
+    Returns (prefix (M, NC, F), total (M, F)) with prefix[:, c] = init + sum_{c' < c} x[:, c'].
+    """
+    M, NC, Fd = x.shape
+    g1 = -(-NC // group)
+    if g1 == 1:
+        L = torch.tril(x.new_ones(NC, NC), -1)
+        P = torch.matmul(L, x)
+        tot = P[:, -1] + x[:, -1]
+        if init is not None:
+            P = P + init.unsqueeze(1)
+            tot = tot + init
+        return P, tot
+    pad = g1 * group - NC
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))
+    xg = x.view(M * g1, group, Fd)
+    L2 = torch.tril(x.new_ones(group, group), -1).expand(M * g1, group, group)
+    P1 = torch.bmm(L2, xg).view(M, g1, group, Fd)                 # prefix inside each group
+    T = P1[:, :, -1] + xg.view(M, g1, group, Fd)[:, :, -1]         # group totals (M, g1, F)
+    P2 = torch.matmul(torch.tril(x.new_ones(g1, g1), -1), T)      # prefix over groups
+    tot = P2[:, -1] + T[:, -1]
+    if init is not None:
+        P2 = P2 + init.unsqueeze(1)
+        tot = tot + init
+    # in place: P1 is a fresh bmm output that bmm's backward does not save
+    P = P1.add_(P2.unsqueeze(2)).view(M, g1 * group, Fd)
+    if pad:
+        P = P[:, :NC]
+    return P, tot
 
 
 def chunked_gma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -234,40 +283,42 @@ def chunked_gma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 chunk_size: int = 64):
     """GMA as fast as plain PyTorch allows; same math and signature as :func:`naive_gma`.
 
-    Works in the input dtype (inter-chunk states accumulate in float32, float64 for float64
-    inputs). Bidirectional: ``S = Gk^T V``, read with Gq. Causal: N is split into chunks of
-    ``chunk_size`` (tail zero-padded); intra-chunk ``tril(Gq_c Gk_c^T) V_c`` and the
+    Works in the input dtype (chunk states are scanned in float32, float64 for float64
+    inputs). Bidirectional: ``S = Gk^T V`` read with Gq. Causal: N is split into chunks of
+    ``chunk_size`` (tail zero-padded); the intra-chunk ``tril(Gq_c Gk_c^T) V_c`` and the
     inter-chunk read ``Gq_c S_prev`` are batched matmuls over all chunks at once, with
-    ``S_prev`` an exclusive cumulative sum of the chunk states ``Gk_c^T V_c`` (plus S0).
-    The denominator rides along as an extra all-ones column of V. Memory: O(N K) for the
-    responsibilities and O(N K Dv / chunk_size) for the chunk states, never O(N^2).
+    ``S_prev`` the exclusive prefix sum over chunks of ``Gk_c^T V_c`` (plus S0), computed by
+    a two-level triangular-matmul scan. The denominator rides along as an extra all-ones
+    column of V. Memory: O(N K) for the responsibilities and O(N K Dv / chunk_size) for the
+    chunk states, never O(N^2). The output is returned as a (B, N, H, Dv) view of an
+    (H, B, N, Dv) buffer (not contiguous).
     """
     B, N, H, D, Dv, K = _check_shapes(q, k, v, mu, omega, alpha, key_padding_mask, initial_state)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     dt = q.dtype
     sd = _state_dtype(dt)
+    E = Dv + 1
+    M = H * B
     mu_, sigma2, lam, logpi = _mixture(mu, omega, alpha, sigma_eps)
 
-    qh = q.transpose(1, 2)                                                     # (B, H, N, D)
-    kh = k.transpose(1, 2)
-    Gq = _fast_responsibilities(qh, mu_, sigma2, lam, logpi)                   # (B, H, N, K)
-    Gk = _fast_responsibilities(kh, mu_, sigma2, lam, logpi)
+    Gq = _fast_responsibilities(q, mu_, sigma2, lam, logpi).view(H, B, N, K)
+    Gk = _fast_responsibilities(k, mu_, sigma2, lam, logpi).view(H, B, N, K)
     if key_padding_mask is not None:
-        Gk = Gk * (key_padding_mask != 0).to(dt)[:, None, :, None]
-    # V with an extra ones column: the last column of every product is the denominator part.
-    v1 = torch.cat([v.transpose(1, 2), v.new_ones(B, H, N, 1)], dim=-1)       # (B, H, N, Dv+1)
+        Gk = Gk * (key_padding_mask != 0).to(dt)[None, :, :, None]
+    # V in (H, B, N, Dv+1) with an all-ones last column: the last column of every product
+    # is the denominator part (z and Gq . z).
+    v1 = torch.cat([v.permute(2, 0, 1, 3), v.new_ones(H, B, N, 1)], dim=-1)
 
+    S0 = None                                                                  # (H, B, K, Dv+1)
     if initial_state is not None:
         S0 = torch.cat([initial_state[0].to(sd), initial_state[1].to(sd).unsqueeze(-1)], -1)
-    else:
-        S0 = None                                                              # (B, H, K, Dv+1)
+        S0 = S0.transpose(0, 1)
 
     if not causal:
-        Sk = torch.matmul(Gk.transpose(-1, -2), v1)                            # (B, H, K, Dv+1)
-        S = Sk.to(sd) if S0 is None else S0 + Sk.to(sd)
-        nd = torch.matmul(Gq, S.to(dt))                                        # (B, H, N, Dv+1)
-        S_fin = S
+        Sk = torch.matmul(Gk.transpose(-1, -2), v1).to(sd)                     # (H, B, K, Dv+1)
+        S_fin = Sk if S0 is None else Sk + S0
+        nd = torch.matmul(Gq, S_fin.to(dt))                                    # (H, B, N, Dv+1)
     else:
         C = min(chunk_size, N)
         NC = -(-N // C)
@@ -276,24 +327,24 @@ def chunked_gma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             Gq = F.pad(Gq, (0, 0, 0, pad))
             Gk = F.pad(Gk, (0, 0, 0, pad))
             v1 = F.pad(v1, (0, 0, 0, pad))
-        Gq_c = Gq.reshape(B, H, NC, C, K)
-        Gk_c = Gk.reshape(B, H, NC, C, K)
-        v_c = v1.reshape(B, H, NC, C, Dv + 1)
-        # chunk states and their exclusive prefix sums over chunks (accumulator dtype)
-        Sc = torch.matmul(Gk_c.transpose(-1, -2), v_c).to(sd)                  # (B, H, NC, K, Dv+1)
-        Scum = torch.cumsum(Sc, dim=2)
-        S_prev = F.pad(Scum[:, :, :-1], (0, 0, 0, 0, 1, 0))                    # exclusive
-        S_fin = Scum[:, :, -1]
-        if S0 is not None:
-            S_prev = S_prev + S0.unsqueeze(2)
-            S_fin = S_fin + S0
-        # intra-chunk causal part + inter-chunk read
-        A = torch.tril(torch.matmul(Gq_c, Gk_c.transpose(-1, -2)))             # (B, H, NC, C, C)
-        nd = torch.matmul(A, v_c) + torch.matmul(Gq_c, S_prev.to(dt))          # (B, H, NC, C, Dv+1)
-        nd = nd.reshape(B, H, NC * C, Dv + 1)[:, :, :N]
+        Gq_c = Gq.reshape(M * NC, C, K)
+        Gk_c = Gk.reshape(M * NC, C, K)
+        v_c = v1.reshape(M * NC, C, E)
+        # chunk states Gk_c^T V_c and their exclusive prefix over chunks (+ S0)
+        Sc = torch.bmm(Gk_c.transpose(1, 2), v_c).view(M, NC, K * E).to(sd)
+        init = None if S0 is None else S0.reshape(M, K * E)
+        S_prev, S_tot = _exclusive_scan(Sc, init)
+        S_fin = S_tot.view(H, B, K, E)
+        # inter-chunk read, then the intra-chunk causal part accumulated into it
+        inter = torch.bmm(Gq_c, S_prev.to(dt).reshape(M * NC, K, E))
+        A = torch.bmm(Gq_c, Gk_c.transpose(1, 2)).tril_()                      # (M*NC, C, C)
+        nd = torch.baddbmm(inter, A, v_c).view(H, B, NC * C, E)
+        if pad:
+            nd = nd[:, :, :N]
 
-    out = nd[..., :Dv] / (nd[..., Dv:] + eps)                                  # (B, H, N, Dv)
-    out = out.transpose(1, 2)                                                  # (B, N, H, Dv)
+    out = nd[..., :Dv] / (nd[..., Dv:] + eps)                                  # (H, B, N, Dv)
+    out = out.permute(1, 2, 0, 3)                                              # (B, N, H, Dv)
     if output_final_state:
+        S_fin = S_fin.transpose(0, 1)                                          # (B, H, K, Dv+1)
         return out, (S_fin[..., :Dv].contiguous(), S_fin[..., Dv].contiguous())
     return out
