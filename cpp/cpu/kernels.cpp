@@ -1,25 +1,51 @@
 // CPU kernels for Gaussian Mixture Attention (DESIGN.md section 1), compiled once per
 // instruction set into namespace gmattn::cpu::GMATTN_ISA; dispatch.cpp picks one at run time.
 //
-// Work is split over (batch, head) pairs with OpenMP. Each pair walks its sequence in chunks of
-// kChunk rows: a chunk is gathered (any strides, any storage dtype) into contiguous accumulator
-// buffers, all arithmetic runs there on small dense products, results are scattered back. The
-// causal state (S, z) is carried across chunks; the backward pass recomputes what it needs from
-// the saved responsibilities with one forward scan (dq) and one reverse scan (dk, dv).
+// Layout of the work. Each (batch, head) pair walks its sequence in chunks of kChunk rows. A
+// chunk is gathered (any strides, any storage dtype) into contiguous accumulator buffers whose
+// widths (K, D, Dv) are padded with zeros to whole SIMD vectors; all arithmetic runs there on
+// register-tiled products (small_gemm.h); results are scattered back. The causal state (S, z)
+// is carried across chunks; backward recomputes what it needs from the saved responsibilities
+// with one forward scan (dq) and one reverse scan (dk, dv).
+//
+// Parallelism. Tasks are (pair, segment) with a segment a contiguous range of chunks. With at
+// least as many pairs as threads (and an even split) a pair is one segment. Otherwise every
+// pair is cut into segments and the scans run in two passes: pass 1 computes each segment's
+// state sums in parallel, a short serial prefix (suffix for the backward scan) turns them into
+// each segment's starting state, pass 2 runs the segments in parallel from those states.
+// Parameter gradients go to one slot per task and are summed in a fixed order afterwards, so
+// results are bit-identical run to run at a fixed thread count.
+//
+// Responsibilities. s[i,k] = log_norm[k] - 0.5 Q[i,k], Q = sum_d lam (x - mu)^2, computed per
+// chunk as Q = sum_d (a x' - b)^2 with a = sqrt(lam), x' = x - c (c: the chunk's mean), and
+// b = a (mu - c): two fused multiply-adds per (row, component, dimension), the same count as the
+// expanded quadratic form, but without its catastrophic cancellation. Its rounding error is about
+// eps sqrt(Q B), B = sum_d lam x'^2 + 4 sum_d lam (mu - c)^2, against about eps Q for the direct
+// form sum_d lam (x - mu)^2: the two agree unless x' and mu - c are large next to x - mu (data far
+// from the chunk mean, or tight clusters far from the origin with tiny variances). A guard bounds
+// B per row and component from row norms (B <= |x'|^2 max_d lam + 4 sum_d lam (mu - c)^2) and
+// recomputes a row in the direct form, on the raw inputs, when a component that matters (within
+// 64 nats of the row maximum) has B > 4 (Q + D): the centred form then stays within a small
+// factor of the direct form's accuracy. Chunks whose bound already satisfies B <= 4 D skip the
+// per-element check.
+#ifndef GMATTN_ISA
+#define GMATTN_ISA generic
+#endif
+
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <numeric>
 #include <stdexcept>
 #include <vector>
 
 #include "gmattn/gmattn.h"
 #include "numeric.h"
+#include "simd.h"
 #include "small_gemm.h"
-
-#ifndef GMATTN_ISA
-#define GMATTN_ISA generic
-#endif
 
 namespace gmattn {
 namespace cpu {
@@ -27,7 +53,17 @@ namespace GMATTN_ISA {
 
 using namespace cpu_detail;
 
-constexpr int64_t kChunk = 64;
+constexpr int64_t kChunk = 64;  // rows per chunk; a multiple of every vector length
+
+#if GMATTN_VECTOR_BYTES >= 64
+constexpr int kQuadMR = 4, kQuadNV = 4;  // responsibilities tile
+constexpr int kDensKT = 4;               // components per pass of the density backward
+#else
+constexpr int kQuadMR = 4, kQuadNV = 2;
+constexpr int kDensKT = 2;
+#endif
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // ---------------------------------------------------------------------------------------------
 // Strided access
@@ -37,163 +73,589 @@ inline T* at(const View& v, int64_t i0, int64_t i1, int64_t i2 = 0, int64_t i3 =
   return static_cast<T*>(v.data) + i0 * v.stride[0] + i1 * v.stride[1] + i2 * v.stride[2] + i3 * v.stride[3];
 }
 
-// dst[r * cols + c] = x[b, row0 + r, h, c] for a (B, N, H, cols) view of storage type T.
+// dst (rows_total x ld) <- x[b, row0 + r, h, 0:cols] for r < n; zeros elsewhere.
 template <class T, class Acc>
-void gather_rows(const View& x, int64_t b, int64_t h, int64_t row0, int64_t rows, int64_t cols, Acc* dst) {
+void gather_rows(const View& x, int64_t b, int64_t h, int64_t row0, int64_t n, int64_t cols, Acc* dst, int64_t ld,
+                 int64_t rows_total) {
   const int64_t sc = x.stride[3];
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = 0; r < n; ++r) {
     const T* src = at<const T>(x, b, row0 + r, h);
-    Acc* d = dst + r * cols;
+    Acc* d = dst + r * ld;
     if (sc == 1) {
+#pragma omp simd
       for (int64_t c = 0; c < cols; ++c) d[c] = load_as<Acc>(src[c]);
     } else {
       for (int64_t c = 0; c < cols; ++c) d[c] = load_as<Acc>(src[c * sc]);
     }
+    for (int64_t c = cols; c < ld; ++c) d[c] = Acc(0);
   }
+  if (rows_total > n) std::fill(dst + n * ld, dst + rows_total * ld, Acc(0));
 }
 
 template <class T, class Acc>
-void scatter_rows(const View& y, int64_t b, int64_t h, int64_t row0, int64_t rows, int64_t cols, const Acc* src) {
+void scatter_rows(const View& y, int64_t b, int64_t h, int64_t row0, int64_t n, int64_t cols, const Acc* src,
+                  int64_t ld) {
   const int64_t sc = y.stride[3];
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = 0; r < n; ++r) {
     T* d = at<T>(y, b, row0 + r, h);
-    const Acc* s = src + r * cols;
-    for (int64_t c = 0; c < cols; ++c) d[c * sc] = store_as<T>(s[c]);
+    const Acc* s = src + r * ld;
+    if (sc == 1) {
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) d[c] = store_as<T>(s[c]);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) d[c * sc] = store_as<T>(s[c]);
+    }
   }
 }
 
-// A (B, H, rows, cols) accumulator-typed view: copy rows [row0, row0+rows) of (b, h) in or out.
+// A (B, H, N, cols) accumulator-typed view: rows [row0, row0+n) of (b, h) in or out.
 template <class Acc>
-void read_saved(const View& x, int64_t b, int64_t h, int64_t row0, int64_t rows, int64_t cols, Acc* dst) {
-  for (int64_t r = 0; r < rows; ++r) {
+void read_saved(const View& x, int64_t b, int64_t h, int64_t row0, int64_t n, int64_t cols, Acc* dst, int64_t ld,
+                int64_t rows_total) {
+  const int64_t sc = x.stride[3];
+  for (int64_t r = 0; r < n; ++r) {
     const Acc* src = at<const Acc>(x, b, h, row0 + r);
-    for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = src[c * x.stride[3]];
+    Acc* d = dst + r * ld;
+    if (sc == 1) {
+      std::memcpy(d, src, cols * sizeof(Acc));
+    } else {
+      for (int64_t c = 0; c < cols; ++c) d[c] = src[c * sc];
+    }
+    for (int64_t c = cols; c < ld; ++c) d[c] = Acc(0);
+  }
+  if (rows_total > n) std::fill(dst + n * ld, dst + rows_total * ld, Acc(0));
+}
+template <class Acc>
+void write_saved(const View& x, int64_t b, int64_t h, int64_t row0, int64_t n, int64_t cols, const Acc* src,
+                 int64_t ld) {
+  const int64_t sc = x.stride[3];
+  for (int64_t r = 0; r < n; ++r) {
+    Acc* d = at<Acc>(x, b, h, row0 + r);
+    if (sc == 1) {
+      std::memcpy(d, src + r * ld, cols * sizeof(Acc));
+    } else {
+      for (int64_t c = 0; c < cols; ++c) d[c * sc] = src[r * ld + c];
+    }
   }
 }
+// den is (B, H, N).
 template <class Acc>
-void write_saved(const View& x, int64_t b, int64_t h, int64_t row0, int64_t rows, int64_t cols, const Acc* src) {
-  for (int64_t r = 0; r < rows; ++r) {
-    Acc* dst = at<Acc>(x, b, h, row0 + r);
-    for (int64_t c = 0; c < cols; ++c) dst[c * x.stride[3]] = src[r * cols + c];
-  }
-}
-// den is (B, H, N): three dimensions.
-template <class Acc>
-void read_den(const View& x, int64_t b, int64_t h, int64_t row0, int64_t rows, Acc* dst) {
-  for (int64_t r = 0; r < rows; ++r) dst[r] = *at<const Acc>(x, b, h, row0 + r);
+void read_den(const View& x, int64_t b, int64_t h, int64_t row0, int64_t n, Acc* dst) {
+  for (int64_t r = 0; r < n; ++r) dst[r] = *at<const Acc>(x, b, h, row0 + r);
 }
 template <class Acc>
-void write_den(const View& x, int64_t b, int64_t h, int64_t row0, int64_t rows, const Acc* src) {
-  for (int64_t r = 0; r < rows; ++r) *at<Acc>(x, b, h, row0 + r) = src[r];
+void write_den(const View& x, int64_t b, int64_t h, int64_t row0, int64_t n, const Acc* src) {
+  for (int64_t r = 0; r < n; ++r) *at<Acc>(x, b, h, row0 + r) = src[r];
 }
 
-// State (B, H, K, Dv) / (B, H, K) in and out of a contiguous K x Dv / K buffer; an absent
+// State (B, H, K, Dv) / (B, H, K) in and out of a Kp x Dvp / Kp buffer (zero padded); an absent
 // tensor reads as zeros (S and z are independent: autograd may hand a gradient for one only).
 template <class Acc>
-void read_state(const View& S, const View& z, int64_t b, int64_t h, int64_t K, int64_t Dv, Acc* S_buf, Acc* z_buf) {
+void read_state(const View& S, const View& z, int64_t b, int64_t h, int64_t K, int64_t Dv, int64_t Kp, int64_t Dvp,
+                Acc* S_buf, Acc* z_buf) {
+  std::fill(S_buf, S_buf + Kp * Dvp, Acc(0));
+  std::fill(z_buf, z_buf + Kp, Acc(0));
   for (int64_t k = 0; k < K; ++k) {
-    for (int64_t e = 0; e < Dv; ++e) S_buf[k * Dv + e] = S.present() ? *at<const Acc>(S, b, h, k, e) : Acc(0);
-    z_buf[k] = z.present() ? *at<const Acc>(z, b, h, k) : Acc(0);
+    if (S.present()) {
+      for (int64_t e = 0; e < Dv; ++e) S_buf[k * Dvp + e] = *at<const Acc>(S, b, h, k, e);
+    }
+    if (z.present()) z_buf[k] = *at<const Acc>(z, b, h, k);
   }
 }
 template <class Acc>
-void write_state(const View& S, const View& z, int64_t b, int64_t h, int64_t K, int64_t Dv, const Acc* S_buf,
-                 const Acc* z_buf) {
+void write_state(const View& S, const View& z, int64_t b, int64_t h, int64_t K, int64_t Dv, int64_t Dvp,
+                 const Acc* S_buf, const Acc* z_buf) {
   if (!S.present()) return;
   for (int64_t k = 0; k < K; ++k) {
-    for (int64_t e = 0; e < Dv; ++e) *at<Acc>(S, b, h, k, e) = S_buf[k * Dv + e];
+    for (int64_t e = 0; e < Dv; ++e) *at<Acc>(S, b, h, k, e) = S_buf[k * Dvp + e];
     *at<Acc>(z, b, h, k) = z_buf[k];
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Mixture parameters of one head, derived once per call.
+// Shapes, the work plan, per-head mixture parameters, per-thread buffers.
+
+struct Shape {
+  int64_t B, N, H, K, D, Dv;
+  int64_t Kp, Dp, Dvp;  // padded to whole vectors
+  int64_t C = kChunk;
+  int64_t nchunks;
+  template <class Acc>
+  static Shape make(const Dims& d) {
+    constexpr int W = Simd<Acc>::W;
+    Shape s;
+    s.B = d.B; s.N = d.N; s.H = d.H; s.K = d.K; s.D = d.D; s.Dv = d.Dv;
+    s.Kp = round_up(d.K, W);
+    s.Dp = round_up(d.D, W);
+    s.Dvp = round_up(d.Dv, W);
+    s.nchunks = (d.N + kChunk - 1) / kChunk;
+    return s;
+  }
+};
+
+// The work plan. A task is (batch b, heads [h0, h0 + group), segment of chunks); its heads run in
+// lockstep, chunk by chunk, so one task reads and writes each token's rows of all its heads
+// together (contiguous in the (B, N, H, D) layout: fewer pages and streams than one head at a
+// time). A lane (b, h, segment) owns its state sums and parameter-gradient slot.
+struct Plan {
+  int nt = 1;
+  int64_t B = 1, H = 1, group = 1, segs = 1, nchunks = 1;
+  int64_t tasks = 1, lanes = 1;
+  int64_t first(int64_t sg) const { return sg * nchunks / segs; }  // chunks [first, last) of a segment
+  int64_t last(int64_t sg) const { return (sg + 1) * nchunks / segs; }
+  void task(int64_t t, int64_t& b, int64_t& h0, int64_t& sg) const {
+    sg = t % segs;
+    const int64_t r = t / segs, gpb = H / group;
+    h0 = (r % gpb) * group;
+    b = r / gpb;
+  }
+  int64_t lane(int64_t b, int64_t h, int64_t sg) const { return (b * H + h) * segs + sg; }
+};
+
+inline Plan make_plan(int64_t B, int64_t H, int64_t nchunks, int requested) {
+  Plan p;
+  int nt = requested > 0 ? requested : omp_get_max_threads();
+  if (nt < 1) nt = 1;
+  p.B = B;
+  p.H = H;
+  p.nchunks = nchunks;
+  const int64_t pairs = B * H;
+  if (pairs % nt == 0 || pairs >= 4 * nt) {
+    // Pairs feed every thread: no segments. Group heads: the largest group that leaves a task
+    // count that is a multiple of the thread count.
+    for (int64_t g = H; g >= 1; --g) {
+      if (H % g == 0 && (B * (H / g)) % nt == 0) {
+        p.group = g;
+        break;
+      }
+    }
+  } else {
+    // Too few pairs (or an uneven split): cut each pair into segments of chunks, two-pass scans.
+    p.segs = std::max<int64_t>(1, std::min<int64_t>(nt / std::gcd<int64_t>(pairs, nt), nchunks));
+  }
+  p.tasks = B * (H / p.group) * p.segs;
+  p.lanes = B * H * p.segs;
+  p.nt = static_cast<int>(std::min<int64_t>(nt, p.tasks));
+  return p;
+}
 
 template <class Acc>
-struct Mixture {
-  int64_t K = 0, D = 0;
-  std::vector<Acc> mu, lam;      // K x D
-  std::vector<Acc> muT, lamT;    // D x K, for the row-wise responsibility loop
-  std::vector<Acc> log_norm;     // K: logpi - 0.5 sum_d log sigma2
-  std::vector<Acc> pi;           // K: softmax(alpha)
-  std::vector<Acc> dsigma2_domega;  // K x D: sigmoid(omega)
+struct Head {
+  int64_t K = 0, D = 0, Kp = 0, Dp = 0;
+  std::vector<Acc> aT, muT, lamT;  // Dp x Kp: sqrt(lam), mu, lam (transposed, zero padded)
+  std::vector<Acc> mu, lam;        // K x Dp
+  std::vector<Acc> ln0;            // Kp: logpi - 0.5 sum_d log sigma2; -inf on padding
+  std::vector<Acc> lmax;           // Kp: max_d lam
+  Acc lmax_all = 0;                // max_k lmax
+  std::vector<Acc> pi;             // K: softmax(alpha)
+  std::vector<Acc> dsigma2_domega; // K x D: sigmoid(omega)
 
-  void build(const View& mu_v, const View& omega_v, const View& alpha_v, int64_t h, int64_t K_, int64_t D_,
+  void build(const View& mu_v, const View& omega_v, const View& alpha_v, int64_t h, const Shape& s,
              double sigma_eps) {
-    K = K_;
-    D = D_;
-    mu.resize(K * D);
-    lam.resize(K * D);
-    muT.resize(K * D);
-    lamT.resize(K * D);
-    log_norm.resize(K);
-    pi.resize(K);
-    dsigma2_domega.resize(K * D);
-    Acc amax = -INFINITY;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, *at<const Acc>(alpha_v, h, k));
-    Acc asum = 0;
-    for (int64_t k = 0; k < K; ++k) asum += std::exp(*at<const Acc>(alpha_v, h, k) - amax);
-    const Acc log_z = amax + std::log(asum);
+    K = s.K; D = s.D; Kp = s.Kp; Dp = s.Dp;
+    aT.assign(Dp * Kp, Acc(0));
+    muT.assign(Dp * Kp, Acc(0));
+    lamT.assign(Dp * Kp, Acc(0));
+    mu.assign(K * Dp, Acc(0));
+    lam.assign(K * Dp, Acc(0));
+    ln0.assign(Kp, -std::numeric_limits<Acc>::infinity());
+    lmax.assign(Kp, Acc(0));
+    pi.assign(K, Acc(0));
+    dsigma2_domega.assign(K * D, Acc(0));
+    // log_norm in double, shifted by its maximum (softmax is shift invariant): s = ln0 - Q / 2
+    // then carries no large constant whose rounding would differ between components (with tiny
+    // variances sum_d log sigma2 is ~ -10 D).
+    double amax = -INFINITY;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, static_cast<double>(*at<const Acc>(alpha_v, h, k)));
+    double asum = 0;
+    for (int64_t k = 0; k < K; ++k) asum += std::exp(static_cast<double>(*at<const Acc>(alpha_v, h, k)) - amax);
+    const double log_z = amax + std::log(asum);
+    std::vector<double> ln0d(K);
     for (int64_t k = 0; k < K; ++k) {
-      const Acc logpi = *at<const Acc>(alpha_v, h, k) - log_z;
-      pi[k] = std::exp(logpi);
-      Acc log_det = 0;
+      const double logpi = static_cast<double>(*at<const Acc>(alpha_v, h, k)) - log_z;
+      pi[k] = static_cast<Acc>(std::exp(logpi));
+      double log_det = 0;
+      Acc lm = 0;
       for (int64_t d = 0; d < D; ++d) {
         const Acc w = *at<const Acc>(omega_v, h, k, d);
-        const Acc sigma2 = softplus(w) + static_cast<Acc>(sigma_eps);
+        // softplus(w) and sigmoid(w) from one exp(-|w|) (stable for any w)
+        const Acc e = std::exp(-std::fabs(w));
+        const Acc sigma2 = (w > Acc(0) ? w : Acc(0)) + std::log1p(e) + static_cast<Acc>(sigma_eps);
         const Acc m = *at<const Acc>(mu_v, h, k, d);
-        mu[k * D + d] = m;
-        lam[k * D + d] = Acc(1) / sigma2;
-        muT[d * K + k] = m;
-        lamT[d * K + k] = Acc(1) / sigma2;
-        dsigma2_domega[k * D + d] = sigmoid(w);
-        log_det += std::log(sigma2);
+        const Acc l = Acc(1) / sigma2;
+        mu[k * Dp + d] = m;
+        lam[k * Dp + d] = l;
+        muT[d * Kp + k] = m;
+        lamT[d * Kp + k] = l;
+        aT[d * Kp + k] = std::sqrt(l);
+        dsigma2_domega[k * D + d] = w >= Acc(0) ? Acc(1) / (Acc(1) + e) : e / (Acc(1) + e);
+        log_det += std::log(static_cast<double>(sigma2));
+        lm = std::max(lm, l);
       }
-      log_norm[k] = logpi - Acc(0.5) * log_det;
+      ln0d[k] = logpi - 0.5 * log_det;
+      lmax[k] = lm;
+      lmax_all = std::max(lmax_all, lm);
     }
+    const double shift = *std::max_element(ln0d.begin(), ln0d.end());
+    for (int64_t k = 0; k < K; ++k) ln0[k] = static_cast<Acc>(ln0d[k] - shift);
   }
+};
 
-  // gamma (rows x K) = softmax_k of the log-densities of x (rows x D); rows whose keep[r] == 0
-  // are zeroed (masked keys write nothing).
-  void responsibilities(const Acc* x, int64_t rows, Acc* gamma, const uint8_t* keep) const {
-    for (int64_t r = 0; r < rows; ++r) {
-      Acc* s = gamma + r * K;
-      if (keep && !keep[r]) {
-        std::fill(s, s + K, Acc(0));
-        continue;
-      }
-      std::fill(s, s + K, Acc(0));
-      const Acc* xr = x + r * D;
-      for (int64_t d = 0; d < D; ++d) {
-        const Acc xd = xr[d];
-        const Acc* lam_d = lamT.data() + d * K;
-        const Acc* mu_d = muT.data() + d * K;
-#pragma omp simd
-        for (int64_t k = 0; k < K; ++k) {
-          const Acc diff = xd - mu_d[k];
-          s[k] += lam_d[k] * diff * diff;
-        }
-      }
-      Acc smax = -INFINITY;
-      for (int64_t k = 0; k < K; ++k) {
-        s[k] = log_norm[k] - Acc(0.5) * s[k];
-        smax = std::max(smax, s[k]);
-      }
-      Acc total = 0;
-#pragma omp simd reduction(+ : total)
-      for (int64_t k = 0; k < K; ++k) {
-        s[k] = exp_nonpositive(s[k] - smax);
-        total += s[k];
-      }
-      const Acc inv = Acc(1) / total;
-#pragma omp simd
-      for (int64_t k = 0; k < K; ++k) s[k] *= inv;
+// The per-head mixture parameters (transcendentals for every (h, k, d): worth a parallel loop).
+template <class Acc>
+void build_heads(std::vector<Head<Acc>>& heads, const View& mu, const View& omega, const View& alpha, const Shape& s,
+                 double sigma_eps, int nt) {
+  const int64_t H = static_cast<int64_t>(heads.size());
+#pragma omp parallel for num_threads(static_cast<int>(std::min<int64_t>(nt, H))) schedule(static, 1)
+  for (int64_t h = 0; h < H; ++h) heads[h].build(mu, omega, alpha, h, s, sigma_eps);
+}
+
+template <class Acc>
+struct Workspace {
+  Acc *xq, *xk, *xc, *xn, *cen, *bT, *mk;  // C x Dp (x3), C, Dp, Dp x Kp, Kp
+  Acc *v, *o, *g, *num, *dnum, *vT;        // C x Dvp (x5), Dvp x C
+  Acc *gq, *gk, *gkT, *dgq, *dgk;          // C x Kp (x2), Kp x C, C x Kp (x2)
+  Acc *A, *Bm;                             // C x C
+  Acc *den, *dden;                         // C
+  Acc *S, *z, *dS, *dz, *ST, *dST;         // Kp x Dvp, Kp, Kp x Dvp, Kp, Dvp x Kp (x2)
+  Acc* dx;                                 // C x Dp
+  uint8_t keep[kChunk];
+  std::vector<Acc> storage;
+  // Per-lane states of the task being run (group x Kp x Dvp, group x Kp, ...).
+  std::vector<Acc> lS, lz, ldS, ldz, lST, ldST;
+
+  Workspace(const Shape& s, int64_t group) {
+    const int64_t SS = s.Kp * s.Dvp;
+    lS.assign(group * SS, Acc(0));
+    lz.assign(group * s.Kp, Acc(0));
+    ldS.assign(group * SS, Acc(0));
+    ldz.assign(group * s.Kp, Acc(0));
+    lST.assign(group * SS, Acc(0));
+    ldST.assign(group * SS, Acc(0));
+    const int64_t C = s.C, Kp = s.Kp, Dp = s.Dp, Dvp = s.Dvp;
+    const int64_t sizes[] = {C * Dp,  C * Dp,  C * Dp,  C,       Dp,      Dp * Kp, Kp,      C * Dvp, C * Dvp,
+                             C * Dvp, C * Dvp, C * Dvp, Dvp * C, C * Kp,  C * Kp,  Kp * C,  C * Kp,  C * Kp,
+                             C * C,   C * C,   C,       C,       Kp * Dvp, Kp,     Kp * Dvp, Kp,     Dvp * Kp,
+                             Dvp * Kp, C * Dp};
+    Acc** slots[] = {&xq, &xk, &xc, &xn, &cen, &bT, &mk, &v, &o, &g, &num, &dnum, &vT, &gq, &gk, &gkT, &dgq,
+                     &dgk, &A, &Bm, &den, &dden, &S, &z, &dS, &dz, &ST, &dST, &dx};
+    static_assert(sizeof(sizes) / sizeof(sizes[0]) == sizeof(slots) / sizeof(slots[0]), "workspace slots");
+    constexpr int64_t kAlign = 64 / sizeof(Acc);
+    int64_t total = kAlign;
+    for (int64_t sz : sizes) total += round_up(sz, kAlign);
+    storage.assign(total, Acc(0));
+    Acc* base = storage.data();
+    while (reinterpret_cast<uintptr_t>(base) % 64 != 0) ++base;
+    int64_t off = 0;
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); ++i) {
+      *slots[i] = base + off;
+      off += round_up(sizes[i], kAlign);
     }
   }
 };
 
-// Per (b, h) sums from which the parameter gradients follow (summed over rows, both paths):
-//   t1 = sum_i ds (x - mu), t2 = sum_i ds (x - mu)^2 (K x D), ds_sum = sum_i ds (K).
+// keep[r] for rows [row0, row0+n) of batch b; nullptr when there is no mask.
+inline const uint8_t* mask_rows(const View& mask, int64_t b, int64_t row0, int64_t n, uint8_t* buf) {
+  if (!mask.present()) return nullptr;
+  for (int64_t r = 0; r < n; ++r) buf[r] = *at<const uint8_t>(mask, b, row0 + r) != 0;
+  return buf;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Responsibilities
+
+// Q[r][k] = sum_d (aT[d][k] x[r][d] - bT[d][k])^2 for an MR x NV tile.
+template <class Acc, int MR, int NV>
+inline void quad_micro(int64_t D, const Acc* x, int64_t ldx, const Acc* aT, const Acc* bT, int64_t ldk, Acc* Q,
+                       int64_t ldq) {
+  using V = VecT<Acc>;
+  constexpr int W = Simd<Acc>::W;
+  V acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    V av[NV], bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      av[v] = loadu(aT + d * ldk + v * W);
+      bv[v] = loadu(bT + d * ldk + v * W);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const V xb = splat(x[r * ldx + d]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        const V t = av[v] * xb - bv[v];
+        acc[r][v] += t * t;
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) storeu(Q + r * ldq + v * W, acc[r][v]);
+  }
+}
+
+template <class Acc, int MR>
+inline void quad_micro_nv(int nv, int64_t D, const Acc* x, int64_t ldx, const Acc* aT, const Acc* bT, int64_t ldk,
+                          Acc* Q, int64_t ldq) {
+  switch (nv) {
+    case 1: quad_micro<Acc, MR, 1>(D, x, ldx, aT, bT, ldk, Q, ldq); break;
+    case 2: quad_micro<Acc, MR, 2>(D, x, ldx, aT, bT, ldk, Q, ldq); break;
+#if GMATTN_VECTOR_BYTES >= 64
+    case 3: quad_micro<Acc, MR, 3>(D, x, ldx, aT, bT, ldk, Q, ldq); break;
+    case 4: quad_micro<Acc, MR, 4>(D, x, ldx, aT, bT, ldk, Q, ldq); break;
+#endif
+    default: break;
+  }
+}
+
+template <class Acc>
+void quad(int64_t rows, int64_t nvec, int64_t D, const Acc* x, int64_t ldx, const Acc* aT, const Acc* bT,
+          int64_t ldk, Acc* Q, int64_t ldq) {
+  constexpr int W = Simd<Acc>::W;
+  for (int64_t i0 = 0; i0 < rows; i0 += kQuadMR) {
+    const int mr = static_cast<int>(std::min<int64_t>(kQuadMR, rows - i0));
+    for (int64_t v0 = 0; v0 < nvec; v0 += kQuadNV) {
+      const int nv = static_cast<int>(std::min<int64_t>(kQuadNV, nvec - v0));
+      const Acc* xi = x + i0 * ldx;
+      Acc* Qi = Q + i0 * ldq + v0 * W;
+      const Acc* a = aT + v0 * W;
+      const Acc* bb = bT + v0 * W;
+      switch (mr) {
+        case 4: quad_micro_nv<Acc, 4>(nv, D, xi, ldx, a, bb, ldk, Qi, ldq); break;
+        case 3: quad_micro_nv<Acc, 3>(nv, D, xi, ldx, a, bb, ldk, Qi, ldq); break;
+        case 2: quad_micro_nv<Acc, 2>(nv, D, xi, ldx, a, bb, ldk, Qi, ldq); break;
+        default: quad_micro_nv<Acc, 1>(nv, D, xi, ldx, a, bb, ldk, Qi, ldq); break;
+      }
+    }
+  }
+}
+
+template <class Acc>
+struct GuardConst;
+template <>
+struct GuardConst<float> {
+  static constexpr float kHuge = 1e14f;  // Q * B beyond this: error ~ eps * sqrt(Q B) > 1
+};
+template <>
+struct GuardConst<double> {
+  static constexpr double kHuge = 1e30;
+};
+
+// In place over one row: Q (Kp) -> gamma = softmax(ln0 - 0.5 Q). With `check`, first verifies
+// the error bound of the centred form (see the top of the file) and returns false, leaving Q
+// untouched, when a component that matters might be inaccurate.
+template <class Acc>
+bool softmax_row(Acc* row, const Acc* ln0, const Acc* lmax, const Acc* mk, Acc xn, Acc Dd, int64_t nvec,
+                 bool check) {
+  using V = VecT<Acc>;
+  constexpr int W = Simd<Acc>::W;
+  V mv = splat<Acc>(-std::numeric_limits<Acc>::infinity());
+  for (int64_t v = 0; v < nvec; ++v) mv = vmax<Acc>(mv, loadu(ln0 + v * W) - Acc(0.5) * loadu(row + v * W));
+  const Acc smax = hmax<Acc>(mv);
+  if (check) {
+    const V floor = splat<Acc>(smax - Acc(64));
+    const V huge = splat<Acc>(GuardConst<Acc>::kHuge);
+    typename Simd<Acc>::I bad{};
+    for (int64_t v = 0; v < nvec; ++v) {
+      const V q = loadu(row + v * W);
+      const V s = loadu(ln0 + v * W) - Acc(0.5) * q;
+      const V bnd = xn * loadu(lmax + v * W) + Acc(4) * loadu(mk + v * W);
+      bad |= (bnd > Acc(4) * (q + Dd)) & ((s > floor) | (q * bnd > huge));
+    }
+    for (int l = 0; l < W; ++l) {
+      if (bad[l]) return false;
+    }
+  }
+  V sum{};
+  for (int64_t v = 0; v < nvec; ++v) {
+    const V e = exp_nonpositive((loadu(ln0 + v * W) - Acc(0.5) * loadu(row + v * W)) - smax);
+    storeu(row + v * W, e);
+    sum += e;
+  }
+  const V inv = splat<Acc>(Acc(1) / hsum<Acc>(sum));
+  for (int64_t v = 0; v < nvec; ++v) storeu(row + v * W, loadu(row + v * W) * inv);
+  return true;
+}
+
+// Direct form on the raw row: Q[k] = sum_d lam (x - mu)^2 (the guard's fallback), summing four
+// dimensions at a time before accumulating (a shorter chain of roundings).
+template <class Acc>
+void direct_row(const Head<Acc>& hd, const Acc* x, Acc* Q) {
+  const int64_t Kp = hd.Kp, D = hd.D;
+  std::fill(Q, Q + Kp, Acc(0));
+  int64_t d = 0;
+  for (; d + 4 <= D; d += 4) {
+    const Acc x0 = x[d], x1 = x[d + 1], x2 = x[d + 2], x3 = x[d + 3];
+    const Acc* m = hd.muT.data() + d * Kp;
+    const Acc* l = hd.lamT.data() + d * Kp;
+#pragma omp simd
+    for (int64_t k = 0; k < Kp; ++k) {
+      const Acc e0 = x0 - m[k], e1 = x1 - m[Kp + k], e2 = x2 - m[2 * Kp + k], e3 = x3 - m[3 * Kp + k];
+      Q[k] += (l[k] * e0 * e0 + l[Kp + k] * e1 * e1) + (l[2 * Kp + k] * e2 * e2 + l[3 * Kp + k] * e3 * e3);
+    }
+  }
+  for (; d < D; ++d) {
+    const Acc xd = x[d];
+    const Acc* m = hd.muT.data() + d * Kp;
+    const Acc* l = hd.lamT.data() + d * Kp;
+#pragma omp simd
+    for (int64_t k = 0; k < Kp; ++k) {
+      const Acc e = xd - m[k];
+      Q[k] += l[k] * e * e;
+    }
+  }
+}
+
+// gamma (C x Kp) = responsibilities of the raw rows x (C x Dp, n valid); rows with keep[r] == 0
+// and rows >= n are zero.
+template <class Acc>
+void responsibilities(const Head<Acc>& hd, const Shape& s, Workspace<Acc>& w, const Acc* x, int64_t n,
+                      Acc* gamma, const uint8_t* keep) {
+  using V = VecT<Acc>;
+  constexpr int W = Simd<Acc>::W;
+  const int64_t Dp = s.Dp, Kp = s.Kp, D = s.D, C = s.C;
+  // Centre the chunk: cen = mean of the rows, xc = x - cen, xn = |xc|^2.
+  const int64_t dvec = Dp / W;
+  Acc* cen = w.cen;
+  const Acc inv_n = Acc(1) / static_cast<Acc>(n);
+  for (int64_t v = 0; v < dvec; ++v) {
+    V acc{};
+    for (int64_t r = 0; r < n; ++r) acc += loadu(x + r * Dp + v * W);
+    acc *= inv_n;
+    // A NaN or Inf row must poison only its own responsibilities: centre on 0 where the mean
+    // is not finite (any centre is exact math; it only matters for rounding).
+    const V big = splat<Acc>(std::numeric_limits<Acc>::max());
+    acc = (acc >= -big && acc <= big) ? acc : V{};
+    storeu(cen + v * W, acc);
+  }
+  for (int64_t r = 0; r < n; ++r) {
+    V ss{};
+    for (int64_t v = 0; v < dvec; ++v) {
+      const V c = loadu(x + r * Dp + v * W) - loadu(cen + v * W);
+      storeu(w.xc + r * Dp + v * W, c);
+      ss += c * c;
+    }
+    w.xn[r] = hsum<Acc>(ss);
+  }
+  // bT = a (mu - cen), mk = |bT_k|^2 = sum_d lam (mu - cen)^2.
+  const int64_t nvec = Kp / W;
+  for (int64_t v = 0; v < nvec; ++v) {
+    V m{};
+    for (int64_t d = 0; d < D; ++d) {
+      const V b = loadu(hd.aT.data() + d * Kp + v * W) * (loadu(hd.muT.data() + d * Kp + v * W) - cen[d]);
+      storeu(w.bT + d * Kp + v * W, b);
+      m += b * b;
+    }
+    storeu(w.mk + v * W, m);
+  }
+  for (int64_t d = D; d < Dp; ++d) std::fill(w.bT + d * Kp, w.bT + (d + 1) * Kp, Acc(0));
+  quad(n, nvec, Dp, w.xc, Dp, hd.aT.data(), w.bT, Kp, gamma, Kp);
+  // The per-element guard B <= 4 (Q + D) holds for every row and component when B <= 4 D:
+  // check element by element only when the chunk's bound max_r xn * max_k lmax + 4 max_k mk
+  // exceeds that.
+  const Acc Dd = static_cast<Acc>(D);
+  Acc xn_max = 0, mk_max = 0;
+  for (int64_t r = 0; r < n; ++r) xn_max = std::max(xn_max, w.xn[r]);
+  for (int64_t k = 0; k < s.K; ++k) mk_max = std::max(mk_max, w.mk[k]);
+  const bool check = !(xn_max * hd.lmax_all + Acc(4) * mk_max <= Acc(4) * Dd);
+  for (int64_t r = 0; r < n; ++r) {
+    Acc* row = gamma + r * Kp;
+    if (keep && !keep[r]) {
+      std::fill(row, row + Kp, Acc(0));
+      continue;
+    }
+    if (!softmax_row(row, hd.ln0.data(), hd.lmax.data(), w.mk, w.xn[r], Dd, nvec, check)) {
+      direct_row(hd, x + r * Dp, row);
+      softmax_row(row, hd.ln0.data(), hd.lmax.data(), w.mk, w.xn[r], Dd, nvec, false);
+    }
+  }
+  if (C > n) std::fill(gamma + n * Kp, gamma + C * Kp, Acc(0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward through the responsibilities
+
+// ds = gamma * (dgamma - sum_k gamma dgamma), in place over dgamma (rows x Kp), in a form that
+// does not lean on gamma near 1: with a the row's largest responsibility, the mean is
+// dgamma_a + sum_{l != a} gamma_l (dgamma_l - dgamma_a), ds_l = gamma_l (dgamma_l - mean) for
+// l != a, and ds_a = -sum_{l != a} ds_l (rows of ds sum to zero). For peaked routing (tiny
+// variances) the rounded gamma_a ~ 1 leaves 1 - gamma_a, hence ds_a, poorly determined; the
+// small responsibilities carry their full relative precision. Rows with gamma = 0 (masked keys)
+// give ds = 0.
+template <class Acc>
+void softmax_backward(const Acc* gamma, Acc* dgamma, int64_t rows, int64_t K, int64_t Kp) {
+  using V = VecT<Acc>;
+  constexpr int W = Simd<Acc>::W;
+  for (int64_t r = 0; r < rows; ++r) {
+    const Acc* g = gamma + r * Kp;
+    Acc* dg = dgamma + r * Kp;
+    int64_t a = 0;
+    for (int64_t k = 1; k < K; ++k) a = g[k] > g[a] ? k : a;
+    const Acc dga = dg[a];
+    if (g[a] == Acc(0)) {
+      std::fill(dg, dg + Kp, Acc(0));
+      continue;
+    }
+    V acc{};
+    for (int64_t k = 0; k < Kp; k += W) acc += loadu(g + k) * (loadu(dg + k) - dga);  // the a term is 0
+    const Acc mean_off = hsum<Acc>(acc);                                                 // mean - dgamma_a
+    for (int64_t k = 0; k < Kp; k += W) storeu(dg + k, loadu(g + k) * ((loadu(dg + k) - dga) - mean_off));
+    dg[a] = Acc(0);
+    V tot{};
+    for (int64_t k = 0; k < Kp; k += W) tot += loadu(dg + k);
+    dg[a] = -hsum<Acc>(tot);
+  }
+}
+
+// For components [k0, k0+KT): dx (n x Dp) -= sum_k ds lam (x - mu) (dx overwritten when `first`),
+// t1[k] += sum_i ds (x - mu), t2[k] += sum_i ds (x - mu)^2 (per dimension). Direct form: exact
+// up to rounding whatever |x|.
+template <class Acc, int KT>
+void density_tile(int64_t n, int64_t Dp, const Acc* x, const Acc* ds, int64_t Kp, int64_t k0, const Acc* mu,
+                  const Acc* lam, Acc* dx, Acc* t1, Acc* t2, bool first) {
+  using V = VecT<Acc>;
+  constexpr int W = Simd<Acc>::W;
+  for (int64_t d0 = 0; d0 < Dp; d0 += W) {
+    V m[KT], l[KT], T1[KT], T2[KT];
+#pragma GCC unroll 8
+    for (int kk = 0; kk < KT; ++kk) {
+      m[kk] = loadu(mu + (k0 + kk) * Dp + d0);
+      l[kk] = loadu(lam + (k0 + kk) * Dp + d0);
+      T1[kk] = V{};
+      T2[kk] = V{};
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const V xv = loadu(x + i * Dp + d0);
+      V acc = first ? V{} : loadu(dx + i * Dp + d0);
+      const Acc* dsi = ds + i * Kp + k0;
+#pragma GCC unroll 8
+      for (int kk = 0; kk < KT; ++kk) {
+        const V wv = splat(dsi[kk]);
+        const V diff = xv - m[kk];
+        const V wd = wv * diff;
+        T1[kk] += wd;
+        T2[kk] += wd * diff;
+        acc -= wd * l[kk];
+      }
+      storeu(dx + i * Dp + d0, acc);
+    }
+#pragma GCC unroll 8
+    for (int kk = 0; kk < KT; ++kk) {
+      Acc* p1 = t1 + (k0 + kk) * Dp + d0;
+      Acc* p2 = t2 + (k0 + kk) * Dp + d0;
+      storeu(p1, loadu(p1) + T1[kk]);
+      storeu(p2, loadu(p2) + T2[kk]);
+    }
+  }
+}
+
+// Per-task parameter sums: t1, t2 (K x Dp), ds_sum (Kp).
 template <class Acc>
 struct ParamSums {
   Acc* t1;
@@ -201,207 +663,213 @@ struct ParamSums {
   Acc* ds_sum;
 };
 
-// From ds (rows x K, the gradient of the log-densities) and x (rows x D): dx (rows x D), and the
-// row sums of the parameter gradients, added to `sums`.
 template <class Acc>
-void density_backward(const Mixture<Acc>& mix, const Acc* x, const Acc* ds, int64_t rows, Acc* dx,
+void density_backward(const Head<Acc>& hd, const Shape& s, const Acc* x, const Acc* ds, int64_t n, Acc* dx,
                       ParamSums<Acc> sums) {
-  const int64_t K = mix.K, D = mix.D;
-  for (int64_t r = 0; r < rows; ++r) {
-    Acc* dxr = dx + r * D;
-    std::fill(dxr, dxr + D, Acc(0));
-    const Acc* xr = x + r * D;
-    for (int64_t k = 0; k < K; ++k) {
-      const Acc w = ds[r * K + k];
-      if (w == Acc(0)) continue;
-      sums.ds_sum[k] += w;
-      const Acc* mu_k = mix.mu.data() + k * D;
-      const Acc* lam_k = mix.lam.data() + k * D;
-      Acc* t1 = sums.t1 + k * D;
-      Acc* t2 = sums.t2 + k * D;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) {
-        const Acc diff = xr[d] - mu_k[d];
-        const Acc wd = w * diff;
-        t1[d] += wd;
-        t2[d] += wd * diff;
-        dxr[d] -= wd * lam_k[d];
-      }
-    }
+  const int64_t K = s.K, Kp = s.Kp, Dp = s.Dp;
+  int64_t k0 = 0;
+  for (; k0 + kDensKT <= K; k0 += kDensKT) {
+    density_tile<Acc, kDensKT>(n, Dp, x, ds, Kp, k0, hd.mu.data(), hd.lam.data(), dx, sums.t1, sums.t2, k0 == 0);
   }
-}
-
-// ds = gamma * (dgamma - sum_k gamma dgamma), in place over dgamma.
-template <class Acc>
-void softmax_backward(const Acc* gamma, Acc* dgamma, int64_t rows, int64_t K) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const Acc* g = gamma + r * K;
-    Acc* dg = dgamma + r * K;
-    Acc dot = 0;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t k = 0; k < K; ++k) dot += g[k] * dg[k];
-#pragma omp simd
-    for (int64_t k = 0; k < K; ++k) dg[k] = g[k] * (dg[k] - dot);
+  for (; k0 < K; ++k0) {
+    density_tile<Acc, 1>(n, Dp, x, ds, Kp, k0, hd.mu.data(), hd.lam.data(), dx, sums.t1, sums.t2, k0 == 0);
   }
-}
-
-// Zero the strict upper triangle of a square n x n block with leading dimension ld.
-template <class Acc>
-void keep_lower(Acc* a, int64_t n, int64_t ld) {
-  for (int64_t i = 0; i < n; ++i) std::fill(a + i * ld + i + 1, a + i * ld + n, Acc(0));
-}
-
-// z (K) += column sums of g (rows x K)
-template <class Acc>
-void add_column_sums(const Acc* g, int64_t rows, int64_t K, Acc* z) {
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = 0; r < n; ++r) {
 #pragma omp simd
-    for (int64_t k = 0; k < K; ++k) z[k] += g[r * K + k];
+    for (int64_t k = 0; k < Kp; ++k) sums.ds_sum[k] += ds[r * Kp + k];
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Per-thread buffers, sized once per call (no allocation inside the chunk loops).
+// Chunk-level pieces shared by forward and backward
 
+// Zero the strict upper triangle of the first n rows of a C x C block.
 template <class Acc>
-struct Workspace {
-  Acc *xq, *xk, *v, *g, *o;            // C x D, C x D, C x Dv, C x Dv (dout), C x Dv (out)
-  Acc *gq, *gk, *gkT, *gqT;            // C x K, C x K, K x C, K x C
-  Acc *A, *Bm, *T;                     // C x C (affinity, read-gradient matrix, transposes)
-  Acc *num, *dnum, *vT, *den, *dden;   // C x Dv, C x Dv, Dv x C, C, C
-  Acc *dgq, *dgk, *dx;                 // C x K, C x K, C x max(D)
-  Acc *S, *z, *ST, *dS, *dz, *dST;     // K x Dv, K, Dv x K, K x Dv, K, Dv x K
-  std::vector<Acc> storage;
+void keep_lower(Acc* a, int64_t n, int64_t C) {
+  for (int64_t i = 0; i < n; ++i) std::fill(a + i * C + i + 1, a + i * C + C, Acc(0));
+}
 
-  Workspace(int64_t C, int64_t K, int64_t D, int64_t Dv) {
-    const int64_t sizes[] = {C * D, C * D, C * Dv, C * Dv, C * Dv, C * K, C * K, K * C, K * C, C * C, C * C, C * C,
-                             C * Dv, C * Dv, Dv * C, C, C, C * K, C * K, C * D, K * Dv, K, Dv * K, K * Dv, K, Dv * K};
-    Acc** slots[] = {&xq, &xk, &v, &g, &o, &gq, &gk, &gkT, &gqT, &A, &Bm, &T, &num, &dnum, &vT, &den, &dden,
-                     &dgq, &dgk, &dx, &S, &z, &ST, &dS, &dz, &dST};
-    int64_t total = 0;
-    for (int64_t s : sizes) total += (s + 15) / 16 * 16;  // keep each slot 64-byte aligned in float
-    storage.assign(total, Acc(0));
-    int64_t off = 0;
-    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); ++i) {
-      *slots[i] = storage.data() + off;
-      off += (sizes[i] + 15) / 16 * 16;
-    }
+// S (Kp x Dvp) += gamma^T V, z += gamma^T 1 over n rows.
+template <class Acc>
+void state_update(const Shape& s, const Acc* gamma, const Acc* v, int64_t n, Acc* S, Acc* z) {
+  constexpr int W = Simd<Acc>::W;
+  gemm(s.K, s.Dvp / W, n, gamma, 1, s.Kp, v, s.Dvp, S, s.Dvp, true);
+  for (int64_t r = 0; r < n; ++r) {
+#pragma omp simd
+    for (int64_t k = 0; k < s.Kp; ++k) z[k] += gamma[r * s.Kp + k];
   }
-};
-
-inline int thread_count(int requested, int64_t tasks) {
-  int n = requested > 0 ? requested : omp_get_max_threads();
-  if (n < 1) n = 1;
-  if (tasks < n) n = static_cast<int>(tasks);
-  return n;
 }
 
 template <class Acc>
-std::vector<Mixture<Acc>> build_mixtures(const View& mu, const View& omega, const View& alpha, const Dims& d,
-                                         double sigma_eps) {
-  std::vector<Mixture<Acc>> mix(d.H);
-  for (int64_t h = 0; h < d.H; ++h) mix[h].build(mu, omega, alpha, h, d.K, d.D, sigma_eps);
-  return mix;
+inline Acc row_sum(const Acc* a, int64_t n) {
+  Acc r = 0;
+#pragma omp simd reduction(+ : r)
+  for (int64_t j = 0; j < n; ++j) r += a[j];
+  return r;
 }
 
-// keep[r] for rows [row0, row0+rows) of batch b; nullptr when there is no mask.
-inline const uint8_t* mask_rows(const View& mask, int64_t b, int64_t row0, int64_t rows, uint8_t* buf) {
-  if (!mask.present()) return nullptr;
-  for (int64_t r = 0; r < rows; ++r) buf[r] = *at<const uint8_t>(mask, b, row0 + r) != 0;
-  return buf;
+template <class Acc>
+inline Acc dot(const Acc* a, const Acc* b, int64_t n) {
+  using V = VecT<Acc>;
+  constexpr int W = Simd<Acc>::W;
+  V acc{};
+  for (int64_t i = 0; i < n; i += W) acc += loadu(a + i) * loadu(b + i);
+  return hsum<Acc>(acc);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Forward
 
 template <class T, class Acc>
-void forward_pair(const ForwardArgs& a, const Mixture<Acc>& mix, int64_t b, int64_t h, Workspace<Acc>& w) {
-  const Dims& d = a.dims;
-  const int64_t N = d.N, K = d.K, D = d.D, Dv = d.Dv, C = kChunk;
+void forward_typed(const ForwardArgs& a) {
+  constexpr int W = Simd<Acc>::W;
+  const Shape s = Shape::make<Acc>(a.dims);
+  const int64_t N = s.N, K = s.K, D = s.D, Dv = s.Dv, Kp = s.Kp, Dp = s.Dp, Dvp = s.Dvp, C = s.C;
+  const int64_t SS = Kp * Dvp;
+  const Plan pl = make_plan(s.B, s.H, s.nchunks, a.opt.num_threads);
+  const int64_t G = pl.group;
+  const bool causal = a.opt.causal, save = a.gq.present();
   const Acc eps = static_cast<Acc>(a.opt.eps);
-  const bool save = a.gq.present();
-  uint8_t keep_buf[kChunk];
-  read_state(a.S0, a.z0, b, h, K, Dv, w.S, w.z);
 
-  // write: S += Gk^T V, z += Gk^T 1 for one chunk whose Gk is in w.gk and values in w.v
-  auto write_state_chunk = [&](int64_t n) {
-    transpose(n, K, w.gk, K, w.gkT, C);
-    gemm(K, Dv, n, w.gkT, C, w.v, Dv, w.S, Dv, true);
-    add_column_sums(w.gk, n, K, w.z);
+  std::vector<Head<Acc>> heads(s.H);
+  build_heads(heads, a.mu, a.omega, a.alpha, s, a.opt.sigma_eps, pl.nt);
+  std::vector<Workspace<Acc>> ws;
+  ws.reserve(pl.nt);
+  for (int t = 0; t < pl.nt; ++t) ws.emplace_back(s, G);
+
+  const bool two_pass = !causal || pl.segs > 1;
+  std::vector<Acc> seg_S(two_pass ? pl.lanes * SS : 0), seg_z(two_pass ? pl.lanes * Kp : 0);
+  // Causal, cut into segments: pass 2 reuses the key responsibilities of pass 1, from the saved
+  // output when there is one, else from this buffer.
+  std::vector<Acc> gk_store(causal && pl.segs > 1 && !save ? s.B * s.H * N * Kp : 0);
+
+  auto route_keys = [&](Workspace<Acc>& w, const Head<Acc>& hd, int64_t b, int64_t h, int64_t row0, int64_t n) {
+    gather_rows<T>(a.k, b, h, row0, n, D, w.xk, Dp, C);
+    gather_rows<T>(a.v, b, h, row0, n, Dv, w.v, Dvp, C);
+    responsibilities(hd, s, w, w.xk, n, w.gk, mask_rows(a.mask, b, row0, n, w.keep));
   };
-  // read: out = (Gq S [+ A V]) / (Gq z [+ rowsum A] + eps) for a chunk whose Gq is in w.gq
-  auto read_out = [&](int64_t row0, int64_t n, bool intra) {
-    gemm(n, Dv, K, w.gq, K, w.S, Dv, w.num, Dv, false);
-    for (int64_t i = 0; i < n; ++i) {
-      Acc den = 0;
-      for (int64_t k = 0; k < K; ++k) den += w.gq[i * K + k] * w.z[k];
-      if (intra) {
-        for (int64_t j = 0; j <= i; ++j) den += w.A[i * C + j];
+  auto route_queries = [&](Workspace<Acc>& w, const Head<Acc>& hd, int64_t b, int64_t h, int64_t row0, int64_t n) {
+    gather_rows<T>(a.q, b, h, row0, n, D, w.xq, Dp, C);
+    responsibilities(hd, s, w, w.xq, n, w.gq, nullptr);
+  };
+
+  // Pass 1: key responsibilities and each lane's state sums.
+  if (two_pass) {
+#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
+    for (int64_t task = 0; task < pl.tasks; ++task) {
+      int64_t b, h0, sg;
+      pl.task(task, b, h0, sg);
+      Workspace<Acc>& w = ws[omp_get_thread_num()];
+      for (int64_t l = 0; l < G; ++l) {
+        const int64_t ln = pl.lane(b, h0 + l, sg);
+        std::fill(seg_S.begin() + ln * SS, seg_S.begin() + (ln + 1) * SS, Acc(0));
+        std::fill(seg_z.begin() + ln * Kp, seg_z.begin() + (ln + 1) * Kp, Acc(0));
       }
-      w.den[i] = den + eps;
-    }
-    if (intra) gemm(n, Dv, n, w.A, C, w.v, Dv, w.num, Dv, true);
-    for (int64_t i = 0; i < n; ++i) {
-      const Acc inv = Acc(1) / w.den[i];
-      for (int64_t e = 0; e < Dv; ++e) w.num[i * Dv + e] *= inv;
-    }
-    scatter_rows<T>(a.out, b, h, row0, n, Dv, w.num);
-    if (save) {
-      write_saved(a.gq, b, h, row0, n, K, w.gq);
-      write_den(a.den, b, h, row0, n, w.den);
-    }
-  };
-  auto route_keys = [&](int64_t row0, int64_t n) {
-    gather_rows<T>(a.k, b, h, row0, n, D, w.xk);
-    gather_rows<T>(a.v, b, h, row0, n, Dv, w.v);
-    mix.responsibilities(w.xk, n, w.gk, mask_rows(a.mask, b, row0, n, keep_buf));
-    if (save) write_saved(a.gk, b, h, row0, n, K, w.gk);
-  };
-  auto route_queries = [&](int64_t row0, int64_t n) {
-    gather_rows<T>(a.q, b, h, row0, n, D, w.xq);
-    mix.responsibilities(w.xq, n, w.gq, nullptr);
-  };
-
-  if (a.opt.causal) {
-    for (int64_t row0 = 0; row0 < N; row0 += C) {
-      const int64_t n = std::min(C, N - row0);
-      route_keys(row0, n);
-      route_queries(row0, n);
-      // intra-chunk affinity A = tril(Gq Gk^T)
-      transpose(n, K, w.gk, K, w.gkT, C);
-      gemm(n, n, K, w.gq, K, w.gkT, C, w.A, C, false);
-      keep_lower(w.A, n, C);
-      read_out(row0, n, true);
-      write_state_chunk(n);
-    }
-  } else {
-    for (int64_t row0 = 0; row0 < N; row0 += C) {
-      const int64_t n = std::min(C, N - row0);
-      route_keys(row0, n);
-      write_state_chunk(n);
-    }
-    for (int64_t row0 = 0; row0 < N; row0 += C) {
-      const int64_t n = std::min(C, N - row0);
-      route_queries(row0, n);
-      read_out(row0, n, false);
+      for (int64_t c = pl.first(sg); c < pl.last(sg); ++c) {
+        const int64_t row0 = c * C, n = std::min(C, N - row0);
+        for (int64_t h = h0; h < h0 + G; ++h) {
+          const int64_t ln = pl.lane(b, h, sg);
+          route_keys(w, heads[h], b, h, row0, n);
+          if (save) {
+            write_saved(a.gk, b, h, row0, n, K, w.gk, Kp);
+          } else if (!gk_store.empty()) {
+            std::memcpy(gk_store.data() + ((b * s.H + h) * N + row0) * Kp, w.gk, n * Kp * sizeof(Acc));
+          }
+          state_update(s, w.gk, w.v, n, seg_S.data() + ln * SS, seg_z.data() + ln * Kp);
+        }
+      }
     }
   }
-  write_state(a.S_final, a.z_final, b, h, K, Dv, w.S, w.z);
-}
 
-template <class T, class Acc>
-void forward_typed(const ForwardArgs& a) {
-  const Dims& d = a.dims;
-  const auto mix = build_mixtures<Acc>(a.mu, a.omega, a.alpha, d, a.opt.sigma_eps);
-  const int64_t pairs = d.B * d.H;
-  const int nt = thread_count(a.opt.num_threads, pairs);
-  std::vector<Workspace<Acc>> ws;
-  ws.reserve(nt);
-  for (int t = 0; t < nt; ++t) ws.emplace_back(kChunk, d.K, d.D, d.Dv);
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-  for (int64_t p = 0; p < pairs; ++p) {
-    const int64_t b = p / d.H, h = p % d.H;
-    forward_pair<T, Acc>(a, mix[h], b, h, ws[omp_get_thread_num()]);
+  // Starting state of every lane: causal, the initial state plus the sums of the segments
+  // before; bidirectional, the initial state plus all the sums (the state every query reads).
+  std::vector<Acc> start_S(pl.lanes * SS), start_z(pl.lanes * Kp);
+  for (int64_t b = 0; b < s.B; ++b) {
+    for (int64_t h = 0; h < s.H; ++h) {
+      std::vector<Acc> runS(SS), runz(Kp);
+      read_state(a.S0, a.z0, b, h, K, Dv, Kp, Dvp, runS.data(), runz.data());
+      if (!causal) {
+        for (int64_t sg = 0; sg < pl.segs; ++sg) {
+          const int64_t ln = pl.lane(b, h, sg);
+          for (int64_t i = 0; i < SS; ++i) runS[i] += seg_S[ln * SS + i];
+          for (int64_t i = 0; i < Kp; ++i) runz[i] += seg_z[ln * Kp + i];
+        }
+        write_state(a.S_final, a.z_final, b, h, K, Dv, Dvp, runS.data(), runz.data());
+      }
+      for (int64_t sg = 0; sg < pl.segs; ++sg) {
+        const int64_t ln = pl.lane(b, h, sg);
+        std::copy(runS.begin(), runS.end(), start_S.begin() + ln * SS);
+        std::copy(runz.begin(), runz.end(), start_z.begin() + ln * Kp);
+        if (causal && two_pass) {
+          for (int64_t i = 0; i < SS; ++i) runS[i] += seg_S[ln * SS + i];
+          for (int64_t i = 0; i < Kp; ++i) runz[i] += seg_z[ln * Kp + i];
+        }
+      }
+    }
+  }
+
+  // Pass 2: queries read the state (and, causal, the chunk itself), the state moves on.
+#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
+  for (int64_t task = 0; task < pl.tasks; ++task) {
+    int64_t b, h0, sg;
+    pl.task(task, b, h0, sg);
+    Workspace<Acc>& w = ws[omp_get_thread_num()];
+    for (int64_t l = 0; l < G; ++l) {
+      const int64_t ln = pl.lane(b, h0 + l, sg);
+      std::copy(start_S.begin() + ln * SS, start_S.begin() + (ln + 1) * SS, w.lS.begin() + l * SS);
+      std::copy(start_z.begin() + ln * Kp, start_z.begin() + (ln + 1) * Kp, w.lz.begin() + l * Kp);
+    }
+    for (int64_t c = pl.first(sg); c < pl.last(sg); ++c) {
+      const int64_t row0 = c * C, n = std::min(C, N - row0);
+      const int64_t ncv = round_up(n, W) / W;  // vectors spanning the chunk's columns
+      for (int64_t l = 0; l < G; ++l) {
+        const int64_t h = h0 + l;
+        const Head<Acc>& hd = heads[h];
+        Acc* S = w.lS.data() + l * SS;
+        Acc* z = w.lz.data() + l * Kp;
+        route_queries(w, hd, b, h, row0, n);
+        // num = Gq S, den = Gq z (+ eps below)
+        gemm(n, Dvp / W, K, w.gq, Kp, 1, S, Dvp, w.num, Dvp, false);
+        for (int64_t i = 0; i < n; ++i) w.den[i] = dot(w.gq + i * Kp, z, Kp);
+        if (causal) {
+          if (pl.segs > 1) {
+            gather_rows<T>(a.v, b, h, row0, n, Dv, w.v, Dvp, C);
+            if (save) {
+              read_saved(a.gk, b, h, row0, n, K, w.gk, Kp, C);
+            } else {
+              std::memcpy(w.gk, gk_store.data() + ((b * s.H + h) * N + row0) * Kp, n * Kp * sizeof(Acc));
+              std::fill(w.gk + n * Kp, w.gk + C * Kp, Acc(0));
+            }
+          } else {
+            route_keys(w, hd, b, h, row0, n);
+            if (save) write_saved(a.gk, b, h, row0, n, K, w.gk, Kp);
+          }
+          // Intra-chunk: A = tril(Gq Gk^T); num += A V, den += rowsum(A).
+          transpose(C, Kp, w.gk, Kp, w.gkT, C);
+          gemm(n, ncv, Kp, w.gq, Kp, 1, w.gkT, C, w.A, C, false, Tri::kOutLower);
+          keep_lower(w.A, n, C);
+          gemm(n, Dvp / W, n, w.A, C, 1, w.v, Dvp, w.num, Dvp, true, Tri::kDepthLower);
+          for (int64_t i = 0; i < n; ++i) w.den[i] += row_sum(w.A + i * C, i + 1);
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          w.den[i] += eps;
+          const Acc inv = Acc(1) / w.den[i];
+#pragma omp simd
+          for (int64_t e = 0; e < Dvp; ++e) w.num[i * Dvp + e] *= inv;
+        }
+        scatter_rows<T>(a.out, b, h, row0, n, Dv, w.num, Dvp);
+        if (save) {
+          write_saved(a.gq, b, h, row0, n, K, w.gq, Kp);
+          write_den(a.den, b, h, row0, n, w.den);
+        }
+        if (causal) state_update(s, w.gk, w.v, n, S, z);
+      }
+    }
+    if (causal && sg == pl.segs - 1) {
+      for (int64_t l = 0; l < G; ++l) {
+        write_state(a.S_final, a.z_final, b, h0 + l, K, Dv, Dvp, w.lS.data() + l * SS, w.lz.data() + l * Kp);
+      }
+    }
   }
 }
 
@@ -409,175 +877,270 @@ void forward_typed(const ForwardArgs& a) {
 // Backward
 
 template <class T, class Acc>
-void backward_pair(const BackwardArgs& a, const Mixture<Acc>& mix, int64_t b, int64_t h, Workspace<Acc>& w,
-                   ParamSums<Acc> sums) {
-  const Dims& d = a.dims;
-  const int64_t N = d.N, K = d.K, D = d.D, Dv = d.Dv, C = kChunk;
+void backward_typed(const BackwardArgs& a) {
+  constexpr int W = Simd<Acc>::W;
+  const Shape s = Shape::make<Acc>(a.dims);
+  const int64_t N = s.N, K = s.K, D = s.D, Dv = s.Dv, Kp = s.Kp, Dp = s.Dp, Dvp = s.Dvp, C = s.C;
+  const int64_t SS = Kp * Dvp;
+  const Plan pl = make_plan(s.B, s.H, s.nchunks, a.opt.num_threads);
+  const int64_t G = pl.group;
+  const bool causal = a.opt.causal;
 
-  // Loads saved Gq, Gk, den and the chunk's v, out, dout; forms dnum = g/den and
-  // dden = -(g . out)/den.
-  auto load_chunk = [&](int64_t row0, int64_t n) {
-    read_saved(a.gq, b, h, row0, n, K, w.gq);
-    read_saved(a.gk, b, h, row0, n, K, w.gk);
+  std::vector<Head<Acc>> heads(s.H);
+  build_heads(heads, a.mu, a.omega, a.alpha, s, a.opt.sigma_eps, pl.nt);
+  std::vector<Workspace<Acc>> ws;
+  ws.reserve(pl.nt);
+  for (int t = 0; t < pl.nt; ++t) ws.emplace_back(s, G);
+
+  // One slot of parameter sums per lane, reduced in a fixed order at the end.
+  const int64_t slot = 2 * K * Dp + Kp;
+  std::vector<Acc> partial(pl.lanes * slot, Acc(0));
+  auto sums_of = [&](int64_t lane) {
+    Acc* base = partial.data() + lane * slot;
+    return ParamSums<Acc>{base, base + K * Dp, base + 2 * K * Dp};
+  };
+
+  // Causal: dden of every row, from the forward scan to the reverse scan (which then does not
+  // read `out` again).
+  std::vector<Acc> dden_store(causal ? s.B * s.H * N : 0);
+  // Saved Gq, Gk, den and the chunk's v, out, dout; dnum = g / den, dden = -(g . out) / den.
+  // With `dden_in`, dden is read from there instead of computed from `out`.
+  auto load_chunk = [&](Workspace<Acc>& w, int64_t b, int64_t h, int64_t row0, int64_t n,
+                        const Acc* dden_in = nullptr) {
+    read_saved(a.gq, b, h, row0, n, K, w.gq, Kp, C);
+    read_saved(a.gk, b, h, row0, n, K, w.gk, Kp, C);
     read_den(a.den, b, h, row0, n, w.den);
-    gather_rows<T>(a.v, b, h, row0, n, Dv, w.v);
-    gather_rows<T>(a.out, b, h, row0, n, Dv, w.o);
-    gather_rows<T>(a.dout, b, h, row0, n, Dv, w.g);
+    gather_rows<T>(a.v, b, h, row0, n, Dv, w.v, Dvp, C);
+    gather_rows<T>(a.dout, b, h, row0, n, Dv, w.g, Dvp, C);
+    if (dden_in == nullptr) gather_rows<T>(a.out, b, h, row0, n, Dv, w.o, Dvp, C);
     for (int64_t i = 0; i < n; ++i) {
       const Acc inv = Acc(1) / w.den[i];
-      Acc dot = 0;
-      for (int64_t e = 0; e < Dv; ++e) {
-        w.dnum[i * Dv + e] = w.g[i * Dv + e] * inv;
-        dot += w.g[i * Dv + e] * w.o[i * Dv + e];
-      }
-      w.dden[i] = -dot * inv;
+#pragma omp simd
+      for (int64_t e = 0; e < Dvp; ++e) w.dnum[i * Dvp + e] = w.g[i * Dvp + e] * inv;
+      w.dden[i] = dden_in ? dden_in[i] : -dot(w.g + i * Dvp, w.o + i * Dvp, Dvp) * inv;
     }
-  };
-  // Queries: dGq -> ds (softmax backward) -> dq and parameter sums.
-  auto finish_queries = [&](int64_t row0, int64_t n) {
-    softmax_backward(w.gq, w.dgq, n, K);
-    gather_rows<T>(a.q, b, h, row0, n, D, w.xq);
-    density_backward(mix, w.xq, w.dgq, n, w.dx, sums);
-    scatter_rows<T>(a.dq, b, h, row0, n, D, w.dx);
-  };
-  auto finish_keys = [&](int64_t row0, int64_t n) {
-    softmax_backward(w.gk, w.dgk, n, K);  // masked rows have gk == 0, hence ds == 0
-    gather_rows<T>(a.k, b, h, row0, n, D, w.xk);
-    density_backward(mix, w.xk, w.dgk, n, w.dx, sums);
-    scatter_rows<T>(a.dk, b, h, row0, n, D, w.dx);
-  };
-  // dGq += dnum S^T + dden z^T (state read by every query of the chunk)
-  auto grad_queries_from_state = [&](int64_t n, bool accumulate) {
-    transpose(K, Dv, w.S, Dv, w.ST, K);
-    gemm(n, K, Dv, w.dnum, Dv, w.ST, K, w.dgq, K, accumulate);
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t k = 0; k < K; ++k) w.dgq[i * K + k] += w.dden[i] * w.z[k];
-    }
-  };
-  // dGk = V dS^T + dz, dv = Gk dS (the part through the state after the chunk)
-  auto grad_keys_from_state = [&](int64_t n, bool accumulate) {
-    transpose(K, Dv, w.dS, Dv, w.dST, K);
-    gemm(n, K, Dv, w.v, Dv, w.dST, K, w.dgk, K, accumulate);
-    for (int64_t j = 0; j < n; ++j) {
-      for (int64_t k = 0; k < K; ++k) w.dgk[j * K + k] += w.dz[k];
-    }
-    gemm(n, Dv, K, w.gk, K, w.dS, Dv, w.num, Dv, accumulate);
-  };
-  auto write_state_chunk = [&](int64_t n) {
-    transpose(n, K, w.gk, K, w.gkT, C);
-    gemm(K, Dv, n, w.gkT, C, w.v, Dv, w.S, Dv, true);
-    add_column_sums(w.gk, n, K, w.z);
+    if (n < C) std::fill(w.dnum + n * Dvp, w.dnum + C * Dvp, Acc(0));
   };
   // dS += Gq^T dnum, dz += Gq^T dden
-  auto accumulate_state_grad = [&](int64_t n) {
-    transpose(n, K, w.gq, K, w.gqT, C);
-    gemm(K, Dv, n, w.gqT, C, w.dnum, Dv, w.dS, Dv, true);
+  auto state_grad_update = [&](Workspace<Acc>& w, int64_t n, Acc* dS, Acc* dz) {
+    gemm(K, Dvp / W, n, w.gq, 1, Kp, w.dnum, Dvp, dS, Dvp, true);
     for (int64_t i = 0; i < n; ++i) {
-      for (int64_t k = 0; k < K; ++k) w.dz[k] += w.gq[i * K + k] * w.dden[i];
+      const Acc dd = w.dden[i];
+#pragma omp simd
+      for (int64_t k = 0; k < Kp; ++k) dz[k] += w.gq[i * Kp + k] * dd;
     }
   };
-  // Bm = tril(dnum V^T + dden 1^T): Bm[i][j] = dL/dA[i][j], the gradient of the intra-chunk affinity
-  auto affinity_grad = [&](int64_t n) {
-    transpose(n, Dv, w.v, Dv, w.vT, C);
-    gemm(n, n, Dv, w.dnum, Dv, w.vT, C, w.Bm, C, false);
+  // Bm = tril(dnum V^T + dden 1^T): the gradient of the intra-chunk affinity.
+  auto affinity_grad = [&](Workspace<Acc>& w, int64_t n) {
+    transpose(C, Dvp, w.v, Dvp, w.vT, C);
+    gemm(n, round_up(n, W) / W, Dvp, w.dnum, Dvp, 1, w.vT, C, w.Bm, C, false, Tri::kOutLower);
     for (int64_t i = 0; i < n; ++i) {
-      for (int64_t j = 0; j <= i; ++j) w.Bm[i * C + j] += w.dden[i];
+      const Acc dd = w.dden[i];
+#pragma omp simd
+      for (int64_t j = 0; j <= i; ++j) w.Bm[i * C + j] += dd;
     }
     keep_lower(w.Bm, n, C);
   };
+  // dGq -> ds (softmax backward) -> dq and parameter sums; likewise dGk -> dk.
+  auto finish = [&](Workspace<Acc>& w, const Head<Acc>& hd, const View& x_in, const View& dx_out, Acc* gamma,
+                    Acc* dgamma, Acc* xbuf, int64_t b, int64_t h, int64_t row0, int64_t n, ParamSums<Acc> sums) {
+    softmax_backward(gamma, dgamma, n, K, Kp);
+    gather_rows<T>(x_in, b, h, row0, n, D, xbuf, Dp, n);
+    density_backward(hd, s, xbuf, dgamma, n, w.dx, sums);
+    scatter_rows<T>(dx_out, b, h, row0, n, D, w.dx, Dp);
+  };
 
-  read_state(a.S0, a.z0, b, h, K, Dv, w.S, w.z);
-  read_state(a.dS_final, a.dz_final, b, h, K, Dv, w.dS, w.dz);
-
-  if (a.opt.causal) {
-    // Forward scan: prefix state S, z before each chunk -> dGq -> dq.
-    for (int64_t row0 = 0; row0 < N; row0 += C) {
-      const int64_t n = std::min(C, N - row0);
-      load_chunk(row0, n);
-      affinity_grad(n);
-      gemm(n, K, n, w.Bm, C, w.gk, K, w.dgq, K, false);  // intra-chunk: Bm Gk
-      grad_queries_from_state(n, true);
-      finish_queries(row0, n);
-      write_state_chunk(n);
-    }
-    // Reverse scan: suffix gradient state dS, dz after each chunk -> dGk, dv -> dk.
-    const int64_t last = ((N - 1) / C) * C;
-    for (int64_t row0 = last; row0 >= 0; row0 -= C) {
-      const int64_t n = std::min(C, N - row0);
-      load_chunk(row0, n);
-      affinity_grad(n);
-      grad_keys_from_state(n, false);
-      // intra-chunk: dGk += Bm^T Gq, dv += A^T dnum with A = tril(Gq Gk^T)
-      transpose(n, n, w.Bm, C, w.T, C);
-      gemm(n, K, n, w.T, C, w.gq, K, w.dgk, K, true);
-      transpose(n, K, w.gk, K, w.gkT, C);
-      gemm(n, n, K, w.gq, K, w.gkT, C, w.A, C, false);
-      keep_lower(w.A, n, C);
-      transpose(n, n, w.A, C, w.T, C);
-      gemm(n, Dv, n, w.T, C, w.dnum, Dv, w.num, Dv, true);
-      scatter_rows<T>(a.dv, b, h, row0, n, Dv, w.num);
-      finish_keys(row0, n);
-      accumulate_state_grad(n);
-    }
-  } else {
-    // Totals: S, z (what every query read) and dS, dz (what every key's write received).
-    for (int64_t row0 = 0; row0 < N; row0 += C) {
-      const int64_t n = std::min(C, N - row0);
-      load_chunk(row0, n);
-      write_state_chunk(n);
-      accumulate_state_grad(n);
-    }
-    for (int64_t row0 = 0; row0 < N; row0 += C) {
-      const int64_t n = std::min(C, N - row0);
-      load_chunk(row0, n);
-      grad_queries_from_state(n, false);
-      finish_queries(row0, n);
-      grad_keys_from_state(n, false);
-      scatter_rows<T>(a.dv, b, h, row0, n, Dv, w.num);
-      finish_keys(row0, n);
+  const bool two_pass = !causal || pl.segs > 1;
+  std::vector<Acc> seg_S(two_pass ? pl.lanes * SS : 0), seg_z(two_pass ? pl.lanes * Kp : 0);
+  std::vector<Acc> seg_dS(two_pass ? pl.lanes * SS : 0), seg_dz(two_pass ? pl.lanes * Kp : 0);
+  if (two_pass) {
+#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
+    for (int64_t task = 0; task < pl.tasks; ++task) {
+      int64_t b, h0, sg;
+      pl.task(task, b, h0, sg);
+      Workspace<Acc>& w = ws[omp_get_thread_num()];
+      for (int64_t l = 0; l < G; ++l) {
+        const int64_t ln = pl.lane(b, h0 + l, sg);
+        std::fill(seg_S.begin() + ln * SS, seg_S.begin() + (ln + 1) * SS, Acc(0));
+        std::fill(seg_z.begin() + ln * Kp, seg_z.begin() + (ln + 1) * Kp, Acc(0));
+        std::fill(seg_dS.begin() + ln * SS, seg_dS.begin() + (ln + 1) * SS, Acc(0));
+        std::fill(seg_dz.begin() + ln * Kp, seg_dz.begin() + (ln + 1) * Kp, Acc(0));
+      }
+      for (int64_t c = pl.first(sg); c < pl.last(sg); ++c) {
+        const int64_t row0 = c * C, n = std::min(C, N - row0);
+        for (int64_t h = h0; h < h0 + G; ++h) {
+          const int64_t ln = pl.lane(b, h, sg);
+          load_chunk(w, b, h, row0, n);
+          state_update(s, w.gk, w.v, n, seg_S.data() + ln * SS, seg_z.data() + ln * Kp);
+          state_grad_update(w, n, seg_dS.data() + ln * SS, seg_dz.data() + ln * Kp);
+        }
+      }
     }
   }
-  write_state(a.dS0, a.dz0, b, h, K, Dv, w.dS, w.dz);
-}
 
-template <class T, class Acc>
-void backward_typed(const BackwardArgs& a) {
-  const Dims& d = a.dims;
-  const int64_t K = d.K, D = d.D, pairs = d.B * d.H;
-  const auto mix = build_mixtures<Acc>(a.mu, a.omega, a.alpha, d, a.opt.sigma_eps);
-  const int nt = thread_count(a.opt.num_threads, pairs);
-  std::vector<Workspace<Acc>> ws;
-  ws.reserve(nt);
-  for (int t = 0; t < nt; ++t) ws.emplace_back(kChunk, d.K, d.D, d.Dv);
-  // One slot of parameter sums per (b, h), reduced over b in a fixed order afterwards, so the
-  // parameter gradients do not depend on which thread ran which pair.
-  const int64_t slot = 2 * K * D + K;
-  std::vector<Acc> partial(pairs * slot, Acc(0));
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-  for (int64_t p = 0; p < pairs; ++p) {
-    const int64_t b = p / d.H, h = p % d.H;
-    Acc* base = partial.data() + p * slot;
-    backward_pair<T, Acc>(a, mix[h], b, h, ws[omp_get_thread_num()], ParamSums<Acc>{base, base + K * D, base + 2 * K * D});
-  }
-  for (int64_t h = 0; h < d.H; ++h) {
-    std::vector<Acc> total(slot, Acc(0));
-    for (int64_t b = 0; b < d.B; ++b) {
-      const Acc* src = partial.data() + (b * d.H + h) * slot;
-      for (int64_t i = 0; i < slot; ++i) total[i] += src[i];
+  // Per lane: the state before its first chunk (S, z) and the state gradient after its last
+  // chunk (dS, dz). Bidirectional: the totals, for every lane.
+  std::vector<Acc> start_S(pl.lanes * SS), start_z(pl.lanes * Kp), end_dS(pl.lanes * SS), end_dz(pl.lanes * Kp);
+  for (int64_t b = 0; b < s.B; ++b) {
+    for (int64_t h = 0; h < s.H; ++h) {
+      std::vector<Acc> runS(SS), runz(Kp), rundS(SS), rundz(Kp);
+      read_state(a.S0, a.z0, b, h, K, Dv, Kp, Dvp, runS.data(), runz.data());
+      read_state(a.dS_final, a.dz_final, b, h, K, Dv, Kp, Dvp, rundS.data(), rundz.data());
+      if (!causal) {
+        for (int64_t sg = 0; sg < pl.segs; ++sg) {
+          const int64_t ln = pl.lane(b, h, sg);
+          for (int64_t i = 0; i < SS; ++i) runS[i] += seg_S[ln * SS + i], rundS[i] += seg_dS[ln * SS + i];
+          for (int64_t i = 0; i < Kp; ++i) runz[i] += seg_z[ln * Kp + i], rundz[i] += seg_dz[ln * Kp + i];
+        }
+        // Every query read S0: dS0 = dS_final + sum_i Gq^T dnum.
+        write_state(a.dS0, a.dz0, b, h, K, Dv, Dvp, rundS.data(), rundz.data());
+      }
+      for (int64_t sg = 0; sg < pl.segs; ++sg) {
+        const int64_t ln = pl.lane(b, h, sg);
+        std::copy(runS.begin(), runS.end(), start_S.begin() + ln * SS);
+        std::copy(runz.begin(), runz.end(), start_z.begin() + ln * Kp);
+        if (causal && two_pass) {
+          for (int64_t i = 0; i < SS; ++i) runS[i] += seg_S[ln * SS + i];
+          for (int64_t i = 0; i < Kp; ++i) runz[i] += seg_z[ln * Kp + i];
+        }
+      }
+      for (int64_t sg = pl.segs - 1; sg >= 0; --sg) {
+        const int64_t ln = pl.lane(b, h, sg);
+        std::copy(rundS.begin(), rundS.end(), end_dS.begin() + ln * SS);
+        std::copy(rundz.begin(), rundz.end(), end_dz.begin() + ln * Kp);
+        if (causal && two_pass) {
+          for (int64_t i = 0; i < SS; ++i) rundS[i] += seg_dS[ln * SS + i];
+          for (int64_t i = 0; i < Kp; ++i) rundz[i] += seg_dz[ln * Kp + i];
+        }
+      }
+      if (causal && two_pass) write_state(a.dS0, a.dz0, b, h, K, Dv, Dvp, rundS.data(), rundz.data());
     }
-    const Mixture<Acc>& m = mix[h];
+  }
+
+#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
+  for (int64_t task = 0; task < pl.tasks; ++task) {
+    int64_t b, h0, sg;
+    pl.task(task, b, h0, sg);
+    Workspace<Acc>& w = ws[omp_get_thread_num()];
+    for (int64_t l = 0; l < G; ++l) {
+      const int64_t ln = pl.lane(b, h0 + l, sg);
+      std::copy(start_S.begin() + ln * SS, start_S.begin() + (ln + 1) * SS, w.lS.begin() + l * SS);
+      std::copy(start_z.begin() + ln * Kp, start_z.begin() + (ln + 1) * Kp, w.lz.begin() + l * Kp);
+      std::copy(end_dS.begin() + ln * SS, end_dS.begin() + (ln + 1) * SS, w.ldS.begin() + l * SS);
+      std::copy(end_dz.begin() + ln * Kp, end_dz.begin() + (ln + 1) * Kp, w.ldz.begin() + l * Kp);
+    }
+    if (causal) {
+      // Forward scan: prefix state before each chunk -> dGq -> dq.
+      for (int64_t c = pl.first(sg); c < pl.last(sg); ++c) {
+        const int64_t row0 = c * C, n = std::min(C, N - row0);
+        for (int64_t l = 0; l < G; ++l) {
+          const int64_t h = h0 + l;
+          Acc* S = w.lS.data() + l * SS;
+          Acc* z = w.lz.data() + l * Kp;
+          load_chunk(w, b, h, row0, n);
+          std::copy(w.dden, w.dden + n, dden_store.begin() + (b * s.H + h) * N + row0);
+          affinity_grad(w, n);
+          gemm(n, Kp / W, n, w.Bm, C, 1, w.gk, Kp, w.dgq, Kp, false, Tri::kDepthLower);  // Bm Gk
+          transpose(Kp, Dvp, S, Dvp, w.ST, Kp);
+          gemm(n, Kp / W, Dvp, w.dnum, Dvp, 1, w.ST, Kp, w.dgq, Kp, true);  // dnum S^T
+          for (int64_t i = 0; i < n; ++i) {
+            const Acc dd = w.dden[i];
+#pragma omp simd
+            for (int64_t k = 0; k < Kp; ++k) w.dgq[i * Kp + k] += dd * z[k];
+          }
+          finish(w, heads[h], a.q, a.dq, w.gq, w.dgq, w.xq, b, h, row0, n, sums_of(pl.lane(b, h, sg)));
+          state_update(s, w.gk, w.v, n, S, z);
+        }
+      }
+      // Reverse scan: suffix gradient state after each chunk -> dGk, dv -> dk.
+      for (int64_t c = pl.last(sg) - 1; c >= pl.first(sg); --c) {
+        const int64_t row0 = c * C, n = std::min(C, N - row0);
+        const int64_t ncv = round_up(n, W) / W;
+        for (int64_t l = 0; l < G; ++l) {
+          const int64_t h = h0 + l;
+          Acc* dS = w.ldS.data() + l * SS;
+          Acc* dz = w.ldz.data() + l * Kp;
+          load_chunk(w, b, h, row0, n, dden_store.data() + (b * s.H + h) * N + row0);
+          affinity_grad(w, n);
+          transpose(Kp, Dvp, dS, Dvp, w.dST, Kp);
+          gemm(n, Kp / W, Dvp, w.v, Dvp, 1, w.dST, Kp, w.dgk, Kp, false);  // V dS^T
+          for (int64_t i = 0; i < n; ++i) {
+#pragma omp simd
+            for (int64_t k = 0; k < Kp; ++k) w.dgk[i * Kp + k] += dz[k];
+          }
+          gemm(n, Kp / W, n, w.Bm, 1, C, w.gq, Kp, w.dgk, Kp, true, Tri::kDepthUpper);  // Bm^T Gq
+          transpose(C, Kp, w.gk, Kp, w.gkT, C);
+          gemm(n, ncv, Kp, w.gq, Kp, 1, w.gkT, C, w.A, C, false, Tri::kOutLower);  // A = tril(Gq Gk^T)
+          keep_lower(w.A, n, C);
+          gemm(n, Dvp / W, K, w.gk, Kp, 1, dS, Dvp, w.num, Dvp, false);                     // dv = Gk dS
+          gemm(n, Dvp / W, n, w.A, 1, C, w.dnum, Dvp, w.num, Dvp, true, Tri::kDepthUpper);  // + A^T dnum
+          scatter_rows<T>(a.dv, b, h, row0, n, Dv, w.num, Dvp);
+          // masked rows: gk = 0, hence ds = 0
+          finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, sums_of(pl.lane(b, h, sg)));
+          state_grad_update(w, n, dS, dz);
+        }
+      }
+      if (pl.segs == 1) {
+        for (int64_t l = 0; l < G; ++l) {
+          write_state(a.dS0, a.dz0, b, h0 + l, K, Dv, Dvp, w.ldS.data() + l * SS, w.ldz.data() + l * Kp);
+        }
+      }
+    } else {
+      for (int64_t l = 0; l < G; ++l) {
+        transpose(Kp, Dvp, w.lS.data() + l * SS, Dvp, w.lST.data() + l * SS, Kp);
+        transpose(Kp, Dvp, w.ldS.data() + l * SS, Dvp, w.ldST.data() + l * SS, Kp);
+      }
+      for (int64_t c = pl.first(sg); c < pl.last(sg); ++c) {
+        const int64_t row0 = c * C, n = std::min(C, N - row0);
+        for (int64_t l = 0; l < G; ++l) {
+          const int64_t h = h0 + l;
+          const ParamSums<Acc> sums = sums_of(pl.lane(b, h, sg));
+          const Acc* z = w.lz.data() + l * Kp;
+          const Acc* dz = w.ldz.data() + l * Kp;
+          load_chunk(w, b, h, row0, n);
+          gemm(n, Kp / W, Dvp, w.dnum, Dvp, 1, w.lST.data() + l * SS, Kp, w.dgq, Kp, false);  // dnum S^T
+          for (int64_t i = 0; i < n; ++i) {
+            const Acc dd = w.dden[i];
+#pragma omp simd
+            for (int64_t k = 0; k < Kp; ++k) w.dgq[i * Kp + k] += dd * z[k];  // + dden z^T
+          }
+          finish(w, heads[h], a.q, a.dq, w.gq, w.dgq, w.xq, b, h, row0, n, sums);
+          gemm(n, Kp / W, Dvp, w.v, Dvp, 1, w.ldST.data() + l * SS, Kp, w.dgk, Kp, false);  // dGk = V dS^T
+          for (int64_t i = 0; i < n; ++i) {
+#pragma omp simd
+            for (int64_t k = 0; k < Kp; ++k) w.dgk[i * Kp + k] += dz[k];  // + dz
+          }
+          gemm(n, Dvp / W, K, w.gk, Kp, 1, w.ldS.data() + l * SS, Dvp, w.num, Dvp, false);  // dv = Gk dS
+          scatter_rows<T>(a.dv, b, h, row0, n, Dv, w.num, Dvp);
+          finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, sums);
+        }
+      }
+    }
+  }
+
+  // Parameter gradients: sum the lane slots of each head in a fixed order.
+  std::vector<Acc> total(slot);
+  for (int64_t h = 0; h < s.H; ++h) {
+    std::fill(total.begin(), total.end(), Acc(0));
+    for (int64_t b = 0; b < s.B; ++b) {
+      for (int64_t sg = 0; sg < pl.segs; ++sg) {
+        const Acc* src = partial.data() + pl.lane(b, h, sg) * slot;
+        for (int64_t i = 0; i < slot; ++i) total[i] += src[i];
+      }
+    }
+    const Head<Acc>& m = heads[h];
     const Acc* t1 = total.data();
-    const Acc* t2 = t1 + K * D;
-    const Acc* ds_sum = t2 + K * D;
+    const Acc* t2 = t1 + K * Dp;
+    const Acc* ds_sum = t2 + K * Dp;
     Acc ds_all = 0;
     for (int64_t k = 0; k < K; ++k) ds_all += ds_sum[k];
     for (int64_t k = 0; k < K; ++k) {
       for (int64_t e = 0; e < D; ++e) {
-        const int64_t i = k * D + e;
+        const int64_t i = k * Dp + e;
         const Acc lam = m.lam[i];
         *at<Acc>(a.dmu, h, k, e) = lam * t1[i];
         const Acc dsigma2 = Acc(-0.5) * (lam * ds_sum[k] - lam * lam * t2[i]);
-        *at<Acc>(a.domega, h, k, e) = dsigma2 * m.dsigma2_domega[i];
+        *at<Acc>(a.domega, h, k, e) = dsigma2 * m.dsigma2_domega[k * D + e];
       }
       *at<Acc>(a.dalpha, h, k) = ds_sum[k] - m.pi[k] * ds_all;
     }

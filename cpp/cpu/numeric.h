@@ -2,12 +2,19 @@
 // vectorisable exp, and stable softplus/sigmoid. Header-only so every ISA build inlines them.
 #pragma once
 
+#ifndef GMATTN_ISA
+#define GMATTN_ISA generic
+#endif
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
 namespace gmattn {
 namespace cpu_detail {
+// One copy per ISA build (GMATTN_ISA): inline functions compiled with different instruction
+// sets must not share symbols, or the linker would merge them across builds.
+inline namespace GMATTN_ISA {
 
 struct bf16_t {
   uint16_t bits;
@@ -121,5 +128,6 @@ inline Acc sigmoid(Acc w) {
   return e / (Acc(1) + e);
 }
 
+}  // namespace GMATTN_ISA
 }  // namespace cpu_detail
 }  // namespace gmattn

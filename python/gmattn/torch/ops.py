@@ -159,6 +159,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den)
     ctx.causal, ctx.eps, ctx.sigma_eps, ctx.return_state = causal, eps, sigma_eps, return_state
     ctx.saved_responsibilities = save_for_backward
+    # Gq, Gk and den are outputs only so backward can use them; without this autograd would hand
+    # backward zero-filled (B, H, N, K) gradients for them (two O(N K) buffers at peak memory).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dS_final, dz_final, _dgq, _dgk, _dden):
@@ -169,6 +172,8 @@ def _backward(ctx, dout, dS_final, dz_final, _dgq, _dgk, _dden):
                                             ctx.sigma_eps, False, True)
     if not ctx.return_state:
         dS_final = dz_final = None
+    if dout is None:  # only the final state was used
+        dout = torch.zeros_like(out)
     dq, dk, dv, dmu, domega, dalpha, dS0, dz0 = backward_op(
         dout, dS_final, dz_final, q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den,
         ctx.causal, ctx.eps, ctx.sigma_eps,

@@ -1,0 +1,694 @@
+"""CPU benchmark of the compiled GMA core: speed, achieved GFLOP/s, scaling, threads and memory.
+
+One run measures, side by side on the same machine (issue 2, section 7, and issue 3):
+
+  issue2   B=1, H=8, D=Dv=64, K=64, float32, N in {1024, 4096, 16384}, forward and
+           forward+backward, causal and bidirectional: the core (gmattn.gma_attention) against
+           gmattn.reference.chunked_gma (the best plain-PyTorch implementation of the same math)
+           and against torch's scaled_dot_product_attention (SDPA), as ratios of medians.
+  matmul   a 4096 x 4096 float32 torch.matmul, the machine's reference arithmetic rate; the
+           core's achieved GFLOP/s (flop count below) as a fraction of it.
+  scaling  core time per token from N=4096 to N=262144 (flat = linear time).
+  shapes   K in {16, 64, 256} x D=Dv in {32, 64, 128}: core against chunked, GFLOP/s, and
+           K=256 at two lengths (linear time).
+  threads  1 thread against all threads (torch.set_num_threads; the torch front end passes
+           torch.get_num_threads() to the core), for B*H=8 and for B*H=1 (chunk-parallel scan).
+  memory   peak resident memory of forward+backward (causal) in a fresh subprocess, against the
+           bytes of inputs + outputs + their gradients.
+
+Timing. Every cell runs its implementations round-robin (A B C A B C ...) on the same inputs, so a
+load change on a shared machine hits all of them alike, and reports the median of the repeats
+(a warm-up call first; calls that take more than 5 s count their first call as a repeat instead).
+forward = one call under torch.no_grad(); forward+backward = one call with inputs that require grad
+followed by out.backward(g) with a fixed random g (gradients of q, k, v and, for GMA, of mu, omega,
+alpha). SDPA gets its natural (B, H, N, D) layout; GMA and the chunked reference get (B, N, H, D).
+
+Flop count (flops of the algorithm the core runs, per token and head; a multiply-add is 2 flops;
+O(N K) softmax/exp/normalisation work is not counted). C=64 is the chunk, and only the lower
+triangle of the intra-chunk products is counted (the kernels skip most of the upper one):
+  responsibilities of q and k, Q = sum_d (a x' - b)^2: two multiply-adds per (k, d) each: 8 D K
+  forward, bidirectional:  8 D K + 4 K Dv                    (S = Gk^T V, read Gq S)
+  forward, causal:         8 D K + 4 K Dv + (K + Dv)(C + 1)  (+ A = tril(Gq Gk^T), A V)
+  backward, bidirectional: 14 D K + 10 K Dv                  (density backward in the direct
+                           form, 7 flops per (k, d) per path; S, dS sums; dGq, dGk, dv products)
+  backward, causal:        14 D K + 8 K Dv + 3 (K + Dv)(C + 1)
+forward+backward counts the forward (which also saves Gq, Gk, den) plus the backward.
+
+Memory. The worker subprocess runs a small warm-up, then reads VmRSS (baseline), writes "5" to
+/proc/self/clear_refs (which resets the high-water mark VmHWM to the current RSS), allocates the
+inputs, runs forward and backward, and reads VmHWM: peak = VmHWM - baseline, everything the step
+needed (inputs, saved activations, outputs, gradients, temporaries). It is compared with the bytes
+of inputs + output + gradient of the output + gradients of the inputs.
+
+    python benchmarks/cpu.py                      # full run (~15 min on 2 cores)
+    python benchmarks/cpu.py --quick              # tiny sizes, seconds (smoke test)
+    python benchmarks/cpu.py --sections issue2,memory --out /tmp/cpu-bench
+
+Writes <out>/results.json, <out>/time_vs_n.png, <out>/matmul_fraction.png, <out>/memory_vs_n.png
+(default out: benchmarks/results/cpu).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+SECTIONS = ("issue2", "matmul", "scaling", "shapes", "threads", "memory")
+CHUNK = 64  # the core's chunk length (cpp/cpu/kernels.cpp kChunk)
+
+# ----------------------------------------------------------------------------------------------
+# Flop count of the core's algorithm (see the module docstring)
+# ----------------------------------------------------------------------------------------------
+
+
+def core_flops(B: int, N: int, H: int, K: int, D: int, Dv: int, causal: bool, backward: bool) -> float:
+    fwd = 8 * D * K + 4 * K * Dv + ((K + Dv) * (CHUNK + 1) if causal else 0)
+    bwd = (14 * D * K + 8 * K * Dv + 3 * (K + Dv) * (CHUNK + 1)) if causal else (14 * D * K + 10 * K * Dv)
+    per_token = fwd + (bwd if backward else 0)
+    return float(B) * N * H * per_token
+
+
+# ----------------------------------------------------------------------------------------------
+# Machine description
+# ----------------------------------------------------------------------------------------------
+
+
+def machine_info() -> dict:
+    import torch
+
+    import gmattn
+    from gmattn import _ext
+
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    isa_flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
+    return {
+        "cpu": model,
+        "logical_cpus": os.cpu_count(),
+        "cpu_flags": isa_flags,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gmattn": gmattn.__version__,
+        "core_isa": getattr(_ext.core(), "isa", "?"),
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs and the implementations under test
+# ----------------------------------------------------------------------------------------------
+
+
+def gma_inputs(B, N, H, K, D, Dv, requires_grad, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, N, H, D, generator=g)
+    k = torch.randn(B, N, H, D, generator=g)
+    v = torch.randn(B, N, H, Dv, generator=g)
+    mu = 0.5 * torch.randn(H, K, D, generator=g)
+    omega = torch.randn(H, K, D, generator=g) * 0.3 + 1.0
+    alpha = torch.randn(H, K, generator=g)
+    ts = [q, k, v, mu, omega, alpha]
+    if requires_grad:
+        for t in ts:
+            t.requires_grad_(True)
+    return ts
+
+
+def sdpa_inputs(B, N, H, D, Dv, requires_grad, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ts = [torch.randn(B, H, N, D, generator=g), torch.randn(B, H, N, D, generator=g),
+          torch.randn(B, H, N, Dv, generator=g)]
+    if requires_grad:
+        for t in ts:
+            t.requires_grad_(True)
+    return ts
+
+
+def make_call(impl: str, B, N, H, K, D, Dv, causal: bool, backward: bool) -> Callable[[], None]:
+    """A zero-argument callable running one forward (or forward+backward) of `impl`."""
+    import torch
+    import torch.nn.functional as F
+
+    import gmattn
+    from gmattn.reference import chunked_gma
+
+    if impl == "sdpa":
+        ins = sdpa_inputs(B, N, H, D, Dv, backward)
+
+        def fn():
+            return F.scaled_dot_product_attention(*ins, is_causal=causal)
+    else:
+        ins = gma_inputs(B, N, H, K, D, Dv, backward)
+        op = gmattn.gma_attention if impl == "core" else chunked_gma
+
+        def fn():
+            return op(*ins, causal=causal)
+
+    if not backward:
+        def call():
+            with torch.no_grad():
+                fn()
+        return call
+
+    gout = torch.randn(B, H, N, Dv) if impl == "sdpa" else torch.randn(B, N, H, Dv)
+
+    def call_bwd():
+        for t in ins:
+            t.grad = None
+        fn().backward(gout)
+
+    return call_bwd
+
+
+def run_cell(calls: Dict[str, Callable[[], None]], repeats: int, progress=None) -> Dict[str, List[float]]:
+    """Round-robin timing of several callables; returns the wall times (s) of each."""
+    times: Dict[str, List[float]] = {name: [] for name in calls}
+    for name, call in calls.items():  # warm-up; a slow first call counts as a repeat
+        t0 = time.perf_counter()
+        call()
+        dt = time.perf_counter() - t0
+        if dt > 5.0:
+            times[name].append(dt)
+        if progress is not None:
+            progress.update(1)
+    for _ in range(repeats):
+        for name, call in calls.items():
+            if len(times[name]) >= repeats:
+                continue
+            t0 = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - t0)
+            if progress is not None:
+                progress.update(1)
+    return times
+
+
+def med(xs: List[float]) -> float:
+    return statistics.median(xs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory worker (runs in a subprocess)
+# ----------------------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def memory_worker(spec: dict) -> dict:
+    import ctypes
+
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    B, N, H, K, D, Dv = (spec[x] for x in ("B", "N", "H", "K", "D", "Dv"))
+    causal, impl = spec["causal"], spec["impl"]
+    # warm-up: load every library and lazy state before the baseline
+    make_call(impl, 1, 64, H, K, D, Dv, causal, True)()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    base = _status_kib("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        method = "VmHWM after clear_refs=5, minus VmRSS before the inputs"
+    except OSError:
+        method = "unavailable"
+    call = make_call(impl, B, N, H, K, D, Dv, causal, True)  # allocates inputs and g
+    call()
+    peak = _status_kib("VmHWM")
+    elem = 4
+    n_in = B * N * H * (2 * D + Dv) + H * K * (2 * D + 1)
+    n_out = B * N * H * Dv
+    io_bytes = elem * (2 * n_in + 2 * n_out)  # inputs + grads, output + its gradient
+    return {
+        **spec,
+        "method": method,
+        "baseline_bytes": None if base is None else base * 1024,
+        "peak_bytes": None if (peak is None or base is None) else (peak - base) * 1024,
+        "io_bytes": io_bytes,
+    }
+
+
+def measure_memory(spec: dict) -> dict:
+    env = dict(os.environ)
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", json.dumps(spec)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        return {**spec, "error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, quick: bool, out: str):
+        import torch
+
+        self.quick = quick
+        self.out = out
+        self.torch = torch
+        self.nthreads = torch.get_num_threads()
+        self.results: dict = {"machine": machine_info(), "quick": quick}
+        self.results["flop_count"] = __doc__[__doc__.index("Flop count"):__doc__.index("Memory.")].strip()
+        if quick:
+            self.H, self.D, self.K = 2, 16, 16
+        else:
+            self.H, self.D, self.K = 8, 64, 64
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _progress(self, total, desc):
+        try:
+            from tqdm import tqdm
+
+            return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+        except ImportError:  # pragma: no cover
+            return None
+
+    @staticmethod
+    def _close(p):
+        if p is not None:
+            p.close()
+
+    # -- issue 2 table ----------------------------------------------------------------------------
+    def issue2(self):
+        Ns = (64, 128) if self.quick else (1024, 4096, 16384)
+        H, D, K = self.H, self.D, self.K
+        impls = ("core", "chunked", "sdpa")
+        cells = [(N, causal, bwd) for N in Ns for causal in (True, False) for bwd in (False, True)]
+        rows = []
+        reps = lambda N: 3 if N >= 16384 else 5  # noqa: E731
+        p = self._progress(sum((reps(N) + 1) * len(impls) for N, _, _ in cells), "issue2")
+        for N, causal, bwd in cells:
+            calls = {impl: make_call(impl, 1, N, H, K, D, D, causal, bwd) for impl in impls}
+            times = run_cell(calls, reps(N), p)
+            del calls
+            gc.collect()
+            r = {"N": N, "causal": causal, "mode": "fwd+bwd" if bwd else "fwd"}
+            for impl in impls:
+                r[f"{impl}_s"] = med(times[impl])
+                r[f"{impl}_all_s"] = times[impl]
+            r["chunked_over_core"] = r["chunked_s"] / r["core_s"]
+            r["sdpa_over_core"] = r["sdpa_s"] / r["core_s"]
+            r["core_gflops"] = core_flops(1, N, H, K, D, D, causal, bwd) / r["core_s"] / 1e9
+            rows.append(r)
+        self._close(p)
+        self.results["issue2"] = {"B": 1, "H": H, "D": D, "Dv": D, "K": K, "dtype": "float32", "rows": rows}
+
+    # -- matmul reference rate ------------------------------------------------------------------
+    def matmul(self):
+        torch = self.torch
+        n = 256 if self.quick else 4096
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        times = run_cell({"matmul": lambda: torch.matmul(a, b)}, 3 if self.quick else 7)["matmul"]
+        t = med(times)
+        self.results["matmul"] = {"n": n, "seconds": t, "gflops": 2.0 * n ** 3 / t / 1e9, "all_s": times}
+
+    # -- scaling in N ---------------------------------------------------------------------------------
+    def scaling(self):
+        Ns = (256, 1024, 4096) if self.quick else (4096, 16384, 65536, 262144)
+        H, D, K = self.H, self.D, self.K
+        rows = []
+        cells = [(N, causal, bwd) for N in Ns for causal in (True, False) for bwd in (False, True)]
+        reps = 3
+        p = self._progress(len(cells) * (reps + 1), "scaling")
+        for N, causal, bwd in cells:
+            call = make_call("core", 1, N, H, K, D, D, causal, bwd)
+            times = run_cell({"core": call}, reps, p)["core"]
+            del call
+            gc.collect()
+            t = med(times)
+            rows.append({"N": N, "causal": causal, "mode": "fwd+bwd" if bwd else "fwd", "core_s": t,
+                         "all_s": times, "us_per_token": 1e6 * t / N,
+                         "core_gflops": core_flops(1, N, H, K, D, D, causal, bwd) / t / 1e9})
+        self._close(p)
+        self.results["scaling"] = {"B": 1, "H": H, "D": D, "K": K, "rows": rows}
+
+    # -- K x D table ------------------------------------------------------------------------------------
+    def shapes(self):
+        N = 256 if self.quick else 4096
+        Ks = (4, 16) if self.quick else (16, 64, 256)
+        Ds = (8, 16) if self.quick else (32, 64, 128)
+        H = self.H
+        rows = []
+        cells = [(K, D, bwd) for K in Ks for D in Ds for bwd in (False, True)]
+        reps = 3
+        p = self._progress(len(cells) * 2 * (reps + 1) + 4 * (reps + 1), "shapes")
+        for K, D, bwd in cells:
+            calls = {impl: make_call(impl, 1, N, H, K, D, D, True, bwd) for impl in ("core", "chunked")}
+            times = run_cell(calls, reps, p)
+            del calls
+            t = med(times["core"])
+            rows.append({"K": K, "D": D, "Dv": D, "N": N, "causal": True, "mode": "fwd+bwd" if bwd else "fwd",
+                         "core_s": t, "chunked_s": med(times["chunked"]),
+                         "chunked_over_core": med(times["chunked"]) / t,
+                         "core_gflops": core_flops(1, N, H, K, D, D, True, bwd) / t / 1e9})
+        # the largest K at 4x the length: linear time means the same time per token
+        lin = []
+        Kmax, Dmid = Ks[-1], Ds[len(Ds) // 2]
+        for n in (N, 4 * N):
+            for bwd in (False, True):
+                times = run_cell({"core": make_call("core", 1, n, H, Kmax, Dmid, Dmid, True, bwd)}, reps, p)["core"]
+                lin.append({"K": Kmax, "D": Dmid, "N": n, "mode": "fwd+bwd" if bwd else "fwd",
+                            "core_s": med(times), "us_per_token": 1e6 * med(times) / n})
+        self._close(p)
+        self.results["shapes"] = {"H": H, "rows": rows, "linearity": lin}
+
+    # -- threads ------------------------------------------------------------------------------------------
+    def threads(self):
+        torch = self.torch
+        tmax = self.nthreads
+        configs = [(8, 256), (1, 1024)] if self.quick else [(8, 16384), (1, 65536)]  # (H, N)
+        D, K = self.D, self.K
+        rows = []
+        reps = 3
+        p = self._progress(len(configs) * 2 * 2 * (reps + 1), "threads")
+        try:
+            for H, N in configs:
+                for bwd in (False, True):
+                    call = make_call("core", 1, N, H, K, D, D, True, bwd)
+                    res = {}
+                    for nt in (1, tmax):
+                        torch.set_num_threads(nt)
+                        res[nt] = med(run_cell({"core": call}, reps, p)["core"])
+                    rows.append({"B": 1, "H": H, "N": N, "causal": True, "mode": "fwd+bwd" if bwd else "fwd",
+                                 "t1_s": res[1], f"t{tmax}_s": res[tmax], "threads": tmax,
+                                 "speedup": res[1] / res[tmax]})
+        finally:
+            torch.set_num_threads(tmax)
+            self._close(p)
+        self.results["threads"] = {"rows": rows}
+
+    # -- memory ---------------------------------------------------------------------------------------------
+    def memory(self):
+        H, D, K = self.H, self.D, self.K
+        if self.quick:
+            specs = [("core", 1024), ("core", 4096)]
+        else:
+            specs = [("core", 16384), ("core", 65536), ("core", 262144), ("chunked", 16384)]
+        rows = []
+        p = self._progress(len(specs), "memory")
+        for impl, N in specs:
+            spec = {"impl": impl, "B": 1, "N": N, "H": H, "K": K, "D": D, "Dv": D, "causal": True,
+                    "threads": self.nthreads}
+            r = measure_memory(spec)
+            if r.get("peak_bytes") is not None:
+                r["ratio_to_io"] = r["peak_bytes"] / r["io_bytes"]
+                r["peak_bytes_per_token"] = r["peak_bytes"] / N
+            rows.append(r)
+            if p is not None:
+                p.update(1)
+        self._close(p)
+        self.results["memory"] = {"rows": rows}
+
+    # -- reporting --------------------------------------------------------------------------------------------
+    def targets(self) -> List[dict]:
+        """Issue 2 and issue 3 targets, evaluated on what this run measured."""
+        out = []
+        r = self.results
+
+        def add(name, value, ok, detail=""):
+            out.append({"target": name, "value": value, "met": bool(ok), "detail": detail})
+
+        if "issue2" in r:
+            rows = r["issue2"]["rows"]
+            big = max(x["N"] for x in rows)
+            small = min(x["N"] for x in rows)
+            for mode in ("fwd", "fwd+bwd"):
+                worst = min(x["chunked_over_core"] for x in rows if x["N"] == big and x["mode"] == mode)
+                add(f"core vs chunked at N={big}, {mode}, worse of causal/bidir >= 2x (issue 2) / 4x (issue 3)",
+                    round(worst, 2), worst >= 4.0, "issue 2 needs 2x, issue 3 needs 4x")
+                c = [x for x in rows if x["N"] == big and x["mode"] == mode and x["causal"]][0]
+                add(f"core vs causal SDPA at N={big}, {mode} >= 25x (issue 3)", round(c["sdpa_over_core"], 1),
+                    c["sdpa_over_core"] >= 25.0)
+                c = [x for x in rows if x["N"] == small and x["mode"] == mode and x["causal"]][0]
+                add(f"core vs causal SDPA at N={small}, {mode} >= 1x (no slower; issue 3)",
+                    round(c["sdpa_over_core"], 2), c["sdpa_over_core"] >= 1.0)
+            if "matmul" in r:
+                mm = r["matmul"]["gflops"]
+                for x in rows:
+                    if x["N"] == big:
+                        x["fraction_of_matmul"] = x["core_gflops"] / mm
+                for mode in ("fwd", "fwd+bwd"):
+                    for causal in (True, False):
+                        x = [y for y in rows if y["N"] == big and y["mode"] == mode and y["causal"] == causal][0]
+                        add(f"achieved GFLOP/s / matmul GFLOP/s, N={big}, {mode}, "
+                            f"{'causal' if causal else 'bidir'} >= 40% (issue 3)",
+                            round(x["fraction_of_matmul"], 3), x["fraction_of_matmul"] >= 0.40,
+                            f"{x['core_gflops']:.1f} of {mm:.1f} GFLOP/s")
+        if "scaling" in r:
+            for mode in ("fwd", "fwd+bwd"):
+                for causal in (True, False):
+                    xs = [x for x in r["scaling"]["rows"] if x["mode"] == mode and x["causal"] == causal]
+                    per = [x["us_per_token"] for x in xs]
+                    spread = max(per) / min(per)
+                    add(f"time/token flat N={xs[0]['N']}..{xs[-1]['N']}, {mode}, "
+                        f"{'causal' if causal else 'bidir'} (max/min <= 1.2; issue 3)",
+                        round(spread, 3), spread <= 1.2)
+        if "threads" in r:
+            for x in r["threads"]["rows"]:
+                add(f"1 -> {x['threads']} threads, B*H={x['H']}, N={x['N']}, {x['mode']} >= 1.7x (issue 3)",
+                    round(x["speedup"], 2), x["speedup"] >= 1.7)
+        if "memory" in r:
+            mem = [x for x in r["memory"]["rows"] if x["impl"] == "core" and "ratio_to_io" in x]
+            target_n = 65536 if not self.quick else max(x["N"] for x in mem) if mem else None
+            for x in mem:
+                if x["N"] == target_n:
+                    add(f"peak memory fwd+bwd causal N={x['N']} / (inputs+outputs+grads) <= 1.5 (issue 2)",
+                        round(x["ratio_to_io"], 3), x["ratio_to_io"] <= 1.5)
+            if len(mem) >= 2:
+                per = [x["peak_bytes_per_token"] for x in mem]
+                add("peak memory linear in N (bytes/token max/min <= 1.2; issue 3)", round(max(per) / min(per), 3),
+                    max(per) / min(per) <= 1.2)
+        if "shapes" in r:
+            lin = r["shapes"]["linearity"]
+            for mode in ("fwd", "fwd+bwd"):
+                xs = [x for x in lin if x["mode"] == mode]
+                if len(xs) == 2:
+                    ratio = xs[1]["us_per_token"] / xs[0]["us_per_token"]
+                    add(f"K={xs[0]['K']} linear: time/token N={xs[1]['N']} vs N={xs[0]['N']}, {mode} (<= 1.2)",
+                        round(ratio, 3), ratio <= 1.2)
+        return out
+
+    def print_tables(self):
+        r = self.results
+        m = r["machine"]
+        print(f"\nMachine: {m['cpu']}, {m['logical_cpus']} logical CPUs, flags {','.join(m['cpu_flags'])}; "
+              f"torch {m['torch']} with {m['torch_threads']} threads; core ISA {m['core_isa']}; "
+              f"load average at start {m['loadavg_start']}")
+        if "matmul" in r:
+            mm = r["matmul"]
+            print(f"\nfloat32 torch.matmul {mm['n']}x{mm['n']}: {mm['gflops']:.1f} GFLOP/s (median {mm['seconds']*1e3:.1f} ms)")
+        if "issue2" in r:
+            i2 = r["issue2"]
+            print(f"\nB=1 H={i2['H']} D=Dv={i2['D']} K={i2['K']} float32, medians in ms (ratios: time of the other / time of core)")
+            print(f"{'N':>7} {'mode':>8} {'causal':>6} | {'core':>9} {'chunked':>10} {'sdpa':>10} | "
+                  f"{'chunked/core':>12} {'sdpa/core':>9} | {'core GF/s':>9}")
+            for x in i2["rows"]:
+                print(f"{x['N']:>7} {x['mode']:>8} {str(x['causal']):>6} | {x['core_s']*1e3:>9.1f} "
+                      f"{x['chunked_s']*1e3:>10.1f} {x['sdpa_s']*1e3:>10.1f} | {x['chunked_over_core']:>12.2f} "
+                      f"{x['sdpa_over_core']:>9.2f} | {x['core_gflops']:>9.1f}")
+        if "scaling" in r:
+            print("\nCore scaling in N (B=1, H=%d, D=Dv=%d, K=%d)" % (r["scaling"]["H"], r["scaling"]["D"], r["scaling"]["K"]))
+            print(f"{'N':>7} {'mode':>8} {'causal':>6} | {'ms':>9} {'us/token':>9} {'GF/s':>7}")
+            for x in r["scaling"]["rows"]:
+                print(f"{x['N']:>7} {x['mode']:>8} {str(x['causal']):>6} | {x['core_s']*1e3:>9.1f} "
+                      f"{x['us_per_token']:>9.3f} {x['core_gflops']:>7.1f}")
+        if "shapes" in r:
+            sh = r["shapes"]
+            mm = r.get("matmul", {}).get("gflops")
+            print(f"\nK x D (causal, B=1, H={sh['H']}, N={sh['rows'][0]['N']}), medians in ms")
+            print(f"{'K':>4} {'D=Dv':>5} {'mode':>8} | {'core':>8} {'chunked':>9} {'chunked/core':>12} | {'GF/s':>6}"
+                  + (f" {'of matmul':>9}" if mm else ""))
+            for x in sh["rows"]:
+                print(f"{x['K']:>4} {x['D']:>5} {x['mode']:>8} | {x['core_s']*1e3:>8.1f} {x['chunked_s']*1e3:>9.1f} "
+                      f"{x['chunked_over_core']:>12.2f} | {x['core_gflops']:>6.1f}"
+                      + (f" {x['core_gflops']/mm:>9.2f}" if mm else ""))
+            for x in sh["linearity"]:
+                print(f"  linearity K={x['K']} D={x['D']} N={x['N']} {x['mode']}: {x['core_s']*1e3:.1f} ms, "
+                      f"{x['us_per_token']:.3f} us/token")
+        if "threads" in r:
+            print("\nThreads (causal)")
+            for x in r["threads"]["rows"]:
+                tn = x["t%d_s" % x["threads"]]
+                print(f"  B*H={x['H']:>2} N={x['N']:>6} {x['mode']:>8}: 1 thread {x['t1_s']*1e3:.1f} ms, "
+                      f"{x['threads']} threads {tn*1e3:.1f} ms, speed-up {x['speedup']:.2f}x")
+        if "memory" in r:
+            print("\nPeak memory of forward+backward (causal), fresh subprocess")
+            for x in r["memory"]["rows"]:
+                if "error" in x or x.get("peak_bytes") is None:
+                    print(f"  {x['impl']:>8} N={x['N']}: {x.get('error', 'unavailable')}")
+                    continue
+                print(f"  {x['impl']:>8} N={x['N']:>6}: peak {x['peak_bytes']/2**20:9.1f} MiB, "
+                      f"inputs+outputs+grads {x['io_bytes']/2**20:9.1f} MiB, ratio {x['ratio_to_io']:.3f}, "
+                      f"{x['peak_bytes_per_token']/1024:.2f} KiB/token")
+        if "targets" in r:
+            print("\nTargets")
+            for t in r["targets"]:
+                print(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['value']}"
+                      + (f" ({t['detail']})" if t["detail"] else ""))
+
+    def plots(self):
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:  # pragma: no cover
+            print("matplotlib not installed: no plots")
+            return
+        r = self.results
+        os.makedirs(self.out, exist_ok=True)
+        if "issue2" in r or "scaling" in r:
+            fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+            for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
+                for causal, ls in ((True, "-"), (False, "--")):
+                    tag = "causal" if causal else "bidir"
+                    if "issue2" in r:
+                        xs = [x for x in r["issue2"]["rows"] if x["mode"] == mode and x["causal"] == causal]
+                        for impl, color in (("chunked", "tab:orange"), ("sdpa", "tab:red")):
+                            ax.plot([x["N"] for x in xs], [x[f"{impl}_s"] for x in xs], ls, marker="o", color=color,
+                                    label=f"{'reference chunked' if impl == 'chunked' else 'SDPA'} {tag}")
+                    pts = {}
+                    for src in ("issue2", "scaling"):
+                        for x in r.get(src, {}).get("rows", []):
+                            if x["mode"] == mode and x["causal"] == causal:
+                                pts[x["N"]] = x["core_s"]
+                    ns = sorted(pts)
+                    ax.plot(ns, [pts[n] for n in ns], ls, marker="s", color="tab:blue", label=f"gmattn core {tag}")
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set_xlabel("N (tokens)")
+                ax.set_ylabel("seconds (median)")
+                ax.set_title(f"{mode}, B=1 H={self.H} D=Dv={self.D} K={self.K}, float32")
+                ax.grid(True, which="both", alpha=0.3)
+                ax.legend(fontsize=7)
+            m = r["machine"]
+            fig.suptitle(f"{m['cpu']} ({m['torch_threads']} threads)", fontsize=9)
+            fig.tight_layout()
+            fig.savefig(os.path.join(self.out, "time_vs_n.png"), dpi=120)
+            plt.close(fig)
+        if "matmul" in r and ("issue2" in r or "shapes" in r):
+            mm = r["matmul"]["gflops"]
+            labels, vals = [], []
+            if "issue2" in r:
+                big = max(x["N"] for x in r["issue2"]["rows"])
+                for x in r["issue2"]["rows"]:
+                    if x["N"] == big:
+                        labels.append(f"N={big} {x['mode']} {'causal' if x['causal'] else 'bidir'}")
+                        vals.append(x["core_gflops"] / mm)
+            if "shapes" in r:
+                for x in r["shapes"]["rows"]:
+                    labels.append(f"K={x['K']} D={x['D']} N={x['N']} {x['mode']}")
+                    vals.append(x["core_gflops"] / mm)
+            fig, ax = plt.subplots(figsize=(10, 0.28 * len(vals) + 1.5))
+            ax.barh(range(len(vals)), vals, color="tab:blue")
+            ax.axvline(0.4, color="tab:red", ls="--", label="40% target")
+            ax.set_yticks(range(len(vals)))
+            ax.set_yticklabels(labels, fontsize=7)
+            ax.invert_yaxis()
+            ax.set_xlabel(f"core GFLOP/s / float32 matmul GFLOP/s ({mm:.0f} GFLOP/s, {r['matmul']['n']}^2)")
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(os.path.join(self.out, "matmul_fraction.png"), dpi=120)
+            plt.close(fig)
+        if "memory" in r:
+            mem = [x for x in r["memory"]["rows"] if x["impl"] == "core" and x.get("peak_bytes")]
+            if mem:
+                fig, ax = plt.subplots(figsize=(6, 4.5))
+                ax.plot([x["N"] for x in mem], [x["peak_bytes"] / 2**20 for x in mem], "s-", label="core peak (fwd+bwd)")
+                ax.plot([x["N"] for x in mem], [x["io_bytes"] / 2**20 for x in mem], "o--",
+                        label="inputs + outputs + gradients")
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set_xlabel("N")
+                ax.set_ylabel("MiB")
+                ax.grid(True, which="both", alpha=0.3)
+                ax.legend()
+                fig.tight_layout()
+                fig.savefig(os.path.join(self.out, "memory_vs_n.png"), dpi=120)
+                plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (seconds): a smoke test")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu"),
+                    help="directory for results.json and the PNG plots")
+    ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.memory_worker is not None:
+        print(json.dumps(memory_worker(json.loads(args.memory_worker))))
+        return 0
+
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        ap.error(f"unknown section(s) {unknown}; choose from {SECTIONS}")
+    b = Bench(args.quick, args.out)
+    t0 = time.perf_counter()
+    for s in SECTIONS:  # fixed order: matmul before the fractions are computed
+        if s in sections:
+            getattr(b, s)()
+    b.results["targets"] = b.targets()
+    b.results["machine"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    b.results["wall_seconds"] = time.perf_counter() - t0
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(b.results, f, indent=1)
+    b.plots()
+    b.print_tables()
+    print(f"\nwrote {os.path.join(args.out, 'results.json')} and plots ({b.results['wall_seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

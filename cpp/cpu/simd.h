@@ -1,0 +1,141 @@
+// Portable SIMD for the CPU kernels: GCC/Clang vector extensions of GMATTN_VECTOR_BYTES bytes
+// (16 in the generic build: SSE2 on x86-64, NEON on ARM; 32 for AVX2; 64 for AVX-512). The
+// compiler maps them onto the registers of the ISA the translation unit is built for, so one
+// source gives every build; no intrinsics, nothing ISA-specific outside the build flags.
+#pragma once
+
+#ifndef GMATTN_ISA
+#define GMATTN_ISA generic
+#endif
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+
+#ifndef GMATTN_VECTOR_BYTES
+#define GMATTN_VECTOR_BYTES 16
+#endif
+
+namespace gmattn {
+namespace cpu_detail {
+// One copy per ISA build (GMATTN_ISA): inline functions compiled with different instruction
+// sets must not share symbols, or the linker would merge them across builds.
+inline namespace GMATTN_ISA {
+
+template <class Acc>
+struct Simd;
+
+template <>
+struct Simd<float> {
+  static constexpr int W = GMATTN_VECTOR_BYTES / 4;
+  typedef float V __attribute__((vector_size(GMATTN_VECTOR_BYTES)));
+  typedef int32_t I __attribute__((vector_size(GMATTN_VECTOR_BYTES)));
+};
+
+template <>
+struct Simd<double> {
+  static constexpr int W = GMATTN_VECTOR_BYTES / 8;
+  typedef double V __attribute__((vector_size(GMATTN_VECTOR_BYTES)));
+  typedef int64_t I __attribute__((vector_size(GMATTN_VECTOR_BYTES)));
+};
+
+template <class Acc>
+using VecT = typename Simd<Acc>::V;
+
+template <class Acc>
+inline VecT<Acc> loadu(const Acc* p) {
+  VecT<Acc> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <class Acc>
+inline void storeu(Acc* p, VecT<Acc> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <class Acc, size_t... L>
+inline VecT<Acc> splat_impl(Acc s, std::index_sequence<L...>) {
+  return VecT<Acc>{((void)L, s)...};
+}
+// A vector constructor with every lane s: one broadcast instruction. (A lane-by-lane loop can
+// be assembled through the stack by the SLP vectoriser, with a store-forwarding stall.)
+template <class Acc>
+inline VecT<Acc> splat(Acc s) {
+  return splat_impl<Acc>(s, std::make_index_sequence<Simd<Acc>::W>{});
+}
+template <class Acc>
+inline VecT<Acc> vmax(VecT<Acc> a, VecT<Acc> b) {
+  return a > b ? a : b;
+}
+
+// Horizontal reductions by halving (log2(W) steps).
+template <class Acc, int BYTES>
+struct VecOf {
+  typedef Acc V __attribute__((vector_size(BYTES)));
+};
+template <class Acc, int BYTES, bool kMax>
+inline Acc reduce_tree(typename VecOf<Acc, BYTES>::V v) {
+  if constexpr (BYTES == static_cast<int>(sizeof(Acc))) {
+    return v[0];
+  } else {
+    typedef typename VecOf<Acc, BYTES / 2>::V H;
+    H lo, hi;
+    std::memcpy(&lo, &v, sizeof(H));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(H), sizeof(H));
+    H m;
+    if constexpr (kMax) {
+      m = lo > hi ? lo : hi;
+    } else {
+      m = lo + hi;
+    }
+    return reduce_tree<Acc, BYTES / 2, kMax>(m);
+  }
+}
+template <class Acc>
+inline Acc hsum(VecT<Acc> v) {
+  return reduce_tree<Acc, GMATTN_VECTOR_BYTES, false>(v);
+}
+template <class Acc>
+inline Acc hmax(VecT<Acc> v) {
+  return reduce_tree<Acc, GMATTN_VECTOR_BYTES, true>(v);
+}
+
+// exp(x) for x <= 0 (softmax after max subtraction); exactly 0 below -87. Float: range
+// reduction x = n ln2 + r (round-to-nearest n by the 1.5 * 2^23 trick, pure arithmetic so it
+// vectorises in every build), degree-7 polynomial; relative error below 2e-7.
+inline VecT<float> exp_nonpositive(VecT<float> x) {
+  using V = VecT<float>;
+  using I = Simd<float>::I;
+  const V lo = splat(-87.0f);
+  const V xc = x < lo ? lo : x;
+  const V magic = splat(12582912.0f);  // 1.5 * 2^23
+  const V y = xc * 1.44269504088896341f + magic;
+  const V n = y - magic;
+  V r = xc - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187e-06f;
+  V p = splat(1.0f / 5040.0f);
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  I yi, mi;
+  std::memcpy(&yi, &y, sizeof(y));
+  std::memcpy(&mi, &magic, sizeof(magic));
+  const I e = ((yi - mi) + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &e, sizeof(e));
+  const V res = p * scale;
+  return x < lo ? V{} : res;
+}
+inline VecT<double> exp_nonpositive(VecT<double> x) {
+  VecT<double> r;
+  for (int l = 0; l < Simd<double>::W; ++l) r[l] = x[l] < -745.0 ? 0.0 : std::exp(x[l]);
+  return r;
+}
+
+}  // namespace GMATTN_ISA
+}  // namespace cpu_detail
+}  // namespace gmattn
