@@ -1,0 +1,35 @@
+"""The benchmark scripts run end to end (tiny sizes) and write what they promise."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_cpu_benchmark_quick(tmp_path):
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cpu.py"), "--quick", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["quick"] is True
+    for section in ("issue2", "matmul", "scaling", "shapes", "threads", "memory"):
+        assert section in data and data[section], section
+    assert data["matmul"]["gflops"] > 0
+    assert all("met" in t and "value" in t for t in data["targets"])
+    for png in ("time_vs_n.png", "matmul_fraction.png", "memory_vs_n.png"):
+        assert (tmp_path / png).stat().st_size > 1000, png
+    assert "Targets" in res.stdout
+
+
+def test_gpu_check_without_gpu_says_so():
+    import torch
+
+    if torch.cuda.is_available():
+        return  # on a GPU machine the script itself is the check
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--skip-tests"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "no CUDA GPU" in res.stdout
