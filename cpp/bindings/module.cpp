@@ -370,16 +370,11 @@ gmattn::Options make_options(gmattn::DType dtype, bool causal, double eps, doubl
   return o;
 }
 
-void forward(py::handle q, py::handle k, py::handle v, py::handle mu, py::handle omega, py::handle alpha,
-             py::handle mask, py::handle S0, py::handle z0, py::handle out, py::handle S_final,
-             py::handle z_final, py::handle gq, py::handle gk, py::handle den, bool causal, double eps,
-             double sigma_eps, int num_threads, int64_t stream) {
-  Call c = start_call(q, v, mu, stream);
-  const auto& d = c.dims;
-  gmattn::ForwardArgs a;
-  a.dims = d;
-  a.dtype = c.dtype;
-  a.opt = make_options(c.dtype, causal, eps, sigma_eps, num_threads, stream, true);
+// The forward pass's inputs, shared by ForwardArgs and BackwardArgs (same member names).
+template <class Args>
+void import_forward_inputs(Call& c, Args& a, py::handle q, py::handle k, py::handle v, py::handle mu,
+                           py::handle omega, py::handle alpha, py::handle mask, py::handle S0, py::handle z0) {
+  const gmattn::Dims& d = c.dims;
   a.q = c.view(q, {"q", {d.B, d.N, d.H, d.D}, Kind::kInput, false, false}, false);
   a.k = c.view(k, {"k", {d.B, d.N, d.H, d.D}, Kind::kInput, false, false}, false);
   a.v = c.view(v, {"v", {d.B, d.N, d.H, d.Dv}, Kind::kInput, false, false}, false);
@@ -390,6 +385,19 @@ void forward(py::handle q, py::handle k, py::handle v, py::handle mu, py::handle
   a.S0 = c.view(S0, {"initial_state[0] (S)", {d.B, d.H, d.K, d.Dv}, Kind::kAccumulator, false, false}, true);
   a.z0 = c.view(z0, {"initial_state[1] (z)", {d.B, d.H, d.K}, Kind::kAccumulator, false, false}, true);
   if (a.S0.present() != a.z0.present()) fail("initial_state", "must give both S and z, or neither");
+}
+
+void forward(py::handle q, py::handle k, py::handle v, py::handle mu, py::handle omega, py::handle alpha,
+             py::handle mask, py::handle S0, py::handle z0, py::handle out, py::handle S_final,
+             py::handle z_final, py::handle gq, py::handle gk, py::handle den, bool causal, double eps,
+             double sigma_eps, int num_threads, int64_t stream) {
+  Call c = start_call(q, v, mu, stream);
+  const auto& d = c.dims;
+  gmattn::ForwardArgs a;
+  a.dims = d;
+  a.dtype = c.dtype;
+  a.opt = make_options(c.dtype, causal, eps, sigma_eps, num_threads, stream, true);
+  import_forward_inputs(c, a, q, k, v, mu, omega, alpha, mask, S0, z0);
   a.out = c.view(out, {"out", {d.B, d.N, d.H, d.Dv}, Kind::kInput, true, true}, false);
   a.S_final = c.view(S_final, {"S_final", {d.B, d.H, d.K, d.Dv}, Kind::kAccumulator, true, true}, true);
   a.z_final = c.view(z_final, {"z_final", {d.B, d.H, d.K}, Kind::kAccumulator, true, true}, true);
@@ -421,16 +429,7 @@ void backward(py::handle q, py::handle k, py::handle v, py::handle mu, py::handl
   a.dims = d;
   a.dtype = c.dtype;
   a.opt = make_options(c.dtype, causal, eps, sigma_eps, num_threads, stream, deterministic);
-  a.q = c.view(q, {"q", {d.B, d.N, d.H, d.D}, Kind::kInput, false, false}, false);
-  a.k = c.view(k, {"k", {d.B, d.N, d.H, d.D}, Kind::kInput, false, false}, false);
-  a.v = c.view(v, {"v", {d.B, d.N, d.H, d.Dv}, Kind::kInput, false, false}, false);
-  a.mu = c.view(mu, {"mu", {d.H, d.K, d.D}, Kind::kAccumulator, false, false}, false);
-  a.omega = c.view(omega, {"omega", {d.H, d.K, d.D}, Kind::kAccumulator, false, false}, false);
-  a.alpha = c.view(alpha, {"alpha", {d.H, d.K}, Kind::kAccumulator, false, false}, false);
-  a.mask = c.view(mask, {"key_padding_mask", {d.B, d.N}, Kind::kMask, false, false}, true);
-  a.S0 = c.view(S0, {"initial_state[0] (S)", {d.B, d.H, d.K, d.Dv}, Kind::kAccumulator, false, false}, true);
-  a.z0 = c.view(z0, {"initial_state[1] (z)", {d.B, d.H, d.K}, Kind::kAccumulator, false, false}, true);
-  if (a.S0.present() != a.z0.present()) fail("initial_state", "must give both S and z, or neither");
+  import_forward_inputs(c, a, q, k, v, mu, omega, alpha, mask, S0, z0);
   a.out = c.view(out, {"out", {d.B, d.N, d.H, d.Dv}, Kind::kInput, false, false}, false);
   a.gq = c.view(gq, {"gq", {d.B, d.H, d.N, d.K}, Kind::kAccumulator, false, false}, false);
   a.gk = c.view(gk, {"gk", {d.B, d.H, d.N, d.K}, Kind::kAccumulator, false, false}, false);
