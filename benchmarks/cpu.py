@@ -322,7 +322,7 @@ class Bench:
         impls = ("core", "chunked", "sdpa")
         cells = [(N, causal, bwd) for N in Ns for causal in (True, False) for bwd in (False, True)]
         rows = []
-        reps = lambda N: 3 if N >= 16384 else 5  # noqa: E731
+        reps = lambda N: 2 if self.quick else (3 if N >= 16384 else 5)  # noqa: E731
         p = self._progress(sum((reps(N) + 1) * len(impls) for N, _, _ in cells), "issue2")
         for N, causal, bwd in cells:
             calls = {impl: make_call(impl, 1, N, H, K, D, D, causal, bwd) for impl in impls}
@@ -345,7 +345,7 @@ class Bench:
         torch = self.torch
         n = 256 if self.quick else 4096
         a, b = torch.randn(n, n), torch.randn(n, n)
-        times = run_cell({"matmul": lambda: torch.matmul(a, b)}, 3 if self.quick else 7)["matmul"]
+        times = run_cell({"matmul": lambda: torch.matmul(a, b)}, 2 if self.quick else 7)["matmul"]
         t = med(times)
         self.results["matmul"] = {"n": n, "seconds": t, "gflops": 2.0 * n ** 3 / t / 1e9, "all_s": times}
 
@@ -355,7 +355,7 @@ class Bench:
         H, D, K = self.H, self.D, self.K
         rows = []
         cells = [(N, causal, bwd) for N in Ns for causal in (True, False) for bwd in (False, True)]
-        reps = 3
+        reps = 2 if self.quick else 3
         p = self._progress(len(cells) * (reps + 1), "scaling")
         for N, causal, bwd in cells:
             call = make_call("core", 1, N, H, K, D, D, causal, bwd)
@@ -377,7 +377,7 @@ class Bench:
         H = self.H
         rows = []
         cells = [(K, D, bwd) for K in Ks for D in Ds for bwd in (False, True)]
-        reps = 3
+        reps = 2 if self.quick else 3
         p = self._progress(len(cells) * 2 * (reps + 1) + 4 * (reps + 1), "shapes")
         for K, D, bwd in cells:
             calls = {impl: make_call(impl, 1, N, H, K, D, D, True, bwd) for impl in ("core", "chunked")}
@@ -406,16 +406,22 @@ class Bench:
         configs = [(8, 256), (1, 1024)] if self.quick else [(8, 16384), (1, 65536)]  # (H, N)
         D, K = self.D, self.K
         rows = []
-        reps = 3
+        reps = 2 if self.quick else 5
         p = self._progress(len(configs) * 2 * 2 * (reps + 1), "threads")
         try:
             for H, N in configs:
                 for bwd in (False, True):
                     call = make_call("core", 1, N, H, K, D, D, True, bwd)
-                    res = {}
-                    for nt in (1, tmax):
-                        torch.set_num_threads(nt)
-                        res[nt] = med(run_cell({"core": call}, reps, p)["core"])
+
+                    def with_threads(nt):
+                        def run():
+                            torch.set_num_threads(nt)
+                            call()
+                        return run
+
+                    # interleaved (1, tmax, 1, tmax, ...) so a load change hits both alike
+                    times = run_cell({1: with_threads(1), tmax: with_threads(tmax)}, reps, p)
+                    res = {nt: med(ts) for nt, ts in times.items()}
                     rows.append({"B": 1, "H": H, "N": N, "causal": True, "mode": "fwd+bwd" if bwd else "fwd",
                                  "t1_s": res[1], f"t{tmax}_s": res[tmax], "threads": tmax,
                                  "speedup": res[1] / res[tmax]})
@@ -594,13 +600,12 @@ class Bench:
                         for impl, color in (("chunked", "tab:orange"), ("sdpa", "tab:red")):
                             ax.plot([x["N"] for x in xs], [x[f"{impl}_s"] for x in xs], ls, marker="o", color=color,
                                     label=f"{'reference chunked' if impl == 'chunked' else 'SDPA'} {tag}")
-                    pts = {}
-                    for src in ("issue2", "scaling"):
-                        for x in r.get(src, {}).get("rows", []):
-                            if x["mode"] == mode and x["causal"] == causal:
-                                pts[x["N"]] = x["core_s"]
-                    ns = sorted(pts)
-                    ax.plot(ns, [pts[n] for n in ns], ls, marker="s", color="tab:blue", label=f"gmattn core {tag}")
+                    for src, color, marker, what in (("issue2", "tab:blue", "s", "side by side"),
+                                                     ("scaling", "tab:cyan", "x", "scaling run")):
+                        xs = [x for x in r.get(src, {}).get("rows", []) if x["mode"] == mode and x["causal"] == causal]
+                        if xs:
+                            ax.plot([x["N"] for x in xs], [x["core_s"] for x in xs], ls, marker=marker, color=color,
+                                    label=f"gmattn core {tag} ({what})")
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
                 ax.set_xlabel("N (tokens)")

@@ -8,13 +8,15 @@
 // is carried across chunks; backward recomputes what it needs from the saved responsibilities
 // with one forward scan (dq) and one reverse scan (dk, dv).
 //
-// Parallelism. Tasks are (pair, segment) with a segment a contiguous range of chunks. With at
-// least as many pairs as threads (and an even split) a pair is one segment. Otherwise every
-// pair is cut into segments and the scans run in two passes: pass 1 computes each segment's
-// state sums in parallel, a short serial prefix (suffix for the backward scan) turns them into
-// each segment's starting state, pass 2 runs the segments in parallel from those states.
-// Parameter gradients go to one slot per task and are summed in a fixed order afterwards, so
-// results are bit-identical run to run at a fixed thread count.
+// Parallelism. A task is (batch, group of heads, segment of chunks). The heads of a group run in
+// lockstep, chunk by chunk, so a task reads and writes each token's rows of all its heads together
+// (contiguous in the (B, N, H, D) layout: fewer pages and streams than one head at a time). With
+// enough (batch, head) pairs for the threads, a segment is the whole sequence; with fewer pairs
+// than threads (or an uneven split) every pair is cut into segments and the scans run in two
+// passes: pass 1 computes each segment's state sums in parallel, a short serial prefix (suffix
+// for the backward scan) turns them into each segment's starting state, pass 2 runs the segments
+// in parallel from those states. Parameter gradients go to one slot per (batch, head, segment) and
+// are summed in a fixed order afterwards: bit-identical results run to run at a fixed thread count.
 //
 // Responsibilities. s[i,k] = log_norm[k] - 0.5 Q[i,k], Q = sum_d lam (x - mu)^2, computed per
 // chunk as Q = sum_d (a x' - b)^2 with a = sqrt(lam), x' = x - c (c: the chunk's mean), and
@@ -220,18 +222,29 @@ inline Plan make_plan(int64_t B, int64_t H, int64_t nchunks, int requested) {
   p.H = H;
   p.nchunks = nchunks;
   const int64_t pairs = B * H;
+  // At least two tasks per thread where possible: on a shared machine a descheduled thread's
+  // work can then move to the other threads (dynamic schedule).
   if (pairs % nt == 0 || pairs >= 4 * nt) {
     // Pairs feed every thread: no segments. Group heads: the largest group that leaves a task
-    // count that is a multiple of the thread count.
-    for (int64_t g = H; g >= 1; --g) {
-      if (H % g == 0 && (B * (H / g)) % nt == 0) {
-        p.group = g;
-        break;
+    // count that is a multiple of the thread count and at least two tasks per thread (failing
+    // that, a multiple of the thread count; failing that, single heads).
+    bool found = false;
+    for (int pass = 0; pass < 2 && !found; ++pass) {
+      for (int64_t g = H; g >= 1; --g) {
+        const int64_t t = B * (H / g);
+        if (H % g == 0 && t % nt == 0 && (pass == 1 || t >= 2 * nt)) {
+          p.group = g;
+          found = true;
+          break;
+        }
       }
     }
   } else {
-    // Too few pairs (or an uneven split): cut each pair into segments of chunks, two-pass scans.
-    p.segs = std::max<int64_t>(1, std::min<int64_t>(nt / std::gcd<int64_t>(pairs, nt), nchunks));
+    // Too few pairs (or an uneven split): cut each pair into segments of chunks, two-pass scans;
+    // the fewest segments giving a multiple of the thread count and two tasks per thread.
+    int64_t segs = 1;
+    while (!((pairs * segs) % nt == 0 && pairs * segs >= 2 * nt)) ++segs;
+    p.segs = std::max<int64_t>(1, std::min<int64_t>(segs, nchunks));
   }
   p.tasks = B * (H / p.group) * p.segs;
   p.lanes = B * H * p.segs;
@@ -418,6 +431,12 @@ template <class Acc>
 void quad(int64_t rows, int64_t nvec, int64_t D, const Acc* x, int64_t ldx, const Acc* aT, const Acc* bT,
           int64_t ldk, Acc* Q, int64_t ldq) {
   constexpr int W = Simd<Acc>::W;
+  if (nvec == 1) {  // one vector of components (K <= W): taller tiles keep the FMA units busy
+    int64_t i0 = 0;
+    for (; i0 + 8 <= rows; i0 += 8) quad_micro<Acc, 8, 1>(D, x + i0 * ldx, ldx, aT, bT, ldk, Q + i0 * ldq, ldq);
+    for (; i0 < rows; ++i0) quad_micro<Acc, 1, 1>(D, x + i0 * ldx, ldx, aT, bT, ldk, Q + i0 * ldq, ldq);
+    return;
+  }
   for (int64_t i0 = 0; i0 < rows; i0 += kQuadMR) {
     const int mr = static_cast<int>(std::min<int64_t>(kQuadMR, rows - i0));
     for (int64_t v0 = 0; v0 < nvec; v0 += kQuadNV) {
@@ -754,63 +773,57 @@ void forward_typed(const ForwardArgs& a) {
   };
 
   // Pass 1: key responsibilities and each lane's state sums.
-  if (two_pass) {
-#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
-    for (int64_t task = 0; task < pl.tasks; ++task) {
-      int64_t b, h0, sg;
-      pl.task(task, b, h0, sg);
-      Workspace<Acc>& w = ws[omp_get_thread_num()];
-      for (int64_t l = 0; l < G; ++l) {
-        const int64_t ln = pl.lane(b, h0 + l, sg);
-        std::fill(seg_S.begin() + ln * SS, seg_S.begin() + (ln + 1) * SS, Acc(0));
-        std::fill(seg_z.begin() + ln * Kp, seg_z.begin() + (ln + 1) * Kp, Acc(0));
-      }
-      for (int64_t c = pl.first(sg); c < pl.last(sg); ++c) {
-        const int64_t row0 = c * C, n = std::min(C, N - row0);
-        for (int64_t h = h0; h < h0 + G; ++h) {
-          const int64_t ln = pl.lane(b, h, sg);
-          route_keys(w, heads[h], b, h, row0, n);
-          if (save) {
-            write_saved(a.gk, b, h, row0, n, K, w.gk, Kp);
-          } else if (!gk_store.empty()) {
-            std::memcpy(gk_store.data() + ((b * s.H + h) * N + row0) * Kp, w.gk, n * Kp * sizeof(Acc));
-          }
-          state_update(s, w.gk, w.v, n, seg_S.data() + ln * SS, seg_z.data() + ln * Kp);
+  auto pass1 = [&](int64_t task) {
+    int64_t b, h0, sg;
+    pl.task(task, b, h0, sg);
+    Workspace<Acc>& w = ws[omp_get_thread_num()];
+    for (int64_t l = 0; l < G; ++l) {
+      const int64_t ln = pl.lane(b, h0 + l, sg);
+      std::fill(seg_S.begin() + ln * SS, seg_S.begin() + (ln + 1) * SS, Acc(0));
+      std::fill(seg_z.begin() + ln * Kp, seg_z.begin() + (ln + 1) * Kp, Acc(0));
+    }
+    for (int64_t c = pl.first(sg); c < pl.last(sg); ++c) {
+      const int64_t row0 = c * C, n = std::min(C, N - row0);
+      for (int64_t h = h0; h < h0 + G; ++h) {
+        const int64_t ln = pl.lane(b, h, sg);
+        route_keys(w, heads[h], b, h, row0, n);
+        if (save) {
+          write_saved(a.gk, b, h, row0, n, K, w.gk, Kp);
+        } else if (!gk_store.empty()) {
+          std::memcpy(gk_store.data() + ((b * s.H + h) * N + row0) * Kp, w.gk, n * Kp * sizeof(Acc));
         }
+        state_update(s, w.gk, w.v, n, seg_S.data() + ln * SS, seg_z.data() + ln * Kp);
       }
     }
-  }
+  };
 
-  // Starting state of every lane: causal, the initial state plus the sums of the segments
-  // before; bidirectional, the initial state plus all the sums (the state every query reads).
+  // Starting state of every lane of pair (b, h): causal, the initial state plus the sums of the
+  // segments before; bidirectional, the initial state plus all the sums (what every query reads).
   std::vector<Acc> start_S(pl.lanes * SS), start_z(pl.lanes * Kp);
-  for (int64_t b = 0; b < s.B; ++b) {
-    for (int64_t h = 0; h < s.H; ++h) {
-      std::vector<Acc> runS(SS), runz(Kp);
-      read_state(a.S0, a.z0, b, h, K, Dv, Kp, Dvp, runS.data(), runz.data());
-      if (!causal) {
-        for (int64_t sg = 0; sg < pl.segs; ++sg) {
-          const int64_t ln = pl.lane(b, h, sg);
-          for (int64_t i = 0; i < SS; ++i) runS[i] += seg_S[ln * SS + i];
-          for (int64_t i = 0; i < Kp; ++i) runz[i] += seg_z[ln * Kp + i];
-        }
-        write_state(a.S_final, a.z_final, b, h, K, Dv, Dvp, runS.data(), runz.data());
-      }
+  auto starts = [&](int64_t b, int64_t h) {
+    std::vector<Acc> runS(SS), runz(Kp);
+    read_state(a.S0, a.z0, b, h, K, Dv, Kp, Dvp, runS.data(), runz.data());
+    if (!causal) {
       for (int64_t sg = 0; sg < pl.segs; ++sg) {
         const int64_t ln = pl.lane(b, h, sg);
-        std::copy(runS.begin(), runS.end(), start_S.begin() + ln * SS);
-        std::copy(runz.begin(), runz.end(), start_z.begin() + ln * Kp);
-        if (causal && two_pass) {
-          for (int64_t i = 0; i < SS; ++i) runS[i] += seg_S[ln * SS + i];
-          for (int64_t i = 0; i < Kp; ++i) runz[i] += seg_z[ln * Kp + i];
-        }
+        for (int64_t i = 0; i < SS; ++i) runS[i] += seg_S[ln * SS + i];
+        for (int64_t i = 0; i < Kp; ++i) runz[i] += seg_z[ln * Kp + i];
+      }
+      write_state(a.S_final, a.z_final, b, h, K, Dv, Dvp, runS.data(), runz.data());
+    }
+    for (int64_t sg = 0; sg < pl.segs; ++sg) {
+      const int64_t ln = pl.lane(b, h, sg);
+      std::copy(runS.begin(), runS.end(), start_S.begin() + ln * SS);
+      std::copy(runz.begin(), runz.end(), start_z.begin() + ln * Kp);
+      if (causal && two_pass) {
+        for (int64_t i = 0; i < SS; ++i) runS[i] += seg_S[ln * SS + i];
+        for (int64_t i = 0; i < Kp; ++i) runz[i] += seg_z[ln * Kp + i];
       }
     }
-  }
+  };
 
   // Pass 2: queries read the state (and, causal, the chunk itself), the state moves on.
-#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
-  for (int64_t task = 0; task < pl.tasks; ++task) {
+  auto pass2 = [&](int64_t task) {
     int64_t b, h0, sg;
     pl.task(task, b, h0, sg);
     Workspace<Acc>& w = ws[omp_get_thread_num()];
@@ -870,6 +883,26 @@ void forward_typed(const ForwardArgs& a) {
         write_state(a.S_final, a.z_final, b, h0 + l, K, Dv, Dvp, w.lS.data() + l * SS, w.lz.data() + l * Kp);
       }
     }
+  };
+
+  if (pl.segs == 1) {
+    // A task owns whole sequences: both passes in one parallel region, no barrier between.
+#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
+    for (int64_t task = 0; task < pl.tasks; ++task) {
+      if (two_pass) pass1(task);
+      int64_t b, h0, sg;
+      pl.task(task, b, h0, sg);
+      for (int64_t h = h0; h < h0 + G; ++h) starts(b, h);
+      pass2(task);
+    }
+  } else {
+#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
+    for (int64_t task = 0; task < pl.tasks; ++task) pass1(task);
+    for (int64_t b = 0; b < s.B; ++b) {
+      for (int64_t h = 0; h < s.H; ++h) starts(b, h);
+    }
+#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
+    for (int64_t task = 0; task < pl.tasks; ++task) pass2(task);
   }
 }
 
@@ -953,72 +986,69 @@ void backward_typed(const BackwardArgs& a) {
   const bool two_pass = !causal || pl.segs > 1;
   std::vector<Acc> seg_S(two_pass ? pl.lanes * SS : 0), seg_z(two_pass ? pl.lanes * Kp : 0);
   std::vector<Acc> seg_dS(two_pass ? pl.lanes * SS : 0), seg_dz(two_pass ? pl.lanes * Kp : 0);
-  if (two_pass) {
-#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
-    for (int64_t task = 0; task < pl.tasks; ++task) {
-      int64_t b, h0, sg;
-      pl.task(task, b, h0, sg);
-      Workspace<Acc>& w = ws[omp_get_thread_num()];
-      for (int64_t l = 0; l < G; ++l) {
-        const int64_t ln = pl.lane(b, h0 + l, sg);
-        std::fill(seg_S.begin() + ln * SS, seg_S.begin() + (ln + 1) * SS, Acc(0));
-        std::fill(seg_z.begin() + ln * Kp, seg_z.begin() + (ln + 1) * Kp, Acc(0));
-        std::fill(seg_dS.begin() + ln * SS, seg_dS.begin() + (ln + 1) * SS, Acc(0));
-        std::fill(seg_dz.begin() + ln * Kp, seg_dz.begin() + (ln + 1) * Kp, Acc(0));
-      }
-      for (int64_t c = pl.first(sg); c < pl.last(sg); ++c) {
-        const int64_t row0 = c * C, n = std::min(C, N - row0);
-        for (int64_t h = h0; h < h0 + G; ++h) {
-          const int64_t ln = pl.lane(b, h, sg);
-          load_chunk(w, b, h, row0, n);
-          state_update(s, w.gk, w.v, n, seg_S.data() + ln * SS, seg_z.data() + ln * Kp);
-          state_grad_update(w, n, seg_dS.data() + ln * SS, seg_dz.data() + ln * Kp);
-        }
+  // Pass 1 (bidirectional, or causal cut into segments): each lane's sums S = Gk^T V, z and
+  // dS = Gq^T dnum, dz = Gq^T dden.
+  auto pass1 = [&](int64_t task) {
+    int64_t b, h0, sg;
+    pl.task(task, b, h0, sg);
+    Workspace<Acc>& w = ws[omp_get_thread_num()];
+    for (int64_t l = 0; l < G; ++l) {
+      const int64_t ln = pl.lane(b, h0 + l, sg);
+      std::fill(seg_S.begin() + ln * SS, seg_S.begin() + (ln + 1) * SS, Acc(0));
+      std::fill(seg_z.begin() + ln * Kp, seg_z.begin() + (ln + 1) * Kp, Acc(0));
+      std::fill(seg_dS.begin() + ln * SS, seg_dS.begin() + (ln + 1) * SS, Acc(0));
+      std::fill(seg_dz.begin() + ln * Kp, seg_dz.begin() + (ln + 1) * Kp, Acc(0));
+    }
+    for (int64_t c = pl.first(sg); c < pl.last(sg); ++c) {
+      const int64_t row0 = c * C, n = std::min(C, N - row0);
+      for (int64_t h = h0; h < h0 + G; ++h) {
+        const int64_t ln = pl.lane(b, h, sg);
+        load_chunk(w, b, h, row0, n);
+        state_update(s, w.gk, w.v, n, seg_S.data() + ln * SS, seg_z.data() + ln * Kp);
+        state_grad_update(w, n, seg_dS.data() + ln * SS, seg_dz.data() + ln * Kp);
       }
     }
-  }
+  };
 
   // Per lane: the state before its first chunk (S, z) and the state gradient after its last
   // chunk (dS, dz). Bidirectional: the totals, for every lane.
   std::vector<Acc> start_S(pl.lanes * SS), start_z(pl.lanes * Kp), end_dS(pl.lanes * SS), end_dz(pl.lanes * Kp);
-  for (int64_t b = 0; b < s.B; ++b) {
-    for (int64_t h = 0; h < s.H; ++h) {
-      std::vector<Acc> runS(SS), runz(Kp), rundS(SS), rundz(Kp);
-      read_state(a.S0, a.z0, b, h, K, Dv, Kp, Dvp, runS.data(), runz.data());
-      read_state(a.dS_final, a.dz_final, b, h, K, Dv, Kp, Dvp, rundS.data(), rundz.data());
-      if (!causal) {
-        for (int64_t sg = 0; sg < pl.segs; ++sg) {
-          const int64_t ln = pl.lane(b, h, sg);
-          for (int64_t i = 0; i < SS; ++i) runS[i] += seg_S[ln * SS + i], rundS[i] += seg_dS[ln * SS + i];
-          for (int64_t i = 0; i < Kp; ++i) runz[i] += seg_z[ln * Kp + i], rundz[i] += seg_dz[ln * Kp + i];
-        }
-        // Every query read S0: dS0 = dS_final + sum_i Gq^T dnum.
-        write_state(a.dS0, a.dz0, b, h, K, Dv, Dvp, rundS.data(), rundz.data());
-      }
+  auto starts = [&](int64_t b, int64_t h) {
+    std::vector<Acc> runS(SS), runz(Kp), rundS(SS), rundz(Kp);
+    read_state(a.S0, a.z0, b, h, K, Dv, Kp, Dvp, runS.data(), runz.data());
+    read_state(a.dS_final, a.dz_final, b, h, K, Dv, Kp, Dvp, rundS.data(), rundz.data());
+    if (!causal) {
       for (int64_t sg = 0; sg < pl.segs; ++sg) {
         const int64_t ln = pl.lane(b, h, sg);
-        std::copy(runS.begin(), runS.end(), start_S.begin() + ln * SS);
-        std::copy(runz.begin(), runz.end(), start_z.begin() + ln * Kp);
-        if (causal && two_pass) {
-          for (int64_t i = 0; i < SS; ++i) runS[i] += seg_S[ln * SS + i];
-          for (int64_t i = 0; i < Kp; ++i) runz[i] += seg_z[ln * Kp + i];
-        }
+        for (int64_t i = 0; i < SS; ++i) runS[i] += seg_S[ln * SS + i], rundS[i] += seg_dS[ln * SS + i];
+        for (int64_t i = 0; i < Kp; ++i) runz[i] += seg_z[ln * Kp + i], rundz[i] += seg_dz[ln * Kp + i];
       }
-      for (int64_t sg = pl.segs - 1; sg >= 0; --sg) {
-        const int64_t ln = pl.lane(b, h, sg);
-        std::copy(rundS.begin(), rundS.end(), end_dS.begin() + ln * SS);
-        std::copy(rundz.begin(), rundz.end(), end_dz.begin() + ln * Kp);
-        if (causal && two_pass) {
-          for (int64_t i = 0; i < SS; ++i) rundS[i] += seg_dS[ln * SS + i];
-          for (int64_t i = 0; i < Kp; ++i) rundz[i] += seg_dz[ln * Kp + i];
-        }
-      }
-      if (causal && two_pass) write_state(a.dS0, a.dz0, b, h, K, Dv, Dvp, rundS.data(), rundz.data());
+      // Every query read S0: dS0 = dS_final + sum_i Gq^T dnum.
+      write_state(a.dS0, a.dz0, b, h, K, Dv, Dvp, rundS.data(), rundz.data());
     }
-  }
+    for (int64_t sg = 0; sg < pl.segs; ++sg) {
+      const int64_t ln = pl.lane(b, h, sg);
+      std::copy(runS.begin(), runS.end(), start_S.begin() + ln * SS);
+      std::copy(runz.begin(), runz.end(), start_z.begin() + ln * Kp);
+      if (causal && two_pass) {
+        for (int64_t i = 0; i < SS; ++i) runS[i] += seg_S[ln * SS + i];
+        for (int64_t i = 0; i < Kp; ++i) runz[i] += seg_z[ln * Kp + i];
+      }
+    }
+    for (int64_t sg = pl.segs - 1; sg >= 0; --sg) {
+      const int64_t ln = pl.lane(b, h, sg);
+      std::copy(rundS.begin(), rundS.end(), end_dS.begin() + ln * SS);
+      std::copy(rundz.begin(), rundz.end(), end_dz.begin() + ln * Kp);
+      if (causal && two_pass) {
+        for (int64_t i = 0; i < SS; ++i) rundS[i] += seg_dS[ln * SS + i];
+        for (int64_t i = 0; i < Kp; ++i) rundz[i] += seg_dz[ln * Kp + i];
+      }
+    }
+    if (causal && two_pass) write_state(a.dS0, a.dz0, b, h, K, Dv, Dvp, rundS.data(), rundz.data());
+  };
 
-#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
-  for (int64_t task = 0; task < pl.tasks; ++task) {
+  // Pass 2: the gradients, chunk by chunk.
+  auto pass2 = [&](int64_t task) {
     int64_t b, h0, sg;
     pl.task(task, b, h0, sg);
     Workspace<Acc>& w = ws[omp_get_thread_num()];
@@ -1116,6 +1146,26 @@ void backward_typed(const BackwardArgs& a) {
         }
       }
     }
+  };
+
+  if (pl.segs == 1) {
+    // A task owns whole sequences: both passes in one parallel region, no barrier between.
+#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
+    for (int64_t task = 0; task < pl.tasks; ++task) {
+      if (two_pass) pass1(task);
+      int64_t b, h0, sg;
+      pl.task(task, b, h0, sg);
+      for (int64_t h = h0; h < h0 + G; ++h) starts(b, h);
+      pass2(task);
+    }
+  } else {
+#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
+    for (int64_t task = 0; task < pl.tasks; ++task) pass1(task);
+    for (int64_t b = 0; b < s.B; ++b) {
+      for (int64_t h = 0; h < s.H; ++h) starts(b, h);
+    }
+#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
+    for (int64_t task = 0; task < pl.tasks; ++task) pass2(task);
   }
 
   // Parameter gradients: sum the lane slots of each head in a fixed order.

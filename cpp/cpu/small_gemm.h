@@ -92,6 +92,14 @@ inline void gemm(int64_t M, int64_t nvec, int64_t depth, const Acc* A, int64_t a
   constexpr int MR = kGemmMR;
   constexpr int NV = kGemmNV;
   constexpr int W = Simd<Acc>::W;
+  if (nvec == 1 && tri == Tri::kNone) {  // one vector of columns: taller tiles
+    int64_t i0 = 0;
+    for (; i0 + 8 <= M; i0 += 8) {
+      gemm_micro<Acc, 8, 1>(0, depth, A + i0 * a_rs, a_rs, a_ps, B, ldb, C + i0 * ldc, ldc, accumulate);
+    }
+    for (; i0 < M; ++i0) gemm_micro<Acc, 1, 1>(0, depth, A + i0 * a_rs, a_rs, a_ps, B, ldb, C + i0 * ldc, ldc, accumulate);
+    return;
+  }
   for (int64_t i0 = 0; i0 < M; i0 += MR) {
     const int mr = static_cast<int>(std::min<int64_t>(MR, M - i0));
     int64_t p0 = 0, p1 = depth, nv_end = nvec;
