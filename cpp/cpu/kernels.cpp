@@ -330,28 +330,28 @@ struct Workspace {
   Acc *gq, *gk, *gkT, *dgq, *dgk;          // C x Kp (x2), Kp x C, C x Kp (x2)
   Acc *A, *Bm;                             // C x C
   Acc *den, *dden;                         // C
-  Acc *S, *z, *dS, *dz, *ST, *dST;         // Kp x Dvp, Kp, Kp x Dvp, Kp, Dvp x Kp (x2)
+  Acc *delta, *ST, *dST;                   // one chunk's state sums (Kp x Dvp + Kp), Dvp x Kp (x2)
+  Acc *psum;                               // one chunk's parameter-gradient sums (ParamSums::size)
   Acc* dx;                                 // C x Dp
   uint8_t keep[kChunk];
   std::vector<Acc> storage;
-  // Per-lane states of the task being run (group x Kp x Dvp, group x Kp, ...).
-  std::vector<Acc> lS, lz, ldS, ldz, lST, ldST;
+  // Per-lane running states of the task being run, each with its compensation (see
+  // accumulate_state): group x 2 (Kp x Dvp + Kp); transposed states, group x Dvp x Kp.
+  std::vector<Acc> lstate, ldstate, lST, ldST;
 
   Workspace(const Shape& s, int64_t group) {
     const int64_t SS = s.Kp * s.Dvp;
-    lS.assign(group * SS, Acc(0));
-    lz.assign(group * s.Kp, Acc(0));
-    ldS.assign(group * SS, Acc(0));
-    ldz.assign(group * s.Kp, Acc(0));
+    lstate.assign(group * 2 * (SS + s.Kp), Acc(0));
+    ldstate.assign(group * 2 * (SS + s.Kp), Acc(0));
     lST.assign(group * SS, Acc(0));
     ldST.assign(group * SS, Acc(0));
     const int64_t C = s.C, Kp = s.Kp, Dp = s.Dp, Dvp = s.Dvp;
-    const int64_t sizes[] = {C * Dp,  C * Dp,  C * Dp,  C,       Dp,      Dp * Kp, Kp,      C * Dvp, C * Dvp,
-                             C * Dvp, C * Dvp, C * Dvp, Dvp * C, C * Kp,  C * Kp,  Kp * C,  C * Kp,  C * Kp,
-                             C * C,   C * C,   C,       C,       Kp * Dvp, Kp,     Kp * Dvp, Kp,     Dvp * Kp,
-                             Dvp * Kp, C * Dp};
+    const int64_t sizes[] = {C * Dp,  C * Dp,  C * Dp,  C,       Dp,      Dp * Kp,      Kp,       C * Dvp,
+                             C * Dvp, C * Dvp, C * Dvp, C * Dvp, Dvp * C, C * Kp,       C * Kp,   Kp * C,
+                             C * Kp,  C * Kp,  C * C,   C * C,   C,       C,            SS + Kp,  Dvp * Kp,
+                             Dvp * Kp, 2 * Kp * Dp + Kp, C * Dp};
     Acc** slots[] = {&xq, &xk, &xc, &xn, &cen, &bT, &mk, &v, &o, &g, &num, &dnum, &vT, &gq, &gk, &gkT, &dgq,
-                     &dgk, &A, &Bm, &den, &dden, &S, &z, &dS, &dz, &ST, &dST, &dx};
+                     &dgk, &A, &Bm, &den, &dden, &delta, &ST, &dST, &psum, &dx};
     static_assert(sizeof(sizes) / sizeof(sizes[0]) == sizeof(slots) / sizeof(slots[0]), "workspace slots");
     constexpr int64_t kAlign = 64 / sizeof(Acc);
     int64_t total = kAlign;
@@ -674,29 +674,34 @@ void density_tile(int64_t n, int64_t Dp, const Acc* x, const Acc* ds, int64_t Kp
   }
 }
 
-// Per-task parameter sums: t1, t2 (K x Dp), ds_sum (Kp).
+// Parameter-gradient sums of one lane: t1, t2 (K x Dp) and ds_sum (Kp), followed by their
+// compensation terms (add_compensated): each chunk's sums are formed in the workspace, then added.
 template <class Acc>
 struct ParamSums {
-  Acc* t1;
-  Acc* t2;
-  Acc* ds_sum;
+  static int64_t size(const Shape& s) { return 2 * s.K * s.Dp + s.Kp; }
+  Acc* lane;  // 2 * size values
 };
 
 template <class Acc>
 void density_backward(const Head<Acc>& hd, const Shape& s, const Acc* x, const Acc* ds, int64_t n, Acc* dx,
-                      ParamSums<Acc> sums) {
-  const int64_t K = s.K, Kp = s.Kp, Dp = s.Dp;
+                      ParamSums<Acc> sums, Acc* chunk_sums) {
+  const int64_t K = s.K, Kp = s.Kp, Dp = s.Dp, size = ParamSums<Acc>::size(s);
+  Acc* t1 = chunk_sums;
+  Acc* t2 = t1 + K * Dp;
+  Acc* ds_sum = t2 + K * Dp;
+  std::fill(chunk_sums, chunk_sums + size, Acc(0));
   int64_t k0 = 0;
   for (; k0 + kDensKT <= K; k0 += kDensKT) {
-    density_tile<Acc, kDensKT>(n, Dp, x, ds, Kp, k0, hd.mu.data(), hd.lam.data(), dx, sums.t1, sums.t2, k0 == 0);
+    density_tile<Acc, kDensKT>(n, Dp, x, ds, Kp, k0, hd.mu.data(), hd.lam.data(), dx, t1, t2, k0 == 0);
   }
   for (; k0 < K; ++k0) {
-    density_tile<Acc, 1>(n, Dp, x, ds, Kp, k0, hd.mu.data(), hd.lam.data(), dx, sums.t1, sums.t2, k0 == 0);
+    density_tile<Acc, 1>(n, Dp, x, ds, Kp, k0, hd.mu.data(), hd.lam.data(), dx, t1, t2, k0 == 0);
   }
   for (int64_t r = 0; r < n; ++r) {
 #pragma omp simd
-    for (int64_t k = 0; k < Kp; ++k) sums.ds_sum[k] += ds[r * Kp + k];
+    for (int64_t k = 0; k < Kp; ++k) ds_sum[k] += ds[r * Kp + k];
   }
+  add_compensated(sums.lane, sums.lane + size, chunk_sums, size);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -708,15 +713,41 @@ void keep_lower(Acc* a, int64_t n, int64_t C) {
   for (int64_t i = 0; i < n; ++i) std::fill(a + i * C + i + 1, a + i * C + C, Acc(0));
 }
 
-// S (Kp x Dvp) += gamma^T V, z += gamma^T 1 over n rows.
+// A running state is S (Kp x Dvp) then z (Kp), followed by as many compensation terms: 2 (SS + Kp)
+// values. Over the n rows of a chunk, S += gamma^T R and z += gamma^T w (w = nullptr: all ones):
+// the chunk's sums are formed in `delta` (SS + Kp), then added compensated, so states summed over
+// a million tokens stay as accurate as over one chunk (numeric.h, add_compensated).
 template <class Acc>
-void state_update(const Shape& s, const Acc* gamma, const Acc* v, int64_t n, Acc* S, Acc* z) {
+void accumulate_state(const Shape& s, const Acc* gamma, const Acc* R, const Acc* w, int64_t n, Acc* state,
+                      Acc* delta);
+// Without weights (w = 1): the state S += gamma^T V, z += gamma^T 1.
+template <class Acc>
+void accumulate_state(const Shape& s, const Acc* gamma, const Acc* V, int64_t n, Acc* state, Acc* delta) {
+  accumulate_state<Acc>(s, gamma, V, nullptr, n, state, delta);
+}
+template <class Acc>
+void accumulate_state(const Shape& s, const Acc* gamma, const Acc* R, const Acc* w, int64_t n, Acc* state,
+                      Acc* delta) {
   constexpr int W = Simd<Acc>::W;
-  gemm(s.K, s.Dvp / W, n, gamma, 1, s.Kp, v, s.Dvp, S, s.Dvp, true);
+  const int64_t SS = s.Kp * s.Dvp, SZ = SS + s.Kp;
+  gemm(s.K, s.Dvp / W, n, gamma, 1, s.Kp, R, s.Dvp, delta, s.Dvp, false);
+  Acc* dz = delta + SS;
+  std::fill(dz, dz + s.Kp, Acc(0));
   for (int64_t r = 0; r < n; ++r) {
+    const Acc wr = w ? w[r] : Acc(1);
 #pragma omp simd
-    for (int64_t k = 0; k < s.Kp; ++k) z[k] += gamma[r * s.Kp + k];
+    for (int64_t k = 0; k < s.Kp; ++k) dz[k] += gamma[r * s.Kp + k] * wr;
   }
+  add_compensated(state, state + SZ, delta, s.K * s.Dvp);  // padding rows K..Kp stay zero
+  add_compensated(state + SS, state + SZ + SS, dz, s.Kp);
+}
+
+// Sets a running state (with zero compensation) from SS + Kp values.
+template <class Acc>
+void set_state(const Shape& s, const Acc* from, Acc* state) {
+  const int64_t SZ = s.Kp * s.Dvp + s.Kp;
+  std::copy(from, from + SZ, state);
+  std::fill(state + SZ, state + 2 * SZ, Acc(0));
 }
 
 template <class Acc>
@@ -744,7 +775,7 @@ void forward_typed(const ForwardArgs& a) {
   constexpr int W = Simd<Acc>::W;
   const Shape s = Shape::make<Acc>(a.dims);
   const int64_t N = s.N, K = s.K, D = s.D, Dv = s.Dv, Kp = s.Kp, Dp = s.Dp, Dvp = s.Dvp, C = s.C;
-  const int64_t SS = Kp * Dvp;
+  const int64_t SS = Kp * Dvp, SZ = SS + Kp;  // a state: S (Kp x Dvp), then z (Kp)
   const Plan pl = make_plan(s.B, s.H, s.nchunks, a.opt.num_threads);
   const int64_t G = pl.group;
   const bool causal = a.opt.causal, save = a.gq.present();
@@ -757,7 +788,7 @@ void forward_typed(const ForwardArgs& a) {
   for (int t = 0; t < pl.nt; ++t) ws.emplace_back(s, G);
 
   const bool two_pass = !causal || pl.segs > 1;
-  std::vector<Acc> seg_S(two_pass ? pl.lanes * SS : 0), seg_z(two_pass ? pl.lanes * Kp : 0);
+  std::vector<Acc> seg(two_pass ? pl.lanes * 2 * SZ : 0);  // each lane's sums, compensated
   // Causal, cut into segments: pass 2 reuses the key responsibilities of pass 1, from the saved
   // output when there is one, else from this buffer.
   std::vector<Acc> gk_store(causal && pl.segs > 1 && !save ? s.B * s.H * N * Kp : 0);
@@ -779,8 +810,7 @@ void forward_typed(const ForwardArgs& a) {
     Workspace<Acc>& w = ws[omp_get_thread_num()];
     for (int64_t l = 0; l < G; ++l) {
       const int64_t ln = pl.lane(b, h0 + l, sg);
-      std::fill(seg_S.begin() + ln * SS, seg_S.begin() + (ln + 1) * SS, Acc(0));
-      std::fill(seg_z.begin() + ln * Kp, seg_z.begin() + (ln + 1) * Kp, Acc(0));
+      std::fill(seg.begin() + ln * 2 * SZ, seg.begin() + (ln + 1) * 2 * SZ, Acc(0));
     }
     for (int64_t c = pl.first(sg); c < pl.last(sg); ++c) {
       const int64_t row0 = c * C, n = std::min(C, N - row0);
@@ -792,33 +822,28 @@ void forward_typed(const ForwardArgs& a) {
         } else if (!gk_store.empty()) {
           std::memcpy(gk_store.data() + ((b * s.H + h) * N + row0) * Kp, w.gk, n * Kp * sizeof(Acc));
         }
-        state_update(s, w.gk, w.v, n, seg_S.data() + ln * SS, seg_z.data() + ln * Kp);
+        accumulate_state(s, w.gk, w.v, n, seg.data() + ln * 2 * SZ, w.delta);
       }
     }
   };
 
   // Starting state of every lane of pair (b, h): causal, the initial state plus the sums of the
   // segments before; bidirectional, the initial state plus all the sums (what every query reads).
-  std::vector<Acc> start_S(pl.lanes * SS), start_z(pl.lanes * Kp);
+  std::vector<Acc> start(pl.lanes * SZ);
   auto starts = [&](int64_t b, int64_t h) {
-    std::vector<Acc> runS(SS), runz(Kp);
-    read_state(a.S0, a.z0, b, h, K, Dv, Kp, Dvp, runS.data(), runz.data());
+    std::vector<Acc> run(SZ);
+    read_state(a.S0, a.z0, b, h, K, Dv, Kp, Dvp, run.data(), run.data() + SS);
+    auto add_segment = [&](int64_t ln) {
+      for (int64_t i = 0; i < SZ; ++i) run[i] += seg[ln * 2 * SZ + i];
+    };
     if (!causal) {
-      for (int64_t sg = 0; sg < pl.segs; ++sg) {
-        const int64_t ln = pl.lane(b, h, sg);
-        for (int64_t i = 0; i < SS; ++i) runS[i] += seg_S[ln * SS + i];
-        for (int64_t i = 0; i < Kp; ++i) runz[i] += seg_z[ln * Kp + i];
-      }
-      write_state(a.S_final, a.z_final, b, h, K, Dv, Dvp, runS.data(), runz.data());
+      for (int64_t sg = 0; sg < pl.segs; ++sg) add_segment(pl.lane(b, h, sg));
+      write_state(a.S_final, a.z_final, b, h, K, Dv, Dvp, run.data(), run.data() + SS);
     }
     for (int64_t sg = 0; sg < pl.segs; ++sg) {
       const int64_t ln = pl.lane(b, h, sg);
-      std::copy(runS.begin(), runS.end(), start_S.begin() + ln * SS);
-      std::copy(runz.begin(), runz.end(), start_z.begin() + ln * Kp);
-      if (causal && two_pass) {
-        for (int64_t i = 0; i < SS; ++i) runS[i] += seg_S[ln * SS + i];
-        for (int64_t i = 0; i < Kp; ++i) runz[i] += seg_z[ln * Kp + i];
-      }
+      std::copy(run.begin(), run.end(), start.begin() + ln * SZ);
+      if (causal && two_pass) add_segment(ln);
     }
   };
 
@@ -828,9 +853,7 @@ void forward_typed(const ForwardArgs& a) {
     pl.task(task, b, h0, sg);
     Workspace<Acc>& w = ws[omp_get_thread_num()];
     for (int64_t l = 0; l < G; ++l) {
-      const int64_t ln = pl.lane(b, h0 + l, sg);
-      std::copy(start_S.begin() + ln * SS, start_S.begin() + (ln + 1) * SS, w.lS.begin() + l * SS);
-      std::copy(start_z.begin() + ln * Kp, start_z.begin() + (ln + 1) * Kp, w.lz.begin() + l * Kp);
+      set_state(s, start.data() + pl.lane(b, h0 + l, sg) * SZ, w.lstate.data() + l * 2 * SZ);
     }
     for (int64_t c = pl.first(sg); c < pl.last(sg); ++c) {
       const int64_t row0 = c * C, n = std::min(C, N - row0);
@@ -838,8 +861,8 @@ void forward_typed(const ForwardArgs& a) {
       for (int64_t l = 0; l < G; ++l) {
         const int64_t h = h0 + l;
         const Head<Acc>& hd = heads[h];
-        Acc* S = w.lS.data() + l * SS;
-        Acc* z = w.lz.data() + l * Kp;
+        Acc* S = w.lstate.data() + l * 2 * SZ;
+        Acc* z = S + SS;
         route_queries(w, hd, b, h, row0, n);
         // num = Gq S, den = Gq z (+ eps below)
         gemm(n, Dvp / W, K, w.gq, Kp, 1, S, Dvp, w.num, Dvp, false);
@@ -875,12 +898,13 @@ void forward_typed(const ForwardArgs& a) {
           write_saved(a.gq, b, h, row0, n, K, w.gq, Kp);
           write_den(a.den, b, h, row0, n, w.den);
         }
-        if (causal) state_update(s, w.gk, w.v, n, S, z);
+        if (causal) accumulate_state(s, w.gk, w.v, n, S, w.delta);
       }
     }
     if (causal && sg == pl.segs - 1) {
       for (int64_t l = 0; l < G; ++l) {
-        write_state(a.S_final, a.z_final, b, h0 + l, K, Dv, Dvp, w.lS.data() + l * SS, w.lz.data() + l * Kp);
+        const Acc* S = w.lstate.data() + l * 2 * SZ;
+        write_state(a.S_final, a.z_final, b, h0 + l, K, Dv, Dvp, S, S + SS);
       }
     }
   };
@@ -914,7 +938,7 @@ void backward_typed(const BackwardArgs& a) {
   constexpr int W = Simd<Acc>::W;
   const Shape s = Shape::make<Acc>(a.dims);
   const int64_t N = s.N, K = s.K, D = s.D, Dv = s.Dv, Kp = s.Kp, Dp = s.Dp, Dvp = s.Dvp, C = s.C;
-  const int64_t SS = Kp * Dvp;
+  const int64_t SS = Kp * Dvp, SZ = SS + Kp;  // a state: S (Kp x Dvp), then z (Kp)
   const Plan pl = make_plan(s.B, s.H, s.nchunks, a.opt.num_threads);
   const int64_t G = pl.group;
   const bool causal = a.opt.causal;
@@ -925,13 +949,10 @@ void backward_typed(const BackwardArgs& a) {
   ws.reserve(pl.nt);
   for (int t = 0; t < pl.nt; ++t) ws.emplace_back(s, G);
 
-  // One slot of parameter sums per lane, reduced in a fixed order at the end.
-  const int64_t slot = 2 * K * Dp + Kp;
-  std::vector<Acc> partial(pl.lanes * slot, Acc(0));
-  auto sums_of = [&](int64_t lane) {
-    Acc* base = partial.data() + lane * slot;
-    return ParamSums<Acc>{base, base + K * Dp, base + 2 * K * Dp};
-  };
+  // One slot of parameter sums per lane (with compensation), reduced in a fixed order at the end.
+  const int64_t slot = ParamSums<Acc>::size(s);
+  std::vector<Acc> partial(pl.lanes * 2 * slot, Acc(0));
+  auto sums_of = [&](int64_t lane) { return ParamSums<Acc>{partial.data() + lane * 2 * slot}; };
 
   // Causal: dden of every row, from the forward scan to the reverse scan (which then does not
   // read `out` again).
@@ -954,14 +975,9 @@ void backward_typed(const BackwardArgs& a) {
     }
     if (n < C) std::fill(w.dnum + n * Dvp, w.dnum + C * Dvp, Acc(0));
   };
-  // dS += Gq^T dnum, dz += Gq^T dden
-  auto state_grad_update = [&](Workspace<Acc>& w, int64_t n, Acc* dS, Acc* dz) {
-    gemm(K, Dvp / W, n, w.gq, 1, Kp, w.dnum, Dvp, dS, Dvp, true);
-    for (int64_t i = 0; i < n; ++i) {
-      const Acc dd = w.dden[i];
-#pragma omp simd
-      for (int64_t k = 0; k < Kp; ++k) dz[k] += w.gq[i * Kp + k] * dd;
-    }
+  // The state gradient: dS += Gq^T dnum, dz += Gq^T dden.
+  auto state_grad_update = [&](Workspace<Acc>& w, int64_t n, Acc* dstate) {
+    accumulate_state(s, w.gq, w.dnum, w.dden, n, dstate, w.delta);
   };
   // Bm = tril(dnum V^T + dden 1^T): the gradient of the intra-chunk affinity.
   auto affinity_grad = [&](Workspace<Acc>& w, int64_t n) {
@@ -979,13 +995,12 @@ void backward_typed(const BackwardArgs& a) {
                     Acc* dgamma, Acc* xbuf, int64_t b, int64_t h, int64_t row0, int64_t n, ParamSums<Acc> sums) {
     softmax_backward(gamma, dgamma, n, K, Kp);
     gather_rows<T>(x_in, b, h, row0, n, D, xbuf, Dp, n);
-    density_backward(hd, s, xbuf, dgamma, n, w.dx, sums);
+    density_backward(hd, s, xbuf, dgamma, n, w.dx, sums, w.psum);
     scatter_rows<T>(dx_out, b, h, row0, n, D, w.dx, Dp);
   };
 
   const bool two_pass = !causal || pl.segs > 1;
-  std::vector<Acc> seg_S(two_pass ? pl.lanes * SS : 0), seg_z(two_pass ? pl.lanes * Kp : 0);
-  std::vector<Acc> seg_dS(two_pass ? pl.lanes * SS : 0), seg_dz(two_pass ? pl.lanes * Kp : 0);
+  std::vector<Acc> seg(two_pass ? pl.lanes * 2 * SZ : 0), seg_d(two_pass ? pl.lanes * 2 * SZ : 0);
   // Pass 1 (bidirectional, or causal cut into segments): each lane's sums S = Gk^T V, z and
   // dS = Gq^T dnum, dz = Gq^T dden.
   auto pass1 = [&](int64_t task) {
@@ -994,57 +1009,49 @@ void backward_typed(const BackwardArgs& a) {
     Workspace<Acc>& w = ws[omp_get_thread_num()];
     for (int64_t l = 0; l < G; ++l) {
       const int64_t ln = pl.lane(b, h0 + l, sg);
-      std::fill(seg_S.begin() + ln * SS, seg_S.begin() + (ln + 1) * SS, Acc(0));
-      std::fill(seg_z.begin() + ln * Kp, seg_z.begin() + (ln + 1) * Kp, Acc(0));
-      std::fill(seg_dS.begin() + ln * SS, seg_dS.begin() + (ln + 1) * SS, Acc(0));
-      std::fill(seg_dz.begin() + ln * Kp, seg_dz.begin() + (ln + 1) * Kp, Acc(0));
+      std::fill(seg.begin() + ln * 2 * SZ, seg.begin() + (ln + 1) * 2 * SZ, Acc(0));
+      std::fill(seg_d.begin() + ln * 2 * SZ, seg_d.begin() + (ln + 1) * 2 * SZ, Acc(0));
     }
     for (int64_t c = pl.first(sg); c < pl.last(sg); ++c) {
       const int64_t row0 = c * C, n = std::min(C, N - row0);
       for (int64_t h = h0; h < h0 + G; ++h) {
         const int64_t ln = pl.lane(b, h, sg);
         load_chunk(w, b, h, row0, n);
-        state_update(s, w.gk, w.v, n, seg_S.data() + ln * SS, seg_z.data() + ln * Kp);
-        state_grad_update(w, n, seg_dS.data() + ln * SS, seg_dz.data() + ln * Kp);
+        accumulate_state(s, w.gk, w.v, n, seg.data() + ln * 2 * SZ, w.delta);
+        state_grad_update(w, n, seg_d.data() + ln * 2 * SZ);
       }
     }
   };
 
   // Per lane: the state before its first chunk (S, z) and the state gradient after its last
   // chunk (dS, dz). Bidirectional: the totals, for every lane.
-  std::vector<Acc> start_S(pl.lanes * SS), start_z(pl.lanes * Kp), end_dS(pl.lanes * SS), end_dz(pl.lanes * Kp);
+  std::vector<Acc> start(pl.lanes * SZ), end_d(pl.lanes * SZ);
   auto starts = [&](int64_t b, int64_t h) {
-    std::vector<Acc> runS(SS), runz(Kp), rundS(SS), rundz(Kp);
-    read_state(a.S0, a.z0, b, h, K, Dv, Kp, Dvp, runS.data(), runz.data());
-    read_state(a.dS_final, a.dz_final, b, h, K, Dv, Kp, Dvp, rundS.data(), rundz.data());
+    std::vector<Acc> run(SZ), run_d(SZ);
+    read_state(a.S0, a.z0, b, h, K, Dv, Kp, Dvp, run.data(), run.data() + SS);
+    read_state(a.dS_final, a.dz_final, b, h, K, Dv, Kp, Dvp, run_d.data(), run_d.data() + SS);
+    auto add_segment = [&](std::vector<Acc>& to, const std::vector<Acc>& sums, int64_t ln) {
+      for (int64_t i = 0; i < SZ; ++i) to[i] += sums[ln * 2 * SZ + i];
+    };
     if (!causal) {
       for (int64_t sg = 0; sg < pl.segs; ++sg) {
-        const int64_t ln = pl.lane(b, h, sg);
-        for (int64_t i = 0; i < SS; ++i) runS[i] += seg_S[ln * SS + i], rundS[i] += seg_dS[ln * SS + i];
-        for (int64_t i = 0; i < Kp; ++i) runz[i] += seg_z[ln * Kp + i], rundz[i] += seg_dz[ln * Kp + i];
+        add_segment(run, seg, pl.lane(b, h, sg));
+        add_segment(run_d, seg_d, pl.lane(b, h, sg));
       }
       // Every query read S0: dS0 = dS_final + sum_i Gq^T dnum.
-      write_state(a.dS0, a.dz0, b, h, K, Dv, Dvp, rundS.data(), rundz.data());
+      write_state(a.dS0, a.dz0, b, h, K, Dv, Dvp, run_d.data(), run_d.data() + SS);
     }
     for (int64_t sg = 0; sg < pl.segs; ++sg) {
       const int64_t ln = pl.lane(b, h, sg);
-      std::copy(runS.begin(), runS.end(), start_S.begin() + ln * SS);
-      std::copy(runz.begin(), runz.end(), start_z.begin() + ln * Kp);
-      if (causal && two_pass) {
-        for (int64_t i = 0; i < SS; ++i) runS[i] += seg_S[ln * SS + i];
-        for (int64_t i = 0; i < Kp; ++i) runz[i] += seg_z[ln * Kp + i];
-      }
+      std::copy(run.begin(), run.end(), start.begin() + ln * SZ);
+      if (causal && two_pass) add_segment(run, seg, ln);
     }
     for (int64_t sg = pl.segs - 1; sg >= 0; --sg) {
       const int64_t ln = pl.lane(b, h, sg);
-      std::copy(rundS.begin(), rundS.end(), end_dS.begin() + ln * SS);
-      std::copy(rundz.begin(), rundz.end(), end_dz.begin() + ln * Kp);
-      if (causal && two_pass) {
-        for (int64_t i = 0; i < SS; ++i) rundS[i] += seg_dS[ln * SS + i];
-        for (int64_t i = 0; i < Kp; ++i) rundz[i] += seg_dz[ln * Kp + i];
-      }
+      std::copy(run_d.begin(), run_d.end(), end_d.begin() + ln * SZ);
+      if (causal && two_pass) add_segment(run_d, seg_d, ln);
     }
-    if (causal && two_pass) write_state(a.dS0, a.dz0, b, h, K, Dv, Dvp, rundS.data(), rundz.data());
+    if (causal && two_pass) write_state(a.dS0, a.dz0, b, h, K, Dv, Dvp, run_d.data(), run_d.data() + SS);
   };
 
   // Pass 2: the gradients, chunk by chunk.
@@ -1054,10 +1061,8 @@ void backward_typed(const BackwardArgs& a) {
     Workspace<Acc>& w = ws[omp_get_thread_num()];
     for (int64_t l = 0; l < G; ++l) {
       const int64_t ln = pl.lane(b, h0 + l, sg);
-      std::copy(start_S.begin() + ln * SS, start_S.begin() + (ln + 1) * SS, w.lS.begin() + l * SS);
-      std::copy(start_z.begin() + ln * Kp, start_z.begin() + (ln + 1) * Kp, w.lz.begin() + l * Kp);
-      std::copy(end_dS.begin() + ln * SS, end_dS.begin() + (ln + 1) * SS, w.ldS.begin() + l * SS);
-      std::copy(end_dz.begin() + ln * Kp, end_dz.begin() + (ln + 1) * Kp, w.ldz.begin() + l * Kp);
+      set_state(s, start.data() + ln * SZ, w.lstate.data() + l * 2 * SZ);
+      set_state(s, end_d.data() + ln * SZ, w.ldstate.data() + l * 2 * SZ);
     }
     if (causal) {
       // Forward scan: prefix state before each chunk -> dGq -> dq.
@@ -1065,8 +1070,8 @@ void backward_typed(const BackwardArgs& a) {
         const int64_t row0 = c * C, n = std::min(C, N - row0);
         for (int64_t l = 0; l < G; ++l) {
           const int64_t h = h0 + l;
-          Acc* S = w.lS.data() + l * SS;
-          Acc* z = w.lz.data() + l * Kp;
+          Acc* S = w.lstate.data() + l * 2 * SZ;
+          const Acc* z = S + SS;
           load_chunk(w, b, h, row0, n);
           std::copy(w.dden, w.dden + n, dden_store.begin() + (b * s.H + h) * N + row0);
           affinity_grad(w, n);
@@ -1079,7 +1084,7 @@ void backward_typed(const BackwardArgs& a) {
             for (int64_t k = 0; k < Kp; ++k) w.dgq[i * Kp + k] += dd * z[k];
           }
           finish(w, heads[h], a.q, a.dq, w.gq, w.dgq, w.xq, b, h, row0, n, sums_of(pl.lane(b, h, sg)));
-          state_update(s, w.gk, w.v, n, S, z);
+          accumulate_state(s, w.gk, w.v, n, S, w.delta);
         }
       }
       // Reverse scan: suffix gradient state after each chunk -> dGk, dv -> dk.
@@ -1088,8 +1093,8 @@ void backward_typed(const BackwardArgs& a) {
         const int64_t ncv = round_up(n, W) / W;
         for (int64_t l = 0; l < G; ++l) {
           const int64_t h = h0 + l;
-          Acc* dS = w.ldS.data() + l * SS;
-          Acc* dz = w.ldz.data() + l * Kp;
+          Acc* dS = w.ldstate.data() + l * 2 * SZ;
+          const Acc* dz = dS + SS;
           load_chunk(w, b, h, row0, n, dden_store.data() + (b * s.H + h) * N + row0);
           affinity_grad(w, n);
           transpose(Kp, Dvp, dS, Dvp, w.dST, Kp);
@@ -1107,26 +1112,27 @@ void backward_typed(const BackwardArgs& a) {
           scatter_rows<T>(a.dv, b, h, row0, n, Dv, w.num, Dvp);
           // masked rows: gk = 0, hence ds = 0
           finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, sums_of(pl.lane(b, h, sg)));
-          state_grad_update(w, n, dS, dz);
+          state_grad_update(w, n, dS);
         }
       }
       if (pl.segs == 1) {
         for (int64_t l = 0; l < G; ++l) {
-          write_state(a.dS0, a.dz0, b, h0 + l, K, Dv, Dvp, w.ldS.data() + l * SS, w.ldz.data() + l * Kp);
+          const Acc* dS = w.ldstate.data() + l * 2 * SZ;
+          write_state(a.dS0, a.dz0, b, h0 + l, K, Dv, Dvp, dS, dS + SS);
         }
       }
     } else {
       for (int64_t l = 0; l < G; ++l) {
-        transpose(Kp, Dvp, w.lS.data() + l * SS, Dvp, w.lST.data() + l * SS, Kp);
-        transpose(Kp, Dvp, w.ldS.data() + l * SS, Dvp, w.ldST.data() + l * SS, Kp);
+        transpose(Kp, Dvp, w.lstate.data() + l * 2 * SZ, Dvp, w.lST.data() + l * SS, Kp);
+        transpose(Kp, Dvp, w.ldstate.data() + l * 2 * SZ, Dvp, w.ldST.data() + l * SS, Kp);
       }
       for (int64_t c = pl.first(sg); c < pl.last(sg); ++c) {
         const int64_t row0 = c * C, n = std::min(C, N - row0);
         for (int64_t l = 0; l < G; ++l) {
           const int64_t h = h0 + l;
           const ParamSums<Acc> sums = sums_of(pl.lane(b, h, sg));
-          const Acc* z = w.lz.data() + l * Kp;
-          const Acc* dz = w.ldz.data() + l * Kp;
+          const Acc* z = w.lstate.data() + l * 2 * SZ + SS;
+          const Acc* dz = w.ldstate.data() + l * 2 * SZ + SS;
           load_chunk(w, b, h, row0, n);
           gemm(n, Kp / W, Dvp, w.dnum, Dvp, 1, w.lST.data() + l * SS, Kp, w.dgq, Kp, false);  // dnum S^T
           for (int64_t i = 0; i < n; ++i) {
@@ -1140,7 +1146,7 @@ void backward_typed(const BackwardArgs& a) {
 #pragma omp simd
             for (int64_t k = 0; k < Kp; ++k) w.dgk[i * Kp + k] += dz[k];  // + dz
           }
-          gemm(n, Dvp / W, K, w.gk, Kp, 1, w.ldS.data() + l * SS, Dvp, w.num, Dvp, false);  // dv = Gk dS
+          gemm(n, Dvp / W, K, w.gk, Kp, 1, w.ldstate.data() + l * 2 * SZ, Dvp, w.num, Dvp, false);  // dv = Gk dS
           scatter_rows<T>(a.dv, b, h, row0, n, Dv, w.num, Dvp);
           finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, sums);
         }
@@ -1174,7 +1180,7 @@ void backward_typed(const BackwardArgs& a) {
     std::fill(total.begin(), total.end(), Acc(0));
     for (int64_t b = 0; b < s.B; ++b) {
       for (int64_t sg = 0; sg < pl.segs; ++sg) {
-        const Acc* src = partial.data() + pl.lane(b, h, sg) * slot;
+        const Acc* src = partial.data() + pl.lane(b, h, sg) * 2 * slot;
         for (int64_t i = 0; i < slot; ++i) total[i] += src[i];
       }
     }

@@ -128,6 +128,22 @@ inline Acc sigmoid(Acc w) {
   return e / (Acc(1) + e);
 }
 
+// sum[i] += x[i] for i < n, compensated (Kahan): comp[i] holds the rounding error of the
+// additions so far (negated) and feeds it back into the next one. A running sum over N / C chunk
+// contributions then keeps an error of a few ulp whatever N, where plain float32 addition drifts
+// like sqrt(N / C) ulp, or N / C ulp when the terms share a sign. Needs IEEE arithmetic (no
+// -ffast-math, which would simplify the compensation away).
+template <class Acc>
+inline void add_compensated(Acc* sum, Acc* comp, const Acc* x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const Acc y = x[i] - comp[i];
+    const Acc t = sum[i] + y;
+    comp[i] = (t - sum[i]) - y;
+    sum[i] = t;
+  }
+}
+
 }  // namespace GMATTN_ISA
 }  // namespace cpu_detail
 }  // namespace gmattn
