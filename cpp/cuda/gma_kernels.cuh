@@ -1318,11 +1318,12 @@ inline ChunkGeometry choose_geometry(const Dims& d, const DeviceInfo& dev) {
   g.K = (int)d.K;
   g.Kp = round_up16(d.K);
   g.Dv = (int)d.Dv;
-  const int max_C = round_up16(d.N), max_DvT = round_up16(d.Dv);
+  const int64_t max_C = ceil_div(d.N, 16) * 16;  // 64 bits: N may be up to 2^31 - 1
+  const int max_DvT = round_up16(d.Dv);
   static const int candidates[][2] = {{32, 64}, {32, 32}, {16, 64}, {16, 32}, {16, 16}};
   bool found = false;
   for (const auto& cand : candidates) {
-    g.C = std::min(cand[0], max_C);
+    g.C = (int)std::min<int64_t>(cand[0], max_C);
     g.DvT = std::min(cand[1], max_DvT);
     if (smem_bytes<T, Layout>(g) <= (size_t)dev.max_smem_optin) {
       found = true;
@@ -1361,7 +1362,12 @@ inline void check_sizes(const Dims& d) {
   require(d.D <= kMaxD, "D = " + std::to_string(d.D) + " exceeds the supported maximum " + std::to_string(kMaxD));
   require(d.Dv <= kMaxDv,
           "Dv = " + std::to_string(d.Dv) + " exceeds the supported maximum " + std::to_string(kMaxDv));
-  require(d.N < (int64_t(1) << 31) && d.B * d.H < (int64_t(1) << 31), "N or B*H too large");
+  // B and H first, so that B * H cannot overflow; B * H * N bounded so that no workspace size
+  // (up to 2^21 * B * H * N bytes) can overflow (2^40 positions are terabytes of inputs).
+  require(d.N < (int64_t(1) << 31) && d.B < (int64_t(1) << 31) && d.H < (int64_t(1) << 31) &&
+              d.B * d.H < (int64_t(1) << 31),
+          "N or B*H too large");
+  require(d.B * d.H * d.N < (int64_t(1) << 40), "B*N*H too large");
 }
 
 template <class T>

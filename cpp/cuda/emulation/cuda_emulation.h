@@ -10,6 +10,10 @@
 // after another. Warp-level WMMA is executed by lane 0 of each warp on whole tiles (the other
 // lanes skip it), which is race-free because the kernels only touch fragments through
 // load/mma/store/fill and element-wise conversion.
+//
+// Sanitizers (build.sh --sanitize): fiber switches are announced to AddressSanitizer, and the
+// dynamic shared memory of a launch is its own heap block of exactly the requested size, so
+// ASan sees out-of-bounds shared-memory accesses. Without ASan the annotations compile away.
 #pragma once
 
 #include <cuda_fp16.h>  // __half, __nv_bfloat16, dim3, cudaStream_t (host-usable headers)
@@ -23,15 +27,63 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <new>
 #include <string>
 #include <stdexcept>
 #include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#define GMA_EMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define GMA_EMU_ASAN 1
+#endif
+#endif
+#if defined(GMA_EMU_ASAN)
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 #ifndef __launch_bounds__
 #define __launch_bounds__(...)
 #endif
 
 namespace emu {
+
+// AddressSanitizer must know which stack is in use: announce each switch with start_switch()
+// just before swapcontext and finish_switch() right after it, on the new stack. fake_stack:
+// where ASan keeps the switching context's fake stack (nullptr: the context ends for good).
+inline void start_switch(void** fake_stack, const void* bottom, size_t size) {
+#if defined(GMA_EMU_ASAN)
+  __sanitizer_start_switch_fiber(fake_stack, bottom, size);
+#else
+  (void)fake_stack, (void)bottom, (void)size;
+#endif
+}
+inline void finish_switch(void* fake_stack, const void** old_bottom, size_t* old_size) {
+#if defined(GMA_EMU_ASAN)
+  __sanitizer_finish_switch_fiber(fake_stack, old_bottom, old_size);
+#else
+  (void)fake_stack, (void)old_bottom, (void)old_size;
+#endif
+}
+
+// Dynamic shared memory of one launch: a heap block of exactly the requested size (64-byte
+// aligned), so that AddressSanitizer reports any access past its end.
+struct SharedMemory {
+  unsigned char* data = nullptr;
+  size_t size = 0;
+  void reset(size_t bytes) {
+    release();
+    data = static_cast<unsigned char*>(::operator new(bytes, std::align_val_t(64)));
+    size = bytes;
+  }
+  void release() {
+    if (data) ::operator delete(data, std::align_val_t(64));
+    data = nullptr;
+    size = 0;
+  }
+  ~SharedMemory() { release(); }
+};
 
 struct State {
   dim3 thread_idx, block_idx, block_dim, grid_dim;
@@ -40,7 +92,11 @@ struct State {
   bool progress = false;
   ucontext_t scheduler;
   ucontext_t* current = nullptr;
-  std::vector<unsigned char> smem;
+  SharedMemory smem;
+  // ASan: the scheduler's fake stack, and its stack as reported on each switch into a fiber
+  void* scheduler_fake_stack = nullptr;
+  const void* scheduler_stack = nullptr;
+  size_t scheduler_stack_size = 0;
 };
 inline State& state() {
   static State s;
@@ -58,24 +114,12 @@ inline DeviceConfig& device_config() {
   return c;
 }
 
-inline void syncthreads() {
-  State& s = state();
-  const unsigned gen = s.generation;
-  s.progress = true;
-  if (++s.arrived == s.expected) {
-    s.arrived = 0;
-    ++s.generation;
-    return;
-  }
-  while (s.generation == gen) swapcontext(s.current, &s.scheduler);
-  s.progress = true;
-}
-
 struct Fiber {
   ucontext_t ctx;
   std::vector<char> stack;
   dim3 tid;
   bool done = false;
+  void* fake_stack = nullptr;  // ASan's, while the fiber is switched out
 };
 
 inline std::function<void()>*& fiber_body() {
@@ -86,10 +130,32 @@ inline Fiber*& running_fiber() {
   static Fiber* f = nullptr;
   return f;
 }
+
+inline void syncthreads() {
+  State& s = state();
+  const unsigned gen = s.generation;
+  s.progress = true;
+  if (++s.arrived == s.expected) {
+    s.arrived = 0;
+    ++s.generation;
+    return;
+  }
+  while (s.generation == gen) {
+    Fiber* self = running_fiber();
+    start_switch(&self->fake_stack, s.scheduler_stack, s.scheduler_stack_size);
+    swapcontext(s.current, &s.scheduler);
+    finish_switch(self->fake_stack, &s.scheduler_stack, &s.scheduler_stack_size);
+  }
+  s.progress = true;
+}
+
 inline void fiber_entry() {
+  State& s = state();
+  finish_switch(nullptr, &s.scheduler_stack, &s.scheduler_stack_size);
   (*fiber_body())();
   running_fiber()->done = true;
-  state().progress = true;
+  s.progress = true;
+  start_switch(nullptr, s.scheduler_stack, s.scheduler_stack_size);  // this fiber is over
 }  // returns to uc_link (the scheduler)
 
 // Runs body() as every thread of every block of the grid.
@@ -101,12 +167,21 @@ inline void fiber_entry() {
 #endif
 inline void run_grid(dim3 grid, dim3 block, size_t smem_bytes, std::function<void()> body) {
   State& s = state();
+  // The limits the real launch checks (cudaErrorInvalidValue / InvalidConfiguration there).
+  const uint64_t nthreads64 = (uint64_t)block.x * block.y * block.z;
+  if (nthreads64 == 0 || nthreads64 > 1024 || block.z > 64 || grid.x == 0 || grid.x > 0x7FFFFFFFu ||
+      grid.y == 0 || grid.y > 65535 || grid.z == 0 || grid.z > 65535)
+    throw std::runtime_error("emu: invalid launch configuration");
+  if (smem_bytes > (size_t)device_config().max_smem_optin)
+    throw std::runtime_error("emu: " + std::to_string(smem_bytes) +
+                             " bytes of dynamic shared memory exceed the device's " +
+                             std::to_string(device_config().max_smem_optin));
   s.grid_dim = grid;
   s.block_dim = block;
-  const unsigned nthreads = block.x * block.y * block.z;
+  const unsigned nthreads = (unsigned)nthreads64;
   std::vector<Fiber> fibers(nthreads);
   for (auto& f : fibers) f.stack.resize(256 * 1024);
-  s.smem.assign(smem_bytes + 64, 0);
+  s.smem.reset(smem_bytes);
   fiber_body() = &body;
   if (device_config().order < 0) {
     const char* env = std::getenv("GMATTN_EMU_ORDER");
@@ -124,7 +199,7 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem_bytes, std::function<voi
         s.arrived = 0;
         s.expected = nthreads;
         // Poison shared memory so that reads of unwritten shared memory show up as NaN.
-        std::fill(s.smem.begin(), s.smem.end(), (unsigned char)0xFF);
+        if (smem_bytes) std::memset(s.smem.data, 0xFF, smem_bytes);
         for (unsigned t = 0; t < nthreads; ++t) {
           Fiber& f = fibers[t];
           f.done = false;
@@ -134,6 +209,13 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem_bytes, std::function<voi
           f.ctx.uc_stack.ss_size = f.stack.size();
           f.ctx.uc_link = &s.scheduler;
           makecontext(&f.ctx, fiber_entry, 0);
+#if defined(GMA_EMU_ASAN)
+          // ASan's swapcontext interceptor clears the shadow of the target context's uc_stack
+          // on every switch, which would erase the redzones of the fiber's live frames: hide the
+          // stack from it (makecontext has used it; switching needs only the saved registers).
+          f.ctx.uc_stack.ss_sp = nullptr;
+          f.ctx.uc_stack.ss_size = 0;
+#endif
         }
         unsigned alive = nthreads;
         while (alive > 0) {
@@ -152,7 +234,9 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem_bytes, std::function<voi
             s.thread_idx = f.tid;
             s.current = &f.ctx;
             running_fiber() = &f;
+            start_switch(&s.scheduler_fake_stack, f.stack.data(), f.stack.size());
             swapcontext(&s.scheduler, &f.ctx);
+            finish_switch(s.scheduler_fake_stack, nullptr, nullptr);
             if (!f.done) ++alive;
           }
           if (alive > 0 && !s.progress) {
@@ -167,6 +251,7 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem_bytes, std::function<voi
           }
         }
       }
+  s.smem.release();
 }
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -174,9 +259,8 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem_bytes, std::function<voi
 #endif
 
 inline unsigned char* dynamic_smem() {
-  // 64-byte aligned like the real thing (the kernels need 32 bytes for WMMA).
-  auto p = reinterpret_cast<uintptr_t>(state().smem.data());
-  return reinterpret_cast<unsigned char*>((p + 63) & ~uintptr_t(63));
+  // 64-byte aligned (the kernels need 32 bytes for WMMA); exactly the launch's size.
+  return state().smem.data;
 }
 
 inline unsigned lane_id() {

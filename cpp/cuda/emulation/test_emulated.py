@@ -265,6 +265,58 @@ CASES.append(dict(dtype=torch.float32, causal=True, B=1, N=90, H=1, K=250, D=37,
                   device=(2, 100 * 1024)))  # shared memory fallbacks of every kernel
 
 
+# Invalid arguments: the entry points' own checks must reject them (invalid_argument) before any
+# workspace or launch; views are stride-0 views of one small buffer, so nothing reads or writes
+# out of bounds even if a check let a case through. Not for --cuda (no device buffer here).
+FWD_SHAPES = dict(q="BNHD", k="BNHD", v="BNHV", mu="HKD", omega="HKD", alpha="HK", out="BNHV", S_final="BHKV",
+                  z_final="BHK", gq="BHNK", gk="BHNK", den="BHN")
+BWD_SHAPES = dict(q="BNHD", k="BNHD", v="BNHV", mu="HKD", omega="HKD", alpha="HK", out="BNHV", gq="BHNK",
+                  gk="BHNK", den="BHN", dout="BNHV", dq="BNHD", dk="BNHD", dv="BNHV", dmu="HKD", domega="HKD",
+                  dalpha="HK", dS0="BHKV", dz0="BHK")
+ERROR_CASES = [  # (name, dims changes, view changes, expected part of the message)
+    ("K=0", dict(K=0), {}, "must be positive"),
+    ("K=257", dict(K=257), {}, "K = 257 exceeds"),
+    ("D=1025", dict(D=1025), {}, "D = 1025 exceeds"),
+    ("Dv=1025", dict(Dv=1025), {}, "Dv = 1025 exceeds"),
+    ("no q", {}, dict(q=None), "q is required"),
+    ("v shape", {}, dict(v=(3, 4)), "v: dimension 3 is 4, expected 3"),
+    ("N=2^31", dict(N=2**31), {}, "too large"),
+    ("B*H=2^64", dict(B=2**62, H=4), {}, "too large"),  # B*H wraps to 0 in int64
+    ("B*N*H*K=2^69", dict(B=2**30, N=2**31 - 1, H=1, K=256), {}, "too large"),  # workspace sizes overflow
+    # valid N = 2^31 - 1 on a GPU too small for any chunk: the geometry search must say so without
+    # overflowing int when it rounds N up to 16 (UBSan)
+    ("N=2^31-1,small GPU", dict(N=2**31 - 1, B=1, H=1, device=(8, 1024)), {}, "needs more shared memory"),
+]
+
+
+def run_error_case(lib, backward, dims_change, view_change, expect):
+    buf = torch.zeros(64, dtype=torch.float64)
+    d = dict(B=2, N=3, H=2, K=4, D=5, Dv=3, device=(8, 227 * 1024))
+    d.update(dims_change)
+    lib.gma_emu_set_device(*d["device"])
+    args = BackwardArgs() if backward else ForwardArgs()
+    args.dims = Dims(*(d[n] for n in ("B", "N", "H", "K", "D", "Dv")))
+    args.opt = Options(True, 1e-6, 1e-4, 0, None, True)
+    args.dtype = DTYPE_CODE[torch.float64]
+    letters = dict(B="B", N="N", H="H", K="K", D="D", V="Dv")
+    for name, shape in (BWD_SHAPES if backward else FWD_SHAPES).items():
+        v = View()
+        v.data = buf.data_ptr()
+        for i, c in enumerate(shape):
+            v.shape[i] = d[letters[c]]
+        if name in view_change:
+            change = view_change[name]
+            if change is None:  # absent
+                v = View()
+            else:  # (dimension, wrong size)
+                v.shape[change[0]] = change[1]
+        setattr(args, name, v)
+    err = ctypes.create_string_buffer(512)
+    rc = (lib.gma_emu_backward if backward else lib.gma_emu_forward)(ctypes.byref(args), err, 512)
+    msg = err.value.decode()
+    return rc == 1 and msg.startswith("invalid_argument") and expect in msg, f"rc={rc} {msg!r}"
+
+
 def main():
     global USE_CUDA
     args = sys.argv[1:]
@@ -297,6 +349,14 @@ def main():
               + (f"  bad: {', '.join(f'{k}={v:.2e}' for k, v in bad.items())}" if bad else ""), flush=True)
         passed += not bad
         failed += bool(bad)
+    for (case_name, dims_change, view_change, expect), backward in itertools.product(ERROR_CASES, (False, True)):
+        name = f"error:{'backward' if backward else 'forward'}:{case_name}"
+        if USE_CUDA or (flt and flt not in name):
+            continue
+        good, got = run_error_case(lib, backward, dims_change, view_change, expect)
+        print(f"{'ok  ' if good else 'FAIL'} {name}  {got}", flush=True)
+        passed += good
+        failed += not good
     print(f"{passed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
 
