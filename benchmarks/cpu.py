@@ -60,7 +60,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 SECTIONS = ("issue2", "matmul", "scaling", "shapes", "threads", "memory")
 CHUNK = 64  # the core's chunk length (cpp/cpu/kernels.cpp kChunk)
@@ -223,21 +223,12 @@ def med(xs: List[float]) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def _status_kib(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def memory_worker(spec: dict) -> dict:
     import ctypes
 
     import torch
+
+    from gmattn.bench import proc_status_kib
 
     torch.set_num_threads(spec["threads"])
     B, N, H, K, D, Dv = (spec[x] for x in ("B", "N", "H", "K", "D", "Dv"))
@@ -249,7 +240,7 @@ def memory_worker(spec: dict) -> dict:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
-    base = _status_kib("VmRSS")
+    base = proc_status_kib("VmRSS")
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -258,7 +249,7 @@ def memory_worker(spec: dict) -> dict:
         method = "unavailable"
     call = make_call(impl, B, N, H, K, D, Dv, causal, True)  # allocates inputs and g
     call()
-    peak = _status_kib("VmHWM")
+    peak = proc_status_kib("VmHWM")
     elem = 4
     n_in = B * N * H * (2 * D + Dv) + H * K * (2 * D + 1)
     n_out = B * N * H * Dv

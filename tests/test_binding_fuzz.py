@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from gmattn import _ext
+from gmattn.testing import UNDER_ADDRESS_SANITIZER
 
 core = _ext.core()
 
@@ -441,10 +442,16 @@ def test_scalar_arguments_validated():
                dict(sigma_eps=None)):
         with pytest.raises(TypeError, match=r"incompatible function arguments"):
             run("forward", make_args("forward"), **kw)
-    # huge but valid thread counts are capped at the number of (batch, head) pairs
+    # huge but valid thread counts run: the kernels use no more threads than they make tasks
+    # (cutting sequences into segments, so the sums' order and rounding change, not the result)
+    # (bit-identical run to run at a fixed thread count; equal to rounding across thread counts)
     want = _baseline("forward")
-    assert_same_results("forward", run("forward", make_args("forward"), num_threads=2 ** 31 - 1), want, "threads")
-    assert_same_results("forward", run("forward", make_args("forward"), num_threads=1), want, "one thread")
+    for threads in (1, 2 ** 31 - 1):
+        got = run("forward", make_args("forward"), num_threads=threads)
+        assert_same_results("forward", run("forward", make_args("forward"), num_threads=threads), got, "rerun")
+        for name in OUTPUTS["forward"]:
+            np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), rtol=1e-12, atol=1e-14,
+                                       err_msg=f"{threads} threads: '{name}'")
     # a huge but finite eps is a valid (if useless) choice: out = num / (den + eps) -> 0, finite
     out = run("forward", make_args("forward"), eps=1e300)["out"]
     assert np.isfinite(out).all() and np.abs(out).max() < 1e-290
@@ -972,6 +979,7 @@ except Exception as exc:
 """
 
 
+@pytest.mark.skipif(UNDER_ADDRESS_SANITIZER, reason="measures memory, which AddressSanitizer distorts")
 def test_front_end_refuses_unindexable_shape_before_allocating():
     proc = subprocess.run([sys.executable, "-c", _FRONT_END_CHILD], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

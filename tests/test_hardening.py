@@ -14,6 +14,7 @@ import torch
 
 import gmattn
 from gmattn import reference
+from gmattn.testing import UNDER_ADDRESS_SANITIZER
 
 from conftest import make_problem
 
@@ -79,6 +80,7 @@ def _rss_bytes():
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+@pytest.mark.skipif(UNDER_ADDRESS_SANITIZER, reason="measures memory, which AddressSanitizer distorts")
 def test_rss_flat_over_many_calls():
     """10,000 forward calls plus 2,000 forward+backward calls leak nothing measurable."""
     from gmattn.numpy_ops import gma_attention as gma_numpy

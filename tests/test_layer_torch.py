@@ -110,6 +110,9 @@ def test_bad_layer_arguments():
         GaussianMixtureAttention(10, 3, 4)
     with pytest.raises(ValueError, match="must be >= 1"):
         GaussianMixtureAttention(16, 2, 0)
+    for kw in (dict(routing_dim=0), dict(head_dim=0), dict(head_dim=-3)):
+        with pytest.raises(ValueError, match=r"head_dim and routing_dim must be >= 1"):
+            GaussianMixtureAttention(16, 2, 4, **kw)
     layer = GaussianMixtureAttention(16, 2, 4)
     with pytest.raises(ValueError, match=r"x must have shape \(B, N, d_model=16\)"):
         layer(torch.randn(2, 5, 8))

@@ -1,17 +1,22 @@
-"""Framework-neutral argument checks for gma_attention.
+"""Framework-neutral argument checks and size bookkeeping for gma_attention and the modules.
 
 Every front end (torch, MLX, NumPy) calls `check_arguments` before allocating outputs, so a
 mistake gets one clear message naming the argument, whatever array library the caller uses.
 The compiled modules check again (memory safety), but users should never need to read those.
+The front ends also take the names of the array arguments and the shapes of the kernel outputs
+from here, so the torch op, its fake and the NumPy/MLX host path cannot drift apart.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 FLOATING = ("float16", "bfloat16", "float32", "float64")
+
+STATE_NAMES = ("initial_state[0] (S)", "initial_state[1] (z)")
+"""How error messages name the two arrays of `initial_state`."""
 
 
 def dtype_name(dtype: Any) -> str:
@@ -142,13 +147,56 @@ def check_arguments(
         if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
             raise TypeError("gma_attention: 'initial_state' must be a pair (S, z) with S (B, H, K, Dv), z (B, H, K)")
         S0, z0 = initial_state
-        _require_shape("initial_state[0] (S)", S0, (B, H, K, Dv), "(B, H, K, Dv)")
-        _require_shape("initial_state[1] (z)", z0, (B, H, K), "(B, H, K)")
-        _require_floating("initial_state[0] (S)", S0)
-        _require_floating("initial_state[1] (z)", z0)
+        S_name, z_name = STATE_NAMES
+        _require_shape(S_name, S0, (B, H, K, Dv), "(B, H, K, Dv)")
+        _require_shape(z_name, z0, (B, H, K), "(B, H, K)")
+        _require_floating(S_name, S0)
+        _require_floating(z_name, z0)
 
     if not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"gma_attention: 'eps' must be >= 0 and finite, got {eps}")
     if not (sigma_eps > 0 and math.isfinite(sigma_eps)):
         raise ValueError(f"gma_attention: 'sigma_eps' must be > 0 and finite, got {sigma_eps}")
     return Dims(B=B, N=N, H=H, K=K, D=D, Dv=Dv, dtype=dtype)
+
+
+def array_arguments(k: Any, v: Any, mu: Any, omega: Any, alpha: Any, key_padding_mask: Optional[Any],
+                    initial_state: Optional[Any] = None) -> List[Tuple[str, Any]]:
+    """(name, array) for every array argument after q that is given, in the order of the signature.
+
+    Front ends check what check_arguments cannot (the array type, the device) against q with it.
+    Pass `initial_state` only once check_arguments has accepted it as a pair.
+    """
+    pairs = [("k", k), ("v", v), ("mu", mu), ("omega", omega), ("alpha", alpha), ("key_padding_mask", key_padding_mask)]
+    if initial_state is not None:
+        pairs += zip(STATE_NAMES, initial_state)
+    return [(name, x) for name, x in pairs if x is not None]
+
+
+def state_shapes(q: Any, v: Any, mu: Any) -> Tuple[tuple, tuple]:
+    """Shapes of the state (S (B, H, K, Dv), z (B, H, K)) for inputs q (B, N, H, D), v, mu."""
+    B, _, H, _ = q.shape
+    K, Dv = mu.shape[1], v.shape[3]
+    return (B, H, K, Dv), (B, H, K)
+
+
+def forward_output_shapes(q: Any, v: Any, mu: Any, return_state: bool,
+                          save_for_backward: bool) -> Tuple[Optional[tuple], ...]:
+    """Shapes of the forward kernel's outputs (out, S_final, z_final, gq, gk, den); None for an
+    output not requested (the state without `return_state`, the responsibilities gq, gk and the
+    denominators den without `save_for_backward`). Sizes are q.shape's own (symbolic under torch.compile)."""
+    B, N, H, _ = q.shape
+    K, Dv = mu.shape[1], v.shape[3]
+    S, z = state_shapes(q, v, mu) if return_state else (None, None)
+    g, den = ((B, H, N, K), (B, H, N)) if save_for_backward else (None, None)
+    return (B, N, H, Dv), S, z, g, g, den
+
+
+# ----------------------------------------------------------------------------------------------
+# Module inputs (the GMA layers and the mixers)
+# ----------------------------------------------------------------------------------------------
+def check_input(name: str, shape, d_model: int) -> None:
+    """x of a module call must be (B, N, d_model); `name` is the module's, for the message."""
+    # No int() on the sizes being compared: under torch.compile they may be symbolic.
+    if len(shape) != 3 or shape[-1] != d_model:
+        raise ValueError(f"{name}: x must have shape (B, N, d_model={d_model}), got {tuple(int(s) for s in shape)}")

@@ -50,7 +50,9 @@ QUICK_N = (64, 128)
 # ----------------------------------------------------------------------------------------------
 # Memory probes (worker side)
 # ----------------------------------------------------------------------------------------------
-def _proc_status_kib(field: str) -> Optional[int]:
+def proc_status_kib(field: str) -> Optional[int]:
+    """A /proc/self/status field in KiB (VmRSS, VmHWM, ...); None where there is none (not Linux).
+    Public: benchmarks/cpu.py reads memory through it too."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -68,7 +70,7 @@ def can_reset_peak_rss() -> bool:
             f.write("5")
     except OSError:
         return False
-    return _proc_status_kib("VmHWM") is not None
+    return proc_status_kib("VmHWM") is not None
 
 
 def _ru_maxrss_bytes() -> int:
@@ -117,13 +119,13 @@ class PeakMemory:
         if self.reset:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-            self.base = _proc_status_kib("VmRSS") * 1024
+            self.base = proc_status_kib("VmRSS") * 1024
         else:
             self.base = _ru_maxrss_bytes()
         return self
 
     def __exit__(self, *exc):
-        peak = _proc_status_kib("VmHWM") * 1024 if self.reset else _ru_maxrss_bytes()
+        peak = proc_status_kib("VmHWM") * 1024 if self.reset else _ru_maxrss_bytes()
         self.bytes = max(0, peak - self.base)
         return False
 

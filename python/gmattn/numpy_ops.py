@@ -1,4 +1,8 @@
-"""NumPy front end: forward pass of the compiled CPU core on NumPy arrays (no autograd)."""
+"""NumPy front end: forward pass of the compiled CPU core on NumPy arrays (no autograd).
+
+`host_forward` and `host_backward` run the core on NumPy arrays; the MLX front end calls them
+too, on NumPy views of its arrays.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,37 @@ from . import _checks, _config, _ext
 
 
 def _empty(shape, dtype) -> np.ndarray:
-    if _config.poison_outputs:
-        return np.full(shape, np.nan, dtype=dtype)
-    return np.empty(shape, dtype=dtype)
+    return _config.new_output(np.empty, np.full, shape, dtype=dtype)
+
+
+def host_forward(q, k, v, mu, omega, alpha, mask, S0, z0, *, causal, eps, sigma_eps, return_state, save,
+                 num_threads):
+    """Runs the core's forward on NumPy arrays; returns (out, S_final, z_final, gq, gk, den), None
+    for an output not requested. mu, omega, alpha, S0 and z0 are already in the accumulator dtype."""
+    shapes = _checks.forward_output_shapes(q, v, mu, return_state, save)
+    dtypes = (q.dtype,) + (mu.dtype,) * 5
+    outputs = tuple(None if shape is None else _empty(shape, dtype) for shape, dtype in zip(shapes, dtypes))
+    _ext.core().forward(
+        q, k, v, mu, omega, alpha, mask, S0, z0, *outputs,
+        causal=causal, eps=eps, sigma_eps=sigma_eps, num_threads=num_threads, stream=0,
+    )
+    return outputs
+
+
+def host_backward(q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, dout, dS_final, dz_final, *,
+                  causal, eps, sigma_eps, num_threads):
+    """Runs the core's backward on NumPy arrays; returns (dq, dk, dv, dmu, domega, dalpha, dS0, dz0)."""
+    acc = mu.dtype
+    dq, dk, dv = _empty(q.shape, q.dtype), _empty(k.shape, k.dtype), _empty(v.shape, v.dtype)
+    dmu, domega, dalpha = _empty(mu.shape, acc), _empty(omega.shape, acc), _empty(alpha.shape, acc)
+    dS0 = _empty(S0.shape, acc) if S0 is not None else None
+    dz0 = _empty(z0.shape, acc) if z0 is not None else None
+    _ext.core().backward(
+        q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, dout, dS_final, dz_final,
+        dq, dk, dv, dmu, domega, dalpha, dS0, dz0,
+        causal=causal, eps=eps, sigma_eps=sigma_eps, num_threads=num_threads, stream=0, deterministic=True,
+    )
+    return dq, dk, dv, dmu, domega, dalpha, dS0, dz0
 
 
 def gma_attention(
@@ -42,13 +74,9 @@ def gma_attention(
     S0 = z0 = None
     if initial_state is not None:
         S0, z0 = (np.asarray(s, dtype=acc) for s in initial_state)
-    B, N, H, K, Dv = dims.B, dims.N, dims.H, dims.K, dims.Dv
-    out = _empty((B, N, H, Dv), q.dtype)
-    S_final = _empty((B, H, K, Dv), acc) if output_final_state else None
-    z_final = _empty((B, H, K), acc) if output_final_state else None
-    _ext.core().forward(
-        q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, out, S_final, z_final, None, None, None,
-        causal=bool(causal), eps=float(eps), sigma_eps=float(sigma_eps), num_threads=int(num_threads), stream=0,
+    out, S_final, z_final, _, _, _ = host_forward(
+        q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, causal=bool(causal), eps=float(eps),
+        sigma_eps=float(sigma_eps), return_state=bool(output_final_state), save=False, num_threads=int(num_threads),
     )
     if output_final_state:
         return out, (S_final, z_final)

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 from . import _config
+
+UNDER_ADDRESS_SANITIZER = "libasan" in os.environ.get("LD_PRELOAD", "")
+"""True when AddressSanitizer is preloaded (tools/sanitize.sh): its quarantine keeps freed memory
+resident and its shadow memory needs more address space than a tight RLIMIT_AS leaves, so tests
+that measure memory skip themselves."""
 
 
 @contextlib.contextmanager

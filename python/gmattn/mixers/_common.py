@@ -1,10 +1,21 @@
-"""Framework-neutral helpers shared by the torch and MLX mixers."""
+"""Framework-neutral helpers shared by the torch and MLX mixers, blocks and models.
+
+What both frameworks must agree on lives here once: argument checks and their messages, the
+attribute names and sizes of the sublayers (weight exchange matches them by name), and the
+bookkeeping of the SequenceModel state. Where a helper builds or runs layers, the framework's
+own pieces (its nn namespace, its Linear class) are parameters.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from .. import _layer_spec
+from .._checks import check_input  # noqa: F401 (the mixers' input check; the GMA layers share it)
+from . import weights as _weights
+from .config import MixerConfig
 
 LINEAR_CHUNK = 64
 """Chunk length of the causal linear / performer scan (intra-chunk quadratic, inter-chunk state)."""
@@ -36,17 +47,21 @@ def orthogonal_random_features(num_heads: int, num_features: int, dim: int,
     return out.astype(np.float32)
 
 
-def check_input(name: str, shape, d_model: int) -> None:
-    if len(shape) != 3 or int(shape[-1]) != d_model:
-        raise ValueError(f"{name}: x must have shape (B, N, d_model={d_model}), got {tuple(int(s) for s in shape)}")
-
-
 def check_mask(name: str, mask_shape, B: int, N: int) -> None:
     if tuple(int(s) for s in mask_shape) != (B, N):
         raise ValueError(
             f"{name}: key_padding_mask must have shape (B, N) = ({B}, {N}) with True = real token, "
             f"got {tuple(int(s) for s in mask_shape)}"
         )
+
+
+def check_call(name: str, d_model: int, x: Any, key_padding_mask: Optional[Any]) -> Tuple[Any, Any]:
+    """Checks the shapes of x (B, N, d_model) and key_padding_mask (B, N) of a mixer call; returns (B, N)."""
+    check_input(name, x.shape, d_model)
+    B, N = x.shape[0], x.shape[1]
+    if key_padding_mask is not None:
+        check_mask(name, key_padding_mask.shape, B, N)
+    return B, N
 
 
 def check_model_args(head: str, num_classes, pooling: str, tie_embeddings: bool) -> None:
@@ -58,3 +73,92 @@ def check_model_args(head: str, num_classes, pooling: str, tie_embeddings: bool)
         raise ValueError(f"SequenceModel: pooling must be 'mean' or 'last', got {pooling!r}")
     if tie_embeddings and head != "lm":
         raise ValueError("SequenceModel: tie_embeddings needs the 'lm' head")
+
+
+class Exchange:
+    """Weight exchange methods shared by every mixer, block and model of both frameworks."""
+
+    def export_weights(self):
+        """{framework-neutral name: np.ndarray}; loads into the other framework's twin with `import_weights`."""
+        return _weights.export_weights(self)
+
+    def import_weights(self, weights, strict: bool = True):
+        """Load a dict from `export_weights` of either framework. Returns self."""
+        return _weights.import_weights(self, weights, strict=strict)
+
+
+# ----------------------------------------------------------------------------------------------
+# Construction: the same attribute names and sizes in both frameworks
+# ----------------------------------------------------------------------------------------------
+def gma_layer_arguments(config: MixerConfig) -> Dict[str, Any]:
+    """Keyword arguments of GaussianMixtureAttention (torch or MLX) for a "gma" MixerConfig."""
+    return dict(d_model=config.d_model, num_heads=config.num_heads, num_components=config.num_components,
+                head_dim=config.head_dim, routing_dim=config.routing_dim, causal=config.causal, eps=config.eps,
+                sigma_eps=config.sigma_eps, bias=config.bias)
+
+
+def init_projected_mixer(mixer: Any, linear: Callable[..., Any], config: MixerConfig, qk_dim: int) -> None:
+    """Sets the sizes and the q/k/v/out projections of a baseline mixer; `linear` is the
+    framework's nn.Linear (both take (in_features, out_features, bias=...))."""
+    mixer.config = config
+    H, Dv, d = config.num_heads, config.resolved_head_dim, config.d_model
+    mixer.num_heads, mixer.qk_dim, mixer.head_dim, mixer.causal = H, qk_dim, Dv, config.causal
+    for name, (n_in, n_out) in _layer_spec.projections(d, H, qk_dim, Dv).items():
+        setattr(mixer, name, linear(n_in, n_out, bias=config.bias))
+
+
+def init_block(block: Any, nn: Any, build: Callable[[MixerConfig], Any], config: MixerConfig, mlp_ratio: float,
+               dropout: float, norm_eps: float) -> None:
+    """Sets the sublayers of a MixerBlock: norm1, mixer, norm2, fc1, fc2, drop, created in this
+    order (it fixes torch's state_dict order and the random draws of the initialisation). `nn` is
+    torch.nn or mlx.nn, which spell LayerNorm, Linear and Dropout alike; `build` makes the mixer."""
+    d = config.d_model
+    hidden = int(round(mlp_ratio * d))
+    block.config = config
+    block.norm1 = nn.LayerNorm(d, eps=norm_eps)
+    block.mixer = build(config)
+    block.norm2 = nn.LayerNorm(d, eps=norm_eps)
+    block.fc1 = nn.Linear(d, hidden)
+    block.fc2 = nn.Linear(hidden, d)
+    block.drop = nn.Dropout(dropout)
+
+
+def run_block(block: Any, x: Any, key_padding_mask, state, return_state: bool, gelu: Callable[[Any], Any]):
+    """MixerBlock's forward: x + drop(mixer(norm1(x))), then x + drop(fc2(gelu(fc1(norm2(x))))),
+    returning (x, the mixer's state) with return_state. `gelu` is the framework's (exact, erf)."""
+    h = block.mixer(block.norm1(x), key_padding_mask=key_padding_mask, state=state, return_state=return_state)
+    if return_state:
+        h, state = h
+    x = x + block.drop(h)
+    x = x + block.drop(block.fc2(gelu(block.fc1(block.norm2(x)))))
+    return (x, state) if return_state else x
+
+
+# ----------------------------------------------------------------------------------------------
+# SequenceModel state: (position offset, [state of each block])
+# ----------------------------------------------------------------------------------------------
+def model_state(head_kind: str, state, return_state: bool, num_blocks: int) -> Tuple[int, Sequence]:
+    """(position offset, per-block states) a SequenceModel call starts from; only the "lm" head
+    carries a state."""
+    if (state is not None or return_state) and head_kind != "lm":
+        raise ValueError("SequenceModel: state is only carried with the 'lm' head")
+    return (0, [None] * num_blocks) if state is None else state
+
+
+def check_positions(offset: int, N: int, max_len: int) -> None:
+    if offset + N > max_len:
+        raise ValueError(f"SequenceModel: positions up to {offset + N} exceed max_len={max_len}")
+
+
+def run_blocks(blocks: Sequence[Any], x: Any, key_padding_mask, layer_states: Sequence,
+               return_state: bool) -> Tuple[Any, List]:
+    """x through every block in turn, each with its own state; returns (x, the blocks' new states)
+    (an empty list without return_state)."""
+    new_states: List = []
+    for block, s in zip(blocks, layer_states):
+        if return_state:
+            x, s = block(x, key_padding_mask=key_padding_mask, state=s, return_state=True)
+            new_states.append(s)
+        else:
+            x = block(x, key_padding_mask=key_padding_mask, state=s)
+    return x, new_states

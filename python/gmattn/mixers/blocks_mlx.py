@@ -3,41 +3,28 @@ same structure, same weights)."""
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from ._common import check_model_args
+from ._common import Exchange, check_model_args, check_positions, init_block, model_state, run_block, run_blocks
 from .config import MixerConfig
-from .mlx_mixers import _Exchange, build
+from .mlx_mixers import build
 
 
-class MixerBlock(_Exchange, nn.Module):
+class MixerBlock(Exchange, nn.Module):
     """Pre-norm residual block: x + mixer(norm1(x)), then x + fc2(gelu(fc1(norm2(x))))."""
 
     def __init__(self, config: MixerConfig, mlp_ratio: float = 4.0, dropout: float = 0.0, norm_eps: float = 1e-5):
         super().__init__()
-        d = config.d_model
-        hidden = int(round(mlp_ratio * d))
-        self.config = config
-        self.norm1 = nn.LayerNorm(d, eps=norm_eps)
-        self.mixer = build(config)
-        self.norm2 = nn.LayerNorm(d, eps=norm_eps)
-        self.fc1 = nn.Linear(d, hidden)
-        self.fc2 = nn.Linear(hidden, d)
-        self.drop = nn.Dropout(dropout)
+        init_block(self, nn, build, config, mlp_ratio, dropout, norm_eps)
 
     def __call__(self, x: mx.array, key_padding_mask=None, state=None, return_state: bool = False):
-        h = self.mixer(self.norm1(x), key_padding_mask=key_padding_mask, state=state, return_state=return_state)
-        if return_state:
-            h, state = h
-        x = x + self.drop(h)
-        x = x + self.drop(self.fc2(nn.gelu(self.fc1(self.norm2(x)))))
-        return (x, state) if return_state else x
+        return run_block(self, x, key_padding_mask, state, return_state, nn.gelu)
 
 
-class SequenceModel(_Exchange, nn.Module):
+class SequenceModel(Exchange, nn.Module):
     """Token model: embedding (+ learned positions if max_len), MixerBlocks, final norm, head.
     Same arguments and calling convention as gmattn.mixers.blocks_torch.SequenceModel."""
 
@@ -60,22 +47,13 @@ class SequenceModel(_Exchange, nn.Module):
             self.head = nn.Linear(d, vocab_size, bias=False)
 
     def __call__(self, tokens: mx.array, key_padding_mask=None, state=None, return_state: bool = False):
-        if (state is not None or return_state) and self.head_kind != "lm":
-            raise ValueError("SequenceModel: state is only carried with the 'lm' head")
+        offset, layer_states = model_state(self.head_kind, state, return_state, len(self.blocks))
         B, N = tokens.shape
-        offset, layer_states = (0, [None] * len(self.blocks)) if state is None else state
         x = self.embed(tokens)
         if self.max_len:
-            if offset + N > self.max_len:
-                raise ValueError(f"SequenceModel: positions up to {offset + N} exceed max_len={self.max_len}")
+            check_positions(offset, N, self.max_len)
             x = x + self.pos_embed(mx.arange(offset, offset + N))
-        new_states: List = []
-        for block, s in zip(self.blocks, layer_states):
-            if return_state:
-                x, s = block(x, key_padding_mask=key_padding_mask, state=s, return_state=True)
-                new_states.append(s)
-            else:
-                x = block(x, key_padding_mask=key_padding_mask, state=s)
+        x, new_states = run_blocks(self.blocks, x, key_padding_mask, layer_states, return_state)
         x = self.norm(x)
         if self.head_kind == "lm":
             logits = self.embed.as_linear(x) if self.tie_embeddings else self.head(x)

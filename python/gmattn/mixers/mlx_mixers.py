@@ -12,25 +12,13 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import weights as _weights
-from ._common import LINEAR_CHUNK, check_input, check_mask, orthogonal_random_features
+from ._common import LINEAR_CHUNK, Exchange, check_call, gma_layer_arguments, init_projected_mixer
+from ._common import orthogonal_random_features
 from .config import MixerConfig
 
 
 def _acc(dtype) -> mx.Dtype:
     return mx.float32  # MLX has no float64 on the GPU; the accumulator is float32
-
-
-class _Exchange:
-    """Weight exchange methods shared by every MLX mixer, block and model."""
-
-    def export_weights(self):
-        """{framework-neutral name: np.ndarray}; loads into the torch twin with `import_weights`."""
-        return _weights.export_weights(self)
-
-    def import_weights(self, weights, strict: bool = True):
-        """Load a dict from `export_weights` of either framework. Returns self."""
-        return _weights.import_weights(self, weights, strict=strict)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,38 +96,25 @@ def _gma_class():
                 f"could not be imported ({exc})"
             ) from exc
 
-        class GMAMixer(_Exchange, GaussianMixtureAttention):
+        class GMAMixer(Exchange, GaussianMixtureAttention):
             """kind "gma": gmattn.mlx.GaussianMixtureAttention built from a MixerConfig."""
 
             def __init__(self, config: MixerConfig):
-                GaussianMixtureAttention.__init__(
-                    self, config.d_model, config.num_heads, config.num_components, head_dim=config.head_dim,
-                    routing_dim=config.routing_dim, causal=config.causal, eps=config.eps,
-                    sigma_eps=config.sigma_eps, bias=config.bias,
-                )
+                GaussianMixtureAttention.__init__(self, **gma_layer_arguments(config))
                 self.config = config
 
         _GMA_CLASS = GMAMixer
     return _GMA_CLASS
 
 
-class _ProjectedMixer(_Exchange, nn.Module):
+class _ProjectedMixer(Exchange, nn.Module):
     def __init__(self, config: MixerConfig, qk_dim: int):
         super().__init__()
-        self.config = config
-        H, Dv, d = config.num_heads, config.resolved_head_dim, config.d_model
-        self.num_heads, self.qk_dim, self.head_dim, self.causal = H, qk_dim, Dv, config.causal
-        self.q_proj = nn.Linear(d, H * qk_dim, bias=config.bias)
-        self.k_proj = nn.Linear(d, H * qk_dim, bias=config.bias)
-        self.v_proj = nn.Linear(d, H * Dv, bias=config.bias)
-        self.out_proj = nn.Linear(H * Dv, d, bias=config.bias)
+        init_projected_mixer(self, nn.Linear, config, qk_dim)
 
     def _qkv(self, x: mx.array, key_padding_mask):
-        name = type(self).__name__
-        check_input(name, x.shape, self.config.d_model)
-        B, N, _ = x.shape
+        B, N = check_call(type(self).__name__, self.config.d_model, x, key_padding_mask)
         if key_padding_mask is not None:
-            check_mask(name, key_padding_mask.shape, B, N)
             key_padding_mask = key_padding_mask.astype(mx.bool_)
         H = self.num_heads
         q = self.q_proj(x).reshape(B, N, H, self.qk_dim).transpose(0, 2, 1, 3)

@@ -17,25 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..torch.layers import GaussianMixtureAttention
-from . import weights as _weights
-from ._common import LINEAR_CHUNK, check_input, check_mask, orthogonal_random_features
+from ._common import LINEAR_CHUNK, Exchange, check_call, gma_layer_arguments, init_projected_mixer
+from ._common import orthogonal_random_features
 from .config import MixerConfig
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-class _Exchange:
-    """Weight exchange methods shared by every mixer, block and model."""
-
-    def export_weights(self):
-        """{framework-neutral name: np.ndarray}; loads into the MLX twin with `import_weights`."""
-        return _weights.export_weights(self)
-
-    def import_weights(self, weights, strict: bool = True):
-        """Load a dict from `export_weights` of either framework. Returns self."""
-        return _weights.import_weights(self, weights, strict=strict)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,37 +85,24 @@ def favor_features(x: Tensor, W: Tensor, is_query: bool) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # Mixers
 # ----------------------------------------------------------------------------------------------
-class GMAMixer(_Exchange, GaussianMixtureAttention):
+class GMAMixer(Exchange, GaussianMixtureAttention):
     """kind "gma": gmattn.torch.GaussianMixtureAttention built from a MixerConfig."""
 
     def __init__(self, config: MixerConfig):
-        GaussianMixtureAttention.__init__(
-            self, config.d_model, config.num_heads, config.num_components, head_dim=config.head_dim,
-            routing_dim=config.routing_dim, causal=config.causal, eps=config.eps, sigma_eps=config.sigma_eps,
-            bias=config.bias,
-        )
+        GaussianMixtureAttention.__init__(self, **gma_layer_arguments(config))
         self.config = config
 
 
-class _ProjectedMixer(_Exchange, nn.Module):
+class _ProjectedMixer(Exchange, nn.Module):
     """q/k/v/out projections and the (B, H, N, .) layout shared by the baseline kinds."""
 
     def __init__(self, config: MixerConfig, qk_dim: int):
         super().__init__()
-        self.config = config
-        H, Dv, d = config.num_heads, config.resolved_head_dim, config.d_model
-        self.num_heads, self.qk_dim, self.head_dim, self.causal = H, qk_dim, Dv, config.causal
-        self.q_proj = nn.Linear(d, H * qk_dim, bias=config.bias)
-        self.k_proj = nn.Linear(d, H * qk_dim, bias=config.bias)
-        self.v_proj = nn.Linear(d, H * Dv, bias=config.bias)
-        self.out_proj = nn.Linear(H * Dv, d, bias=config.bias)
+        init_projected_mixer(self, nn.Linear, config, qk_dim)
 
     def _qkv(self, x: Tensor, key_padding_mask: Optional[Tensor]):
-        name = type(self).__name__
-        check_input(name, x.shape, self.config.d_model)
-        B, N, _ = x.shape
+        B, N = check_call(type(self).__name__, self.config.d_model, x, key_padding_mask)
         if key_padding_mask is not None:
-            check_mask(name, key_padding_mask.shape, B, N)
             key_padding_mask = key_padding_mask.to(device=x.device, dtype=torch.bool)
         H = self.num_heads
         q = self.q_proj(x).view(B, N, H, self.qk_dim).transpose(1, 2)

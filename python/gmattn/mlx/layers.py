@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import _init
+from .. import _checks, _init, _layer_spec
 from .ops import gma_attention
 
 
@@ -59,38 +59,20 @@ class GaussianMixtureAttention(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        if d_model < 1 or num_heads < 1 or num_components < 1:
-            raise ValueError(
-                f"GaussianMixtureAttention: d_model, num_heads and num_components must be >= 1, got "
-                f"{d_model}, {num_heads}, {num_components}"
-            )
-        if head_dim is None:
-            if d_model % num_heads:
-                raise ValueError(
-                    f"GaussianMixtureAttention: d_model={d_model} is not divisible by num_heads={num_heads}; "
-                    "pass head_dim explicitly"
-                )
-            head_dim = d_model // num_heads
-        routing_dim = head_dim if routing_dim is None else routing_dim
-        if head_dim < 1 or routing_dim < 1:
-            raise ValueError(
-                f"GaussianMixtureAttention: head_dim and routing_dim must be >= 1, got {head_dim}, {routing_dim}"
-            )
+        _layer_spec.set_hyperparameters(self, d_model, num_heads, num_components, head_dim, routing_dim, causal, eps,
+                                        sigma_eps)
         if device is not None:
             raise ValueError(
                 "GaussianMixtureAttention (MLX): 'device' must be None; MLX arrays have no device "
                 "(use mx.set_default_device or streams). The GMA kernels run on the CPU."
             )
-        self.d_model, self.num_heads, self.num_components = d_model, num_heads, num_components
-        self.head_dim, self.routing_dim = head_dim, routing_dim
-        self.causal, self.eps, self.sigma_eps = causal, eps, sigma_eps
-        self.q_proj = nn.Linear(d_model, num_heads * routing_dim, bias=bias)
-        self.k_proj = nn.Linear(d_model, num_heads * routing_dim, bias=bias)
-        self.v_proj = nn.Linear(d_model, num_heads * head_dim, bias=bias)
-        self.out_proj = nn.Linear(num_heads * head_dim, d_model, bias=bias)
-        self.mu = mx.zeros((num_heads, num_components, routing_dim))
-        self.omega = mx.zeros((num_heads, num_components, routing_dim))
-        self.alpha = mx.zeros((num_heads, num_components))
+        H, K, D, Dv = num_heads, num_components, self.routing_dim, self.head_dim
+        # q_proj, k_proj, v_proj, out_proj
+        for name, (n_in, n_out) in _layer_spec.projections(d_model, H, D, Dv).items():
+            setattr(self, name, nn.Linear(n_in, n_out, bias=bias))
+        self.mu = mx.zeros((H, K, D))
+        self.omega = mx.zeros((H, K, D))
+        self.alpha = mx.zeros((H, K))
         self.reset_mixture_parameters()
         if dtype is not None:
             self.set_dtype(dtype)
@@ -111,10 +93,7 @@ class GaussianMixtureAttention(nn.Module):
     ):
         if not isinstance(x, mx.array):
             raise TypeError(f"GaussianMixtureAttention: x must be an mlx.core.array, got {type(x).__name__}")
-        if x.ndim != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(
-                f"GaussianMixtureAttention: x must have shape (B, N, d_model={self.d_model}), got {tuple(x.shape)}"
-            )
+        _checks.check_input(_layer_spec.LAYER, x.shape, self.d_model)
         B, N, _ = x.shape
         H, D, Dv = self.num_heads, self.routing_dim, self.head_dim
         q = self.q_proj(x).reshape(B, N, H, D)
@@ -130,7 +109,4 @@ class GaussianMixtureAttention(nn.Module):
         return (y, new_state) if return_state else y
 
     def _extra_repr(self) -> str:
-        return (
-            f"d_model={self.d_model}, num_heads={self.num_heads}, num_components={self.num_components}, "
-            f"head_dim={self.head_dim}, routing_dim={self.routing_dim}, causal={self.causal}"
-        )
+        return _layer_spec.describe(self)

@@ -49,7 +49,11 @@ from typing import Any, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from .. import _checks, _config, _ext
+from .. import _checks, _ext  # noqa: F401 (tests and benchmarks/mlx_overhead.py patch _ext.core here)
+# The host path is the NumPy front end's: MLX hands the core NumPy views of its arrays. Imported
+# under these names, which a test patches.
+from ..numpy_ops import host_backward as _host_backward
+from ..numpy_ops import host_forward as _host_forward
 
 __all__ = ["gma_attention"]
 
@@ -124,12 +128,6 @@ def _host(x: Optional[mx.array], name: str) -> Optional[np.ndarray]:
     return view
 
 
-def _empty(shape, dtype) -> np.ndarray:
-    if _config.poison_outputs:
-        return np.full(shape, np.nan, dtype=dtype)
-    return np.empty(shape, dtype=dtype)
-
-
 def _cast(x: mx.array, dtype) -> mx.array:
     return x if x.dtype == dtype else x.astype(dtype, stream=_STREAM)
 
@@ -144,42 +142,7 @@ def _as_tuple(x) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
-def _host_forward(q, k, v, mu, omega, alpha, mask, S0, z0, *, causal, eps, sigma_eps, return_state, save,
-                  num_threads):
-    """Runs the core's forward on NumPy arrays; returns (out, S_final, z_final, gq, gk, den)."""
-    B, N, H, _ = q.shape
-    K, Dv = mu.shape[1], v.shape[3]
-    acc = mu.dtype
-    out = _empty((B, N, H, Dv), q.dtype)
-    S_final = _empty((B, H, K, Dv), acc) if return_state else None
-    z_final = _empty((B, H, K), acc) if return_state else None
-    gq = _empty((B, H, N, K), acc) if save else None
-    gk = _empty((B, H, N, K), acc) if save else None
-    den = _empty((B, H, N), acc) if save else None
-    _ext.core().forward(
-        q, k, v, mu, omega, alpha, mask, S0, z0, out, S_final, z_final, gq, gk, den,
-        causal=causal, eps=eps, sigma_eps=sigma_eps, num_threads=num_threads, stream=0,
-    )
-    return out, S_final, z_final, gq, gk, den
-
-
-def _host_backward(q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, dout, dS_final, dz_final, *,
-                   causal, eps, sigma_eps, num_threads):
-    """Runs the core's backward on NumPy arrays; returns (dq, dk, dv, dmu, domega, dalpha, dS0, dz0)."""
-    acc = mu.dtype
-    dq, dk, dv = _empty(q.shape, q.dtype), _empty(k.shape, k.dtype), _empty(v.shape, v.dtype)
-    dmu, domega, dalpha = _empty(mu.shape, acc), _empty(omega.shape, acc), _empty(alpha.shape, acc)
-    dS0 = _empty(S0.shape, acc) if S0 is not None else None
-    dz0 = _empty(z0.shape, acc) if z0 is not None else None
-    _ext.core().backward(
-        q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, dout, dS_final, dz_final,
-        dq, dk, dv, dmu, domega, dalpha, dS0, dz0,
-        causal=causal, eps=eps, sigma_eps=sigma_eps, num_threads=num_threads, stream=0, deterministic=True,
-    )
-    return dq, dk, dv, dmu, domega, dalpha, dS0, dz0
-
-
-_PRIMAL_NAMES = ("q", "k", "v", "mu", "omega", "alpha", "initial_state[0] (S)", "initial_state[1] (z)")
+_PRIMAL_NAMES = ("q", "k", "v", "mu", "omega", "alpha", *_checks.STATE_NAMES)
 
 
 def _build_op(mask: Optional[np.ndarray], *, has_state: bool, causal: bool, eps: float, sigma_eps: float,
@@ -314,15 +277,14 @@ def gma_attention(
         num_threads: OpenMP threads of the core; 0 = OpenMP's default (OMP_NUM_THREADS, else all cores).
     """
     _require_mlx("q", q)
-    for name, x in (("k", k), ("v", v), ("mu", mu), ("omega", omega), ("alpha", alpha),
-                    ("key_padding_mask", key_padding_mask)):
+    for name, x in _checks.array_arguments(k, v, mu, omega, alpha, key_padding_mask):
         _require_mlx(name, x)
     dims = _checks.check_arguments(q, k, v, mu, omega, alpha, key_padding_mask, initial_state, eps, sigma_eps)
     S0 = z0 = None
     if initial_state is not None:
         S0, z0 = initial_state
-        _require_mlx("initial_state[0] (S)", S0)
-        _require_mlx("initial_state[1] (z)", z0)
+        for name, x in zip(_checks.STATE_NAMES, initial_state):
+            _require_mlx(name, x)
     if int(num_threads) < 0:
         raise ValueError(f"gma_attention: 'num_threads' must be >= 0 (0 = default), got {num_threads}")
     _warn_if_gpu_default()

@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .. import _checks, _layer_spec
 from .._init import ROUTING_VARIANCE, initial_omega, initial_variance  # noqa: F401 (re-exported)
 from .ops import gma_attention
 
@@ -49,30 +50,16 @@ class GaussianMixtureAttention(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        if d_model < 1 or num_heads < 1 or num_components < 1:
-            raise ValueError(
-                f"GaussianMixtureAttention: d_model, num_heads and num_components must be >= 1, got "
-                f"{d_model}, {num_heads}, {num_components}"
-            )
-        if head_dim is None:
-            if d_model % num_heads:
-                raise ValueError(
-                    f"GaussianMixtureAttention: d_model={d_model} is not divisible by num_heads={num_heads}; "
-                    "pass head_dim explicitly"
-                )
-            head_dim = d_model // num_heads
-        routing_dim = head_dim if routing_dim is None else routing_dim
+        _layer_spec.set_hyperparameters(self, d_model, num_heads, num_components, head_dim, routing_dim, causal, eps,
+                                        sigma_eps)
+        H, K, D, Dv = num_heads, num_components, self.routing_dim, self.head_dim
         factory = {"device": device, "dtype": dtype}
-        self.d_model, self.num_heads, self.num_components = d_model, num_heads, num_components
-        self.head_dim, self.routing_dim = head_dim, routing_dim
-        self.causal, self.eps, self.sigma_eps = causal, eps, sigma_eps
-        self.q_proj = nn.Linear(d_model, num_heads * routing_dim, bias=bias, **factory)
-        self.k_proj = nn.Linear(d_model, num_heads * routing_dim, bias=bias, **factory)
-        self.v_proj = nn.Linear(d_model, num_heads * head_dim, bias=bias, **factory)
-        self.out_proj = nn.Linear(num_heads * head_dim, d_model, bias=bias, **factory)
-        self.mu = nn.Parameter(torch.empty(num_heads, num_components, routing_dim, **factory))
-        self.omega = nn.Parameter(torch.empty(num_heads, num_components, routing_dim, **factory))
-        self.alpha = nn.Parameter(torch.empty(num_heads, num_components, **factory))
+        # q_proj, k_proj, v_proj, out_proj
+        for name, (n_in, n_out) in _layer_spec.projections(d_model, H, D, Dv).items():
+            setattr(self, name, nn.Linear(n_in, n_out, bias=bias, **factory))
+        self.mu = nn.Parameter(torch.empty(H, K, D, **factory))
+        self.omega = nn.Parameter(torch.empty(H, K, D, **factory))
+        self.alpha = nn.Parameter(torch.empty(H, K, **factory))
         self.reset_mixture_parameters()
 
     ROUTING_VARIANCE = ROUTING_VARIANCE
@@ -90,10 +77,7 @@ class GaussianMixtureAttention(nn.Module):
         state: Optional[Tuple[Tensor, Tensor]] = None,
         return_state: bool = False,
     ):
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(
-                f"GaussianMixtureAttention: x must have shape (B, N, d_model={self.d_model}), got {tuple(x.shape)}"
-            )
+        _checks.check_input(_layer_spec.LAYER, x.shape, self.d_model)
         B, N, _ = x.shape
         H, D, Dv = self.num_heads, self.routing_dim, self.head_dim
         q = self.q_proj(x).view(B, N, H, D)
@@ -108,7 +92,4 @@ class GaussianMixtureAttention(nn.Module):
         return (y, new_state) if return_state else y
 
     def extra_repr(self) -> str:
-        return (
-            f"d_model={self.d_model}, num_heads={self.num_heads}, num_components={self.num_components}, "
-            f"head_dim={self.head_dim}, routing_dim={self.routing_dim}, causal={self.causal}"
-        )
+        return _layer_spec.describe(self)

@@ -19,10 +19,26 @@ _ACC = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float
         torch.float64: torch.float64}
 
 
+# A custom op returns tensors, never None: an output that was not requested is empty (size 0).
+_NOT_REQUESTED = (0,)
+
+
 def _empty(shape, like: Tensor, dtype: torch.dtype) -> Tensor:
-    if _config.poison_outputs:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
+    return _config.new_output(torch.empty, torch.full, shape, dtype=dtype, device=like.device)
+
+
+def _forward_dtypes(q: Tensor):
+    """dtypes of forward_op's outputs: out in the input dtype, the rest in the accumulator dtype."""
+    return (q.dtype,) + (_ACC[q.dtype],) * 5
+
+
+def _initial_state_shapes(q: Tensor, v: Tensor, mu: Tensor, has_state: bool):
+    """Shapes of backward_op's dS0 and dz0, for the op and its fake alike; None without a state."""
+    return _checks.state_shapes(q, v, mu) if has_state else (None, None)
+
+
+def _sized(shape):
+    return _NOT_REQUESTED if shape is None else shape
 
 
 def _backend(x: Tensor):
@@ -62,39 +78,22 @@ def forward_op(
     save_for_backward: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out, S_final, z_final, gq, gk, den); unrequested ones are empty (size 0)."""
-    B, N, H, _ = q.shape
-    K, Dv = mu.shape[1], v.shape[3]
-    acc = _ACC[q.dtype]
-    out = _empty((B, N, H, Dv), q, q.dtype)
-    S_final = _empty((B, H, K, Dv) if return_state else (0,), q, acc)
-    z_final = _empty((B, H, K) if return_state else (0,), q, acc)
-    gq = _empty((B, H, N, K) if save_for_backward else (0,), q, acc)
-    gk = _empty((B, H, N, K) if save_for_backward else (0,), q, acc)
-    den = _empty((B, H, N) if save_for_backward else (0,), q, acc)
+    shapes = _checks.forward_output_shapes(q, v, mu, return_state, save_for_backward)
+    outputs = tuple(_empty(_sized(shape), q, dtype) for shape, dtype in zip(shapes, _forward_dtypes(q)))
     module, stream = _backend(q)
     module.forward(
-        *_plain(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0), out,
-        S_final if return_state else None, z_final if return_state else None,
-        gq if save_for_backward else None, gk if save_for_backward else None, den if save_for_backward else None,
+        *_plain(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0),
+        *(None if shape is None else t for shape, t in zip(shapes, outputs)),  # the core skips None
         causal=causal, eps=eps, sigma_eps=sigma_eps, num_threads=_threads(q), stream=stream,
     )
-    return out, S_final, z_final, gq, gk, den
+    return outputs
 
 
 @forward_op.register_fake
 def _forward_fake(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, causal, eps, sigma_eps, return_state,
                   save_for_backward):
-    B, N, H, _ = q.shape
-    K, Dv = mu.shape[1], v.shape[3]
-    acc = _ACC[q.dtype]
-    return (
-        q.new_empty((B, N, H, Dv)),
-        q.new_empty((B, H, K, Dv) if return_state else (0,), dtype=acc),
-        q.new_empty((B, H, K) if return_state else (0,), dtype=acc),
-        q.new_empty((B, H, N, K) if save_for_backward else (0,), dtype=acc),
-        q.new_empty((B, H, N, K) if save_for_backward else (0,), dtype=acc),
-        q.new_empty((B, H, N) if save_for_backward else (0,), dtype=acc),
-    )
+    shapes = _checks.forward_output_shapes(q, v, mu, return_state, save_for_backward)
+    return tuple(q.new_empty(_sized(shape), dtype=dtype) for shape, dtype in zip(shapes, _forward_dtypes(q)))
 
 
 @torch.library.custom_op("gmattn::backward", mutates_args=())
@@ -120,15 +119,12 @@ def backward_op(
     sigma_eps: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dmu, domega, dalpha, dS0, dz0); dS0/dz0 are empty without S0."""
-    B, N, H, D = q.shape
-    K, Dv = mu.shape[1], v.shape[3]
     acc = mu.dtype
     dq, dk = _empty(q.shape, q, q.dtype), _empty(k.shape, q, q.dtype)
     dv = _empty(v.shape, q, q.dtype)
     dmu, domega, dalpha = _empty(mu.shape, q, acc), _empty(omega.shape, q, acc), _empty(alpha.shape, q, acc)
     has_state = S0 is not None
-    dS0 = _empty((B, H, K, Dv) if has_state else (0,), q, acc)
-    dz0 = _empty((B, H, K) if has_state else (0,), q, acc)
+    dS0, dz0 = (_empty(_sized(shape), q, acc) for shape in _initial_state_shapes(q, v, mu, has_state))
     module, stream = _backend(q)
     module.backward(
         *_plain(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, out, gq, gk, den, dout, dS_final, dz_final),
@@ -142,14 +138,11 @@ def backward_op(
 @backward_op.register_fake
 def _backward_fake(dout, dS_final, dz_final, q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, out, gq, gk, den,
                    causal, eps, sigma_eps):
-    B, N, H, D = q.shape
-    K, Dv = mu.shape[1], v.shape[3]
-    has_state = S0 is not None
+    dS0, dz0 = (mu.new_empty(_sized(shape)) for shape in _initial_state_shapes(q, v, mu, S0 is not None))
     return (
         torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
         torch.empty_like(mu), torch.empty_like(omega), torch.empty_like(alpha),
-        mu.new_empty((B, H, K, Dv) if has_state else (0,)),
-        mu.new_empty((B, H, K) if has_state else (0,)),
+        dS0, dz0,
     )
 
 
@@ -203,9 +196,8 @@ def gma_attention(
 ):
     """Gaussian Mixture Attention on torch tensors (CPU or CUDA); see gmattn.gma_attention."""
     _checks.check_arguments(q, k, v, mu, omega, alpha, key_padding_mask, initial_state, eps, sigma_eps)
-    for name, t in (("k", k), ("v", v), ("mu", mu), ("omega", omega), ("alpha", alpha),
-                    ("key_padding_mask", key_padding_mask)):
-        if t is not None and t.device != q.device:
+    for name, t in _checks.array_arguments(k, v, mu, omega, alpha, key_padding_mask, initial_state):
+        if t.device != q.device:
             raise ValueError(f"gma_attention: '{name}' is on {t.device} but q is on {q.device}")
     acc = _ACC[q.dtype]
     # The core keeps parameters and state in the accumulator dtype; casting here keeps autograd
@@ -213,11 +205,7 @@ def gma_attention(
     mu, omega, alpha = mu.to(acc), omega.to(acc), alpha.to(acc)
     S0 = z0 = None
     if initial_state is not None:
-        S0, z0 = initial_state
-        for name, t in (("initial_state[0] (S)", S0), ("initial_state[1] (z)", z0)):
-            if t.device != q.device:
-                raise ValueError(f"gma_attention: '{name}' is on {t.device} but q is on {q.device}")
-        S0, z0 = S0.to(acc), z0.to(acc)
+        S0, z0 = (s.to(acc) for s in initial_state)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, mu, omega, alpha, S0, z0)
     )
