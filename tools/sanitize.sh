@@ -15,8 +15,10 @@ cp "$work/build"/_core*.so "$work/pkg/gmattn/"
 asan="$(gcc -print-file-name=libasan.so)"
 ubsan="$(gcc -print-file-name=libubsan.so)"
 # Python and torch allocate at exit without freeing: leak checking would report them, not us.
-export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1"
-export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+# Reports go to files as well as stderr: pytest captures stderr, and an abort loses what it held.
+rm -f "$work"/report.*
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:log_path=$work/report"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$work/report"
 cd "$repo"
 tests=("$@")
 [ ${#tests[@]} -gt 0 ] || tests=(tests/test_core.py tests/test_errors.py tests/test_hardening.py)
@@ -32,8 +34,9 @@ print("sanitized core:", core.__file__)
 sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", *sys.argv[1:]]))
 PY
 status=${PIPESTATUS[0]}
-if grep -qE "ERROR: AddressSanitizer|runtime error:" "$work/log.txt"; then
-  echo "sanitizer reports found: see $work/log.txt"
+if compgen -G "$work/report.*" >/dev/null || grep -qE "ERROR: AddressSanitizer|runtime error:" "$work/log.txt"; then
+  cat "$work"/report.* 2>/dev/null | head -40
+  echo "sanitizer reports found: see $work/report.* and $work/log.txt"
   exit 1
 fi
 exit "$status"

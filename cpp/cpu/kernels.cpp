@@ -216,7 +216,8 @@ struct Plan {
 
 inline Plan make_plan(int64_t B, int64_t H, int64_t nchunks, int requested) {
   Plan p;
-  int nt = requested > 0 ? requested : omp_get_max_threads();
+  // 64-bit: a caller may ask for up to INT_MAX threads, and the products below must not overflow.
+  int64_t nt = requested > 0 ? requested : omp_get_max_threads();
   if (nt < 1) nt = 1;
   p.B = B;
   p.H = H;
@@ -242,9 +243,10 @@ inline Plan make_plan(int64_t B, int64_t H, int64_t nchunks, int requested) {
   } else {
     // Too few pairs (or an uneven split): cut each pair into segments of chunks, two-pass scans;
     // the fewest segments giving a multiple of the thread count and two tasks per thread.
+    // (A segment holds at least one chunk, which also bounds the search for huge thread counts.)
     int64_t segs = 1;
-    while (!((pairs * segs) % nt == 0 && pairs * segs >= 2 * nt)) ++segs;
-    p.segs = std::max<int64_t>(1, std::min<int64_t>(segs, nchunks));
+    while (segs < nchunks && !((pairs * segs) % nt == 0 && pairs * segs >= 2 * nt)) ++segs;
+    p.segs = segs;
   }
   p.tasks = B * (H / p.group) * p.segs;
   p.lanes = B * H * p.segs;
