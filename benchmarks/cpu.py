@@ -43,8 +43,9 @@ of inputs + output + gradient of the output + gradients of the inputs.
     python benchmarks/cpu.py                      # full run (~15 min on 2 cores)
     python benchmarks/cpu.py --quick              # tiny sizes, seconds (smoke test)
     python benchmarks/cpu.py --sections issue2,memory --out /tmp/cpu-bench
+    python benchmarks/cpu.py --report /tmp/cpu-bench/results.json   # redraw plots and tables only
 
-Writes <out>/results.json, <out>/time_vs_n.png, <out>/matmul_fraction.png, <out>/memory_vs_n.png
+Writes <out>/results.json, <out>/results.md (the tables), <out>/time_vs_n.png, <out>/matmul_fraction.png, <out>/memory_vs_n.png
 (default out: benchmarks/results/cpu).
 """
 
@@ -458,8 +459,9 @@ class Bench:
             small = min(x["N"] for x in rows)
             for mode in ("fwd", "fwd+bwd"):
                 worst = min(x["chunked_over_core"] for x in rows if x["N"] == big and x["mode"] == mode)
-                add(f"core vs chunked at N={big}, {mode}, worse of causal/bidir >= 2x (issue 2) / 4x (issue 3)",
-                    round(worst, 2), worst >= 4.0, "issue 2 needs 2x, issue 3 needs 4x")
+                for need, issue in ((2.0, 2), (4.0, 3)):
+                    add(f"core vs chunked at N={big}, {mode}, worse of causal/bidir >= {need:g}x (issue {issue})",
+                        round(worst, 2), worst >= need)
                 c = [x for x in rows if x["N"] == big and x["mode"] == mode and x["causal"]][0]
                 add(f"core vs causal SDPA at N={big}, {mode} >= 25x (issue 3)", round(c["sdpa_over_core"], 1),
                     c["sdpa_over_core"] >= 25.0)
@@ -512,63 +514,70 @@ class Bench:
                         round(ratio, 3), ratio <= 1.2)
         return out
 
-    def print_tables(self):
+    def tables(self) -> str:
+        """Every measured table as Markdown (readable as text; results.md is pasted into the docs)."""
         r = self.results
         m = r["machine"]
-        print(f"\nMachine: {m['cpu']}, {m['logical_cpus']} logical CPUs, flags {','.join(m['cpu_flags'])}; "
-              f"torch {m['torch']} with {m['torch_threads']} threads; core ISA {m['core_isa']}; "
-              f"load average at start {m['loadavg_start']}")
+        lines = []
+
+        def table(header, rows):
+            lines.extend(["", "| " + " | ".join(header) + " |",
+                          "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"])
+            lines.extend("| " + " | ".join(str(c) for c in row) + " |" for row in rows)
+
+        def kind(x):
+            return "causal" if x["causal"] else "bidir"
+
+        lines.append(f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, flags {','.join(m['cpu_flags'])}; "
+                     f"torch {m['torch']} with {m['torch_threads']} threads; core ISA {m['core_isa']}; "
+                     f"load average at start {tuple(round(x, 2) for x in m['loadavg_start'])}.")
         if "matmul" in r:
             mm = r["matmul"]
-            print(f"\nfloat32 torch.matmul {mm['n']}x{mm['n']}: {mm['gflops']:.1f} GFLOP/s (median {mm['seconds']*1e3:.1f} ms)")
+            lines.append(f"float32 torch.matmul {mm['n']}x{mm['n']}: {mm['gflops']:.1f} GFLOP/s "
+                         f"(median {mm['seconds']*1e3:.1f} ms).")
         if "issue2" in r:
             i2 = r["issue2"]
-            print(f"\nB=1 H={i2['H']} D=Dv={i2['D']} K={i2['K']} float32, medians in ms (ratios: time of the other / time of core)")
-            print(f"{'N':>7} {'mode':>8} {'causal':>6} | {'core':>9} {'chunked':>10} {'sdpa':>10} | "
-                  f"{'chunked/core':>12} {'sdpa/core':>9} | {'core GF/s':>9}")
-            for x in i2["rows"]:
-                print(f"{x['N']:>7} {x['mode']:>8} {str(x['causal']):>6} | {x['core_s']*1e3:>9.1f} "
-                      f"{x['chunked_s']*1e3:>10.1f} {x['sdpa_s']*1e3:>10.1f} | {x['chunked_over_core']:>12.2f} "
-                      f"{x['sdpa_over_core']:>9.2f} | {x['core_gflops']:>9.1f}")
+            lines += ["", f"**Core against the references** (B=1, H={i2['H']}, D=Dv={i2['D']}, K={i2['K']}, float32; "
+                          "medians in ms; ratio = time of the other / time of the core)"]
+            table(["N", "mode", "", "core", "chunked", "SDPA", "chunked/core", "SDPA/core", "core GFLOP/s"],
+                  [[x["N"], x["mode"], kind(x), f"{x['core_s']*1e3:.1f}", f"{x['chunked_s']*1e3:.1f}",
+                    f"{x['sdpa_s']*1e3:.1f}", f"{x['chunked_over_core']:.2f}", f"{x['sdpa_over_core']:.1f}",
+                    f"{x['core_gflops']:.0f}"] for x in i2["rows"]])
         if "scaling" in r:
-            print("\nCore scaling in N (B=1, H=%d, D=Dv=%d, K=%d)" % (r["scaling"]["H"], r["scaling"]["D"], r["scaling"]["K"]))
-            print(f"{'N':>7} {'mode':>8} {'causal':>6} | {'ms':>9} {'us/token':>9} {'GF/s':>7}")
-            for x in r["scaling"]["rows"]:
-                print(f"{x['N']:>7} {x['mode']:>8} {str(x['causal']):>6} | {x['core_s']*1e3:>9.1f} "
-                      f"{x['us_per_token']:>9.3f} {x['core_gflops']:>7.1f}")
+            sc = r["scaling"]
+            lines += ["", f"**Scaling in N** (core only, B=1, H={sc['H']}, D=Dv={sc['D']}, K={sc['K']})"]
+            table(["N", "mode", "", "ms", "us/token", "GFLOP/s"],
+                  [[x["N"], x["mode"], kind(x), f"{x['core_s']*1e3:.1f}", f"{x['us_per_token']:.2f}",
+                    f"{x['core_gflops']:.0f}"] for x in sc["rows"]])
         if "shapes" in r:
             sh = r["shapes"]
             mm = r.get("matmul", {}).get("gflops")
-            print(f"\nK x D (causal, B=1, H={sh['H']}, N={sh['rows'][0]['N']}), medians in ms")
-            print(f"{'K':>4} {'D=Dv':>5} {'mode':>8} | {'core':>8} {'chunked':>9} {'chunked/core':>12} | {'GF/s':>6}"
-                  + (f" {'of matmul':>9}" if mm else ""))
-            for x in sh["rows"]:
-                print(f"{x['K']:>4} {x['D']:>5} {x['mode']:>8} | {x['core_s']*1e3:>8.1f} {x['chunked_s']*1e3:>9.1f} "
-                      f"{x['chunked_over_core']:>12.2f} | {x['core_gflops']:>6.1f}"
-                      + (f" {x['core_gflops']/mm:>9.2f}" if mm else ""))
-            for x in sh["linearity"]:
-                print(f"  linearity K={x['K']} D={x['D']} N={x['N']} {x['mode']}: {x['core_s']*1e3:.1f} ms, "
-                      f"{x['us_per_token']:.3f} us/token")
+            lines += ["", f"**K x D** (causal, B=1, H={sh['H']}, N={sh['rows'][0]['N']}; medians in ms)"]
+            table(["K", "D=Dv", "mode", "core", "chunked", "chunked/core", "core GFLOP/s"]
+                  + (["of matmul"] if mm else []),
+                  [[x["K"], x["D"], x["mode"], f"{x['core_s']*1e3:.1f}", f"{x['chunked_s']*1e3:.1f}",
+                    f"{x['chunked_over_core']:.2f}", f"{x['core_gflops']:.0f}"]
+                   + ([f"{x['core_gflops']/mm:.0%}"] if mm else []) for x in sh["rows"]])
+            lines.append("")
+            lines.extend(f"- linear time at K={x['K']}, D={x['D']}: N={x['N']} {x['mode']} {x['core_s']*1e3:.1f} ms, "
+                         f"{x['us_per_token']:.2f} us/token" for x in sh["linearity"])
         if "threads" in r:
-            print("\nThreads (causal)")
-            for x in r["threads"]["rows"]:
-                tn = x["t%d_s" % x["threads"]]
-                print(f"  B*H={x['H']:>2} N={x['N']:>6} {x['mode']:>8}: 1 thread {x['t1_s']*1e3:.1f} ms, "
-                      f"{x['threads']} threads {tn*1e3:.1f} ms, speed-up {x['speedup']:.2f}x")
+            lines += ["", "**Threads** (causal; 1 thread and all threads alternated call by call)"]
+            table(["B*H", "N", "mode", "1 thread ms", "threads", "ms", "speed-up"],
+                  [[x["H"], x["N"], x["mode"], f"{x['t1_s']*1e3:.1f}", x["threads"],
+                    f"{x['t%d_s' % x['threads']]*1e3:.1f}", f"{x['speedup']:.2f}"] for x in r["threads"]["rows"]])
         if "memory" in r:
-            print("\nPeak memory of forward+backward (causal), fresh subprocess")
-            for x in r["memory"]["rows"]:
-                if "error" in x or x.get("peak_bytes") is None:
-                    print(f"  {x['impl']:>8} N={x['N']}: {x.get('error', 'unavailable')}")
-                    continue
-                print(f"  {x['impl']:>8} N={x['N']:>6}: peak {x['peak_bytes']/2**20:9.1f} MiB, "
-                      f"inputs+outputs+grads {x['io_bytes']/2**20:9.1f} MiB, ratio {x['ratio_to_io']:.3f}, "
-                      f"{x['peak_bytes_per_token']/1024:.2f} KiB/token")
+            lines += ["", "**Peak memory of forward+backward** (causal, fresh subprocess)"]
+            table(["impl", "N", "peak MiB", "inputs+outputs+grads MiB", "ratio", "KiB/token"],
+                  [[x["impl"], x["N"], "-", "-", x.get("error", "unavailable"), "-"]
+                   if "error" in x or x.get("peak_bytes") is None else
+                   [x["impl"], x["N"], f"{x['peak_bytes']/2**20:.0f}", f"{x['io_bytes']/2**20:.0f}",
+                    f"{x['ratio_to_io']:.3f}", f"{x['peak_bytes_per_token']/1024:.1f}"] for x in r["memory"]["rows"]])
         if "targets" in r:
-            print("\nTargets")
-            for t in r["targets"]:
-                print(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['value']}"
-                      + (f" ({t['detail']})" if t["detail"] else ""))
+            lines += ["", "**Targets, as measured in this run**", ""]
+            lines.extend(f"- [{'met' if t['met'] else 'MISSED'}] {t['target']}: **{t['value']}**"
+                         + (f" ({t['detail']})" if t["detail"] else "") for t in r["targets"])
+        return "\n".join(lines) + "\n"
 
     def plots(self):
         try:
@@ -658,6 +667,8 @@ def main(argv=None) -> int:
                     help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu"),
                     help="directory for results.json and the PNG plots")
+    ap.add_argument("--report", metavar="RESULTS_JSON", default=None,
+                    help="measure nothing: redraw the plots and tables of an earlier run's results.json (next to it)")
     ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -665,6 +676,16 @@ def main(argv=None) -> int:
         print(json.dumps(memory_worker(json.loads(args.memory_worker))))
         return 0
 
+    if args.report:
+        out = os.path.dirname(os.path.abspath(args.report))
+        with open(args.report) as f:
+            results = json.load(f)
+        b = Bench(bool(results.get("quick")), out)
+        b.results = results
+        b.results["targets"] = b.targets()
+        b.plots()
+        write_tables(b, out)
+        return 0
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
@@ -681,9 +702,16 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(b.results, f, indent=1)
     b.plots()
-    b.print_tables()
-    print(f"\nwrote {os.path.join(args.out, 'results.json')} and plots ({b.results['wall_seconds']:.0f} s)")
+    write_tables(b, args.out)
+    print(f"\nwrote results.json, results.md and plots to {args.out} ({b.results['wall_seconds']:.0f} s)")
     return 0
+
+
+def write_tables(b: "Bench", out: str) -> None:
+    text = b.tables()
+    print("\n" + text)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(text)
 
 
 if __name__ == "__main__":

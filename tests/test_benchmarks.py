@@ -23,6 +23,14 @@ def test_cpu_benchmark_quick(tmp_path):
     for png in ("time_vs_n.png", "matmul_fraction.png", "memory_vs_n.png"):
         assert (tmp_path / png).stat().st_size > 1000, png
     assert "Targets" in res.stdout
+    tables = (tmp_path / "results.md").read_text()
+    assert "| N | mode |" in tables and "Targets" in tables
+    # --report redraws tables and plots from the JSON alone
+    (tmp_path / "results.md").unlink()
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cpu.py"), "--report", str(tmp_path / "results.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "results.md").read_text() == tables
 
 
 def test_gpu_check_without_gpu_says_so():

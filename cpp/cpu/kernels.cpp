@@ -40,6 +40,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <stdexcept>
 #include <vector>
@@ -793,7 +794,10 @@ void forward_typed(const ForwardArgs& a) {
   std::vector<Acc> seg(two_pass ? pl.lanes * 2 * SZ : 0);  // each lane's sums, compensated
   // Causal, cut into segments: pass 2 reuses the key responsibilities of pass 1, from the saved
   // output when there is one, else from this buffer.
-  std::vector<Acc> gk_store(causal && pl.segs > 1 && !save ? s.B * s.H * N * Kp : 0);
+  // Left uninitialised (every row is written in pass 1 before pass 2 reads it): zero-filling
+  // B*H*N*Kp values would be a serial memset before the parallel passes.
+  const int64_t gk_store_size = causal && pl.segs > 1 && !save ? s.B * s.H * N * Kp : 0;
+  std::unique_ptr<Acc[]> gk_store(gk_store_size > 0 ? new Acc[gk_store_size] : nullptr);
 
   auto route_keys = [&](Workspace<Acc>& w, const Head<Acc>& hd, int64_t b, int64_t h, int64_t row0, int64_t n) {
     gather_rows<T>(a.k, b, h, row0, n, D, w.xk, Dp, C);
@@ -821,8 +825,8 @@ void forward_typed(const ForwardArgs& a) {
         route_keys(w, heads[h], b, h, row0, n);
         if (save) {
           write_saved(a.gk, b, h, row0, n, K, w.gk, Kp);
-        } else if (!gk_store.empty()) {
-          std::memcpy(gk_store.data() + ((b * s.H + h) * N + row0) * Kp, w.gk, n * Kp * sizeof(Acc));
+        } else if (gk_store) {
+          std::memcpy(gk_store.get() + ((b * s.H + h) * N + row0) * Kp, w.gk, n * Kp * sizeof(Acc));
         }
         accumulate_state(s, w.gk, w.v, n, seg.data() + ln * 2 * SZ, w.delta);
       }
@@ -875,7 +879,7 @@ void forward_typed(const ForwardArgs& a) {
             if (save) {
               read_saved(a.gk, b, h, row0, n, K, w.gk, Kp, C);
             } else {
-              std::memcpy(w.gk, gk_store.data() + ((b * s.H + h) * N + row0) * Kp, n * Kp * sizeof(Acc));
+              std::memcpy(w.gk, gk_store.get() + ((b * s.H + h) * N + row0) * Kp, n * Kp * sizeof(Acc));
               std::fill(w.gk + n * Kp, w.gk + C * Kp, Acc(0));
             }
           } else {
