@@ -255,6 +255,43 @@ inline Plan make_plan(int64_t B, int64_t H, int64_t nchunks, int requested) {
   return p;
 }
 
+// Calls fn(b, h, lane, row0, n) for every chunk of a task's segment, chunk by chunk, the task's
+// heads in lockstep within each chunk.
+template <class Fn>
+void for_each_chunk(const Plan& pl, const Shape& s, int64_t task, Fn&& fn) {
+  int64_t b, h0, sg;
+  pl.task(task, b, h0, sg);
+  for (int64_t c = pl.first(sg); c < pl.last(sg); ++c) {
+    const int64_t row0 = c * s.C, n = std::min(s.C, s.N - row0);
+    for (int64_t h = h0; h < h0 + pl.group; ++h) fn(b, h, pl.lane(b, h, sg), row0, n);
+  }
+}
+
+// Runs a kernel's passes over the plan: pass 1 (segment sums; skipped when !two_pass), the
+// starting state of every (b, h) (`starts`), then pass 2 from those states. With one segment per
+// sequence a task owns whole sequences: all three run inside one parallel region, no barrier.
+template <class Pass1, class Starts, class Pass2>
+void run_passes(const Plan& pl, bool two_pass, Pass1& pass1, Starts& starts, Pass2& pass2) {
+  if (pl.segs == 1) {
+#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
+    for (int64_t task = 0; task < pl.tasks; ++task) {
+      if (two_pass) pass1(task);
+      int64_t b, h0, sg;
+      pl.task(task, b, h0, sg);
+      for (int64_t h = h0; h < h0 + pl.group; ++h) starts(b, h);
+      pass2(task);
+    }
+  } else {
+#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
+    for (int64_t task = 0; task < pl.tasks; ++task) pass1(task);
+    for (int64_t b = 0; b < pl.B; ++b) {
+      for (int64_t h = 0; h < pl.H; ++h) starts(b, h);
+    }
+#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
+    for (int64_t task = 0; task < pl.tasks; ++task) pass2(task);
+  }
+}
+
 template <class Acc>
 struct Head {
   int64_t K = 0, D = 0, Kp = 0, Dp = 0;
@@ -791,7 +828,8 @@ void forward_typed(const ForwardArgs& a) {
   for (int t = 0; t < pl.nt; ++t) ws.emplace_back(s, G);
 
   const bool two_pass = !causal || pl.segs > 1;
-  std::vector<Acc> seg(two_pass ? pl.lanes * 2 * SZ : 0);  // each lane's sums, compensated
+  // Each lane's sums, compensated; zero from construction, each lane summed by one task.
+  std::vector<Acc> seg(two_pass ? pl.lanes * 2 * SZ : 0);
   // Causal, cut into segments: pass 2 reuses the key responsibilities of pass 1, from the saved
   // output when there is one, else from this buffer.
   // Left uninitialised (every row is written in pass 1 before pass 2 reads it): zero-filling
@@ -811,26 +849,16 @@ void forward_typed(const ForwardArgs& a) {
 
   // Pass 1: key responsibilities and each lane's state sums.
   auto pass1 = [&](int64_t task) {
-    int64_t b, h0, sg;
-    pl.task(task, b, h0, sg);
     Workspace<Acc>& w = ws[omp_get_thread_num()];
-    for (int64_t l = 0; l < G; ++l) {
-      const int64_t ln = pl.lane(b, h0 + l, sg);
-      std::fill(seg.begin() + ln * 2 * SZ, seg.begin() + (ln + 1) * 2 * SZ, Acc(0));
-    }
-    for (int64_t c = pl.first(sg); c < pl.last(sg); ++c) {
-      const int64_t row0 = c * C, n = std::min(C, N - row0);
-      for (int64_t h = h0; h < h0 + G; ++h) {
-        const int64_t ln = pl.lane(b, h, sg);
-        route_keys(w, heads[h], b, h, row0, n);
-        if (save) {
-          write_saved(a.gk, b, h, row0, n, K, w.gk, Kp);
-        } else if (gk_store) {
-          std::memcpy(gk_store.get() + ((b * s.H + h) * N + row0) * Kp, w.gk, n * Kp * sizeof(Acc));
-        }
-        accumulate_state(s, w.gk, w.v, n, seg.data() + ln * 2 * SZ, w.delta);
+    for_each_chunk(pl, s, task, [&](int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
+      route_keys(w, heads[h], b, h, row0, n);
+      if (save) {
+        write_saved(a.gk, b, h, row0, n, K, w.gk, Kp);
+      } else if (gk_store) {
+        std::memcpy(gk_store.get() + ((b * s.H + h) * N + row0) * Kp, w.gk, n * Kp * sizeof(Acc));
       }
-    }
+      accumulate_state(s, w.gk, w.v, n, seg.data() + ln * 2 * SZ, w.delta);
+    });
   };
 
   // Starting state of every lane of pair (b, h): causal, the initial state plus the sums of the
@@ -915,25 +943,7 @@ void forward_typed(const ForwardArgs& a) {
     }
   };
 
-  if (pl.segs == 1) {
-    // A task owns whole sequences: both passes in one parallel region, no barrier between.
-#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
-    for (int64_t task = 0; task < pl.tasks; ++task) {
-      if (two_pass) pass1(task);
-      int64_t b, h0, sg;
-      pl.task(task, b, h0, sg);
-      for (int64_t h = h0; h < h0 + G; ++h) starts(b, h);
-      pass2(task);
-    }
-  } else {
-#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
-    for (int64_t task = 0; task < pl.tasks; ++task) pass1(task);
-    for (int64_t b = 0; b < s.B; ++b) {
-      for (int64_t h = 0; h < s.H; ++h) starts(b, h);
-    }
-#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
-    for (int64_t task = 0; task < pl.tasks; ++task) pass2(task);
-  }
+  run_passes(pl, two_pass, pass1, starts, pass2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1006,27 +1016,17 @@ void backward_typed(const BackwardArgs& a) {
   };
 
   const bool two_pass = !causal || pl.segs > 1;
+  // Zero from construction; each lane is summed by one task.
   std::vector<Acc> seg(two_pass ? pl.lanes * 2 * SZ : 0), seg_d(two_pass ? pl.lanes * 2 * SZ : 0);
   // Pass 1 (bidirectional, or causal cut into segments): each lane's sums S = Gk^T V, z and
   // dS = Gq^T dnum, dz = Gq^T dden.
   auto pass1 = [&](int64_t task) {
-    int64_t b, h0, sg;
-    pl.task(task, b, h0, sg);
     Workspace<Acc>& w = ws[omp_get_thread_num()];
-    for (int64_t l = 0; l < G; ++l) {
-      const int64_t ln = pl.lane(b, h0 + l, sg);
-      std::fill(seg.begin() + ln * 2 * SZ, seg.begin() + (ln + 1) * 2 * SZ, Acc(0));
-      std::fill(seg_d.begin() + ln * 2 * SZ, seg_d.begin() + (ln + 1) * 2 * SZ, Acc(0));
-    }
-    for (int64_t c = pl.first(sg); c < pl.last(sg); ++c) {
-      const int64_t row0 = c * C, n = std::min(C, N - row0);
-      for (int64_t h = h0; h < h0 + G; ++h) {
-        const int64_t ln = pl.lane(b, h, sg);
-        load_chunk(w, b, h, row0, n);
-        accumulate_state(s, w.gk, w.v, n, seg.data() + ln * 2 * SZ, w.delta);
-        state_grad_update(w, n, seg_d.data() + ln * 2 * SZ);
-      }
-    }
+    for_each_chunk(pl, s, task, [&](int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
+      load_chunk(w, b, h, row0, n);
+      accumulate_state(s, w.gk, w.v, n, seg.data() + ln * 2 * SZ, w.delta);
+      state_grad_update(w, n, seg_d.data() + ln * 2 * SZ);
+    });
   };
 
   // Per lane: the state before its first chunk (S, z) and the state gradient after its last
@@ -1160,25 +1160,7 @@ void backward_typed(const BackwardArgs& a) {
     }
   };
 
-  if (pl.segs == 1) {
-    // A task owns whole sequences: both passes in one parallel region, no barrier between.
-#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
-    for (int64_t task = 0; task < pl.tasks; ++task) {
-      if (two_pass) pass1(task);
-      int64_t b, h0, sg;
-      pl.task(task, b, h0, sg);
-      for (int64_t h = h0; h < h0 + G; ++h) starts(b, h);
-      pass2(task);
-    }
-  } else {
-#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
-    for (int64_t task = 0; task < pl.tasks; ++task) pass1(task);
-    for (int64_t b = 0; b < s.B; ++b) {
-      for (int64_t h = 0; h < s.H; ++h) starts(b, h);
-    }
-#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
-    for (int64_t task = 0; task < pl.tasks; ++task) pass2(task);
-  }
+  run_passes(pl, two_pass, pass1, starts, pass2);
 
   // Parameter gradients: sum the lane slots of each head in a fixed order.
   std::vector<Acc> total(slot);
