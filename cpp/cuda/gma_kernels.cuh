@@ -215,11 +215,13 @@ __device__ void gemm_fma(T* C, int ldc, const T* A, int lda, const T* B, int ldb
   for (int t = threadIdx.x; t < tiles; t += kThreads) {
     const int m0 = (t / tiles_n) * 4;
     const int nq = t % tiles_n;
+    // The product is summed from zero and added to C once (ACCUM): a running state then takes one
+    // rounding per chunk, not one per row of the chunk.
     T acc[4][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) acc[i][j] = ACCUM ? C[(m0 + i) * ldc + nq + j * tiles_n] : T(0);
+      for (int j = 0; j < 4; ++j) acc[i][j] = T(0);
     for (int kk = 0; kk < Kd; ++kk) {
       T a[4], b[4];
 #pragma unroll
@@ -234,7 +236,10 @@ __device__ void gemm_fma(T* C, int ldc, const T* A, int lda, const T* B, int ldb
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) C[(m0 + i) * ldc + nq + j * tiles_n] = acc[i][j];
+      for (int j = 0; j < 4; ++j) {
+        T& c = C[(m0 + i) * ldc + nq + j * tiles_n];
+        c = ACCUM ? c + acc[i][j] : acc[i][j];
+      }
   }
 }
 
@@ -252,11 +257,9 @@ __device__ void gemm_tf32(float* C, int ldc, const float* A, int lda, const floa
   for (int t = warp; t < tiles; t += kWarps) {
     const int m0 = (t / tiles_n) * 16;
     const int n0 = (t % tiles_n) * 16;
+    // Summed from zero, added to C once (ACCUM), as in gemm_fma.
     wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc;
-    if (ACCUM)
-      wmma::load_matrix_sync(acc, C + m0 * ldc + n0, ldc, wmma::mem_row_major);
-    else
-      wmma::fill_fragment(acc, 0.0f);
+    wmma::fill_fragment(acc, 0.0f);
     for (int k0 = 0; k0 < Kd; k0 += 8) {
       wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, WA> a;
       wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, WB> b;
@@ -267,6 +270,12 @@ __device__ void gemm_tf32(float* C, int ldc, const float* A, int lda, const floa
 #pragma unroll
       for (int i = 0; i < b.num_elements; ++i) b.x[i] = wmma::__float_to_tf32(b.x[i]);
       wmma::mma_sync(acc, a, b, acc);
+    }
+    if (ACCUM) {
+      wmma::fragment<wmma::accumulator, 16, 16, 8, float> prev;  // same type: same element layout
+      wmma::load_matrix_sync(prev, C + m0 * ldc + n0, ldc, wmma::mem_row_major);
+#pragma unroll
+      for (int i = 0; i < acc.num_elements; ++i) acc.x[i] += prev.x[i];
     }
     wmma::store_matrix_sync(C + m0 * ldc + n0, acc, ldc, wmma::mem_row_major);
   }

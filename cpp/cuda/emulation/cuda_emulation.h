@@ -9,7 +9,7 @@
 // wrong result in at least one of the orders. Blocks run one
 // after another. Warp-level WMMA is executed by lane 0 of each warp on whole tiles (the other
 // lanes skip it), which is race-free because the kernels only touch fragments through
-// load/mma/store/fill and element-wise conversion.
+// load/mma/store/fill and element-wise conversion or addition.
 //
 // Sanitizers (build.sh --sanitize): fiber switches are announced to AddressSanitizer, and the
 // dynamic shared memory of a launch is its own heap block of exactly the requested size, so

@@ -2,6 +2,7 @@
 section 1: run on the CPU by the emulator, or (--cuda) the real kernels on a GPU.
 
 usage: python cpp/cuda/emulation/test_emulated.py [--cuda] [path/to/lib.so] [-k FILTER]
+       python cpp/cuda/emulation/test_emulated.py [--cuda] [path/to/lib.so] --long N
 Build the library first with cpp/cuda/emulation/build.sh [--cuda]. Needs torch (CPU is enough
 for the emulation; a CUDA build of torch for --cuda).
 """
@@ -15,7 +16,7 @@ import time
 
 import torch
 
-from gmattn.reference import naive_gma, responsibilities
+from gmattn.reference import chunked_gma, naive_gma, responsibilities
 
 
 class View(ctypes.Structure):
@@ -317,6 +318,43 @@ def run_error_case(lib, backward, dims_change, view_change, expect):
     return rc == 1 and msg.startswith("invalid_argument") and expect in msg, f"rc={rc} {msg!r}"
 
 
+def long_sequence_errors(lib, N, sm_count=1):
+    """Causal float32 forward over N tokens for one (batch, head) pair on a GPU of `sm_count` SMs
+    (few segments: each block carries the state over N / 2 sm_count tokens). Values have a
+    non-zero mean, so every chunk adds terms of one sign to the state: the worst case for float32
+    running sums. Returns relative errors (to the largest value) of the last 1000 outputs, the
+    final S and z against float64 (gmattn.reference.chunked_gma)."""
+    lib.gma_emu_set_device(sm_count, 227 * 1024)
+    B, H, K, D, Dv = 1, 1, 8, 8, 16
+    g = torch.Generator().manual_seed(0)
+    f64, f32 = torch.float64, torch.float32
+    q, k = torch.randn(B, N, H, D, generator=g, dtype=f64), torch.randn(B, N, H, D, generator=g, dtype=f64)
+    v = torch.randn(B, N, H, Dv, generator=g, dtype=f64) + 1.0
+    mu, omega = torch.randn(H, K, D, generator=g, dtype=f64), 0.5 * torch.randn(H, K, D, generator=g, dtype=f64)
+    alpha = 0.5 * torch.randn(H, K, generator=g, dtype=f64)
+    ins = [t.to(f32) for t in (q, k, v, mu, omega, alpha)]
+    want, (S_want, z_want) = chunked_gma(*(t.double() for t in ins), causal=True, output_final_state=True)
+    dev = "cuda" if USE_CUDA else "cpu"
+    ins = [t.to(dev) for t in ins]
+    out = torch.full((B, N, H, Dv), float("nan"), device=dev)
+    S, z = torch.full((B, H, K, Dv), float("nan"), device=dev), torch.full((B, H, K), float("nan"), device=dev)
+    fa = ForwardArgs()
+    fa.dims = Dims(B, N, H, K, D, Dv)
+    stream = torch.cuda.current_stream().cuda_stream if USE_CUDA else None
+    fa.opt = Options(True, 1e-6, 1e-4, 0, stream, True)
+    fa.dtype = DTYPE_CODE[f32]
+    fa.q, fa.k, fa.v, fa.mu, fa.omega, fa.alpha = (view_of(t) for t in ins)
+    fa.mask, fa.S0, fa.z0 = view_of(None), view_of(None), view_of(None)
+    fa.out, fa.S_final, fa.z_final = view_of(out), view_of(S), view_of(z)
+    err = ctypes.create_string_buffer(512)
+    if lib.gma_emu_forward(ctypes.byref(fa), err, 512) != 0:
+        raise RuntimeError(err.value.decode())
+    if USE_CUDA:
+        torch.cuda.synchronize()
+    return {"out (last 1000)": rel_err(out[:, -1000:], want[:, -1000:]), "S_final": rel_err(S, S_want),
+            "z_final": rel_err(z, z_want)}
+
+
 def main():
     global USE_CUDA
     args = sys.argv[1:]
@@ -328,6 +366,11 @@ def main():
         i = args.index("-k")
         flt = args[i + 1]
         del args[i:i + 2]
+    long_n = None
+    if "--long" in args:
+        i = args.index("--long")
+        long_n = int(args[i + 1])
+        del args[i:i + 2]
     here = os.path.dirname(os.path.abspath(__file__))
     default = os.path.join(here, "..", "..", "..", "build", "cuda" if USE_CUDA else "emulated",
                            "libgmattn_cuda_test.so" if USE_CUDA else "libgmattn_cuda_emulated.so")
@@ -336,6 +379,10 @@ def main():
     lib.gma_emu_sizeof_backward_args.restype = ctypes.c_size_t
     assert lib.gma_emu_sizeof_forward_args() == ctypes.sizeof(ForwardArgs)
     assert lib.gma_emu_sizeof_backward_args() == ctypes.sizeof(BackwardArgs)
+    if long_n is not None:  # float32 state sums over a long sequence: within 1e-4 of float64
+        errors = long_sequence_errors(lib, long_n)
+        print(f"long sequence N={long_n}: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+        sys.exit(0 if max(errors.values()) < 1e-4 else 1)
     passed = failed = 0
     for case in CASES:
         name = ",".join(f"{k}={str(v).replace('torch.', '')}" for k, v in case.items())
