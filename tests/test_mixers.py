@@ -21,18 +21,6 @@ HAS_MLX = importlib.util.find_spec("mlx") is not None
 D_MODEL, HEADS = 32, 2
 
 
-def _mlx_gma_reason():
-    if not HAS_MLX:
-        return "MLX is not installed"
-    if importlib.util.find_spec("gmattn.mlx") is None:
-        return "gmattn.mlx (the MLX GMA layer) is not there yet"
-    try:
-        from gmattn.mlx import GaussianMixtureAttention  # noqa: F401
-    except ImportError as exc:
-        return f"gmattn.mlx.GaussianMixtureAttention cannot be imported: {exc}"
-    return None
-
-
 class Torch:
     name = "torch"
 
@@ -77,10 +65,6 @@ def _framework(name):
 
 
 def _mixer(fw, kind, causal, seed=0, **kw):
-    if fw.name == "mlx" and kind == "gma":
-        reason = _mlx_gma_reason()
-        if reason:
-            pytest.skip(reason)
     torch.manual_seed(seed)
     if fw.name == "mlx":
         import mlx.core as mx
@@ -399,8 +383,6 @@ def test_block_is_prenorm_residual_and_steps(fw_name):
 @pytest.mark.parametrize("kind", ["gma", "softmax"])
 def test_lm_model_stepping_equals_full_run(fw_name, kind):
     fw = _framework(fw_name)
-    if fw_name == "mlx" and kind == "gma" and _mlx_gma_reason():
-        pytest.skip(_mlx_gma_reason())
     model = build_model(kind, framework=fw_name, vocab_size=11, num_layers=2, max_len=16, tie_embeddings=True,
                         d_model=D_MODEL, num_heads=HEADS, causal=True, num_components=4)
     tokens = np.random.default_rng(0).integers(0, 11, (2, 9)).astype(np.int64 if fw_name == "torch" else np.int32)

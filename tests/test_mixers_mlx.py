@@ -6,8 +6,6 @@ test_mixers.py next to the torch ones.
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 
@@ -20,21 +18,6 @@ from mlx.utils import tree_flatten  # noqa: E402
 from gmattn.mixers import KINDS, MixerConfig, available_kinds, build_mixer, build_model  # noqa: E402
 
 D_MODEL, HEADS = 32, 2
-
-
-def _mlx_gma_missing():
-    if importlib.util.find_spec("gmattn.mlx") is None:
-        return "gmattn.mlx (the MLX GMA layer) is not there yet"
-    try:
-        from gmattn.mlx import GaussianMixtureAttention  # noqa: F401
-    except ImportError as exc:
-        return f"gmattn.mlx.GaussianMixtureAttention cannot be imported: {exc}"
-    return None
-
-
-def _skip_gma(kind):
-    if kind == "gma" and _mlx_gma_missing():
-        pytest.skip(_mlx_gma_missing())
 
 
 def _cfg(kind, causal, **kw):
@@ -64,7 +47,6 @@ def _pair(kind, causal, direction):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
 def test_weight_exchange_gives_same_outputs(kind, causal, direction):
-    _skip_gma(kind)
     t, m = _pair(kind, causal, direction)
     wt, wm = t.export_weights(), m.export_weights()
     assert sorted(wt) == sorted(wm)
@@ -88,7 +70,6 @@ def test_weight_exchange_gives_same_outputs(kind, causal, direction):
 @pytest.mark.parametrize("kind", KINDS)
 def test_state_moves_between_frameworks(kind):
     """A sequence started in torch continues in MLX: states are plain arrays of the same layout."""
-    _skip_gma(kind)
     t, m = _pair(kind, True, "torch->mlx")
     x = _x(1, 12, seed=6)
     with torch.no_grad():
@@ -102,7 +83,6 @@ def test_state_moves_between_frameworks(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_mlx_gradients_reach_every_trainable_parameter(kind):
-    _skip_gma(kind)
     m = build_mixer(_cfg(kind, True), framework="mlx")
     x = mx.array(_x(2, 9))
     mask = mx.array(np.arange(9)[None, :] < np.array([[9], [6]]))
@@ -143,7 +123,6 @@ def test_mlx_performer_features_frozen_seeded_and_redrawn():
 @pytest.mark.parametrize("direction", ["torch->mlx", "mlx->torch"])
 @pytest.mark.parametrize("kind", ["gma", "performer"])
 def test_model_weight_exchange(kind, direction):
-    _skip_gma(kind)
     cfg = _cfg(kind, True, seed=0)
     kw = dict(vocab_size=17, num_layers=2, max_len=32)
     torch.manual_seed(0)
@@ -174,5 +153,4 @@ def test_model_weight_exchange(kind, direction):
 
 def test_available_kinds_mlx():
     kinds = available_kinds("mlx")
-    assert set(kinds) >= {"softmax", "linear", "performer"}
-    assert ("gma" in kinds) == (_mlx_gma_missing() is None)
+    assert kinds == KINDS

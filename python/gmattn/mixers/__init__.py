@@ -100,11 +100,5 @@ def available_frameworks():
 
 
 def available_kinds(framework: str):
-    """The kinds `build_mixer` can build for `framework` here (gma on MLX needs gmattn.mlx)."""
-    if framework not in available_frameworks():
-        return ()
-    if framework == "mlx":
-        from .mlx_mixers import gma_available
-
-        return tuple(k for k in KINDS if k != "gma" or gma_available())
-    return KINDS
+    """The kinds `build_mixer` can build for `framework` here: all of them where it is installed."""
+    return KINDS if framework in available_frameworks() else ()

@@ -12,6 +12,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..mlx.layers import GaussianMixtureAttention
 from ._common import LINEAR_CHUNK, Exchange, check_call, gma_layer_arguments, init_projected_mixer
 from ._common import orthogonal_random_features
 from .config import MixerConfig
@@ -73,38 +74,12 @@ def favor_features(x: mx.array, W: mx.array, is_query: bool) -> mx.array:
 # ----------------------------------------------------------------------------------------------
 # Mixers
 # ----------------------------------------------------------------------------------------------
-_GMA_CLASS = None
+class GMAMixer(Exchange, GaussianMixtureAttention):
+    """kind "gma": gmattn.mlx.GaussianMixtureAttention built from a MixerConfig."""
 
-
-def gma_available() -> bool:
-    """Whether the MLX GMA layer (gmattn.mlx.GaussianMixtureAttention) can be imported."""
-    try:
-        _gma_class()
-    except ImportError:
-        return False
-    return True
-
-
-def _gma_class():
-    global _GMA_CLASS
-    if _GMA_CLASS is None:
-        try:
-            from ..mlx import GaussianMixtureAttention
-        except ImportError as exc:
-            raise ImportError(
-                "build_mixer(kind='gma', framework='mlx') needs gmattn.mlx.GaussianMixtureAttention, which "
-                f"could not be imported ({exc})"
-            ) from exc
-
-        class GMAMixer(Exchange, GaussianMixtureAttention):
-            """kind "gma": gmattn.mlx.GaussianMixtureAttention built from a MixerConfig."""
-
-            def __init__(self, config: MixerConfig):
-                GaussianMixtureAttention.__init__(self, **gma_layer_arguments(config))
-                self.config = config
-
-        _GMA_CLASS = GMAMixer
-    return _GMA_CLASS
+    def __init__(self, config: MixerConfig):
+        GaussianMixtureAttention.__init__(self, **gma_layer_arguments(config))
+        self.config = config
 
 
 class _ProjectedMixer(Exchange, nn.Module):
@@ -224,10 +199,8 @@ class PerformerAttention(_ProjectedMixer):
         return (y, new_state) if return_state else y
 
 
-MIXERS = {"softmax": SoftmaxAttention, "linear": LinearAttention, "performer": PerformerAttention}
+MIXERS = {"gma": GMAMixer, "softmax": SoftmaxAttention, "linear": LinearAttention, "performer": PerformerAttention}
 
 
 def build(config: MixerConfig) -> nn.Module:
-    if config.kind == "gma":
-        return _gma_class()(config)
     return MIXERS[config.kind](config)
