@@ -1,5 +1,5 @@
-// Scalar helpers shared by the CPU kernels: storage conversions for 16-bit floats, a
-// vectorisable exp, and stable softplus/sigmoid. Header-only so every ISA build inlines them.
+// Scalar helpers shared by the CPU kernels: storage conversions for 16-bit floats, stable
+// softplus/sigmoid, compensated addition (the vectorised exp is in simd.h). Header-only so every ISA build inlines them.
 #pragma once
 
 #ifndef GMATTN_ISA
@@ -94,28 +94,6 @@ template <>
 inline bf16_t store_as<bf16_t, float>(float x) { return to_bf16(x); }
 template <>
 inline f16_t store_as<f16_t, float>(float x) { return to_f16(x); }
-
-// exp for x <= 0 (softmax after max subtraction), pure arithmetic so `omp simd` loops vectorise
-// it. Range reduction x = n ln2 + r, |r| <= ln2/2, degree-7 Taylor polynomial: relative error
-// below 2e-7 (about 1.5 float ulp); results under 2^-126 flush to a tiny normal value, harmless
-// next to the row maximum that contributes exactly 1.
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693145751953125f;
-  r = r - n * 1.428606765330187e-06f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t e = static_cast<int32_t>(n) + 127;
-  return p * bits_float(static_cast<uint32_t>(e) << 23);
-}
-inline double exp_nonpositive(double x) { return std::exp(x); }
 
 template <class Acc>
 inline Acc softplus(Acc w) {
