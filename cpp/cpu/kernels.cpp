@@ -506,40 +506,71 @@ struct GuardConst<double> {
   static constexpr double kHuge = 1e30;
 };
 
-// In place over one row: Q (Kp) -> gamma = softmax(ln0 - 0.5 Q). With `check`, first verifies
-// the error bound of the centred form (see the top of the file) and returns false, leaving Q
-// untouched, when a component that matters might be inaccurate.
-template <class Acc>
-bool softmax_row(Acc* row, const Acc* ln0, const Acc* lmax, const Acc* mk, Acc xn, Acc Dd, int64_t nvec,
-                 bool check) {
+// In place over R rows (stride ld): Q (Kp) -> gamma = softmax(ln0 - 0.5 Q). The rows run
+// interleaved: each row is a short chain of dependent steps (max, exp, sum, scale) whose
+// latency, not its arithmetic, would bound a row at a time. With `check`, first verifies the
+// error bound of the centred form (see the top of the file) per row; a row where a component
+// that matters might be inaccurate is left untouched (still Q) and its bit set in the result.
+template <class Acc, int R>
+unsigned softmax_rows(Acc* rows, int64_t ld, const Acc* ln0, const Acc* lmax, const Acc* mk, const Acc* xn, Acc Dd,
+                      int64_t nvec, bool check) {
   using V = VecT<Acc>;
+  using I = typename Simd<Acc>::I;
   constexpr int W = Simd<Acc>::W;
-  V mv = splat<Acc>(-std::numeric_limits<Acc>::infinity());
-  for (int64_t v = 0; v < nvec; ++v) mv = vmax<Acc>(mv, loadu(ln0 + v * W) - Acc(0.5) * loadu(row + v * W));
-  const Acc smax = hmax<Acc>(mv);
-  if (check) {
-    const V floor = splat<Acc>(smax - Acc(64));
-    const V huge = splat<Acc>(GuardConst<Acc>::kHuge);
-    typename Simd<Acc>::I bad{};
-    for (int64_t v = 0; v < nvec; ++v) {
-      const V q = loadu(row + v * W);
-      const V s = loadu(ln0 + v * W) - Acc(0.5) * q;
-      const V bnd = xn * loadu(lmax + v * W) + Acc(4) * loadu(mk + v * W);
-      bad |= (bnd > Acc(4) * (q + Dd)) & ((s > floor) | (q * bnd > huge));
-    }
-    for (int l = 0; l < W; ++l) {
-      if (bad[l]) return false;
-    }
-  }
-  V sum{};
+  V mv[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) mv[r] = splat<Acc>(-std::numeric_limits<Acc>::infinity());
   for (int64_t v = 0; v < nvec; ++v) {
-    const V e = exp_nonpositive((loadu(ln0 + v * W) - Acc(0.5) * loadu(row + v * W)) - smax);
-    storeu(row + v * W, e);
-    sum += e;
+    const V l0 = loadu(ln0 + v * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) mv[r] = vmax<Acc>(mv[r], l0 - Acc(0.5) * loadu(rows + r * ld + v * W));
   }
-  const V inv = splat<Acc>(Acc(1) / hsum<Acc>(sum));
-  for (int64_t v = 0; v < nvec; ++v) storeu(row + v * W, loadu(row + v * W) * inv);
-  return true;
+  Acc smax[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) smax[r] = hmax<Acc>(mv[r]);
+  unsigned failed = 0;
+  if (check) {
+    const V huge = splat<Acc>(GuardConst<Acc>::kHuge);
+    I bad[R] = {};
+    for (int64_t v = 0; v < nvec; ++v) {
+      const V l0 = loadu(ln0 + v * W), lm = loadu(lmax + v * W), m4 = Acc(4) * loadu(mk + v * W);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const V q = loadu(rows + r * ld + v * W);
+        const V s = l0 - Acc(0.5) * q;
+        const V bnd = xn[r] * lm + m4;
+        bad[r] |= (bnd > Acc(4) * (q + Dd)) & ((s > smax[r] - Acc(64)) | (q * bnd > huge));
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) failed |= any_lane<Acc>(bad[r]) ? 1u << r : 0u;
+  }
+  V sum[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) sum[r] = V{};
+  for (int64_t v = 0; v < nvec; ++v) {
+    const V l0 = loadu(ln0 + v * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      if (failed >> r & 1u) continue;
+      Acc* p = rows + r * ld + v * W;
+      const V e = exp_nonpositive((l0 - Acc(0.5) * loadu(p)) - smax[r]);
+      storeu(p, e);
+      sum[r] += e;
+    }
+  }
+  V inv[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) inv[r] = splat<Acc>(Acc(1) / hsum<Acc>(sum[r]));
+  for (int64_t v = 0; v < nvec; ++v) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      if (failed >> r & 1u) continue;
+      Acc* p = rows + r * ld + v * W;
+      storeu(p, loadu(p) * inv[r]);
+    }
+  }
+  return failed;
 }
 
 // Direct form on the raw row: Q[k] = sum_d lam (x - mu)^2 (the guard's fallback), summing four
@@ -623,15 +654,26 @@ void responsibilities(const Head<Acc>& hd, const Shape& s, Workspace<Acc>& w, co
   for (int64_t r = 0; r < n; ++r) xn_max = std::max(xn_max, w.xn[r]);
   for (int64_t k = 0; k < s.K; ++k) mk_max = std::max(mk_max, w.mk[k]);
   const bool check = !(xn_max * hd.lmax_all + Acc(4) * mk_max <= Acc(4) * Dd);
-  for (int64_t r = 0; r < n; ++r) {
-    Acc* row = gamma + r * Kp;
-    if (keep && !keep[r]) {
-      std::fill(row, row + Kp, Acc(0));
-      continue;
+  constexpr int kRows = 4;
+  for (int64_t r0 = 0; r0 < n; r0 += kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, n - r0));
+    Acc* block = gamma + r0 * Kp;
+    unsigned failed = 0;
+    if (rows == kRows) {
+      failed = softmax_rows<Acc, kRows>(block, Kp, hd.ln0.data(), hd.lmax.data(), w.mk, w.xn + r0, Dd, nvec, check);
+    } else {
+      for (int r = 0; r < rows; ++r) {
+        failed |= softmax_rows<Acc, 1>(block + r * Kp, Kp, hd.ln0.data(), hd.lmax.data(), w.mk, w.xn + r0 + r, Dd,
+                                       nvec, check) << r;
+      }
     }
-    if (!softmax_row(row, hd.ln0.data(), hd.lmax.data(), w.mk, w.xn[r], Dd, nvec, check)) {
-      direct_row(hd, x + r * Dp, row);
-      softmax_row(row, hd.ln0.data(), hd.lmax.data(), w.mk, w.xn[r], Dd, nvec, false);
+    for (int r = 0; r < rows; ++r) {
+      Acc* row = block + r * Kp;
+      if (failed >> r & 1u) {  // recompute in the direct form
+        direct_row(hd, x + (r0 + r) * Dp, row);
+        softmax_rows<Acc, 1>(row, Kp, hd.ln0.data(), hd.lmax.data(), w.mk, w.xn + r0 + r, Dd, nvec, false);
+      }
+      if (keep && !keep[r0 + r]) std::fill(row, row + Kp, Acc(0));
     }
   }
   if (C > n) std::fill(gamma + n * Kp, gamma + C * Kp, Acc(0));

@@ -100,6 +100,17 @@ inline Acc hmax(VecT<Acc> v) {
   return reduce_tree<Acc, GMATTN_VECTOR_BYTES, true>(v);
 }
 
+// Whether any lane of a comparison result (all-ones or zero lanes) is set: the vector folded
+// into 64-bit words and OR-ed, no lane-by-lane extraction.
+template <class Acc>
+inline bool any_lane(typename Simd<Acc>::I v) {
+  uint64_t words[sizeof(v) / 8];
+  std::memcpy(words, &v, sizeof(v));
+  uint64_t any = 0;
+  for (uint64_t w : words) any |= w;
+  return any != 0;
+}
+
 // exp(x) for x <= 0 (softmax after max subtraction); exactly 0 below -87. Float: range
 // reduction x = n ln2 + r (round-to-nearest n by the 1.5 * 2^23 trick, pure arithmetic so it
 // vectorises in every build), degree-7 polynomial; relative error below 2e-7.
