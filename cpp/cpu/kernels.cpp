@@ -175,6 +175,42 @@ void write_state(const View& S, const View& z, int64_t b, int64_t h, int64_t K, 
   }
 }
 
+// Rows of up to two inputs to fetch into cache ahead of use: the next chunk of the same (b, h),
+// requested while this chunk computes. The rows of a head are strided by H * D elements, a walk
+// the hardware prefetchers do not run ahead of, so a chunk's gather would otherwise wait on
+// memory; the requests are spread over the compute (a few rows at a time) so that they never
+// queue up behind each other.
+struct Ahead {
+  static constexpr int kStreams = 2;
+  const char* base[kStreams] = {};
+  int64_t row_bytes[kStreams] = {}, stride[kStreams] = {};
+  int64_t rows = 0;
+  // Adds rows [row0, row0 + n) of x[b, :, h, 0:cols] (element type T) as a stream.
+  template <class T>
+  void add(const View& x, int64_t b, int64_t h, int64_t row0, int64_t n, int64_t cols) {
+    for (int i = 0; i < kStreams; ++i) {
+      if (base[i] != nullptr) continue;
+      base[i] = reinterpret_cast<const char*>(at<const T>(x, b, row0, h));
+      stride[i] = x.stride[1] * static_cast<int64_t>(sizeof(T));
+      row_bytes[i] = ((cols - 1) * x.stride[3] + 1) * static_cast<int64_t>(sizeof(T));
+      rows = rows == 0 ? n : std::min(rows, n);
+      return;
+    }
+  }
+  // Requests rows [r0, r1) of every stream. Always inlined: as a call, GCC's IPA pass finds the
+  // function free of side effects (a prefetch has none, formally) and deletes the call.
+  __attribute__((always_inline)) inline void fetch(int64_t r0, int64_t r1) const {
+    r1 = std::min(r1, rows);
+    for (int i = 0; i < kStreams; ++i) {
+      if (base[i] == nullptr) continue;
+      for (int64_t r = r0; r < r1; ++r) {
+        const char* row = base[i] + r * stride[i];
+        for (int64_t o = 0; o < row_bytes[i]; o += 64) __builtin_prefetch(row + o, 0, 2);
+      }
+    }
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Shapes, the work plan, per-head mixture parameters, per-thread buffers.
 
@@ -469,16 +505,21 @@ inline void quad_micro_nv(int nv, int64_t D, const Acc* x, int64_t ldx, const Ac
 
 template <class Acc>
 void quad(int64_t rows, int64_t nvec, int64_t D, const Acc* x, int64_t ldx, const Acc* aT, const Acc* bT,
-          int64_t ldk, Acc* Q, int64_t ldq) {
+          int64_t ldk, Acc* Q, int64_t ldq, const Ahead& ahead) {
   constexpr int W = Simd<Acc>::W;
   if (nvec == 1) {  // one vector of components (K <= W): taller tiles keep the FMA units busy
     int64_t i0 = 0;
-    for (; i0 + 8 <= rows; i0 += 8) quad_micro<Acc, 8, 1>(D, x + i0 * ldx, ldx, aT, bT, ldk, Q + i0 * ldq, ldq);
+    for (; i0 + 8 <= rows; i0 += 8) {
+      ahead.fetch(i0, i0 + 8);
+      quad_micro<Acc, 8, 1>(D, x + i0 * ldx, ldx, aT, bT, ldk, Q + i0 * ldq, ldq);
+    }
+    ahead.fetch(i0, rows);
     for (; i0 < rows; ++i0) quad_micro<Acc, 1, 1>(D, x + i0 * ldx, ldx, aT, bT, ldk, Q + i0 * ldq, ldq);
     return;
   }
   for (int64_t i0 = 0; i0 < rows; i0 += kQuadMR) {
     const int mr = static_cast<int>(std::min<int64_t>(kQuadMR, rows - i0));
+    ahead.fetch(i0, i0 + mr);
     for (int64_t v0 = 0; v0 < nvec; v0 += kQuadNV) {
       const int nv = static_cast<int>(std::min<int64_t>(kQuadNV, nvec - v0));
       const Acc* xi = x + i0 * ldx;
@@ -606,7 +647,7 @@ void direct_row(const Head<Acc>& hd, const Acc* x, Acc* Q) {
 // and rows >= n are zero.
 template <class Acc>
 void responsibilities(const Head<Acc>& hd, const Shape& s, Workspace<Acc>& w, const Acc* x, int64_t n,
-                      Acc* gamma, const uint8_t* keep) {
+                      Acc* gamma, const uint8_t* keep, const Ahead& ahead) {
   using V = VecT<Acc>;
   constexpr int W = Simd<Acc>::W;
   const int64_t Dp = s.Dp, Kp = s.Kp, D = s.D, C = s.C;
@@ -645,7 +686,7 @@ void responsibilities(const Head<Acc>& hd, const Shape& s, Workspace<Acc>& w, co
     storeu(w.mk + v * W, m);
   }
   for (int64_t d = D; d < Dp; ++d) std::fill(w.bT + d * Kp, w.bT + (d + 1) * Kp, Acc(0));
-  quad(n, nvec, Dp, w.xc, Dp, hd.aT.data(), w.bT, Kp, gamma, Kp);
+  quad(n, nvec, Dp, w.xc, Dp, hd.aT.data(), w.bT, Kp, gamma, Kp, ahead);
   // The per-element guard B <= 4 (Q + D) holds for every row and component when B <= 4 D:
   // check element by element only when the chunk's bound max_r xn * max_k lmax + 4 max_k mk
   // exceeds that.
@@ -879,14 +920,24 @@ void forward_typed(const ForwardArgs& a) {
   const int64_t gk_store_size = causal && pl.segs > 1 && !save ? s.B * s.H * N * Kp : 0;
   std::unique_ptr<Acc[]> gk_store(gk_store_size > 0 ? new Acc[gk_store_size] : nullptr);
 
+  // Each fetches the next chunk's rows of its inputs while it computes (Ahead).
   auto route_keys = [&](Workspace<Acc>& w, const Head<Acc>& hd, int64_t b, int64_t h, int64_t row0, int64_t n) {
     gather_rows<T>(a.k, b, h, row0, n, D, w.xk, Dp, C);
     gather_rows<T>(a.v, b, h, row0, n, Dv, w.v, Dvp, C);
-    responsibilities(hd, s, w, w.xk, n, w.gk, mask_rows(a.mask, b, row0, n, w.keep));
+    Ahead ahead;
+    const int64_t next = row0 + C, n_next = std::min(C, N - next);
+    if (n_next > 0) {
+      ahead.add<T>(a.k, b, h, next, n_next, D);
+      ahead.add<T>(a.v, b, h, next, n_next, Dv);
+    }
+    responsibilities(hd, s, w, w.xk, n, w.gk, mask_rows(a.mask, b, row0, n, w.keep), ahead);
   };
   auto route_queries = [&](Workspace<Acc>& w, const Head<Acc>& hd, int64_t b, int64_t h, int64_t row0, int64_t n) {
     gather_rows<T>(a.q, b, h, row0, n, D, w.xq, Dp, C);
-    responsibilities(hd, s, w, w.xq, n, w.gq, nullptr);
+    Ahead ahead;
+    const int64_t next = row0 + C, n_next = std::min(C, N - next);
+    if (n_next > 0) ahead.add<T>(a.q, b, h, next, n_next, D);
+    responsibilities(hd, s, w, w.xq, n, w.gq, nullptr, ahead);
   };
 
   // Pass 1: key responsibilities and each lane's state sums.
