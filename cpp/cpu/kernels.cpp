@@ -723,36 +723,91 @@ void responsibilities(const Head<Acc>& hd, const Shape& s, Workspace<Acc>& w, co
 // ---------------------------------------------------------------------------------------------
 // Backward through the responsibilities
 
+template <class Acc, int R>
+void softmax_backward_rows(const Acc* gamma, Acc* dgamma, int64_t K, int64_t Kp) {
+  using V = VecT<Acc>;
+  constexpr int W = Simd<Acc>::W;
+  const int64_t nvec = Kp / W;
+  // a: the first component holding the row's largest responsibility (padding lanes are 0).
+  int64_t a[R];
+  bool live[R];
+  V mv[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) mv[r] = V{};
+  for (int64_t v = 0; v < nvec; ++v) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) mv[r] = vmax<Acc>(mv[r], loadu(gamma + r * Kp + v * W));
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const Acc* g = gamma + r * Kp;
+    const Acc top = hmax<Acc>(mv[r]);
+    live[r] = top != Acc(0);  // masked rows are all zero; a NaN row stays live (and NaN)
+    a[r] = 0;
+    for (int64_t v = 0; v < nvec; ++v) {
+      if (!any_lane<Acc>(loadu(g + v * W) == top)) continue;
+      int64_t k = v * W;
+      while (g[k] != top) ++k;
+      a[r] = std::min(k, K - 1);
+      break;
+    }
+  }
+  V acc[R];
+  Acc dga[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    acc[r] = V{};
+    dga[r] = dgamma[r * Kp + a[r]];
+  }
+  for (int64_t v = 0; v < nvec; ++v) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      acc[r] += loadu(gamma + r * Kp + v * W) * (loadu(dgamma + r * Kp + v * W) - dga[r]);  // the a term is 0
+    }
+  }
+  V mean_off[R], tot[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    mean_off[r] = splat<Acc>(hsum<Acc>(acc[r]));  // mean - dgamma_a
+    tot[r] = V{};
+  }
+  for (int64_t v = 0; v < nvec; ++v) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      Acc* dg = dgamma + r * Kp + v * W;
+      storeu(dg, loadu(gamma + r * Kp + v * W) * ((loadu(dg) - dga[r]) - mean_off[r]));
+    }
+  }
+  // ds_a = -sum_{l != a} ds_l, summed without a's own term (it would cancel the others).
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) dgamma[r * Kp + a[r]] = Acc(0);
+  for (int64_t v = 0; v < nvec; ++v) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) tot[r] += loadu(dgamma + r * Kp + v * W);
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    Acc* dg = dgamma + r * Kp;
+    if (live[r]) {
+      dg[a[r]] = -hsum<Acc>(tot[r]);
+    } else {
+      std::fill(dg, dg + Kp, Acc(0));
+    }
+  }
+}
+
 // ds = gamma * (dgamma - sum_k gamma dgamma), in place over dgamma (rows x Kp), in a form that
 // does not lean on gamma near 1: with a the row's largest responsibility, the mean is
 // dgamma_a + sum_{l != a} gamma_l (dgamma_l - dgamma_a), ds_l = gamma_l (dgamma_l - mean) for
 // l != a, and ds_a = -sum_{l != a} ds_l (rows of ds sum to zero). For peaked routing (tiny
 // variances) the rounded gamma_a ~ 1 leaves 1 - gamma_a, hence ds_a, poorly determined; the
 // small responsibilities carry their full relative precision. Rows with gamma = 0 (masked keys)
-// give ds = 0.
+// give ds = 0. Four rows at a time, interleaved (each row is a chain of dependent reductions).
 template <class Acc>
 void softmax_backward(const Acc* gamma, Acc* dgamma, int64_t rows, int64_t K, int64_t Kp) {
-  using V = VecT<Acc>;
-  constexpr int W = Simd<Acc>::W;
-  for (int64_t r = 0; r < rows; ++r) {
-    const Acc* g = gamma + r * Kp;
-    Acc* dg = dgamma + r * Kp;
-    int64_t a = 0;
-    for (int64_t k = 1; k < K; ++k) a = g[k] > g[a] ? k : a;
-    const Acc dga = dg[a];
-    if (g[a] == Acc(0)) {
-      std::fill(dg, dg + Kp, Acc(0));
-      continue;
-    }
-    V acc{};
-    for (int64_t k = 0; k < Kp; k += W) acc += loadu(g + k) * (loadu(dg + k) - dga);  // the a term is 0
-    const Acc mean_off = hsum<Acc>(acc);                                                 // mean - dgamma_a
-    for (int64_t k = 0; k < Kp; k += W) storeu(dg + k, loadu(g + k) * ((loadu(dg + k) - dga) - mean_off));
-    dg[a] = Acc(0);
-    V tot{};
-    for (int64_t k = 0; k < Kp; k += W) tot += loadu(dg + k);
-    dg[a] = -hsum<Acc>(tot);
-  }
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) softmax_backward_rows<Acc, 4>(gamma + r * Kp, dgamma + r * Kp, K, Kp);
+  for (; r < rows; ++r) softmax_backward_rows<Acc, 1>(gamma + r * Kp, dgamma + r * Kp, K, Kp);
 }
 
 // For components [k0, k0+KT): dx (n x Dp) -= sum_k ds lam (x - mu) (dx overwritten when `first`),
