@@ -39,10 +39,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <numeric>
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 #include "gmattn/gmattn.h"
@@ -185,17 +187,23 @@ struct Ahead {
   const char* base[kStreams] = {};
   int64_t row_bytes[kStreams] = {}, stride[kStreams] = {};
   int64_t rows = 0;
-  // Adds rows [row0, row0 + n) of x[b, :, h, 0:cols] (element type T) as a stream.
+  // Rows [row0, row0 + C) of x[b, :, h, 0:cols] (element type T) for each (x, cols) in
+  // `inputs`, clipped to the sequence (N rows); nothing when row0 is outside it.
   template <class T>
-  void add(const View& x, int64_t b, int64_t h, int64_t row0, int64_t n, int64_t cols) {
-    for (int i = 0; i < kStreams; ++i) {
-      if (base[i] != nullptr) continue;
-      base[i] = reinterpret_cast<const char*>(at<const T>(x, b, row0, h));
-      stride[i] = x.stride[1] * static_cast<int64_t>(sizeof(T));
-      row_bytes[i] = ((cols - 1) * x.stride[3] + 1) * static_cast<int64_t>(sizeof(T));
-      rows = rows == 0 ? n : std::min(rows, n);
-      return;
+  static Ahead of(std::initializer_list<std::pair<const View*, int64_t>> inputs, int64_t b, int64_t h, int64_t row0,
+                  int64_t N, int64_t C) {
+    Ahead ah;
+    if (row0 < 0 || row0 >= N) return ah;
+    ah.rows = std::min(C, N - row0);
+    int i = 0;
+    for (const auto& [x, cols] : inputs) {
+      if (i == kStreams) break;
+      ah.base[i] = reinterpret_cast<const char*>(at<const T>(*x, b, row0, h));
+      ah.stride[i] = x->stride[1] * static_cast<int64_t>(sizeof(T));
+      ah.row_bytes[i] = ((cols - 1) * x->stride[3] + 1) * static_cast<int64_t>(sizeof(T));
+      ++i;
     }
+    return ah;
   }
   // Requests rows [r0, r1) of every stream. Always inlined: as a call, GCC's IPA pass finds the
   // function free of side effects (a prefetch has none, formally) and deletes the call.
@@ -979,20 +987,12 @@ void forward_typed(const ForwardArgs& a) {
   auto route_keys = [&](Workspace<Acc>& w, const Head<Acc>& hd, int64_t b, int64_t h, int64_t row0, int64_t n) {
     gather_rows<T>(a.k, b, h, row0, n, D, w.xk, Dp, C);
     gather_rows<T>(a.v, b, h, row0, n, Dv, w.v, Dvp, C);
-    Ahead ahead;
-    const int64_t next = row0 + C, n_next = std::min(C, N - next);
-    if (n_next > 0) {
-      ahead.add<T>(a.k, b, h, next, n_next, D);
-      ahead.add<T>(a.v, b, h, next, n_next, Dv);
-    }
+    const Ahead ahead = Ahead::of<T>({{&a.k, D}, {&a.v, Dv}}, b, h, row0 + C, N, C);
     responsibilities(hd, s, w, w.xk, n, w.gk, mask_rows(a.mask, b, row0, n, w.keep), ahead);
   };
   auto route_queries = [&](Workspace<Acc>& w, const Head<Acc>& hd, int64_t b, int64_t h, int64_t row0, int64_t n) {
     gather_rows<T>(a.q, b, h, row0, n, D, w.xq, Dp, C);
-    Ahead ahead;
-    const int64_t next = row0 + C, n_next = std::min(C, N - next);
-    if (n_next > 0) ahead.add<T>(a.q, b, h, next, n_next, D);
-    responsibilities(hd, s, w, w.xq, n, w.gq, nullptr, ahead);
+    responsibilities(hd, s, w, w.xq, n, w.gq, nullptr, Ahead::of<T>({{&a.q, D}}, b, h, row0 + C, N, C));
   };
 
   // Pass 1: key responsibilities and each lane's state sums.
