@@ -980,8 +980,18 @@ void forward_typed(const ForwardArgs& a) {
   // output when there is one, else from this buffer.
   // Left uninitialised (every row is written in pass 1 before pass 2 reads it): zero-filling
   // B*H*N*Kp values would be a serial memset before the parallel passes.
-  const int64_t gk_store_size = causal && pl.segs > 1 && !save ? s.B * s.H * N * Kp : 0;
+  const bool segmented = causal && pl.segs > 1;
+  const int64_t gk_store_size = segmented && !save ? s.B * s.H * N * Kp : 0;
   std::unique_ptr<Acc[]> gk_store(gk_store_size > 0 ? new Acc[gk_store_size] : nullptr);
+  // Causal, cut into segments: the state of each chunk's segment before the chunk, stored by
+  // pass 1 (which sums it anyway), so pass 2 reads S = (segment start) + (prefix) instead of
+  // summing the keys again (the extra work would eat much of the second thread's gain).
+  // Uninitialised: pass 1 writes every chunk's prefix before pass 2 reads it.
+  const int64_t prefix_size = segmented ? s.B * s.H * s.nchunks * SZ : 0;
+  std::unique_ptr<Acc[]> prefix(prefix_size > 0 ? new Acc[prefix_size] : nullptr);
+  auto prefix_of = [&](int64_t b, int64_t h, int64_t row0) {
+    return prefix.get() + ((b * s.H + h) * s.nchunks + row0 / C) * SZ;
+  };
 
   // Each fetches the next chunk's rows of its inputs while it computes (Ahead).
   auto route_keys = [&](Workspace<Acc>& w, const Head<Acc>& hd, int64_t b, int64_t h, int64_t row0, int64_t n) {
@@ -1005,7 +1015,13 @@ void forward_typed(const ForwardArgs& a) {
       } else if (gk_store) {
         std::memcpy(gk_store.get() + ((b * s.H + h) * N + row0) * Kp, w.gk, n * Kp * sizeof(Acc));
       }
-      accumulate_state(s, w.gk, w.v, n, seg.data() + ln * 2 * SZ, w.delta);
+      Acc* sums = seg.data() + ln * 2 * SZ;
+      if (segmented) {  // the compensated sum so far, rounded once
+        Acc* pre = prefix_of(b, h, row0);
+#pragma omp simd
+        for (int64_t i = 0; i < SZ; ++i) pre[i] = sums[i] - sums[SZ + i];
+      }
+      accumulate_state(s, w.gk, w.v, n, sums, w.delta);
     });
   };
 
@@ -1045,12 +1061,18 @@ void forward_typed(const ForwardArgs& a) {
         const Head<Acc>& hd = heads[h];
         Acc* S = w.lstate.data() + l * 2 * SZ;
         Acc* z = S + SS;
+        if (segmented) {
+          const Acc* st = start.data() + pl.lane(b, h, sg) * SZ;
+          const Acc* pre = prefix_of(b, h, row0);
+#pragma omp simd
+          for (int64_t i = 0; i < SZ; ++i) S[i] = st[i] + pre[i];
+        }
         route_queries(w, hd, b, h, row0, n);
         // num = Gq S, den = Gq z (+ eps below)
         gemm(n, Dvp / W, K, w.gq, Kp, 1, S, Dvp, w.num, Dvp, false);
         for (int64_t i = 0; i < n; ++i) w.den[i] = dot(w.gq + i * Kp, z, Kp);
         if (causal) {
-          if (pl.segs > 1) {
+          if (segmented) {
             gather_rows<T>(a.v, b, h, row0, n, Dv, w.v, Dvp, C);
             if (save) {
               read_saved(a.gk, b, h, row0, n, K, w.gk, Kp, C);
@@ -1080,12 +1102,18 @@ void forward_typed(const ForwardArgs& a) {
           write_saved(a.gq, b, h, row0, n, K, w.gq, Kp);
           write_den(a.den, b, h, row0, n, w.den);
         }
-        if (causal) accumulate_state(s, w.gk, w.v, n, S, w.delta);
+        if (causal && !segmented) accumulate_state(s, w.gk, w.v, n, S, w.delta);
       }
     }
     if (causal && sg == pl.segs - 1) {
       for (int64_t l = 0; l < G; ++l) {
-        const Acc* S = w.lstate.data() + l * 2 * SZ;
+        Acc* S = w.lstate.data() + l * 2 * SZ;
+        if (segmented) {  // the last segment's start plus its sums
+          const int64_t ln = pl.lane(b, h0 + l, sg);
+          const Acc* st = start.data() + ln * SZ;
+          const Acc* sums = seg.data() + ln * 2 * SZ;
+          for (int64_t i = 0; i < SZ; ++i) S[i] = st[i] + (sums[i] - sums[SZ + i]);
+        }
         write_state(a.S_final, a.z_final, b, h0 + l, K, Dv, Dvp, S, S + SS);
       }
     }
