@@ -44,6 +44,7 @@
 #include <memory>
 #include <numeric>
 #include <stdexcept>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -104,6 +105,12 @@ void scatter_rows(const View& y, int64_t b, int64_t h, int64_t row0, int64_t n, 
   for (int64_t r = 0; r < n; ++r) {
     T* d = at<T>(y, b, row0 + r, h);
     const Acc* s = src + r * ld;
+    if constexpr (std::is_same_v<T, Acc>) {
+      if (sc == 1 && cols % Simd<Acc>::W == 0) {
+        stream_copy(d, s, cols);
+        continue;
+      }
+    }
     if (sc == 1) {
 #pragma omp simd
       for (int64_t c = 0; c < cols; ++c) d[c] = store_as<T>(s[c]);
@@ -136,7 +143,9 @@ void write_saved(const View& x, int64_t b, int64_t h, int64_t row0, int64_t n, i
   const int64_t sc = x.stride[3];
   for (int64_t r = 0; r < n; ++r) {
     Acc* d = at<Acc>(x, b, h, row0 + r);
-    if (sc == 1) {
+    if (sc == 1 && cols % Simd<Acc>::W == 0) {
+      stream_copy(d, src + r * ld, cols);
+    } else if (sc == 1) {
       std::memcpy(d, src + r * ld, cols * sizeof(Acc));
     } else {
       for (int64_t c = 0; c < cols; ++c) d[c * sc] = src[r * ld + c];
@@ -324,15 +333,22 @@ void run_passes(const Plan& pl, bool two_pass, Pass1& pass1, Starts& starts, Pas
       pl.task(task, b, h0, sg);
       for (int64_t h = h0; h < h0 + pl.group; ++h) starts(b, h);
       pass2(task);
+      stream_fence();  // outputs written with streaming stores (stream_copy) are visible
     }
   } else {
 #pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
-    for (int64_t task = 0; task < pl.tasks; ++task) pass1(task);
+    for (int64_t task = 0; task < pl.tasks; ++task) {
+      pass1(task);
+      stream_fence();
+    }
     for (int64_t b = 0; b < pl.B; ++b) {
       for (int64_t h = 0; h < pl.H; ++h) starts(b, h);
     }
 #pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
-    for (int64_t task = 0; task < pl.tasks; ++task) pass2(task);
+    for (int64_t task = 0; task < pl.tasks; ++task) {
+      pass2(task);
+      stream_fence();
+    }
   }
 }
 

@@ -13,6 +13,10 @@
 #include <cstring>
 #include <utility>
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 #ifndef GMATTN_VECTOR_BYTES
 #define GMATTN_VECTOR_BYTES 16
 #endif
@@ -109,6 +113,49 @@ inline bool any_lane(typename Simd<Acc>::I v) {
   uint64_t any = 0;
   for (uint64_t w : words) any |= w;
   return any != 0;
+}
+
+// Writes n values (a whole number of vectors) from src to dst, bypassing the cache where the ISA
+// has streaming stores and dst is vector aligned: outputs are written once and read by the
+// caller later, so an ordinary store would first read each line from memory (a write-allocate)
+// and evict data still in use. The one place with ISA intrinsics; stream_fence() must follow
+// before another thread reads dst (streaming stores are weakly ordered).
+template <class Acc>
+inline void stream_copy(Acc* dst, const Acc* src, int64_t n) {
+#if defined(__AVX512F__) || defined(__AVX__) || defined(__SSE2__)
+  constexpr int W = Simd<Acc>::W;
+  if (reinterpret_cast<uintptr_t>(dst) % GMATTN_VECTOR_BYTES == 0) {
+    for (int64_t i = 0; i < n; i += W) {
+      const VecT<Acc> v = loadu(src + i);
+#if GMATTN_VECTOR_BYTES == 64 && defined(__AVX512F__)
+      if constexpr (sizeof(Acc) == 4) {
+        _mm512_stream_ps(reinterpret_cast<float*>(dst + i), reinterpret_cast<__m512>(v));
+      } else {
+        _mm512_stream_pd(reinterpret_cast<double*>(dst + i), reinterpret_cast<__m512d>(v));
+      }
+#elif GMATTN_VECTOR_BYTES == 32 && defined(__AVX__)
+      if constexpr (sizeof(Acc) == 4) {
+        _mm256_stream_ps(reinterpret_cast<float*>(dst + i), reinterpret_cast<__m256>(v));
+      } else {
+        _mm256_stream_pd(reinterpret_cast<double*>(dst + i), reinterpret_cast<__m256d>(v));
+      }
+#else
+      if constexpr (sizeof(Acc) == 4) {
+        _mm_stream_ps(reinterpret_cast<float*>(dst + i), reinterpret_cast<__m128>(v));
+      } else {
+        _mm_stream_pd(reinterpret_cast<double*>(dst + i), reinterpret_cast<__m128d>(v));
+      }
+#endif
+    }
+    return;
+  }
+#endif
+  std::memcpy(dst, src, n * sizeof(Acc));
+}
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
 }
 
 // exp(x) for x <= 0 (softmax after max subtraction); exactly 0 below -87. Float: range
