@@ -1162,9 +1162,10 @@ void backward_typed(const BackwardArgs& a) {
   std::vector<Acc> partial(pl.lanes * 2 * slot, Acc(0));
   auto sums_of = [&](int64_t lane) { return ParamSums<Acc>{partial.data() + lane * 2 * slot}; };
 
-  // Causal: dden of every row, from the forward scan to the reverse scan (which then does not
-  // read `out` again).
-  std::vector<Acc> dden_store(causal ? s.B * s.H * N : 0);
+  // dden of every row, from the first pass that computes it (pass 1, else the causal forward
+  // scan) to the later ones, which then do not read `out` again.
+  std::vector<Acc> dden_store(s.B * s.H * N);
+  auto dden_of = [&](int64_t b, int64_t h, int64_t row0) { return dden_store.data() + (b * s.H + h) * N + row0; };
   // Saved Gq, Gk, den and the chunk's v, out, dout; dnum = g / den, dden = -(g . out) / den.
   // With `dden_in`, dden is read from there instead of computed from `out`.
   auto load_chunk = [&](Workspace<Acc>& w, int64_t b, int64_t h, int64_t row0, int64_t n,
@@ -1216,6 +1217,7 @@ void backward_typed(const BackwardArgs& a) {
     Workspace<Acc>& w = ws[omp_get_thread_num()];
     for_each_chunk(pl, s, task, [&](int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
       load_chunk(w, b, h, row0, n);
+      std::copy(w.dden, w.dden + n, dden_of(b, h, row0));
       accumulate_state(s, w.gk, w.v, n, seg.data() + ln * 2 * SZ, w.delta);
       state_grad_update(w, n, seg_d.data() + ln * 2 * SZ);
     });
@@ -1270,8 +1272,12 @@ void backward_typed(const BackwardArgs& a) {
           const int64_t h = h0 + l;
           Acc* S = w.lstate.data() + l * 2 * SZ;
           const Acc* z = S + SS;
-          load_chunk(w, b, h, row0, n);
-          std::copy(w.dden, w.dden + n, dden_store.begin() + (b * s.H + h) * N + row0);
+          if (two_pass) {
+            load_chunk(w, b, h, row0, n, dden_of(b, h, row0));
+          } else {
+            load_chunk(w, b, h, row0, n);
+            std::copy(w.dden, w.dden + n, dden_of(b, h, row0));
+          }
           affinity_grad(w, n);
           gemm(n, Kp / W, n, w.Bm, C, 1, w.gk, Kp, w.dgq, Kp, false, Tri::kDepthLower);  // Bm Gk
           transpose(Kp, Dvp, S, Dvp, w.ST, Kp);
@@ -1293,7 +1299,7 @@ void backward_typed(const BackwardArgs& a) {
           const int64_t h = h0 + l;
           Acc* dS = w.ldstate.data() + l * 2 * SZ;
           const Acc* dz = dS + SS;
-          load_chunk(w, b, h, row0, n, dden_store.data() + (b * s.H + h) * N + row0);
+          load_chunk(w, b, h, row0, n, dden_of(b, h, row0));
           affinity_grad(w, n);
           transpose(Kp, Dvp, dS, Dvp, w.dST, Kp);
           gemm(n, Kp / W, Dvp, w.v, Dvp, 1, w.dST, Kp, w.dgk, Kp, false);  // V dS^T
@@ -1331,7 +1337,7 @@ void backward_typed(const BackwardArgs& a) {
           const ParamSums<Acc> sums = sums_of(pl.lane(b, h, sg));
           const Acc* z = w.lstate.data() + l * 2 * SZ + SS;
           const Acc* dz = w.ldstate.data() + l * 2 * SZ + SS;
-          load_chunk(w, b, h, row0, n);
+          load_chunk(w, b, h, row0, n, dden_of(b, h, row0));
           gemm(n, Kp / W, Dvp, w.dnum, Dvp, 1, w.lST.data() + l * SS, Kp, w.dgq, Kp, false);  // dnum S^T
           for (int64_t i = 0; i < n; ++i) {
             const Acc dd = w.dden[i];
