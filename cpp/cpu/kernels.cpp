@@ -296,10 +296,12 @@ inline Plan make_plan(int64_t B, int64_t H, int64_t nchunks, int requested) {
     }
   } else {
     // Too few pairs (or an uneven split): cut each pair into segments of chunks, two-pass scans;
-    // the fewest segments giving a multiple of the thread count and two tasks per thread.
+    // the fewest segments giving a multiple of the thread count and four tasks per thread (a
+    // segment costs little more than its share of the work, and the two passes each end at a
+    // barrier: finer tasks leave less idle time there when a thread is held up).
     // (A segment holds at least one chunk, which also bounds the search for huge thread counts.)
     int64_t segs = 1;
-    while (segs < nchunks && !((pairs * segs) % nt == 0 && pairs * segs >= 2 * nt)) ++segs;
+    while (segs < nchunks && !((pairs * segs) % nt == 0 && pairs * segs >= 4 * nt)) ++segs;
     p.segs = segs;
   }
   p.tasks = B * (H / p.group) * p.segs;
