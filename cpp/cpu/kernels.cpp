@@ -192,7 +192,7 @@ void write_state(const View& S, const View& z, int64_t b, int64_t h, int64_t K, 
 // memory; the requests are spread over the compute (a few rows at a time) so that they never
 // queue up behind each other.
 struct Ahead {
-  static constexpr int kStreams = 2;
+  static constexpr int kStreams = 4;
   const char* base[kStreams] = {};
   int64_t row_bytes[kStreams] = {}, stride[kStreams] = {};
   int64_t rows = 0;
@@ -207,12 +207,17 @@ struct Ahead {
     int i = 0;
     for (const auto& [x, cols] : inputs) {
       if (i == kStreams) break;
+      if (cols == 0) continue;  // not read
       ah.base[i] = reinterpret_cast<const char*>(at<const T>(*x, b, row0, h));
       ah.stride[i] = x->stride[1] * static_cast<int64_t>(sizeof(T));
       ah.row_bytes[i] = ((cols - 1) * x->stride[3] + 1) * static_cast<int64_t>(sizeof(T));
       ++i;
     }
     return ah;
+  }
+  // Part `part` of `parts` equal parts of the rows.
+  __attribute__((always_inline)) inline void fetch_part(int64_t part, int64_t parts) const {
+    fetch(part * rows / parts, (part + 1) * rows / parts);
   }
   // Requests rows [r0, r1) of every stream. Always inlined: as a call, GCC's IPA pass finds the
   // function free of side effects (a prefetch has none, formally) and deletes the call.
@@ -888,16 +893,19 @@ struct ParamSums {
 
 template <class Acc>
 void density_backward(const Head<Acc>& hd, const Shape& s, const Acc* x, const Acc* ds, int64_t n, Acc* dx,
-                      ParamSums<Acc> sums, Acc* chunk_sums) {
+                      ParamSums<Acc> sums, Acc* chunk_sums, const Ahead& ahead) {
   const int64_t K = s.K, Kp = s.Kp, Dp = s.Dp, size = ParamSums<Acc>::size(s);
   Acc* t1 = chunk_sums;
   Acc* t2 = t1 + K * Dp;
   Acc* ds_sum = t2 + K * Dp;
   std::fill(chunk_sums, chunk_sums + size, Acc(0));
   int64_t k0 = 0;
+  const int64_t tiles = K / kDensKT;
   for (; k0 + kDensKT <= K; k0 += kDensKT) {
+    ahead.fetch_part(k0 / kDensKT, tiles);
     density_tile<Acc, kDensKT>(n, Dp, x, ds, Kp, k0, hd.mu.data(), hd.lam.data(), dx, t1, t2, k0 == 0);
   }
+  if (tiles == 0) ahead.fetch(0, n);
   for (; k0 < K; ++k0) {
     density_tile<Acc, 1>(n, Dp, x, ds, Kp, k0, hd.mu.data(), hd.lam.data(), dx, t1, t2, k0 == 0);
   }
@@ -1202,11 +1210,13 @@ void backward_typed(const BackwardArgs& a) {
     keep_lower(w.Bm, n, C);
   };
   // dGq -> ds (softmax backward) -> dq and parameter sums; likewise dGk -> dk.
+  // `ahead`: rows of the chunk computed next, fetched meanwhile.
   auto finish = [&](Workspace<Acc>& w, const Head<Acc>& hd, const View& x_in, const View& dx_out, Acc* gamma,
-                    Acc* dgamma, Acc* xbuf, int64_t b, int64_t h, int64_t row0, int64_t n, ParamSums<Acc> sums) {
+                    Acc* dgamma, Acc* xbuf, int64_t b, int64_t h, int64_t row0, int64_t n, ParamSums<Acc> sums,
+                    const Ahead& ahead) {
     softmax_backward(gamma, dgamma, n, K, Kp);
     gather_rows<T>(x_in, b, h, row0, n, D, xbuf, Dp, n);
-    density_backward(hd, s, xbuf, dgamma, n, w.dx, sums, w.psum);
+    density_backward(hd, s, xbuf, dgamma, n, w.dx, sums, w.psum, ahead);
     scatter_rows<T>(dx_out, b, h, row0, n, D, w.dx, Dp);
   };
 
@@ -1289,7 +1299,9 @@ void backward_typed(const BackwardArgs& a) {
 #pragma omp simd
             for (int64_t k = 0; k < Kp; ++k) w.dgq[i * Kp + k] += dd * z[k];
           }
-          finish(w, heads[h], a.q, a.dq, w.gq, w.dgq, w.xq, b, h, row0, n, sums_of(pl.lane(b, h, sg)));
+          finish(w, heads[h], a.q, a.dq, w.gq, w.dgq, w.xq, b, h, row0, n, sums_of(pl.lane(b, h, sg)),
+                 Ahead::of<T>({{&a.v, Dv}, {&a.dout, Dv}, {&a.q, D}, {&a.out, two_pass ? 0 : Dv}}, b, h, row0 + C,
+                              N, C));
           accumulate_state(s, w.gk, w.v, n, S, w.delta);
         }
       }
@@ -1317,7 +1329,8 @@ void backward_typed(const BackwardArgs& a) {
           gemm(n, Dvp / W, n, w.A, 1, C, w.dnum, Dvp, w.num, Dvp, true, Tri::kDepthUpper);  // + A^T dnum
           scatter_rows<T>(a.dv, b, h, row0, n, Dv, w.num, Dvp);
           // masked rows: gk = 0, hence ds = 0
-          finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, sums_of(pl.lane(b, h, sg)));
+          finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, sums_of(pl.lane(b, h, sg)),
+                 Ahead::of<T>({{&a.v, Dv}, {&a.dout, Dv}, {&a.k, D}}, b, h, row0 - C, N, C));
           state_grad_update(w, n, dS);
         }
       }
@@ -1346,7 +1359,8 @@ void backward_typed(const BackwardArgs& a) {
 #pragma omp simd
             for (int64_t k = 0; k < Kp; ++k) w.dgq[i * Kp + k] += dd * z[k];  // + dden z^T
           }
-          finish(w, heads[h], a.q, a.dq, w.gq, w.dgq, w.xq, b, h, row0, n, sums);
+          finish(w, heads[h], a.q, a.dq, w.gq, w.dgq, w.xq, b, h, row0, n, sums,
+                 Ahead::of<T>({{&a.v, Dv}, {&a.dout, Dv}}, b, h, row0 + C, N, C));
           gemm(n, Kp / W, Dvp, w.v, Dvp, 1, w.ldST.data() + l * SS, Kp, w.dgk, Kp, false);  // dGk = V dS^T
           for (int64_t i = 0; i < n; ++i) {
 #pragma omp simd
@@ -1354,7 +1368,8 @@ void backward_typed(const BackwardArgs& a) {
           }
           gemm(n, Dvp / W, K, w.gk, Kp, 1, w.ldstate.data() + l * 2 * SZ, Dvp, w.num, Dvp, false);  // dv = Gk dS
           scatter_rows<T>(a.dv, b, h, row0, n, Dv, w.num, Dvp);
-          finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, sums);
+          finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, sums,
+                 Ahead::of<T>({{&a.q, D}, {&a.k, D}}, b, h, row0 + C, N, C));
         }
       }
     }
