@@ -186,7 +186,7 @@ void write_state(const View& S, const View& z, int64_t b, int64_t h, int64_t K, 
   }
 }
 
-// Rows of up to two inputs to fetch into cache ahead of use: the next chunk of the same (b, h),
+// Rows of up to four inputs to fetch into cache ahead of use: the next chunk of the same (b, h),
 // requested while this chunk computes. The rows of a head are strided by H * D elements, a walk
 // the hardware prefetchers do not run ahead of, so a chunk's gather would otherwise wait on
 // memory; the requests are spread over the compute (a few rows at a time) so that they never
