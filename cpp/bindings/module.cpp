@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -260,6 +261,8 @@ struct Call {
   int device_id = 0;
   int64_t stream = 0;
   std::vector<Imported> keep;  // capsules alive until the kernel returns
+  // Aligned copies of inputs whose data is not aligned to their element size (see view()).
+  std::vector<std::unique_ptr<std::max_align_t[]>> aligned_copies;
   // Bytes [lo, hi) each present tensor can reach, and whether the kernel writes it.
   struct Extent {
     std::string name;
@@ -291,6 +294,22 @@ struct Call {
       else hi += static_cast<uint64_t>(reach) * itemsize;
     }
     extents.push_back({spec.name, lo, hi, spec.output});
+    // The kernels load elements through typed pointers: data that is not aligned to its element
+    // size (a view at an odd byte offset, which DLPack allows) is undefined behaviour for them
+    // and faults on some machines. An input on the CPU is copied once into aligned memory (the
+    // bytes it can reach, same strides); an output or a device array is refused.
+    if (reinterpret_cast<uintptr_t>(v.data) % itemsize != 0) {
+      if (spec.output || kDevice != kDLCPU) {
+        fail(spec.name, "has data at an address that is not a multiple of its element size (" +
+                            std::to_string(itemsize) + " bytes)");
+      }
+      const uintptr_t bytes = hi - lo;
+      aligned_copies.emplace_back(new std::max_align_t[(bytes + sizeof(std::max_align_t) - 1) /
+                                                       sizeof(std::max_align_t)]);
+      char* copy = reinterpret_cast<char*>(aligned_copies.back().get());
+      std::memcpy(copy, reinterpret_cast<const void*>(lo), bytes);
+      v.data = copy + (reinterpret_cast<uintptr_t>(v.data) - lo);
+    }
     return v;
   }
 
