@@ -275,8 +275,35 @@ def test_opcheck(causal):
                                         causal, 1e-6, 1e-4, True, True)
     dout = torch.randn_like(out)
     detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in base]
-    torch.library.opcheck(backward_op, (dout, torch.randn_like(S), torch.randn_like(z), *detached, out, gq, gk, den,
-                                        causal, 1e-6, 1e-4))
+    ends = [(None, None)] if causal else [(None, None), (S, z)]  # bidirectional: with the forward's state
+    for S_end, z_end in ends:
+        torch.library.opcheck(backward_op, (dout, torch.randn_like(S), torch.randn_like(z), *detached, out, gq, gk,
+                                            den, S_end, z_end, causal, 1e-6, 1e-4))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bidirectional_backward_with_the_forward_state(threads):
+    """The bidirectional backward given the forward's final state (S_end, z_end: what the torch
+    front end passes) equals the one that sums the keys' states itself; the core refuses the
+    state for a causal backward, or half of it."""
+    p, base = _sample_args()
+    detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in base]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, S, z, gq, gk, den = forward_op(*detached, False, 1e-6, 1e-4, True, True)
+        dout, dS, dz = torch.randn_like(out), torch.randn_like(S), torch.randn_like(z)
+        common = (dout, dS, dz, *detached, out, gq, gk, den)
+        summed = backward_op(*common, None, None, False, 1e-6, 1e-4)
+        given = backward_op(*common, S, z, False, 1e-6, 1e-4)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(summed, given):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="S_end.*bidirectional backward only"):
+        backward_op(*common, S, z, True, 1e-6, 1e-4)
+    with pytest.raises(ValueError, match="S_end.*z_end must be given together"):
+        backward_op(*common, S, None, False, 1e-6, 1e-4)
 
 
 def test_torch_compile_fullgraph():

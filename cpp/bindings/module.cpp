@@ -441,7 +441,7 @@ void backward(py::handle q, py::handle k, py::handle v, py::handle mu, py::handl
               py::handle den, py::handle dout, py::handle dS_final, py::handle dz_final, py::handle dq,
               py::handle dk, py::handle dv, py::handle dmu, py::handle domega, py::handle dalpha,
               py::handle dS0, py::handle dz0, bool causal, double eps, double sigma_eps, int num_threads,
-              int64_t stream, bool deterministic) {
+              int64_t stream, bool deterministic, py::handle S_end, py::handle z_end) {
   Call c = start_call(q, v, mu, stream);
   const auto& d = c.dims;
   gmattn::BackwardArgs a;
@@ -453,6 +453,10 @@ void backward(py::handle q, py::handle k, py::handle v, py::handle mu, py::handl
   a.gq = c.view(gq, {"gq", {d.B, d.H, d.N, d.K}, Kind::kAccumulator, false, false}, false);
   a.gk = c.view(gk, {"gk", {d.B, d.H, d.N, d.K}, Kind::kAccumulator, false, false}, false);
   a.den = c.view(den, {"den", {d.B, d.H, d.N}, Kind::kAccumulator, false, false}, false);
+  a.S_end = c.view(S_end, {"S_end", {d.B, d.H, d.K, d.Dv}, Kind::kAccumulator, false, false}, true);
+  a.z_end = c.view(z_end, {"z_end", {d.B, d.H, d.K}, Kind::kAccumulator, false, false}, true);
+  if (a.S_end.present() != a.z_end.present()) fail("S_end", "and z_end must be given together");
+  if (causal && a.S_end.present()) fail("S_end", "is for the bidirectional backward only (causal=False)");
   a.dout = c.view(dout, {"dout", {d.B, d.N, d.H, d.Dv}, Kind::kInput, false, false}, false);
   a.dS_final = c.view(dS_final, {"dS_final", {d.B, d.H, d.K, d.Dv}, Kind::kAccumulator, false, false}, true);
   a.dz_final = c.view(dz_final, {"dz_final", {d.B, d.H, d.K}, Kind::kAccumulator, false, false}, true);
@@ -501,6 +505,8 @@ PYBIND11_MODULE(GMATTN_MODULE_NAME, m) {
         py::arg("gk"), py::arg("den"), py::arg("dout"), py::arg("dS_final"), py::arg("dz_final"), py::arg("dq"),
         py::arg("dk"), py::arg("dv"), py::arg("dmu"), py::arg("domega"), py::arg("dalpha"), py::arg("dS0"),
         py::arg("dz0"), py::arg("causal"), py::arg("eps"), py::arg("sigma_eps"), py::arg("num_threads") = 0,
-        py::arg("stream") = 0, py::arg("deterministic") = true,
-        "Backward pass: writes dq, dk, dv, dmu, domega, dalpha (and dS0, dz0 when given) in place.");
+        py::arg("stream") = 0, py::arg("deterministic") = true, py::arg("S_end") = py::none(),
+        py::arg("z_end") = py::none(),
+        "Backward pass: writes dq, dk, dv, dmu, domega, dalpha (and dS0, dz0 when given) in place. "
+        "S_end, z_end (bidirectional, optional): the forward's final state, which spares re-summing it.");
 }

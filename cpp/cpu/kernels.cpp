@@ -1160,6 +1160,9 @@ void backward_typed(const BackwardArgs& a) {
   const Plan pl = make_plan(s.B, s.H, s.nchunks, a.opt.num_threads);
   const int64_t G = pl.group;
   const bool causal = a.opt.causal;
+  // Bidirectional with the forward's final state: the state every query read is given, and pass 1
+  // sums only the state gradient (it reads neither Gk nor v).
+  const bool state_given = !causal && a.S_end.present();
 
   std::vector<Head<Acc>> heads(s.H);
   build_heads(heads, a.mu, a.omega, a.alpha, s, a.opt.sigma_eps, pl.nt);
@@ -1177,13 +1180,16 @@ void backward_typed(const BackwardArgs& a) {
   std::vector<Acc> dden_store(s.B * s.H * N);
   auto dden_of = [&](int64_t b, int64_t h, int64_t row0) { return dden_store.data() + (b * s.H + h) * N + row0; };
   // Saved Gq, Gk, den and the chunk's v, out, dout; dnum = g / den, dden = -(g . out) / den.
-  // With `dden_in`, dden is read from there instead of computed from `out`.
+  // With `dden_in`, dden is read from there instead of computed from `out`; without `keys`, Gk
+  // and v are not read.
   auto load_chunk = [&](Workspace<Acc>& w, int64_t b, int64_t h, int64_t row0, int64_t n,
-                        const Acc* dden_in = nullptr) {
+                        const Acc* dden_in = nullptr, bool keys = true) {
     read_saved(a.gq, b, h, row0, n, K, w.gq, Kp, C);
-    read_saved(a.gk, b, h, row0, n, K, w.gk, Kp, C);
     read_den(a.den, b, h, row0, n, w.den);
-    gather_rows<T>(a.v, b, h, row0, n, Dv, w.v, Dvp, C);
+    if (keys) {
+      read_saved(a.gk, b, h, row0, n, K, w.gk, Kp, C);
+      gather_rows<T>(a.v, b, h, row0, n, Dv, w.v, Dvp, C);
+    }
     gather_rows<T>(a.dout, b, h, row0, n, Dv, w.g, Dvp, C);
     if (dden_in == nullptr) gather_rows<T>(a.out, b, h, row0, n, Dv, w.o, Dvp, C);
     for (int64_t i = 0; i < n; ++i) {
@@ -1228,9 +1234,9 @@ void backward_typed(const BackwardArgs& a) {
   auto pass1 = [&](int64_t task) {
     Workspace<Acc>& w = ws[omp_get_thread_num()];
     for_each_chunk(pl, s, task, [&](int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
-      load_chunk(w, b, h, row0, n);
+      load_chunk(w, b, h, row0, n, nullptr, !state_given);
       std::copy(w.dden, w.dden + n, dden_of(b, h, row0));
-      accumulate_state(s, w.gk, w.v, n, seg.data() + ln * 2 * SZ, w.delta);
+      if (!state_given) accumulate_state(s, w.gk, w.v, n, seg.data() + ln * 2 * SZ, w.delta);
       state_grad_update(w, n, seg_d.data() + ln * 2 * SZ);
     });
   };
@@ -1245,9 +1251,10 @@ void backward_typed(const BackwardArgs& a) {
     auto add_segment = [&](std::vector<Acc>& to, const std::vector<Acc>& sums, int64_t ln) {
       for (int64_t i = 0; i < SZ; ++i) to[i] += sums[ln * 2 * SZ + i];
     };
+    if (state_given) read_state(a.S_end, a.z_end, b, h, K, Dv, Kp, Dvp, run.data(), run.data() + SS);
     if (!causal) {
       for (int64_t sg = 0; sg < pl.segs; ++sg) {
-        add_segment(run, seg, pl.lane(b, h, sg));
+        if (!state_given) add_segment(run, seg, pl.lane(b, h, sg));
         add_segment(run_d, seg_d, pl.lane(b, h, sg));
       }
       // Every query read S0: dS0 = dS_final + sum_i Gq^T dnum.

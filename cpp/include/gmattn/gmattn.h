@@ -87,6 +87,10 @@ struct BackwardArgs {
   View S0, z0;
   // saved by forward
   View out, gq, gk, den;
+  // Optional, bidirectional only: the forward's final state (S_final, z_final), which is what every
+  // query read. Given, the CPU backward does not sum the keys' states again (one product and two
+  // of the six saved/input tensors fewer in its first pass); the CUDA backward ignores it.
+  View S_end, z_end;
   // incoming gradients
   View dout;                // (B, N, H, Dv) input dtype
   View dS_final, dz_final;  // optional (zero when absent)

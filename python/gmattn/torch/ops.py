@@ -114,11 +114,15 @@ def backward_op(
     gq: Tensor,
     gk: Tensor,
     den: Tensor,
+    S_end: Optional[Tensor],
+    z_end: Optional[Tensor],
     causal: bool,
     eps: float,
     sigma_eps: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dq, dk, dv, dmu, domega, dalpha, dS0, dz0); dS0/dz0 are empty without S0."""
+    """Returns (dq, dk, dv, dmu, domega, dalpha, dS0, dz0); dS0/dz0 are empty without S0.
+    S_end, z_end (bidirectional, optional): the forward's final state, which the CPU core then does
+    not sum again."""
     acc = mu.dtype
     dq, dk = _empty(q.shape, q, q.dtype), _empty(k.shape, q, q.dtype)
     dv = _empty(v.shape, q, q.dtype)
@@ -130,14 +134,14 @@ def backward_op(
         *_plain(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, out, gq, gk, den, dout, dS_final, dz_final),
         dq, dk, dv, dmu, domega, dalpha, dS0 if has_state else None, dz0 if has_state else None,
         causal=causal, eps=eps, sigma_eps=sigma_eps, num_threads=_threads(q), stream=stream,
-        deterministic=True,
+        deterministic=True, S_end=_plain(S_end)[0], z_end=_plain(z_end)[0],
     )
     return dq, dk, dv, dmu, domega, dalpha, dS0, dz0
 
 
 @backward_op.register_fake
 def _backward_fake(dout, dS_final, dz_final, q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, out, gq, gk, den,
-                   causal, eps, sigma_eps):
+                   S_end, z_end, causal, eps, sigma_eps):
     dS0, dz0 = (mu.new_empty(_sized(shape)) for shape in _initial_state_shapes(q, v, mu, S0 is not None))
     return (
         torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
@@ -148,8 +152,11 @@ def _backward_fake(dout, dS_final, dz_final, q, k, v, mu, omega, alpha, key_padd
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, mu, omega, alpha, mask, S0, z0, causal, eps, sigma_eps, return_state, save_for_backward) = inputs
-    out, _, _, gq, gk, den = output
-    ctx.save_for_backward(q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den)
+    out, S_final, z_final, gq, gk, den = output
+    # Bidirectional: the final state is what every query read; the backward reuses it (gma_attention
+    # asks for it whenever it saves for backward). Empty (not returned) otherwise.
+    S_end, z_end = (S_final, z_final) if not causal and S_final.numel() > 0 else (None, None)
+    ctx.save_for_backward(q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, S_end, z_end)
     ctx.causal, ctx.eps, ctx.sigma_eps, ctx.return_state = causal, eps, sigma_eps, return_state
     ctx.saved_responsibilities = save_for_backward
     # Gq, Gk and den are outputs only so backward can use them; without this autograd would hand
@@ -158,17 +165,19 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, dS_final, dz_final, _dgq, _dgk, _dden):
-    q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den = ctx.saved_tensors
+    q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, S_end, z_end = ctx.saved_tensors
     if not ctx.saved_responsibilities:
         # The forward ran without saving (no input required grad when it was traced); recompute.
-        out, _, _, gq, gk, den = forward_op(q, k, v, mu, omega, alpha, mask, S0, z0, ctx.causal, ctx.eps,
-                                            ctx.sigma_eps, False, True)
+        out, S_end, z_end, gq, gk, den = forward_op(q, k, v, mu, omega, alpha, mask, S0, z0, ctx.causal, ctx.eps,
+                                                    ctx.sigma_eps, not ctx.causal, True)
+        if ctx.causal:
+            S_end = z_end = None
     if not ctx.return_state:
         dS_final = dz_final = None
     if dout is None:  # only the final state was used
         dout = torch.zeros_like(out)
     dq, dk, dv, dmu, domega, dalpha, dS0, dz0 = backward_op(
-        dout, dS_final, dz_final, q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den,
+        dout, dS_final, dz_final, q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, S_end, z_end,
         ctx.causal, ctx.eps, ctx.sigma_eps,
     )
     if S0 is None:
@@ -209,9 +218,10 @@ def gma_attention(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, mu, omega, alpha, S0, z0)
     )
+    # Bidirectional training also asks for the final state: the backward reuses it.
     out, S_final, z_final, _, _, _ = forward_op(
         q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, bool(causal), float(eps), float(sigma_eps),
-        bool(output_final_state), bool(needs_grad),
+        bool(output_final_state or (needs_grad and not causal)), bool(needs_grad),
     )
     if output_final_state:
         return out, (S_final, z_final)
