@@ -39,8 +39,8 @@ class Options(ctypes.Structure):
 
 
 FWD_VIEWS = ["q", "k", "v", "mu", "omega", "alpha", "mask", "S0", "z0", "out", "S_final", "z_final", "gq", "gk", "den"]
-BWD_VIEWS = ["q", "k", "v", "mu", "omega", "alpha", "mask", "S0", "z0", "out", "gq", "gk", "den", "dout",
-             "dS_final", "dz_final", "dq", "dk", "dv", "dmu", "domega", "dalpha", "dS0", "dz0"]
+BWD_VIEWS = ["q", "k", "v", "mu", "omega", "alpha", "mask", "S0", "z0", "out", "gq", "gk", "den", "S_end", "z_end",
+             "dout", "dS_final", "dz_final", "dq", "dk", "dv", "dmu", "domega", "dalpha", "dS0", "dz0"]
 
 
 class ForwardArgs(ctypes.Structure):
