@@ -32,8 +32,10 @@ def host_forward(q, k, v, mu, omega, alpha, mask, S0, z0, *, causal, eps, sigma_
 
 
 def host_backward(q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, dout, dS_final, dz_final, *,
-                  causal, eps, sigma_eps, num_threads):
-    """Runs the core's backward on NumPy arrays; returns (dq, dk, dv, dmu, domega, dalpha, dS0, dz0)."""
+                  causal, eps, sigma_eps, num_threads, S_end=None, z_end=None):
+    """Runs the core's backward on NumPy arrays; returns (dq, dk, dv, dmu, domega, dalpha, dS0, dz0).
+    S_end, z_end (bidirectional, optional): the forward's final state, which the core then does not
+    sum again."""
     acc = mu.dtype
     dq, dk, dv = _empty(q.shape, q.dtype), _empty(k.shape, k.dtype), _empty(v.shape, v.dtype)
     dmu, domega, dalpha = _empty(mu.shape, acc), _empty(omega.shape, acc), _empty(alpha.shape, acc)
@@ -43,6 +45,7 @@ def host_backward(q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, dou
         q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, dout, dS_final, dz_final,
         dq, dk, dv, dmu, domega, dalpha, dS0, dz0,
         causal=causal, eps=eps, sigma_eps=sigma_eps, num_threads=num_threads, stream=0, deterministic=True,
+        S_end=S_end, z_end=z_end,
     )
     return dq, dk, dv, dmu, domega, dalpha, dS0, dz0
 

@@ -163,12 +163,13 @@ def _build_op(mask: Optional[np.ndarray], *, has_state: bool, causal: bool, eps:
     @mx.custom_function
     def op(*primals):
         q, k, v, mu, omega, alpha, S0, z0 = host_primals(primals)
+        # Bidirectional: the final state is what every query read; the backward reuses it.
         out, S_final, z_final, gq, gk, den = _host_forward(
-            q, k, v, mu, omega, alpha, mask, S0, z0, return_state=return_state, save=save,
-            num_threads=num_threads, **options,
+            q, k, v, mu, omega, alpha, mask, S0, z0, return_state=return_state or (save and not causal),
+            save=save, num_threads=num_threads, **options,
         )
         if save:
-            saved["forward"] = (out, gq, gk, den)
+            saved["forward"] = (out, gq, gk, den) + ((None, None) if causal else (S_final, z_final))
         if return_state:
             return _to_mlx(out), _to_mlx(S_final), _to_mlx(z_final)
         return _to_mlx(out)
@@ -199,15 +200,15 @@ def _build_op(mask: Optional[np.ndarray], *, has_state: bool, causal: bool, eps:
             dz = _host(extra_[2], "dz_final") if return_state else None
             record = saved.pop("forward", None)
             if record is None:  # forward ran without saving: recompute the responsibilities
-                out, _, _, gq, gk, den = _host_forward(
-                    q, k, v, mu, omega, alpha, mask, S0, z0, return_state=False, save=True,
+                out, S_end, z_end, gq, gk, den = _host_forward(
+                    q, k, v, mu, omega, alpha, mask, S0, z0, return_state=not causal, save=True,
                     num_threads=num_threads, **options,
                 )
             else:
-                out, gq, gk, den = record
+                out, gq, gk, den, S_end, z_end = record
             grads = _host_backward(
                 q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, g, dS, dz,
-                num_threads=num_threads, **options,
+                num_threads=num_threads, S_end=S_end, z_end=z_end, **options,
             )
             grads = grads[:6] + (grads[6:] if has_state else ())
             return tuple(_to_mlx(x) for x in grads)
