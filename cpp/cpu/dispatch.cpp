@@ -152,6 +152,7 @@ void backward(const BackwardArgs& a) {
   require(a.dmu.present() && a.domega.present() && a.dalpha.present(), "dmu, domega and dalpha are required");
   require(a.S0.present() == a.z0.present(), "initial state needs both S and z");
   require(a.dS0.present() == a.dz0.present(), "dS0 and dz0 go together");
+  require(a.S_end.present() == a.z_end.present(), "S_end and z_end go together");
   advise_huge_pages(a.dq, a.dtype);
   advise_huge_pages(a.dk, a.dtype);
   advise_huge_pages(a.dv, a.dtype);

@@ -106,7 +106,7 @@ void scatter_rows(const View& y, int64_t b, int64_t h, int64_t row0, int64_t n, 
     T* d = at<T>(y, b, row0 + r, h);
     const Acc* s = src + r * ld;
     if constexpr (std::is_same_v<T, Acc>) {
-      if (sc == 1 && cols % Simd<Acc>::W == 0) {
+      if (sc == 1) {
         stream_copy(d, s, cols);
         continue;
       }
@@ -143,10 +143,8 @@ void write_saved(const View& x, int64_t b, int64_t h, int64_t row0, int64_t n, i
   const int64_t sc = x.stride[3];
   for (int64_t r = 0; r < n; ++r) {
     Acc* d = at<Acc>(x, b, h, row0 + r);
-    if (sc == 1 && cols % Simd<Acc>::W == 0) {
+    if (sc == 1) {
       stream_copy(d, src + r * ld, cols);
-    } else if (sc == 1) {
-      std::memcpy(d, src + r * ld, cols * sizeof(Acc));
     } else {
       for (int64_t c = 0; c < cols; ++c) d[c * sc] = src[r * ld + c];
     }
@@ -741,11 +739,12 @@ void responsibilities(const Head<Acc>& hd, const Shape& s, Workspace<Acc>& w, co
     }
     for (int r = 0; r < rows; ++r) {
       Acc* row = block + r * Kp;
-      if (failed >> r & 1u) {  // recompute in the direct form
+      if (keep && !keep[r0 + r]) {
+        std::fill(row, row + Kp, Acc(0));
+      } else if (failed >> r & 1u) {  // recompute in the direct form
         direct_row(hd, x + (r0 + r) * Dp, row);
         softmax_rows<Acc, 1>(row, Kp, hd.ln0.data(), hd.lmax.data(), w.mk, w.xn + r0 + r, Dd, nvec, false);
       }
-      if (keep && !keep[r0 + r]) std::fill(row, row + Kp, Acc(0));
     }
   }
   if (C > n) std::fill(gamma + n * Kp, gamma + C * Kp, Acc(0));
@@ -962,6 +961,15 @@ void set_state(const Shape& s, const Acc* from, Acc* state) {
   std::fill(state + SZ, state + 2 * SZ, Acc(0));
 }
 
+// out = start (when given) + a running state's value with its compensation folded in: SS + Kp
+// values, rounded once.
+template <class Acc>
+void state_value(const Shape& s, const Acc* state, const Acc* start, Acc* out) {
+  const int64_t SZ = s.Kp * s.Dvp + s.Kp;
+#pragma omp simd
+  for (int64_t i = 0; i < SZ; ++i) out[i] = (start ? start[i] : Acc(0)) + (state[i] - state[SZ + i]);
+}
+
 template <class Acc>
 inline Acc row_sum(const Acc* a, int64_t n) {
   Acc r = 0;
@@ -1042,11 +1050,7 @@ void forward_typed(const ForwardArgs& a) {
         std::memcpy(gk_store.get() + ((b * s.H + h) * N + row0) * Kp, w.gk, n * Kp * sizeof(Acc));
       }
       Acc* sums = seg.data() + ln * 2 * SZ;
-      if (segmented) {  // the compensated sum so far, rounded once
-        Acc* pre = prefix_of(b, h, row0);
-#pragma omp simd
-        for (int64_t i = 0; i < SZ; ++i) pre[i] = sums[i] - sums[SZ + i];
-      }
+      if (segmented) state_value<Acc>(s, sums, nullptr, prefix_of(b, h, row0));  // the sum so far
       accumulate_state(s, w.gk, w.v, n, sums, w.delta);
     });
   };
@@ -1136,9 +1140,7 @@ void forward_typed(const ForwardArgs& a) {
         Acc* S = w.lstate.data() + l * 2 * SZ;
         if (segmented) {  // the last segment's start plus its sums
           const int64_t ln = pl.lane(b, h0 + l, sg);
-          const Acc* st = start.data() + ln * SZ;
-          const Acc* sums = seg.data() + ln * 2 * SZ;
-          for (int64_t i = 0; i < SZ; ++i) S[i] = st[i] + (sums[i] - sums[SZ + i]);
+          state_value(s, seg.data() + ln * 2 * SZ, start.data() + ln * SZ, S);
         }
         write_state(a.S_final, a.z_final, b, h0 + l, K, Dv, Dvp, S, S + SS);
       }
@@ -1180,10 +1182,11 @@ void backward_typed(const BackwardArgs& a) {
   std::vector<Acc> dden_store(s.B * s.H * N);
   auto dden_of = [&](int64_t b, int64_t h, int64_t row0) { return dden_store.data() + (b * s.H + h) * N + row0; };
   // Saved Gq, Gk, den and the chunk's v, out, dout; dnum = g / den, dden = -(g . out) / den.
-  // With `dden_in`, dden is read from there instead of computed from `out`; without `keys`, Gk
-  // and v are not read.
-  auto load_chunk = [&](Workspace<Acc>& w, int64_t b, int64_t h, int64_t row0, int64_t n,
-                        const Acc* dden_in = nullptr, bool keys = true) {
+  // With `dden_stored`, dden is read from dden_store (an earlier pass computed it), else computed
+  // from `out` and stored there; without `keys`, Gk and v are not read.
+  auto load_chunk = [&](Workspace<Acc>& w, int64_t b, int64_t h, int64_t row0, int64_t n, bool dden_stored,
+                        bool keys = true) {
+    Acc* dden_row = dden_of(b, h, row0);
     read_saved(a.gq, b, h, row0, n, K, w.gq, Kp, C);
     read_den(a.den, b, h, row0, n, w.den);
     if (keys) {
@@ -1191,13 +1194,14 @@ void backward_typed(const BackwardArgs& a) {
       gather_rows<T>(a.v, b, h, row0, n, Dv, w.v, Dvp, C);
     }
     gather_rows<T>(a.dout, b, h, row0, n, Dv, w.g, Dvp, C);
-    if (dden_in == nullptr) gather_rows<T>(a.out, b, h, row0, n, Dv, w.o, Dvp, C);
+    if (!dden_stored) gather_rows<T>(a.out, b, h, row0, n, Dv, w.o, Dvp, C);
     for (int64_t i = 0; i < n; ++i) {
       const Acc inv = Acc(1) / w.den[i];
 #pragma omp simd
       for (int64_t e = 0; e < Dvp; ++e) w.dnum[i * Dvp + e] = w.g[i * Dvp + e] * inv;
-      w.dden[i] = dden_in ? dden_in[i] : -dot(w.g + i * Dvp, w.o + i * Dvp, Dvp) * inv;
+      w.dden[i] = dden_stored ? dden_row[i] : -dot(w.g + i * Dvp, w.o + i * Dvp, Dvp) * inv;
     }
+    if (!dden_stored) std::copy(w.dden, w.dden + n, dden_row);
     if (n < C) std::fill(w.dnum + n * Dvp, w.dnum + C * Dvp, Acc(0));
   };
   // The state gradient: dS += Gq^T dnum, dz += Gq^T dden.
@@ -1234,8 +1238,7 @@ void backward_typed(const BackwardArgs& a) {
   auto pass1 = [&](int64_t task) {
     Workspace<Acc>& w = ws[omp_get_thread_num()];
     for_each_chunk(pl, s, task, [&](int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
-      load_chunk(w, b, h, row0, n, nullptr, !state_given);
-      std::copy(w.dden, w.dden + n, dden_of(b, h, row0));
+      load_chunk(w, b, h, row0, n, false, !state_given);
       if (!state_given) accumulate_state(s, w.gk, w.v, n, seg.data() + ln * 2 * SZ, w.delta);
       state_grad_update(w, n, seg_d.data() + ln * 2 * SZ);
     });
@@ -1291,12 +1294,7 @@ void backward_typed(const BackwardArgs& a) {
           const int64_t h = h0 + l;
           Acc* S = w.lstate.data() + l * 2 * SZ;
           const Acc* z = S + SS;
-          if (two_pass) {
-            load_chunk(w, b, h, row0, n, dden_of(b, h, row0));
-          } else {
-            load_chunk(w, b, h, row0, n);
-            std::copy(w.dden, w.dden + n, dden_of(b, h, row0));
-          }
+          load_chunk(w, b, h, row0, n, two_pass);  // pass 1 computed dden
           affinity_grad(w, n);
           gemm(n, Kp / W, n, w.Bm, C, 1, w.gk, Kp, w.dgq, Kp, false, Tri::kDepthLower);  // Bm Gk
           transpose(Kp, Dvp, S, Dvp, w.ST, Kp);
@@ -1320,7 +1318,7 @@ void backward_typed(const BackwardArgs& a) {
           const int64_t h = h0 + l;
           Acc* dS = w.ldstate.data() + l * 2 * SZ;
           const Acc* dz = dS + SS;
-          load_chunk(w, b, h, row0, n, dden_of(b, h, row0));
+          load_chunk(w, b, h, row0, n, true);
           affinity_grad(w, n);
           transpose(Kp, Dvp, dS, Dvp, w.dST, Kp);
           gemm(n, Kp / W, Dvp, w.v, Dvp, 1, w.dST, Kp, w.dgk, Kp, false);  // V dS^T
@@ -1359,7 +1357,7 @@ void backward_typed(const BackwardArgs& a) {
           const ParamSums<Acc> sums = sums_of(pl.lane(b, h, sg));
           const Acc* z = w.lstate.data() + l * 2 * SZ + SS;
           const Acc* dz = w.ldstate.data() + l * 2 * SZ + SS;
-          load_chunk(w, b, h, row0, n, dden_of(b, h, row0));
+          load_chunk(w, b, h, row0, n, true);
           gemm(n, Kp / W, Dvp, w.dnum, Dvp, 1, w.lST.data() + l * SS, Kp, w.dgq, Kp, false);  // dnum S^T
           for (int64_t i = 0; i < n; ++i) {
             const Acc dd = w.dden[i];

@@ -115,17 +115,19 @@ inline bool any_lane(typename Simd<Acc>::I v) {
   return any != 0;
 }
 
-// Writes n values (a whole number of vectors) from src to dst, bypassing the cache where the ISA
-// has streaming stores and dst is vector aligned: outputs are written once and read by the
-// caller later, so an ordinary store would first read each line from memory (a write-allocate)
-// and evict data still in use. The one place with ISA intrinsics; stream_fence() must follow
-// before another thread reads dst (streaming stores are weakly ordered).
+// Writes n values from src to dst, the whole vectors bypassing the cache where the ISA has
+// streaming stores and dst is vector aligned: outputs are written once and read by the caller
+// later, so an ordinary store would first read each line from memory (a write-allocate) and evict
+// data still in use. The one place with ISA intrinsics; stream_fence() must follow before another
+// thread reads dst (streaming stores are weakly ordered).
 template <class Acc>
 inline void stream_copy(Acc* dst, const Acc* src, int64_t n) {
+  int64_t done = 0;
 #if defined(__AVX512F__) || defined(__AVX__) || defined(__SSE2__)
   constexpr int W = Simd<Acc>::W;
   if (reinterpret_cast<uintptr_t>(dst) % GMATTN_VECTOR_BYTES == 0) {
-    for (int64_t i = 0; i < n; i += W) {
+    done = n - n % W;
+    for (int64_t i = 0; i < done; i += W) {
       const VecT<Acc> v = loadu(src + i);
 #if GMATTN_VECTOR_BYTES == 64 && defined(__AVX512F__)
       if constexpr (sizeof(Acc) == 4) {
@@ -147,10 +149,9 @@ inline void stream_copy(Acc* dst, const Acc* src, int64_t n) {
       }
 #endif
     }
-    return;
   }
 #endif
-  std::memcpy(dst, src, n * sizeof(Acc));
+  std::memcpy(dst + done, src + done, (n - done) * sizeof(Acc));
 }
 inline void stream_fence() {
 #if defined(__SSE2__)
