@@ -74,6 +74,12 @@ CHUNK = 64  # the core's chunk length (cpp/cpu/kernels.cpp kChunk)
 # ----------------------------------------------------------------------------------------------
 
 
+def matmul_reference_gflops(results: dict, row: dict):
+    """The matmul rate a row's GFLOP/s is compared with: the matmul timed in the same rounds as the
+    row (issue2 cells at the largest N), else the matmul section's; None without either."""
+    return row.get("matmul_gflops", results.get("matmul", {}).get("gflops"))
+
+
 def core_flops(B: int, N: int, H: int, K: int, D: int, Dv: int, causal: bool, backward: bool) -> float:
     fwd = 8 * D * K + 4 * K * Dv + ((K + Dv) * (CHUNK + 1) if causal else 0)
     bwd = (14 * D * K + 8 * K * Dv + 3 * (K + Dv) * (CHUNK + 1)) if causal else (14 * D * K + 10 * K * Dv)
@@ -506,8 +512,7 @@ class Bench:
             if "matmul" in r or any("matmul_gflops" in x for x in rows):
                 for x in rows:
                     if x["N"] == big:
-                        # the matmul timed in the same rounds as the cell; else the matmul section's
-                        x["matmul_ref_gflops"] = x.get("matmul_gflops", r.get("matmul", {}).get("gflops"))
+                        x["matmul_ref_gflops"] = matmul_reference_gflops(r, x)
                         x["fraction_of_matmul"] = x["core_gflops"] / x["matmul_ref_gflops"]
                 for mode in ("fwd", "fwd+bwd"):
                     for causal in (True, False):
@@ -675,7 +680,7 @@ class Bench:
                 for x in r["issue2"]["rows"]:
                     if x["N"] == big:
                         labels.append(f"N={big} {x['mode']} {'causal' if x['causal'] else 'bidir'}")
-                        vals.append(x["core_gflops"] / x.get("matmul_gflops", mm))  # same rounds if timed
+                        vals.append(x["core_gflops"] / matmul_reference_gflops(r, x))
             if "shapes" in r:
                 for x in r["shapes"]["rows"]:
                     labels.append(f"K={x['K']} D={x['D']} N={x['N']} {x['mode']}")

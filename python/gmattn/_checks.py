@@ -180,6 +180,13 @@ def state_shapes(q: Any, v: Any, mu: Any) -> Tuple[tuple, tuple]:
     return (B, H, K, Dv), (B, H, K)
 
 
+def backward_reuses_state(causal: bool, save_for_backward: bool) -> bool:
+    """Whether the forward also computes the final state for the backward: bidirectional, the
+    final state is what every query read, and the core's backward takes it (S_end, z_end) instead
+    of summing the keys again. The front ends ask the forward for it then, asked for or not."""
+    return save_for_backward and not causal
+
+
 def forward_output_shapes(q: Any, v: Any, mu: Any, return_state: bool,
                           save_for_backward: bool) -> Tuple[Optional[tuple], ...]:
     """Shapes of the forward kernel's outputs (out, S_final, z_final, gq, gk, den); None for an

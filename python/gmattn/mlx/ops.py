@@ -163,13 +163,13 @@ def _build_op(mask: Optional[np.ndarray], *, has_state: bool, causal: bool, eps:
     @mx.custom_function
     def op(*primals):
         q, k, v, mu, omega, alpha, S0, z0 = host_primals(primals)
-        # Bidirectional: the final state is what every query read; the backward reuses it.
+        reuse = _checks.backward_reuses_state(causal, save)
         out, S_final, z_final, gq, gk, den = _host_forward(
-            q, k, v, mu, omega, alpha, mask, S0, z0, return_state=return_state or (save and not causal),
-            save=save, num_threads=num_threads, **options,
+            q, k, v, mu, omega, alpha, mask, S0, z0, return_state=return_state or reuse, save=save,
+            num_threads=num_threads, **options,
         )
         if save:
-            saved["forward"] = (out, gq, gk, den) + ((None, None) if causal else (S_final, z_final))
+            saved["forward"] = (out, gq, gk, den) + ((S_final, z_final) if reuse else (None, None))
         if return_state:
             return _to_mlx(out), _to_mlx(S_final), _to_mlx(z_final)
         return _to_mlx(out)
@@ -201,7 +201,8 @@ def _build_op(mask: Optional[np.ndarray], *, has_state: bool, causal: bool, eps:
             record = saved.pop("forward", None)
             if record is None:  # forward ran without saving: recompute the responsibilities
                 out, S_end, z_end, gq, gk, den = _host_forward(
-                    q, k, v, mu, omega, alpha, mask, S0, z0, return_state=not causal, save=True,
+                    q, k, v, mu, omega, alpha, mask, S0, z0,
+                    return_state=_checks.backward_reuses_state(causal, True), save=True,
                     num_threads=num_threads, **options,
                 )
             else:

@@ -153,9 +153,9 @@ def _backward_fake(dout, dS_final, dz_final, q, k, v, mu, omega, alpha, key_padd
 def _setup_context(ctx, inputs, output):
     (q, k, v, mu, omega, alpha, mask, S0, z0, causal, eps, sigma_eps, return_state, save_for_backward) = inputs
     out, S_final, z_final, gq, gk, den = output
-    # Bidirectional: the final state is what every query read; the backward reuses it (gma_attention
-    # asks for it whenever it saves for backward). Empty (not returned) otherwise.
-    S_end, z_end = (S_final, z_final) if not causal and S_final.numel() > 0 else (None, None)
+    # gma_attention asks the forward for the final state whenever the backward reuses it.
+    reuse = return_state and _checks.backward_reuses_state(causal, save_for_backward)
+    S_end, z_end = (S_final, z_final) if reuse else (None, None)
     ctx.save_for_backward(q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, S_end, z_end)
     ctx.causal, ctx.eps, ctx.sigma_eps, ctx.return_state = causal, eps, sigma_eps, return_state
     ctx.saved_responsibilities = save_for_backward
@@ -168,9 +168,10 @@ def _backward(ctx, dout, dS_final, dz_final, _dgq, _dgk, _dden):
     q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, S_end, z_end = ctx.saved_tensors
     if not ctx.saved_responsibilities:
         # The forward ran without saving (no input required grad when it was traced); recompute.
+        reuse = _checks.backward_reuses_state(ctx.causal, True)
         out, S_end, z_end, gq, gk, den = forward_op(q, k, v, mu, omega, alpha, mask, S0, z0, ctx.causal, ctx.eps,
-                                                    ctx.sigma_eps, not ctx.causal, True)
-        if ctx.causal:
+                                                    ctx.sigma_eps, reuse, True)
+        if not reuse:
             S_end = z_end = None
     if not ctx.return_state:
         dS_final = dz_final = None
@@ -218,10 +219,9 @@ def gma_attention(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, mu, omega, alpha, S0, z0)
     )
-    # Bidirectional training also asks for the final state: the backward reuses it.
     out, S_final, z_final, _, _, _ = forward_op(
         q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, bool(causal), float(eps), float(sigma_eps),
-        bool(output_final_state or (needs_grad and not causal)), bool(needs_grad),
+        bool(output_final_state or _checks.backward_reuses_state(causal, needs_grad)), bool(needs_grad),
     )
     if output_final_state:
         return out, (S_final, z_final)
