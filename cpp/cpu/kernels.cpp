@@ -758,29 +758,38 @@ void softmax_backward_rows(const Acc* gamma, Acc* dgamma, int64_t K, int64_t Kp)
   using V = VecT<Acc>;
   constexpr int W = Simd<Acc>::W;
   const int64_t nvec = Kp / W;
-  // a: the first component holding the row's largest responsibility (padding lanes are 0).
+  // a: the first component holding the row's largest responsibility (padding lanes are 0). Each
+  // lane keeps its largest value and the first component reaching it (a strict comparison); a is
+  // the smallest such component among the lanes holding the row's largest value. (No branch on
+  // where the maximum lies: its position is data, a branch on it mispredicts.)
+  using I = typename Simd<Acc>::I;
+  using Int = typename Simd<Acc>::Int;
   int64_t a[R];
   bool live[R];
   V mv[R];
+  I first[R];
+  I comp = lane_index<Acc>();
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) mv[r] = V{};
-  for (int64_t v = 0; v < nvec; ++v) {
+  for (int r = 0; r < R; ++r) {
+    mv[r] = V{};
+    first[r] = I{};
+  }
+  for (int64_t v = 0; v < nvec; ++v, comp += static_cast<Int>(W)) {
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) mv[r] = vmax<Acc>(mv[r], loadu(gamma + r * Kp + v * W));
+    for (int r = 0; r < R; ++r) {
+      const V g = loadu(gamma + r * Kp + v * W);
+      const I above = g > mv[r];
+      mv[r] = above ? g : mv[r];
+      first[r] = above ? comp : first[r];
+    }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    const Acc* g = gamma + r * Kp;
     const Acc top = hmax<Acc>(mv[r]);
     live[r] = top != Acc(0);  // masked rows are all zero; a NaN row stays live (and NaN)
-    a[r] = 0;
-    for (int64_t v = 0; v < nvec; ++v) {
-      if (!any_lane<Acc>(loadu(g + v * W) == top)) continue;
-      int64_t k = v * W;
-      while (g[k] != top) ++k;
-      a[r] = std::min(k, K - 1);
-      break;
-    }
+    // A NaN row has no lane at top: K - 1 then (any component in range will do).
+    const I at_top = mv[r] == top;
+    a[r] = std::min<int64_t>(hmin<Acc>(at_top ? first[r] : static_cast<Int>(K - 1)), K - 1);
   }
   V acc[R];
   Acc dga[R];
@@ -795,25 +804,25 @@ void softmax_backward_rows(const Acc* gamma, Acc* dgamma, int64_t K, int64_t Kp)
       acc[r] += loadu(gamma + r * Kp + v * W) * (loadu(dgamma + r * Kp + v * W) - dga[r]);  // the a term is 0
     }
   }
+  // ds_l = gamma_l ((dgamma_l - dgamma_a) - (mean - dgamma_a)); ds_a = -sum_{l != a} ds_l, summed
+  // without a's own term (it would cancel the others) and written last.
   V mean_off[R], tot[R];
+  I at_a[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     mean_off[r] = splat<Acc>(hsum<Acc>(acc[r]));  // mean - dgamma_a
     tot[r] = V{};
+    at_a[r] = I{} + static_cast<Int>(a[r]);
   }
-  for (int64_t v = 0; v < nvec; ++v) {
+  comp = lane_index<Acc>();
+  for (int64_t v = 0; v < nvec; ++v, comp += static_cast<Int>(W)) {
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       Acc* dg = dgamma + r * Kp + v * W;
-      storeu(dg, loadu(gamma + r * Kp + v * W) * ((loadu(dg) - dga[r]) - mean_off[r]));
+      const V ds = loadu(gamma + r * Kp + v * W) * ((loadu(dg) - dga[r]) - mean_off[r]);
+      storeu(dg, ds);
+      tot[r] += comp == at_a[r] ? V{} : ds;
     }
-  }
-  // ds_a = -sum_{l != a} ds_l, summed without a's own term (it would cancel the others).
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) dgamma[r * Kp + a[r]] = Acc(0);
-  for (int64_t v = 0; v < nvec; ++v) {
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) tot[r] += loadu(dgamma + r * Kp + v * W);
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {

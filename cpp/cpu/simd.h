@@ -34,6 +34,7 @@ template <>
 struct Simd<float> {
   static constexpr int W = GMATTN_VECTOR_BYTES / 4;
   typedef float V __attribute__((vector_size(GMATTN_VECTOR_BYTES)));
+  typedef int32_t Int;  // the integer of float's width, and its vector (comparison results)
   typedef int32_t I __attribute__((vector_size(GMATTN_VECTOR_BYTES)));
 };
 
@@ -41,6 +42,7 @@ template <>
 struct Simd<double> {
   static constexpr int W = GMATTN_VECTOR_BYTES / 8;
   typedef double V __attribute__((vector_size(GMATTN_VECTOR_BYTES)));
+  typedef int64_t Int;
   typedef int64_t I __attribute__((vector_size(GMATTN_VECTOR_BYTES)));
 };
 
@@ -77,6 +79,33 @@ template <class Acc, int BYTES>
 struct VecOf {
   typedef Acc V __attribute__((vector_size(BYTES)));
 };
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define GMATTN_HAS_SHUFFLEVECTOR 1
+#endif
+#endif
+#ifdef GMATTN_HAS_SHUFFLEVECTOR
+// Lanes [Off, Off + sizeof(H) / sizeof(Acc)) of v, in registers.
+template <class H, int Off, class Vec, size_t... L>
+inline H lanes_of(Vec v, std::index_sequence<L...>) {
+  return __builtin_shufflevector(v, v, (static_cast<int>(L) + Off)...);
+}
+#endif
+// The two halves of v. Without __builtin_shufflevector (GCC < 12) through memory, which the
+// compiler may turn into a store and two loads (a store-forwarding stall on the wide store).
+template <class Acc, int BYTES>
+inline void halves(typename VecOf<Acc, BYTES>::V v, typename VecOf<Acc, BYTES / 2>::V& lo,
+                   typename VecOf<Acc, BYTES / 2>::V& hi) {
+  typedef typename VecOf<Acc, BYTES / 2>::V H;
+#ifdef GMATTN_HAS_SHUFFLEVECTOR
+  constexpr int kHalf = BYTES / 2 / static_cast<int>(sizeof(Acc));
+  lo = lanes_of<H, 0>(v, std::make_index_sequence<kHalf>{});
+  hi = lanes_of<H, kHalf>(v, std::make_index_sequence<kHalf>{});
+#else
+  std::memcpy(&lo, &v, sizeof(H));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(H), sizeof(H));
+#endif
+}
 template <class Acc, int BYTES, bool kMax>
 inline Acc reduce_tree(typename VecOf<Acc, BYTES>::V v) {
   if constexpr (BYTES == static_cast<int>(sizeof(Acc))) {
@@ -84,8 +113,7 @@ inline Acc reduce_tree(typename VecOf<Acc, BYTES>::V v) {
   } else {
     typedef typename VecOf<Acc, BYTES / 2>::V H;
     H lo, hi;
-    std::memcpy(&lo, &v, sizeof(H));
-    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(H), sizeof(H));
+    halves<Acc, BYTES>(v, lo, hi);
     H m;
     if constexpr (kMax) {
       m = lo > hi ? lo : hi;
@@ -102,6 +130,21 @@ inline Acc hsum(VecT<Acc> v) {
 template <class Acc>
 inline Acc hmax(VecT<Acc> v) {
   return reduce_tree<Acc, GMATTN_VECTOR_BYTES, true>(v);
+}
+
+// The smallest lane of an integer vector of Acc's width (as the largest of its negation).
+template <class Acc>
+inline int64_t hmin(typename Simd<Acc>::I v) {
+  return -static_cast<int64_t>(reduce_tree<typename Simd<Acc>::Int, GMATTN_VECTOR_BYTES, true>(-v));
+}
+// The lane numbers 0, 1, ..., W - 1, in the integer vector of Acc's width.
+template <class Acc, size_t... L>
+inline typename Simd<Acc>::I lane_index_impl(std::index_sequence<L...>) {
+  return typename Simd<Acc>::I{static_cast<typename Simd<Acc>::Int>(L)...};
+}
+template <class Acc>
+inline typename Simd<Acc>::I lane_index() {
+  return lane_index_impl<Acc>(std::make_index_sequence<Simd<Acc>::W>{});
 }
 
 // Whether any lane of a comparison result (all-ones or zero lanes) is set: the vector folded
