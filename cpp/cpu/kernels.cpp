@@ -5,8 +5,9 @@
 // chunk is gathered (any strides, any storage dtype) into contiguous accumulator buffers whose
 // widths (K, D, Dv) are padded with zeros to whole SIMD vectors; all arithmetic runs there on
 // register-tiled products (small_gemm.h); results are scattered back. The causal state (S, z)
-// is carried across chunks; backward recomputes what it needs from the saved responsibilities
-// with one forward scan (dq) and one reverse scan (dk, dv).
+// is carried across chunks; backward recomputes what it needs from the saved responsibilities:
+// causal, with one forward scan (dq) and one reverse scan (dk, dv); bidirectional, with a pass over
+// the queries (dq, and the state gradient) and then one over the keys (dk, dv).
 //
 // Parallelism. A task is (batch, group of heads, segment of chunks). The heads of a group run in
 // lockstep, chunk by chunk, so a task reads and writes each token's rows of all its heads together
@@ -1171,8 +1172,7 @@ void backward_typed(const BackwardArgs& a) {
   const Plan pl = make_plan(s.B, s.H, s.nchunks, a.opt.num_threads);
   const int64_t G = pl.group;
   const bool causal = a.opt.causal;
-  // Bidirectional with the forward's final state: the state every query read is given, and pass 1
-  // sums only the state gradient (it reads neither Gk nor v).
+  // Bidirectional with the forward's final state: the state every query read is given, not summed.
   const bool state_given = !causal && a.S_end.present();
 
   std::vector<Head<Acc>> heads(s.H);
@@ -1186,22 +1186,22 @@ void backward_typed(const BackwardArgs& a) {
   std::vector<Acc> partial(pl.lanes * 2 * slot, Acc(0));
   auto sums_of = [&](int64_t lane) { return ParamSums<Acc>{partial.data() + lane * 2 * slot}; };
 
-  // dden of every row, from the first pass that computes it (pass 1, else the causal forward
+  // Causal: dden of every row, from the first pass that computes it (pass 1, else the forward
   // scan) to the later ones, which then do not read `out` again.
-  std::vector<Acc> dden_store(s.B * s.H * N);
+  std::vector<Acc> dden_store(causal ? s.B * s.H * N : 0);
   auto dden_of = [&](int64_t b, int64_t h, int64_t row0) { return dden_store.data() + (b * s.H + h) * N + row0; };
-  // Saved Gq, Gk, den and the chunk's v, out, dout; dnum = g / den, dden = -(g . out) / den.
-  // With `dden_stored`, dden is read from dden_store (an earlier pass computed it), else computed
-  // from `out` and stored there; without `keys`, Gk and v are not read.
-  auto load_chunk = [&](Workspace<Acc>& w, int64_t b, int64_t h, int64_t row0, int64_t n, bool dden_stored,
-                        bool keys = true) {
-    Acc* dden_row = dden_of(b, h, row0);
+  // The chunk's saved Gk and its v.
+  auto load_keys = [&](Workspace<Acc>& w, int64_t b, int64_t h, int64_t row0, int64_t n) {
+    read_saved(a.gk, b, h, row0, n, K, w.gk, Kp, C);
+    gather_rows<T>(a.v, b, h, row0, n, Dv, w.v, Dvp, C);
+  };
+  // The chunk's saved Gq, den and its dout, out: dnum = g / den, dden = -(g . out) / den. With
+  // `dden_stored`, dden is read from dden_store (an earlier pass computed it), else computed from
+  // `out` (and stored there when there is a store).
+  auto load_grads = [&](Workspace<Acc>& w, int64_t b, int64_t h, int64_t row0, int64_t n, bool dden_stored) {
+    Acc* dden_row = dden_store.empty() ? nullptr : dden_of(b, h, row0);
     read_saved(a.gq, b, h, row0, n, K, w.gq, Kp, C);
     read_den(a.den, b, h, row0, n, w.den);
-    if (keys) {
-      read_saved(a.gk, b, h, row0, n, K, w.gk, Kp, C);
-      gather_rows<T>(a.v, b, h, row0, n, Dv, w.v, Dvp, C);
-    }
     gather_rows<T>(a.dout, b, h, row0, n, Dv, w.g, Dvp, C);
     if (!dden_stored) gather_rows<T>(a.out, b, h, row0, n, Dv, w.o, Dvp, C);
     for (int64_t i = 0; i < n; ++i) {
@@ -1210,7 +1210,7 @@ void backward_typed(const BackwardArgs& a) {
       for (int64_t e = 0; e < Dvp; ++e) w.dnum[i * Dvp + e] = w.g[i * Dvp + e] * inv;
       w.dden[i] = dden_stored ? dden_row[i] : -dot(w.g + i * Dvp, w.o + i * Dvp, Dvp) * inv;
     }
-    if (!dden_stored) std::copy(w.dden, w.dden + n, dden_row);
+    if (!dden_stored && dden_row) std::copy(w.dden, w.dden + n, dden_row);
     if (n < C) std::fill(w.dnum + n * Dvp, w.dnum + C * Dvp, Acc(0));
   };
   // The state gradient: dS += Gq^T dnum, dz += Gq^T dden.
@@ -1238,109 +1238,181 @@ void backward_typed(const BackwardArgs& a) {
     density_backward(hd, s, xbuf, dgamma, n, w.dx, sums, w.psum, ahead);
     scatter_rows<T>(dx_out, b, h, row0, n, D, w.dx, Dp);
   };
-
-  const bool two_pass = !causal || pl.segs > 1;
-  // Zero from construction; each lane is summed by one task.
-  std::vector<Acc> seg(two_pass ? pl.lanes * 2 * SZ : 0), seg_d(two_pass ? pl.lanes * 2 * SZ : 0);
-  // Pass 1 (bidirectional, or causal cut into segments): each lane's sums S = Gk^T V, z and
-  // dS = Gq^T dnum, dz = Gq^T dden.
-  auto pass1 = [&](int64_t task) {
-    Workspace<Acc>& w = ws[omp_get_thread_num()];
-    for_each_chunk(pl, s, task, [&](int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
-      load_chunk(w, b, h, row0, n, false, !state_given);
-      if (!state_given) accumulate_state(s, w.gk, w.v, n, seg.data() + ln * 2 * SZ, w.delta);
-      state_grad_update(w, n, seg_d.data() + ln * 2 * SZ);
-    });
+  // dGq += dden z^T (dGq holds dnum S^T).
+  auto add_dden_z = [&](Workspace<Acc>& w, int64_t n, const Acc* z) {
+    for (int64_t i = 0; i < n; ++i) {
+      const Acc dd = w.dden[i];
+#pragma omp simd
+      for (int64_t k = 0; k < Kp; ++k) w.dgq[i * Kp + k] += dd * z[k];
+    }
+  };
+  // dGk = V dS^T + dz (dST: dS transposed), dv = Gk dS, written out.
+  auto key_grads = [&](Workspace<Acc>& w, int64_t b, int64_t h, int64_t row0, int64_t n, const Acc* dstate,
+                       const Acc* dST) {
+    gemm(n, Kp / W, Dvp, w.v, Dvp, 1, dST, Kp, w.dgk, Kp, false);
+    const Acc* dz = dstate + SS;
+    for (int64_t i = 0; i < n; ++i) {
+#pragma omp simd
+      for (int64_t k = 0; k < Kp; ++k) w.dgk[i * Kp + k] += dz[k];
+    }
+    gemm(n, Dvp / W, K, w.gk, Kp, 1, dstate, Dvp, w.num, Dvp, false);
   };
 
-  // Per lane: the state before its first chunk (S, z) and the state gradient after its last
-  // chunk (dS, dz). Bidirectional: the totals, for every lane.
-  std::vector<Acc> start(pl.lanes * SZ), end_d(pl.lanes * SZ);
-  auto starts = [&](int64_t b, int64_t h) {
-    std::vector<Acc> run(SZ), run_d(SZ);
-    read_state(a.S0, a.z0, b, h, K, Dv, Kp, Dvp, run.data(), run.data() + SS);
-    read_state(a.dS_final, a.dz_final, b, h, K, Dv, Kp, Dvp, run_d.data(), run_d.data() + SS);
-    auto add_segment = [&](std::vector<Acc>& to, const std::vector<Acc>& sums, int64_t ln) {
-      for (int64_t i = 0; i < SZ; ++i) to[i] += sums[ln * 2 * SZ + i];
-    };
-    if (state_given) read_state(a.S_end, a.z_end, b, h, K, Dv, Kp, Dvp, run.data(), run.data() + SS);
-    if (!causal) {
-      for (int64_t sg = 0; sg < pl.segs; ++sg) {
-        if (!state_given) add_segment(run, seg, pl.lane(b, h, sg));
-        add_segment(run_d, seg_d, pl.lane(b, h, sg));
+  if (!causal) {
+    // Bidirectional. Every query read the same state (S, z) = S0 + sum_j Gk[j]^T (v[j], 1), and
+    // every key's gradient uses the same (dS, dz) = (dS, dz)_final + sum_i Gq[i]^T (dnum[i], dden[i]).
+    // Pass 1, the query path: dGq = dnum S^T + dden z^T -> dq, and the sums of (dS, dz); pass 2,
+    // the key path: dGk = V dS^T + dz, dv = Gk dS -> dk. (S, z) is the forward's final state when
+    // given, else the keys are summed in a pass of their own first. Each input is read once, except
+    // Gk and v without the final state.
+    std::vector<Acc> state(s.B * s.H * SZ), dstate(s.B * s.H * SZ);  // per pair (b, h)
+    auto pair_state = [&](std::vector<Acc>& x, int64_t b, int64_t h) { return x.data() + (b * s.H + h) * SZ; };
+    std::vector<Acc> seg(state_given ? 0 : pl.lanes * 2 * SZ), seg_d(pl.lanes * 2 * SZ);
+    // (S, z), or (dS, dz), of pair (b, h): `from` (absent: zero) plus the sums of its lanes (if any).
+    auto total = [&](std::vector<Acc>& to, const View& S_from, const View& z_from, const std::vector<Acc>& sums,
+                     int64_t b, int64_t h) {
+      Acc* t = pair_state(to, b, h);
+      read_state(S_from, z_from, b, h, K, Dv, Kp, Dvp, t, t + SS);
+      for (int64_t sg = 0; sg < pl.segs && !sums.empty(); ++sg) {
+        const Acc* add = sums.data() + pl.lane(b, h, sg) * 2 * SZ;
+        for (int64_t i = 0; i < SZ; ++i) t[i] += add[i];
       }
-      // Every query read S0: dS0 = dS_final + sum_i Gq^T dnum.
-      write_state(a.dS0, a.dz0, b, h, K, Dv, Dvp, run_d.data(), run_d.data() + SS);
+    };
+    if (state_given) {
+      for (int64_t b = 0; b < s.B; ++b) {
+        for (int64_t h = 0; h < s.H; ++h) total(state, a.S_end, a.z_end, seg, b, h);
+      }
+    } else {
+      auto sum_keys = [&](int64_t task) {
+        Workspace<Acc>& w = ws[omp_get_thread_num()];
+        for_each_chunk(pl, s, task, [&](int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
+          load_keys(w, b, h, row0, n);
+          accumulate_state(s, w.gk, w.v, n, seg.data() + ln * 2 * SZ, w.delta);
+        });
+      };
+      auto key_totals = [&](int64_t b, int64_t h) { total(state, a.S0, a.z0, seg, b, h); };
+      auto nothing = [](int64_t) {};
+      run_passes(pl, true, sum_keys, key_totals, nothing);
     }
-    for (int64_t sg = 0; sg < pl.segs; ++sg) {
-      const int64_t ln = pl.lane(b, h, sg);
-      std::copy(run.begin(), run.end(), start.begin() + ln * SZ);
-      if (causal && two_pass) add_segment(run, seg, ln);
-    }
-    for (int64_t sg = pl.segs - 1; sg >= 0; --sg) {
-      const int64_t ln = pl.lane(b, h, sg);
-      std::copy(run_d.begin(), run_d.end(), end_d.begin() + ln * SZ);
-      if (causal && two_pass) add_segment(run_d, seg_d, ln);
-    }
-    if (causal && two_pass) write_state(a.dS0, a.dz0, b, h, K, Dv, Dvp, run_d.data(), run_d.data() + SS);
-  };
+    // Each task's heads' states, transposed, in the workspace (lST: S^T; ldST: dS^T).
+    auto transposed = [&](Workspace<Acc>& w, std::vector<Acc>& x, std::vector<Acc>& xT, int64_t task) {
+      int64_t b, h0, sg;
+      pl.task(task, b, h0, sg);
+      for (int64_t l = 0; l < G; ++l) transpose(Kp, Dvp, pair_state(x, b, h0 + l), Dvp, xT.data() + l * SS, Kp);
+      return h0;
+    };
+    auto query_pass = [&](int64_t task) {
+      Workspace<Acc>& w = ws[omp_get_thread_num()];
+      const int64_t h0 = transposed(w, state, w.lST, task);
+      for_each_chunk(pl, s, task, [&](int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
+        load_grads(w, b, h, row0, n, false);
+        state_grad_update(w, n, seg_d.data() + ln * 2 * SZ);
+        gemm(n, Kp / W, Dvp, w.dnum, Dvp, 1, w.lST.data() + (h - h0) * SS, Kp, w.dgq, Kp, false);  // dnum S^T
+        add_dden_z(w, n, pair_state(state, b, h) + SS);
+        finish(w, heads[h], a.q, a.dq, w.gq, w.dgq, w.xq, b, h, row0, n, sums_of(ln),
+               Ahead::of<T>({{&a.dout, Dv}, {&a.out, Dv}, {&a.q, D}}, b, h, row0 + C, N, C));
+      });
+    };
+    auto grad_totals = [&](int64_t b, int64_t h) {
+      total(dstate, a.dS_final, a.dz_final, seg_d, b, h);
+      const Acc* t = pair_state(dstate, b, h);
+      write_state(a.dS0, a.dz0, b, h, K, Dv, Dvp, t, t + SS);  // every query read S0
+    };
+    auto key_pass = [&](int64_t task) {
+      Workspace<Acc>& w = ws[omp_get_thread_num()];
+      const int64_t h0 = transposed(w, dstate, w.ldST, task);
+      for_each_chunk(pl, s, task, [&](int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
+        load_keys(w, b, h, row0, n);
+        key_grads(w, b, h, row0, n, pair_state(dstate, b, h), w.ldST.data() + (h - h0) * SS);
+        scatter_rows<T>(a.dv, b, h, row0, n, Dv, w.num, Dvp);
+        finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, sums_of(ln),
+               Ahead::of<T>({{&a.v, Dv}, {&a.k, D}}, b, h, row0 + C, N, C));  // masked rows: gk = 0, ds = 0
+      });
+    };
+    run_passes(pl, true, query_pass, grad_totals, key_pass);
+  } else {
+    const bool two_pass = pl.segs > 1;
+    // Zero from construction; each lane is summed by one task.
+    std::vector<Acc> seg(two_pass ? pl.lanes * 2 * SZ : 0), seg_d(two_pass ? pl.lanes * 2 * SZ : 0);
+    // Pass 1 (cut into segments): each lane's sums S = Gk^T V, z and dS = Gq^T dnum, dz = Gq^T dden.
+    auto pass1 = [&](int64_t task) {
+      Workspace<Acc>& w = ws[omp_get_thread_num()];
+      for_each_chunk(pl, s, task, [&](int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
+        load_keys(w, b, h, row0, n);
+        load_grads(w, b, h, row0, n, false);
+        accumulate_state(s, w.gk, w.v, n, seg.data() + ln * 2 * SZ, w.delta);
+        state_grad_update(w, n, seg_d.data() + ln * 2 * SZ);
+      });
+    };
 
-  // Pass 2: the gradients, chunk by chunk.
-  auto pass2 = [&](int64_t task) {
-    int64_t b, h0, sg;
-    pl.task(task, b, h0, sg);
-    Workspace<Acc>& w = ws[omp_get_thread_num()];
-    for (int64_t l = 0; l < G; ++l) {
-      const int64_t ln = pl.lane(b, h0 + l, sg);
-      set_state(s, start.data() + ln * SZ, w.lstate.data() + l * 2 * SZ);
-      set_state(s, end_d.data() + ln * SZ, w.ldstate.data() + l * 2 * SZ);
-    }
-    if (causal) {
-      // Forward scan: prefix state before each chunk -> dGq -> dq.
+    // Per lane: the state before its first chunk (S, z) and the state gradient after its last
+    // chunk (dS, dz).
+    std::vector<Acc> start(pl.lanes * SZ), end_d(pl.lanes * SZ);
+    auto starts = [&](int64_t b, int64_t h) {
+      std::vector<Acc> run(SZ), run_d(SZ);
+      read_state(a.S0, a.z0, b, h, K, Dv, Kp, Dvp, run.data(), run.data() + SS);
+      read_state(a.dS_final, a.dz_final, b, h, K, Dv, Kp, Dvp, run_d.data(), run_d.data() + SS);
+      auto add_segment = [&](std::vector<Acc>& to, const std::vector<Acc>& sums, int64_t ln) {
+        for (int64_t i = 0; i < SZ; ++i) to[i] += sums[ln * 2 * SZ + i];
+      };
+      for (int64_t sg = 0; sg < pl.segs; ++sg) {
+        const int64_t ln = pl.lane(b, h, sg);
+        std::copy(run.begin(), run.end(), start.begin() + ln * SZ);
+        if (two_pass) add_segment(run, seg, ln);
+      }
+      for (int64_t sg = pl.segs - 1; sg >= 0; --sg) {
+        const int64_t ln = pl.lane(b, h, sg);
+        std::copy(run_d.begin(), run_d.end(), end_d.begin() + ln * SZ);
+        if (two_pass) add_segment(run_d, seg_d, ln);
+      }
+      if (two_pass) write_state(a.dS0, a.dz0, b, h, K, Dv, Dvp, run_d.data(), run_d.data() + SS);
+    };
+
+    // Pass 2: a forward scan (prefix state before each chunk -> dGq -> dq), then a reverse scan
+    // (suffix gradient state after each chunk -> dGk, dv -> dk).
+    auto pass2 = [&](int64_t task) {
+      int64_t b, h0, sg;
+      pl.task(task, b, h0, sg);
+      Workspace<Acc>& w = ws[omp_get_thread_num()];
+      for (int64_t l = 0; l < G; ++l) {
+        const int64_t ln = pl.lane(b, h0 + l, sg);
+        set_state(s, start.data() + ln * SZ, w.lstate.data() + l * 2 * SZ);
+        set_state(s, end_d.data() + ln * SZ, w.ldstate.data() + l * 2 * SZ);
+      }
       for (int64_t c = pl.first(sg); c < pl.last(sg); ++c) {
         const int64_t row0 = c * C, n = std::min(C, N - row0);
         for (int64_t l = 0; l < G; ++l) {
           const int64_t h = h0 + l;
           Acc* S = w.lstate.data() + l * 2 * SZ;
-          const Acc* z = S + SS;
-          load_chunk(w, b, h, row0, n, two_pass);  // pass 1 computed dden
+          load_keys(w, b, h, row0, n);
+          load_grads(w, b, h, row0, n, two_pass);  // pass 1 computed dden
           affinity_grad(w, n);
           gemm(n, Kp / W, n, w.Bm, C, 1, w.gk, Kp, w.dgq, Kp, false, Tri::kDepthLower);  // Bm Gk
           transpose(Kp, Dvp, S, Dvp, w.ST, Kp);
           gemm(n, Kp / W, Dvp, w.dnum, Dvp, 1, w.ST, Kp, w.dgq, Kp, true);  // dnum S^T
-          for (int64_t i = 0; i < n; ++i) {
-            const Acc dd = w.dden[i];
-#pragma omp simd
-            for (int64_t k = 0; k < Kp; ++k) w.dgq[i * Kp + k] += dd * z[k];
-          }
+          add_dden_z(w, n, S + SS);
           finish(w, heads[h], a.q, a.dq, w.gq, w.dgq, w.xq, b, h, row0, n, sums_of(pl.lane(b, h, sg)),
                  Ahead::of<T>({{&a.v, Dv}, {&a.dout, Dv}, {&a.q, D}, {&a.out, two_pass ? 0 : Dv}}, b, h, row0 + C,
                               N, C));
           accumulate_state(s, w.gk, w.v, n, S, w.delta);
         }
       }
-      // Reverse scan: suffix gradient state after each chunk -> dGk, dv -> dk.
       for (int64_t c = pl.last(sg) - 1; c >= pl.first(sg); --c) {
         const int64_t row0 = c * C, n = std::min(C, N - row0);
         const int64_t ncv = round_up(n, W) / W;
         for (int64_t l = 0; l < G; ++l) {
           const int64_t h = h0 + l;
           Acc* dS = w.ldstate.data() + l * 2 * SZ;
-          const Acc* dz = dS + SS;
-          load_chunk(w, b, h, row0, n, true);
+          load_keys(w, b, h, row0, n);
+          load_grads(w, b, h, row0, n, true);
           affinity_grad(w, n);
           transpose(Kp, Dvp, dS, Dvp, w.dST, Kp);
-          gemm(n, Kp / W, Dvp, w.v, Dvp, 1, w.dST, Kp, w.dgk, Kp, false);  // V dS^T
-          for (int64_t i = 0; i < n; ++i) {
-#pragma omp simd
-            for (int64_t k = 0; k < Kp; ++k) w.dgk[i * Kp + k] += dz[k];
-          }
-          gemm(n, Kp / W, n, w.Bm, 1, C, w.gq, Kp, w.dgk, Kp, true, Tri::kDepthUpper);  // Bm^T Gq
+          key_grads(w, b, h, row0, n, dS, w.dST);
+          gemm(n, Kp / W, n, w.Bm, 1, C, w.gq, Kp, w.dgk, Kp, true, Tri::kDepthUpper);  // + Bm^T Gq
           transpose(C, Kp, w.gk, Kp, w.gkT, C);
           gemm(n, ncv, Kp, w.gq, Kp, 1, w.gkT, C, w.A, C, false, Tri::kOutLower);  // A = tril(Gq Gk^T)
           keep_lower(w.A, n, C);
-          gemm(n, Dvp / W, K, w.gk, Kp, 1, dS, Dvp, w.num, Dvp, false);                     // dv = Gk dS
-          gemm(n, Dvp / W, n, w.A, 1, C, w.dnum, Dvp, w.num, Dvp, true, Tri::kDepthUpper);  // + A^T dnum
+          gemm(n, Dvp / W, n, w.A, 1, C, w.dnum, Dvp, w.num, Dvp, true, Tri::kDepthUpper);  // dv += A^T dnum
           scatter_rows<T>(a.dv, b, h, row0, n, Dv, w.num, Dvp);
           // masked rows: gk = 0, hence ds = 0
           finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, sums_of(pl.lane(b, h, sg)),
@@ -1354,42 +1426,9 @@ void backward_typed(const BackwardArgs& a) {
           write_state(a.dS0, a.dz0, b, h0 + l, K, Dv, Dvp, dS, dS + SS);
         }
       }
-    } else {
-      for (int64_t l = 0; l < G; ++l) {
-        transpose(Kp, Dvp, w.lstate.data() + l * 2 * SZ, Dvp, w.lST.data() + l * SS, Kp);
-        transpose(Kp, Dvp, w.ldstate.data() + l * 2 * SZ, Dvp, w.ldST.data() + l * SS, Kp);
-      }
-      for (int64_t c = pl.first(sg); c < pl.last(sg); ++c) {
-        const int64_t row0 = c * C, n = std::min(C, N - row0);
-        for (int64_t l = 0; l < G; ++l) {
-          const int64_t h = h0 + l;
-          const ParamSums<Acc> sums = sums_of(pl.lane(b, h, sg));
-          const Acc* z = w.lstate.data() + l * 2 * SZ + SS;
-          const Acc* dz = w.ldstate.data() + l * 2 * SZ + SS;
-          load_chunk(w, b, h, row0, n, true);
-          gemm(n, Kp / W, Dvp, w.dnum, Dvp, 1, w.lST.data() + l * SS, Kp, w.dgq, Kp, false);  // dnum S^T
-          for (int64_t i = 0; i < n; ++i) {
-            const Acc dd = w.dden[i];
-#pragma omp simd
-            for (int64_t k = 0; k < Kp; ++k) w.dgq[i * Kp + k] += dd * z[k];  // + dden z^T
-          }
-          finish(w, heads[h], a.q, a.dq, w.gq, w.dgq, w.xq, b, h, row0, n, sums,
-                 Ahead::of<T>({{&a.v, Dv}, {&a.dout, Dv}}, b, h, row0 + C, N, C));
-          gemm(n, Kp / W, Dvp, w.v, Dvp, 1, w.ldST.data() + l * SS, Kp, w.dgk, Kp, false);  // dGk = V dS^T
-          for (int64_t i = 0; i < n; ++i) {
-#pragma omp simd
-            for (int64_t k = 0; k < Kp; ++k) w.dgk[i * Kp + k] += dz[k];  // + dz
-          }
-          gemm(n, Dvp / W, K, w.gk, Kp, 1, w.ldstate.data() + l * 2 * SZ, Dvp, w.num, Dvp, false);  // dv = Gk dS
-          scatter_rows<T>(a.dv, b, h, row0, n, Dv, w.num, Dvp);
-          finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, sums,
-                 Ahead::of<T>({{&a.q, D}, {&a.k, D}}, b, h, row0 + C, N, C));
-        }
-      }
-    }
-  };
-
-  run_passes(pl, two_pass, pass1, starts, pass2);
+    };
+    run_passes(pl, two_pass, pass1, starts, pass2);
+  }
 
   // Parameter gradients: sum the lane slots of each head in a fixed order.
   std::vector<Acc> total(slot);
