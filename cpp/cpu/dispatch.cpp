@@ -2,14 +2,19 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <new>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
 #include "gmattn/gmattn.h"
+#include "memory.h"
 
 namespace gmattn {
 namespace cpu {
@@ -85,40 +90,127 @@ inline size_t dtype_bytes(DType t) {
   return t == DType::kFloat64 ? 8 : (t == DType::kFloat32 ? 4 : 2);
 }
 
+// A switch that is on unless the environment variable is "0".
+bool switched_on(const char* name) {
+  const char* env = std::getenv(name);
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}
+
 bool huge_pages_enabled() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("GMATTN_HUGEPAGES");
-    return env == nullptr || std::strcmp(env, "0") != 0;
-  }();
+  static const bool enabled = switched_on("GMATTN_HUGEPAGES");
   return enabled;
 }
 
-// Large outputs are usually fresh memory: glibc maps big blocks anew on every allocation, and the
-// first write to each 4 KiB page then costs a page fault (about a quarter of the time of writing
-// a 32 MiB output on our test machine). Asking for transparent huge pages on the 2 MiB-aligned
-// interior of an output makes that one fault per 2 MiB. A hint only: nothing changes where THP is
-// off, memory already touched keeps its pages, and other systems skip it. GMATTN_HUGEPAGES=0
-// turns it off.
+constexpr size_t kHugePage = size_t(1) << 21;
+
+// An output: huge pages for the extent reachable from its data pointer (memory.h).
 void advise_huge_pages(const View& v, DType dtype) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  if (!v.present() || !huge_pages_enabled()) return;
+  if (!v.present()) return;
   uintptr_t extent = 1;  // elements reachable from data, for non-negative strides
   for (int i = 0; i < 4; ++i) {
     if (v.stride[i] < 0) return;
     if (v.shape[i] > 1) extent += static_cast<uintptr_t>(v.shape[i] - 1) * static_cast<uintptr_t>(v.stride[i]);
   }
-  const uintptr_t lo = reinterpret_cast<uintptr_t>(v.data);
-  const uintptr_t hi = lo + extent * dtype_bytes(dtype);
-  const uintptr_t a0 = (lo + kHuge - 1) & ~(kHuge - 1), a1 = hi & ~(kHuge - 1);
-  if (a1 > a0) madvise(reinterpret_cast<void*>(a0), a1 - a0, MADV_HUGEPAGE);  // failure is harmless
-#else
-  (void)v;
-  (void)dtype;
-#endif
+  cpu::advise_huge_pages(v.data, extent * dtype_bytes(dtype));
 }
 
 }  // namespace
+
+void advise_huge_pages(const void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (!huge_pages_enabled()) return;
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(data), hi = lo + bytes;
+  const uintptr_t a0 = (lo + kHugePage - 1) & ~(kHugePage - 1), a1 = hi & ~(kHugePage - 1);
+  if (a1 > a0) madvise(reinterpret_cast<void*>(a0), a1 - a0, MADV_HUGEPAGE);  // failure is harmless
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
+namespace {
+
+// Free scratch blocks kept for reuse, most recently released last.
+struct ScratchCache {
+  struct Block {
+    void* p;
+    size_t bytes;
+  };
+  std::mutex mu;
+  std::vector<Block> free_blocks;
+  std::unordered_map<void*, size_t> sizes;  // every block handed out, by address
+  size_t cached = 0;                        // bytes in free_blocks
+};
+constexpr size_t kScratchCacheBytes = size_t(256) << 20;  // 256 MiB
+
+ScratchCache& scratch_cache() {
+  static ScratchCache* cache = new ScratchCache;  // never destroyed: no order-of-exit issues
+  return *cache;
+}
+
+bool scratch_cache_enabled() {
+  static const bool enabled = switched_on("GMATTN_SCRATCH_CACHE");
+  return enabled;
+}
+
+}  // namespace
+
+void* acquire_scratch(size_t bytes) {
+  ScratchCache& c = scratch_cache();
+  {
+    // The smallest cached block that fits and is at most twice the request (a much larger block
+    // would be held by a small call).
+    std::lock_guard<std::mutex> lock(c.mu);
+    size_t best = c.free_blocks.size();
+    for (size_t i = 0; i < c.free_blocks.size(); ++i) {
+      const size_t have = c.free_blocks[i].bytes;
+      if (have >= bytes && have / 2 <= bytes && (best == c.free_blocks.size() || have < c.free_blocks[best].bytes)) {
+        best = i;
+      }
+    }
+    if (best < c.free_blocks.size()) {
+      void* p = c.free_blocks[best].p;
+      c.cached -= c.free_blocks[best].bytes;
+      c.free_blocks.erase(c.free_blocks.begin() + static_cast<std::ptrdiff_t>(best));
+      return p;
+    }
+  }
+  // Blocks of at least a huge page start on one and are whole pages long (aligned_alloc wants a
+  // multiple of the alignment); smaller ones are ordinary, cache-line aligned.
+  const size_t align = bytes >= kHugePage ? kHugePage : 64;
+  const size_t size = (bytes + align - 1) / align * align;
+  void* p = std::aligned_alloc(align, size);
+  if (p == nullptr) throw std::bad_alloc();
+  if (align == kHugePage) advise_huge_pages(p, size);
+  std::lock_guard<std::mutex> lock(c.mu);
+  c.sizes[p] = size;
+  return p;
+}
+
+void release_scratch(void* p) {
+  ScratchCache& c = scratch_cache();
+  std::vector<void*> to_free;
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    const size_t size = c.sizes.at(p);
+    if (!scratch_cache_enabled() || size > kScratchCacheBytes) {
+      c.sizes.erase(p);
+      to_free.push_back(p);
+    } else {
+      c.free_blocks.push_back({p, size});
+      c.cached += size;
+      // Over the budget: the least recently released blocks go back to the system.
+      while (c.cached > kScratchCacheBytes) {
+        const ScratchCache::Block old = c.free_blocks.front();
+        c.free_blocks.erase(c.free_blocks.begin());
+        c.cached -= old.bytes;
+        c.sizes.erase(old.p);
+        to_free.push_back(old.p);
+      }
+    }
+  }
+  for (void* q : to_free) std::free(q);
+}
 
 const char* isa() { return isa_name(selected()); }
 

@@ -50,6 +50,7 @@
 #include <vector>
 
 #include "gmattn/gmattn.h"
+#include "memory.h"
 #include "numeric.h"
 #include "simd.h"
 #include "small_gemm.h"
@@ -1025,14 +1026,12 @@ void forward_typed(const ForwardArgs& a) {
   // Left uninitialised (every row is written in pass 1 before pass 2 reads it): zero-filling
   // B*H*N*Kp values would be a serial memset before the parallel passes.
   const bool segmented = causal && pl.segs > 1;
-  const int64_t gk_store_size = segmented && !save ? s.B * s.H * N * Kp : 0;
-  std::unique_ptr<Acc[]> gk_store(gk_store_size > 0 ? new Acc[gk_store_size] : nullptr);
+  const Scratch<Acc> gk_store = make_scratch<Acc>(segmented && !save ? s.B * s.H * N * Kp : 0);
   // Causal, cut into segments: the state of each chunk's segment before the chunk, stored by
   // pass 1 (which sums it anyway), so pass 2 reads S = (segment start) + (prefix) instead of
   // summing the keys again (the extra work would eat much of the second thread's gain).
   // Uninitialised: pass 1 writes every chunk's prefix before pass 2 reads it.
-  const int64_t prefix_size = segmented ? s.B * s.H * s.nchunks * SZ : 0;
-  std::unique_ptr<Acc[]> prefix(prefix_size > 0 ? new Acc[prefix_size] : nullptr);
+  const Scratch<Acc> prefix = make_scratch<Acc>(segmented ? s.B * s.H * s.nchunks * SZ : 0);
   auto prefix_of = [&](int64_t b, int64_t h, int64_t row0) {
     return prefix.get() + ((b * s.H + h) * s.nchunks + row0 / C) * SZ;
   };
