@@ -117,7 +117,7 @@ def test_reused_scratch_changes_nothing():
     """The CPU core keeps its large scratch (the segmented causal scan's key responsibilities and
     chunk states) for reuse across calls: a call served a block that an earlier call of another
     problem left full of its data gives bit-identical results, and so does the core with the cache
-    off (GMATTN_SCRATCH_CACHE=0)."""
+    off (GMATTN_BUFFER_CACHE_MIB=0)."""
     from gmattn.numpy_ops import gma_attention as gma_numpy
 
     def run(N, seed):
@@ -142,7 +142,7 @@ def test_reused_scratch_changes_nothing():
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "out.npy")
-        env = dict(os.environ, GMATTN_SCRATCH_CACHE="0")
+        env = dict(os.environ, GMATTN_BUFFER_CACHE_MIB="0")
         res = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__), path], env=env,
                              capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
@@ -188,6 +188,59 @@ def test_concurrent_calls_share_scratch_safely():
         for g in got:
             for a, b in zip(g, want):
                 np.testing.assert_array_equal(a, b)
+
+
+def test_large_torch_outputs_reuse_released_blocks():
+    """CPU outputs of 1 MiB and more come from the core's buffer cache: a step's outputs reuse the
+    blocks the previous step released, stay valid while referenced, accumulate into .grad over two
+    backward passes like any tensor, and equal the results with the cache off."""
+    p = make_problem(1, 4096, 4, 8, 16, 16, dtype=torch.float32, seed=3)  # q, out, dq: 1 MiB each
+    xs = p.tensors()
+
+    def step():
+        out = gmattn.gma_attention(p.q, p.k, p.v, p.mu, p.omega, p.alpha, causal=True)
+        grads = torch.autograd.grad(out.square().sum(), xs)
+        return out, grads
+
+    out1, grads1 = step()
+    kept = out1.clone()
+    ptrs = {out1.data_ptr(), grads1[0].data_ptr()}
+    del out1, grads1  # their blocks go back to the cache ...
+    out2, grads2 = step()
+    assert {out2.data_ptr(), grads2[0].data_ptr()} & ptrs  # ... and serve the next step
+    assert torch.equal(out2, kept)
+
+    leaves = [x.detach().clone().requires_grad_() for x in xs]
+    for _ in range(2):  # .grad accumulates in place into a cached block
+        out = gmattn.gma_attention(*leaves, causal=True)
+        out.square().sum().backward()
+    for leaf, g in zip(leaves, grads2):
+        torch.testing.assert_close(leaf.grad, 2 * g, rtol=1e-5, atol=1e-5)
+
+    script = (
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); import gmattn; from conftest import make_problem;"
+        "p = make_problem(1, 4096, 4, 8, 16, 16, dtype=torch.float32, seed=3);"
+        "out = gmattn.gma_attention(p.q, p.k, p.v, p.mu, p.omega, p.alpha, causal=True);"
+        "g = torch.autograd.grad(out.square().sum(), p.tensors());"
+        "torch.save([out, *g], sys.argv[2])"
+    )
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "res.pt")
+        env = dict(os.environ, GMATTN_BUFFER_CACHE_MIB="0")
+        res = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__), path], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        for a, b in zip(torch.load(path), [out2, *grads2]):
+            assert torch.equal(a, b)
+
+
+def test_buffer_cache_setting_is_checked():
+    env = dict(os.environ, GMATTN_BUFFER_CACHE_MIB="lots")
+    script = "import gmattn._ext as e; e.core().cpu_buffer(1 << 20)"
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "GMATTN_BUFFER_CACHE_MIB" in res.stderr
 
 
 def test_nan_reaches_only_the_outputs_it_feeds():

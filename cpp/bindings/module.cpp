@@ -477,6 +477,19 @@ void backward(py::handle q, py::handle k, py::handle v, py::handle mu, py::handl
 #endif
 }
 
+#ifndef GMATTN_BACKEND_CUDA
+// A block of the CPU core's buffer cache as a writable Python buffer (torch.frombuffer,
+// np.frombuffer); the block goes back to the cache when the last view of it is gone.
+struct CpuBuffer {
+  void* data;
+  size_t bytes;
+  explicit CpuBuffer(size_t n) : data(gmattn::cpu::acquire_scratch(n)), bytes(n) {}
+  CpuBuffer(const CpuBuffer&) = delete;
+  CpuBuffer& operator=(const CpuBuffer&) = delete;
+  ~CpuBuffer() { gmattn::cpu::release_scratch(data); }
+};
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(GMATTN_MODULE_NAME, m) {
@@ -509,4 +522,16 @@ PYBIND11_MODULE(GMATTN_MODULE_NAME, m) {
         py::arg("z_end") = py::none(),
         "Backward pass: writes dq, dk, dv, dmu, domega, dalpha (and dS0, dz0 when given) in place. "
         "S_end, z_end (bidirectional, optional): the forward's final state, which spares re-summing it.");
+#ifndef GMATTN_BACKEND_CUDA
+  py::class_<CpuBuffer>(m, "CpuBuffer", py::buffer_protocol(),
+                        "Uninitialised memory from the CPU core's buffer cache (a writable byte buffer).")
+      .def_buffer([](CpuBuffer& b) {
+        return py::buffer_info(b.data, 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(b.bytes)}, {static_cast<py::ssize_t>(1)}, false);
+      });
+  m.def(
+      "cpu_buffer", [](size_t bytes) { return std::make_unique<CpuBuffer>(bytes); }, py::arg("bytes"),
+      "`bytes` of uninitialised memory from the CPU core's buffer cache, returned to it when the last "
+      "view is gone (GMATTN_BUFFER_CACHE_MIB: the cache's budget, 512 by default, 0 turns it off).");
+#endif
 }

@@ -141,23 +141,35 @@ struct ScratchCache {
   std::unordered_map<void*, size_t> sizes;  // every block handed out, by address
   size_t cached = 0;                        // bytes in free_blocks
 };
-constexpr size_t kScratchCacheBytes = size_t(256) << 20;  // 256 MiB
 
 ScratchCache& scratch_cache() {
   static ScratchCache* cache = new ScratchCache;  // never destroyed: no order-of-exit issues
   return *cache;
 }
 
-bool scratch_cache_enabled() {
-  static const bool enabled = switched_on("GMATTN_SCRATCH_CACHE");
-  return enabled;
+// The cache's budget: GMATTN_BUFFER_CACHE_MIB (0 turns the cache off), 512 MiB by default.
+size_t scratch_cache_bytes() {
+  static const size_t bytes = [] {
+    const char* env = std::getenv("GMATTN_BUFFER_CACHE_MIB");
+    size_t mib = 512;
+    if (env != nullptr && *env != '\0') {
+      char* end = nullptr;
+      const unsigned long long v = std::strtoull(env, &end, 10);
+      if (end == env || *end != '\0' || v > (size_t(1) << 40)) {
+        throw std::invalid_argument(std::string("GMATTN_BUFFER_CACHE_MIB must be a number of MiB, got '") + env + "'");
+      }
+      mib = static_cast<size_t>(v);
+    }
+    return mib << 20;
+  }();
+  return bytes;
 }
 
 }  // namespace
 
 void* acquire_scratch(size_t bytes) {
   ScratchCache& c = scratch_cache();
-  {
+  if (scratch_cache_bytes() > 0) {  // (reads the budget here, where a bad setting can throw)
     // The smallest cached block that fits and is at most twice the request (a much larger block
     // would be held by a small call).
     std::lock_guard<std::mutex> lock(c.mu);
@@ -193,14 +205,15 @@ void release_scratch(void* p) {
   {
     std::lock_guard<std::mutex> lock(c.mu);
     const size_t size = c.sizes.at(p);
-    if (!scratch_cache_enabled() || size > kScratchCacheBytes) {
+    const size_t budget = scratch_cache_bytes();
+    if (size > budget) {
       c.sizes.erase(p);
       to_free.push_back(p);
     } else {
       c.free_blocks.push_back({p, size});
       c.cached += size;
       // Over the budget: the least recently released blocks go back to the system.
-      while (c.cached > kScratchCacheBytes) {
+      while (c.cached > budget) {
         const ScratchCache::Block old = c.free_blocks.front();
         c.free_blocks.erase(c.free_blocks.begin());
         c.cached -= old.bytes;

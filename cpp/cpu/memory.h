@@ -7,8 +7,9 @@
 // Two remedies. Outputs: transparent huge pages are requested on the 2 MiB-aligned interior of
 // each, one fault per 2 MiB where THP is available (a hint only: nothing changes where THP is off,
 // as on our test VM; memory already touched keeps its pages; GMATTN_HUGEPAGES=0 turns it off).
-// Scratch: kept for reuse across calls (a few blocks, at most kScratchCacheBytes in all), so a
-// repeated call of the same shape faults nothing; GMATTN_SCRATCH_CACHE=0 turns the cache off.
+// Blocks: acquire_scratch/release_scratch (gmattn.h) keep released blocks for reuse, so a
+// repeated call of the same shape faults nothing; the kernels' scratch and the torch front end's
+// large CPU outputs come from there.
 #pragma once
 
 #ifndef GMATTN_ISA
@@ -18,17 +19,13 @@
 #include <cstddef>
 #include <memory>
 
+#include "gmattn/gmattn.h"
+
 namespace gmattn {
 namespace cpu {
 
 // Advises huge pages for the whole 2 MiB pages inside [data, data + bytes).
 void advise_huge_pages(const void* data, size_t bytes);
-
-// Uninitialised memory for at least `bytes`, from the scratch cache when it holds a block that
-// fits, else new (2 MiB aligned and advised when it spans a huge page). Throws std::bad_alloc.
-void* acquire_scratch(size_t bytes);
-// Hands a block from acquire_scratch back (to the cache, or to the system).
-void release_scratch(void* p);
 
 }  // namespace cpu
 

@@ -8,6 +8,7 @@ and passes torch.library.opcheck. CPU tensors go to `gmattn._core`, CUDA tensors
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -23,7 +24,18 @@ _ACC = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float
 _NOT_REQUESTED = (0,)
 
 
+# CPU outputs from this size up come from the core's buffer cache (gmattn.h acquire_scratch): a
+# block released by an earlier step is reused instead of fresh memory, whose first write would
+# page-fault every 4 KiB (glibc maps blocks over 32 MiB anew on every allocation). Smaller ones
+# are cheap to allocate either way.
+_CACHED_OUTPUT_BYTES = 1 << 20
+
+
 def _empty(shape, like: Tensor, dtype: torch.dtype) -> Tensor:
+    numel = math.prod(shape)
+    if like.device.type == "cpu" and not _config.poison_outputs and numel * dtype.itemsize >= _CACHED_OUTPUT_BYTES:
+        block = _ext.core().cpu_buffer(numel * dtype.itemsize)
+        return torch.frombuffer(block, dtype=dtype, count=numel).view(shape)  # keeps `block` alive
     return _config.new_output(torch.empty, torch.full, shape, dtype=dtype, device=like.device)
 
 
