@@ -205,8 +205,10 @@ void release_scratch(void* p) {
   {
     std::lock_guard<std::mutex> lock(c.mu);
     const size_t size = c.sizes.at(p);
+    // A block over a quarter of the budget is not kept: it would push out several smaller ones,
+    // and a mix of sizes would then keep none of them.
     const size_t budget = scratch_cache_bytes();
-    if (size > budget) {
+    if (size > budget / 4) {
       c.sizes.erase(p);
       to_free.push_back(p);
     } else {
