@@ -25,28 +25,37 @@ def _numpy_args(seed, N=300, dtype=np.float32):
     return arrays, p.mask
 
 
-def test_concurrent_calls_match_serial():
-    """8 Python threads calling the op at once (GIL released in the kernels) give serial results."""
-    inputs = [_numpy_args(seed) for seed in range(8)]
-    serial = [gmattn.gma_attention(*a, causal=bool(i % 2)) for i, (a, _) in enumerate(inputs)]
-    results = [None] * 8
+def _run_in_threads(n, work):
+    """work(0), ..., work(n - 1) in n Python threads released together; re-raises their errors."""
     errors = []
-    barrier = threading.Barrier(8)
+    barrier = threading.Barrier(n)
 
-    def work(i):
+    def run(i):
         try:
             barrier.wait()
-            for _ in range(5):
-                results[i] = gmattn.gma_attention(*inputs[i][0], causal=bool(i % 2))
+            work(i)
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+def test_concurrent_calls_match_serial():
+    """8 Python threads calling the op at once (GIL released in the kernels) give serial results."""
+    inputs = [_numpy_args(seed) for seed in range(8)]
+    serial = [gmattn.gma_attention(*a, causal=bool(i % 2)) for i, (a, _) in enumerate(inputs)]
+    results = [None] * 8
+
+    def work(i):
+        for _ in range(5):
+            results[i] = gmattn.gma_attention(*inputs[i][0], causal=bool(i % 2))
+
+    _run_in_threads(8, work)
     for got, want in zip(results, serial):
         np.testing.assert_array_equal(got, want)
 
@@ -165,24 +174,13 @@ def test_concurrent_calls_share_scratch_safely():
 
     serial = [run(a) for a in problems]
     results = [[] for _ in problems]
-    errors = []
-    barrier = threading.Barrier(len(problems))
 
     def work(i):
-        try:
-            barrier.wait()
-            for r in range(6):  # each thread cycles through all sizes: blocks change hands
-                j = (i + r) % len(problems)
-                results[j].append(run(problems[j]))
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for r in range(6):  # each thread cycles through all sizes: blocks change hands
+            j = (i + r) % len(problems)
+            results[j].append(run(problems[j]))
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(problems))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    _run_in_threads(len(problems), work)
     for want, got in zip(serial, results):
         assert got
         for g in got:
