@@ -14,7 +14,6 @@
 #endif
 
 #include "gmattn/gmattn.h"
-#include "memory.h"
 
 namespace gmattn {
 namespace cpu {
@@ -90,32 +89,17 @@ inline size_t dtype_bytes(DType t) {
   return t == DType::kFloat64 ? 8 : (t == DType::kFloat32 ? 4 : 2);
 }
 
-// A switch that is on unless the environment variable is "0".
-bool switched_on(const char* name) {
-  const char* env = std::getenv(name);
-  return env == nullptr || std::strcmp(env, "0") != 0;
-}
-
 bool huge_pages_enabled() {
-  static const bool enabled = switched_on("GMATTN_HUGEPAGES");
+  static const bool enabled = [] {
+    const char* env = std::getenv("GMATTN_HUGEPAGES");
+    return env == nullptr || std::strcmp(env, "0") != 0;
+  }();
   return enabled;
 }
 
 constexpr size_t kHugePage = size_t(1) << 21;
 
-// An output: huge pages for the extent reachable from its data pointer (memory.h).
-void advise_huge_pages(const View& v, DType dtype) {
-  if (!v.present()) return;
-  uintptr_t extent = 1;  // elements reachable from data, for non-negative strides
-  for (int i = 0; i < 4; ++i) {
-    if (v.stride[i] < 0) return;
-    if (v.shape[i] > 1) extent += static_cast<uintptr_t>(v.shape[i] - 1) * static_cast<uintptr_t>(v.stride[i]);
-  }
-  cpu::advise_huge_pages(v.data, extent * dtype_bytes(dtype));
-}
-
-}  // namespace
-
+// Advises huge pages for the whole 2 MiB pages inside [data, data + bytes) (see memory.h).
 void advise_huge_pages(const void* data, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   if (!huge_pages_enabled()) return;
@@ -128,7 +112,16 @@ void advise_huge_pages(const void* data, size_t bytes) {
 #endif
 }
 
-namespace {
+// An output: huge pages for the extent reachable from its data pointer.
+void advise_huge_pages(const View& v, DType dtype) {
+  if (!v.present()) return;
+  uintptr_t extent = 1;  // elements reachable from data, for non-negative strides
+  for (int i = 0; i < 4; ++i) {
+    if (v.stride[i] < 0) return;
+    if (v.shape[i] > 1) extent += static_cast<uintptr_t>(v.shape[i] - 1) * static_cast<uintptr_t>(v.stride[i]);
+  }
+  advise_huge_pages(v.data, extent * dtype_bytes(dtype));
+}
 
 // Free scratch blocks kept for reuse, most recently released last.
 struct ScratchCache {

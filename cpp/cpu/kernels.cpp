@@ -981,6 +981,15 @@ void state_value(const Shape& s, const Acc* state, const Acc* start, Acc* out) {
   for (int64_t i = 0; i < SZ; ++i) out[i] = (start ? start[i] : Acc(0)) + (state[i] - state[SZ + i]);
 }
 
+// to += the running state of lane `lane` in `sums` (2 (SS + Kp) values per lane): its SS + Kp
+// sums, without their compensation terms.
+template <class Acc>
+void add_lane_state(const Shape& s, const std::vector<Acc>& sums, int64_t lane, Acc* to) {
+  const int64_t SZ = s.Kp * s.Dvp + s.Kp;
+  const Acc* add = sums.data() + lane * 2 * SZ;
+  for (int64_t i = 0; i < SZ; ++i) to[i] += add[i];
+}
+
 template <class Acc>
 inline Acc row_sum(const Acc* a, int64_t n) {
   Acc r = 0;
@@ -1070,17 +1079,14 @@ void forward_typed(const ForwardArgs& a) {
   auto starts = [&](int64_t b, int64_t h) {
     std::vector<Acc> run(SZ);
     read_state(a.S0, a.z0, b, h, K, Dv, Kp, Dvp, run.data(), run.data() + SS);
-    auto add_segment = [&](int64_t ln) {
-      for (int64_t i = 0; i < SZ; ++i) run[i] += seg[ln * 2 * SZ + i];
-    };
     if (!causal) {
-      for (int64_t sg = 0; sg < pl.segs; ++sg) add_segment(pl.lane(b, h, sg));
+      for (int64_t sg = 0; sg < pl.segs; ++sg) add_lane_state(s, seg, pl.lane(b, h, sg), run.data());
       write_state(a.S_final, a.z_final, b, h, K, Dv, Dvp, run.data(), run.data() + SS);
     }
     for (int64_t sg = 0; sg < pl.segs; ++sg) {
       const int64_t ln = pl.lane(b, h, sg);
       std::copy(run.begin(), run.end(), start.begin() + ln * SZ);
-      if (causal && two_pass) add_segment(ln);
+      if (causal && two_pass) add_lane_state(s, seg, ln, run.data());
     }
   };
 
@@ -1272,10 +1278,7 @@ void backward_typed(const BackwardArgs& a) {
                      int64_t b, int64_t h) {
       Acc* t = pair_state(to, b, h);
       read_state(S_from, z_from, b, h, K, Dv, Kp, Dvp, t, t + SS);
-      for (int64_t sg = 0; sg < pl.segs && !sums.empty(); ++sg) {
-        const Acc* add = sums.data() + pl.lane(b, h, sg) * 2 * SZ;
-        for (int64_t i = 0; i < SZ; ++i) t[i] += add[i];
-      }
+      for (int64_t sg = 0; sg < pl.segs && !sums.empty(); ++sg) add_lane_state(s, sums, pl.lane(b, h, sg), t);
     };
     if (state_given) {
       for (int64_t b = 0; b < s.B; ++b) {
@@ -1351,18 +1354,15 @@ void backward_typed(const BackwardArgs& a) {
       std::vector<Acc> run(SZ), run_d(SZ);
       read_state(a.S0, a.z0, b, h, K, Dv, Kp, Dvp, run.data(), run.data() + SS);
       read_state(a.dS_final, a.dz_final, b, h, K, Dv, Kp, Dvp, run_d.data(), run_d.data() + SS);
-      auto add_segment = [&](std::vector<Acc>& to, const std::vector<Acc>& sums, int64_t ln) {
-        for (int64_t i = 0; i < SZ; ++i) to[i] += sums[ln * 2 * SZ + i];
-      };
       for (int64_t sg = 0; sg < pl.segs; ++sg) {
         const int64_t ln = pl.lane(b, h, sg);
         std::copy(run.begin(), run.end(), start.begin() + ln * SZ);
-        if (two_pass) add_segment(run, seg, ln);
+        if (two_pass) add_lane_state(s, seg, ln, run.data());
       }
       for (int64_t sg = pl.segs - 1; sg >= 0; --sg) {
         const int64_t ln = pl.lane(b, h, sg);
         std::copy(run_d.begin(), run_d.end(), end_d.begin() + ln * SZ);
-        if (two_pass) add_segment(run_d, seg_d, ln);
+        if (two_pass) add_lane_state(s, seg_d, ln, run_d.data());
       }
       if (two_pass) write_state(a.dS0, a.dz0, b, h, K, Dv, Dvp, run_d.data(), run_d.data() + SS);
     };

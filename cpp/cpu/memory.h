@@ -1,5 +1,5 @@
-// Large buffers: the outputs the core is handed, and its own O(N) scratch. Defined once, in
-// dispatch.cpp.
+// Large buffers: the outputs the core is handed, and its own O(N) scratch (the cache behind
+// make_scratch is defined once, in dispatch.cpp).
 //
 // Big blocks are usually fresh memory: glibc maps them anew (or trims them back to the system
 // after use), and the first write to each 4 KiB page then costs a page fault, which includes
@@ -22,13 +22,6 @@
 #include "gmattn/gmattn.h"
 
 namespace gmattn {
-namespace cpu {
-
-// Advises huge pages for the whole 2 MiB pages inside [data, data + bytes).
-void advise_huge_pages(const void* data, size_t bytes);
-
-}  // namespace cpu
-
 namespace cpu_detail {
 // One copy per ISA build (see small_gemm.h).
 inline namespace GMATTN_ISA {

@@ -79,12 +79,12 @@ template <class Acc, int BYTES>
 struct VecOf {
   typedef Acc V __attribute__((vector_size(BYTES)));
 };
-#if defined(__has_builtin)
-#if __has_builtin(__builtin_shufflevector)
-#define GMATTN_HAS_SHUFFLEVECTOR 1
+// __builtin_shufflevector (Clang, GCC >= 12): lane permutations in registers. small_gemm.h's
+// transposes use it too.
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define GMATTN_HAVE_SHUFFLEVECTOR 1
 #endif
-#endif
-#ifdef GMATTN_HAS_SHUFFLEVECTOR
+#ifdef GMATTN_HAVE_SHUFFLEVECTOR
 // Lanes [Off, Off + sizeof(H) / sizeof(Acc)) of v, in registers.
 template <class H, int Off, class Vec, size_t... L>
 inline H lanes_of(Vec v, std::index_sequence<L...>) {
@@ -97,7 +97,7 @@ template <class Acc, int BYTES>
 inline void halves(typename VecOf<Acc, BYTES>::V v, typename VecOf<Acc, BYTES / 2>::V& lo,
                    typename VecOf<Acc, BYTES / 2>::V& hi) {
   typedef typename VecOf<Acc, BYTES / 2>::V H;
-#ifdef GMATTN_HAS_SHUFFLEVECTOR
+#ifdef GMATTN_HAVE_SHUFFLEVECTOR
   constexpr int kHalf = BYTES / 2 / static_cast<int>(sizeof(Acc));
   lo = lanes_of<H, 0>(v, std::make_index_sequence<kHalf>{});
   hi = lanes_of<H, kHalf>(v, std::make_index_sequence<kHalf>{});

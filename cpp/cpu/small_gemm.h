@@ -122,8 +122,7 @@ inline void gemm(int64_t M, int64_t nvec, int64_t depth, const Acc* A, int64_t a
   }
 }
 
-#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
-#define GMATTN_HAVE_SHUFFLEVECTOR 1
+#ifdef GMATTN_HAVE_SHUFFLEVECTOR  // (simd.h)
 // In-register transpose of a W x W block: log2(W) stages; stage S swaps the off-diagonal S x S
 // sub-blocks of every 2S x 2S block (rows i and i + S exchange the lanes with bit S set).
 template <class Acc, int S, bool kFirst>
