@@ -99,7 +99,19 @@ bool huge_pages_enabled() {
 
 constexpr size_t kHugePage = size_t(1) << 21;
 
-// Advises huge pages for the whole 2 MiB pages inside [data, data + bytes) (see memory.h).
+// Large buffers: the outputs the core is handed, and the blocks of the buffer cache below.
+//
+// Big blocks are usually fresh memory: glibc maps them anew (or trims them back to the system
+// after use), and the first write to each 4 KiB page then costs a page fault, which includes
+// zeroing the page (on our test VM ~2 us a page: ~16 ms for a 32 MiB buffer, more than writing it).
+// Two remedies. Outputs: transparent huge pages are requested on the 2 MiB-aligned interior of
+// each, one fault per 2 MiB where THP is available (a hint only: nothing changes where THP is off,
+// as on our test VM; memory already touched keeps its pages; GMATTN_HUGEPAGES=0 turns it off).
+// Blocks: acquire_scratch/release_scratch (gmattn.h) keep released blocks for reuse, so a
+// repeated call of the same shape faults nothing; the torch front end's large CPU outputs come
+// from there.
+//
+// Advises huge pages for the whole 2 MiB pages inside [data, data + bytes).
 void advise_huge_pages(const void* data, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   if (!huge_pages_enabled()) return;

@@ -12,12 +12,14 @@
 // Parallelism. A task is (batch, group of heads, segment of chunks). The heads of a group run in
 // lockstep, chunk by chunk, so a task reads and writes each token's rows of all its heads together
 // (contiguous in the (B, N, H, D) layout: fewer pages and streams than one head at a time). With
-// enough (batch, head) pairs for the threads, a segment is the whole sequence; with fewer pairs
-// than threads (or an uneven split) every pair is cut into segments and the scans run in two
-// passes: pass 1 computes each segment's state sums in parallel, a short serial prefix (suffix
-// for the backward scan) turns them into each segment's starting state, pass 2 runs the segments
-// in parallel from those states. Parameter gradients go to one slot per (batch, head, segment) and
-// are summed in a fixed order afterwards: bit-identical results run to run at a fixed thread count.
+// enough (batch, head) pairs for the threads, a segment is the whole sequence. With fewer pairs
+// than threads (or an uneven split) the causal forward runs its chunks as a relay between the
+// threads (Relay: the state is handed on, summed in one thread's order), and the other scans cut
+// every pair into segments and run in two passes: pass 1 computes each segment's state sums in
+// parallel, a short serial prefix (suffix for the backward scan) turns them into each segment's
+// starting state, pass 2 runs the segments in parallel from those states. Parameter gradients go
+// to one slot per (batch, head, segment) and are summed in a fixed order afterwards: bit-identical
+// results run to run at a fixed thread count (the forward's: at any thread count).
 //
 // Responsibilities. s[i,k] = log_norm[k] - 0.5 Q[i,k], Q = sum_d lam (x - mu)^2, computed per
 // chunk as Q = sum_d (a x' - b)^2 with a = sqrt(lam), x' = x - c (c: the chunk's mean), and
@@ -38,6 +40,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <initializer_list>
@@ -45,12 +48,12 @@
 #include <memory>
 #include <numeric>
 #include <stdexcept>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "gmattn/gmattn.h"
-#include "memory.h"
 #include "numeric.h"
 #include "simd.h"
 #include "small_gemm.h"
@@ -62,6 +65,7 @@ namespace GMATTN_ISA {
 using namespace cpu_detail;
 
 constexpr int64_t kChunk = 64;  // rows per chunk; a multiple of every vector length
+constexpr int64_t kRelayChunks = 4;  // chunks per task of a relay (see Relay)
 
 #if GMATTN_VECTOR_BYTES >= 64
 constexpr int kQuadMR = 4, kQuadNV = 4;  // responsibilities tile
@@ -300,7 +304,8 @@ inline Plan make_plan(int64_t B, int64_t H, int64_t nchunks, int requested) {
       }
     }
   } else {
-    // Too few pairs (or an uneven split): cut each pair into segments of chunks, two-pass scans;
+    // Too few pairs (or an uneven split): cut each pair into segments of chunks, two-pass scans
+    // (the causal forward runs a relay instead, see Relay);
     // the fewest segments giving a multiple of the thread count and four tasks per thread (a
     // segment costs little more than its share of the work, and the two passes each end at a
     // barrier: finer tasks leave less idle time there when a thread is held up).
@@ -358,6 +363,68 @@ void run_passes(const Plan& pl, bool two_pass, Pass1& pass1, Starts& starts, Pas
     }
   }
 }
+
+// Waiting for another thread, briefly: pause-spin first (a hand-over is usually microseconds
+// away), then yield (the thread waited for may be descheduled: more threads than cores).
+inline void wait_at_least(const std::atomic<int64_t>& value, int64_t want) {
+  for (int spins = 0; value.load(std::memory_order_acquire) < want; ++spins) {
+    if (spins < 4096) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#elif defined(__aarch64__)
+      __asm__ __volatile__("yield");
+#endif
+    } else {
+      std::this_thread::yield();
+    }
+  }
+}
+
+// A causal scan over fewer (batch, head) pairs than threads, run as a relay: the threads take the
+// chunks in order (the pairs' chunks interleaved) from one counter. A chunk computes what does not
+// need the running state (its responsibilities, the sums it adds to the state), then waits for its
+// pair's state before it, hands on the state after it (before + its sums: the compensated
+// additions of one thread's scan, in the same order, so results are bit-identical whatever the
+// thread count) and finishes from its copy of the state before. Only the hand-over is serial:
+// no second pass over the keys, no stored state per chunk.
+// Each pair has two state slots, the state before chunk c in slot c % 2: chunk c writes the slot
+// of c + 1, which chunk c - 1 had copied before handing on.
+template <class Acc>
+class Relay {
+ public:
+  Relay(int64_t pairs, int64_t nchunks, int64_t state_size)
+      : pairs_(pairs), nchunks_(nchunks), size_(state_size), slots_(pairs * 2 * state_size, Acc(0)),
+        ready_(new Ready[pairs]) {}
+  // Task t is chunk t / pairs of pair t % pairs: every chunk is handed out after the one before.
+  void task(int64_t t, int64_t& pair, int64_t& chunk) const {
+    pair = t % pairs_;
+    chunk = t / pairs_;
+  }
+  // The state before chunk c of a pair (the caller sets c = 0 before running), and after it.
+  Acc* before(int64_t pair, int64_t c) { return slots_.data() + (pair * 2 + c % 2) * size_; }
+  Acc* after(int64_t pair, int64_t c) { return before(pair, c + 1); }
+  void wait(int64_t pair, int64_t c) const { wait_at_least(ready_[pair].chunk, c); }
+  void hand_on(int64_t pair, int64_t c) { ready_[pair].chunk.store(c + 1, std::memory_order_release); }
+  // Runs body(t) for every task on nt threads, each taking the next task from the counter.
+  template <class Body>
+  void run(int nt, Body& body) {
+    std::atomic<int64_t> next{0};
+    const int64_t tasks = pairs_ * nchunks_;
+#pragma omp parallel num_threads(nt)
+    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < tasks;
+         t = next.fetch_add(1, std::memory_order_relaxed)) {
+      body(t);
+    }
+  }
+
+ private:
+  struct alignas(64) Ready {        // a cache line each: the pairs' hand-overs do not contend
+    std::atomic<int64_t> chunk{0};  // the states before chunks [0, chunk] are ready
+  };
+  int64_t pairs_, nchunks_, size_;
+  std::vector<Acc> slots_;
+  std::unique_ptr<Ready[]> ready_;
+};
 
 template <class Acc>
 struct Head {
@@ -937,21 +1004,13 @@ void keep_lower(Acc* a, int64_t n, int64_t C) {
 
 // A running state is S (Kp x Dvp) then z (Kp), followed by as many compensation terms: 2 (SS + Kp)
 // values. Over the n rows of a chunk, S += gamma^T R and z += gamma^T w (w = nullptr: all ones):
-// the chunk's sums are formed in `delta` (SS + Kp), then added compensated, so states summed over
-// a million tokens stay as accurate as over one chunk (numeric.h, add_compensated).
+// the chunk's sums are formed in `delta` (SS + Kp; chunk_state_sums), then added compensated
+// (add_state), so states summed over a million tokens stay as accurate as over one chunk
+// (numeric.h, add_compensated).
 template <class Acc>
-void accumulate_state(const Shape& s, const Acc* gamma, const Acc* R, const Acc* w, int64_t n, Acc* state,
-                      Acc* delta);
-// Without weights (w = 1): the state S += gamma^T V, z += gamma^T 1.
-template <class Acc>
-void accumulate_state(const Shape& s, const Acc* gamma, const Acc* V, int64_t n, Acc* state, Acc* delta) {
-  accumulate_state<Acc>(s, gamma, V, nullptr, n, state, delta);
-}
-template <class Acc>
-void accumulate_state(const Shape& s, const Acc* gamma, const Acc* R, const Acc* w, int64_t n, Acc* state,
-                      Acc* delta) {
+void chunk_state_sums(const Shape& s, const Acc* gamma, const Acc* R, const Acc* w, int64_t n, Acc* delta) {
   constexpr int W = Simd<Acc>::W;
-  const int64_t SS = s.Kp * s.Dvp, SZ = SS + s.Kp;
+  const int64_t SS = s.Kp * s.Dvp;
   gemm(s.K, s.Dvp / W, n, gamma, 1, s.Kp, R, s.Dvp, delta, s.Dvp, false);
   Acc* dz = delta + SS;
   std::fill(dz, dz + s.Kp, Acc(0));
@@ -960,8 +1019,25 @@ void accumulate_state(const Shape& s, const Acc* gamma, const Acc* R, const Acc*
 #pragma omp simd
     for (int64_t k = 0; k < s.Kp; ++k) dz[k] += gamma[r * s.Kp + k] * wr;
   }
-  add_compensated(state, state + SZ, delta, s.K * s.Dvp);  // padding rows K..Kp stay zero
-  add_compensated(state + SS, state + SZ + SS, dz, s.Kp);
+}
+// to = from + delta for running states (to may be from); rows K..Kp of S are left as they are
+// (zero padding: delta's rows there are not formed).
+template <class Acc>
+void add_state(const Shape& s, const Acc* from, const Acc* delta, Acc* to) {
+  const int64_t SS = s.Kp * s.Dvp, SZ = SS + s.Kp;
+  add_compensated(from, from + SZ, delta, to, to + SZ, s.K * s.Dvp);
+  add_compensated(from + SS, from + SZ + SS, delta + SS, to + SS, to + SZ + SS, s.Kp);
+}
+template <class Acc>
+void accumulate_state(const Shape& s, const Acc* gamma, const Acc* R, const Acc* w, int64_t n, Acc* state,
+                      Acc* delta) {
+  chunk_state_sums(s, gamma, R, w, n, delta);
+  add_state<Acc>(s, state, delta, state);
+}
+// Without weights (w = 1): the state S += gamma^T V, z += gamma^T 1.
+template <class Acc>
+void accumulate_state(const Shape& s, const Acc* gamma, const Acc* V, int64_t n, Acc* state, Acc* delta) {
+  accumulate_state<Acc>(s, gamma, V, nullptr, n, state, delta);
 }
 
 // Sets a running state (with zero compensation) from SS + Kp values.
@@ -970,15 +1046,6 @@ void set_state(const Shape& s, const Acc* from, Acc* state) {
   const int64_t SZ = s.Kp * s.Dvp + s.Kp;
   std::copy(from, from + SZ, state);
   std::fill(state + SZ, state + 2 * SZ, Acc(0));
-}
-
-// out = start (when given) + a running state's value with its compensation folded in: SS + Kp
-// values, rounded once.
-template <class Acc>
-void state_value(const Shape& s, const Acc* state, const Acc* start, Acc* out) {
-  const int64_t SZ = s.Kp * s.Dvp + s.Kp;
-#pragma omp simd
-  for (int64_t i = 0; i < SZ; ++i) out[i] = (start ? start[i] : Acc(0)) + (state[i] - state[SZ + i]);
 }
 
 // to += the running state of lane `lane` in `sums` (2 (SS + Kp) values per lane): its SS + Kp
@@ -1027,54 +1094,112 @@ void forward_typed(const ForwardArgs& a) {
   ws.reserve(pl.nt);
   for (int t = 0; t < pl.nt; ++t) ws.emplace_back(s, G);
 
-  const bool two_pass = !causal || pl.segs > 1;
-  // Each lane's sums, compensated; zero from construction, each lane summed by one task.
-  std::vector<Acc> seg(two_pass ? pl.lanes * 2 * SZ : 0);
-  // Causal, cut into segments: pass 2 reuses the key responsibilities of pass 1, from the saved
-  // output when there is one, else from this buffer.
-  // Left uninitialised (every row is written in pass 1 before pass 2 reads it): zero-filling
-  // B*H*N*Kp values would be a serial memset before the parallel passes.
-  const bool segmented = causal && pl.segs > 1;
-  const Scratch<Acc> gk_store = make_scratch<Acc>(segmented && !save ? s.B * s.H * N * Kp : 0);
-  // Causal, cut into segments: the state of each chunk's segment before the chunk, stored by
-  // pass 1 (which sums it anyway), so pass 2 reads S = (segment start) + (prefix) instead of
-  // summing the keys again (the extra work would eat much of the second thread's gain).
-  // Uninitialised: pass 1 writes every chunk's prefix before pass 2 reads it.
-  const Scratch<Acc> prefix = make_scratch<Acc>(segmented ? s.B * s.H * s.nchunks * SZ : 0);
-  auto prefix_of = [&](int64_t b, int64_t h, int64_t row0) {
-    return prefix.get() + ((b * s.H + h) * s.nchunks + row0 / C) * SZ;
-  };
-
   // Each fetches the next chunk's rows of its inputs while it computes (Ahead).
-  auto route_keys = [&](Workspace<Acc>& w, const Head<Acc>& hd, int64_t b, int64_t h, int64_t row0, int64_t n) {
+  // A chunk's keys: their responsibilities in gk (C x Kp; saved when asked for), its values in v
+  // (C x Dvp).
+  auto route_keys = [&](Workspace<Acc>& w, const Head<Acc>& hd, int64_t b, int64_t h, int64_t row0, int64_t n,
+                        Acc* gk, Acc* v) {
     gather_rows<T>(a.k, b, h, row0, n, D, w.xk, Dp, C);
-    gather_rows<T>(a.v, b, h, row0, n, Dv, w.v, Dvp, C);
+    gather_rows<T>(a.v, b, h, row0, n, Dv, v, Dvp, C);
     const Ahead ahead = Ahead::of<T>({{&a.k, D}, {&a.v, Dv}}, b, h, row0 + C, N, C);
-    responsibilities(hd, s, w, w.xk, n, w.gk, mask_rows(a.mask, b, row0, n, w.keep), ahead);
+    responsibilities(hd, s, w, w.xk, n, gk, mask_rows(a.mask, b, row0, n, w.keep), ahead);
+    if (save) write_saved(a.gk, b, h, row0, n, K, gk, Kp);
   };
-  auto route_queries = [&](Workspace<Acc>& w, const Head<Acc>& hd, int64_t b, int64_t h, int64_t row0, int64_t n) {
+  // A chunk's outputs from the state before it (S, then z) and, causal, from the chunk's own keys
+  // (gk, v from route_keys).
+  auto read_out = [&](Workspace<Acc>& w, const Head<Acc>& hd, int64_t b, int64_t h, int64_t row0, int64_t n,
+                      const Acc* S, const Acc* gk, const Acc* v) {
     gather_rows<T>(a.q, b, h, row0, n, D, w.xq, Dp, C);
     responsibilities(hd, s, w, w.xq, n, w.gq, nullptr, Ahead::of<T>({{&a.q, D}}, b, h, row0 + C, N, C));
+    // num = Gq S, den = Gq z (+ eps below)
+    gemm(n, Dvp / W, K, w.gq, Kp, 1, S, Dvp, w.num, Dvp, false);
+    for (int64_t i = 0; i < n; ++i) w.den[i] = dot(w.gq + i * Kp, S + SS, Kp);
+    if (causal) {
+      // Intra-chunk: A = tril(Gq Gk^T); num += A V, den += rowsum(A).
+      const int64_t ncv = round_up(n, W) / W;  // vectors spanning the chunk's columns
+      transpose(C, Kp, gk, Kp, w.gkT, C);
+      gemm(n, ncv, Kp, w.gq, Kp, 1, w.gkT, C, w.A, C, false, Tri::kOutLower);
+      keep_lower(w.A, n, C);
+      gemm(n, Dvp / W, n, w.A, C, 1, v, Dvp, w.num, Dvp, true, Tri::kDepthLower);
+      for (int64_t i = 0; i < n; ++i) w.den[i] += row_sum(w.A + i * C, i + 1);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      w.den[i] += eps;
+      const Acc inv = Acc(1) / w.den[i];
+#pragma omp simd
+      for (int64_t e = 0; e < Dvp; ++e) w.num[i * Dvp + e] *= inv;
+    }
+    scatter_rows<T>(a.out, b, h, row0, n, Dv, w.num, Dvp);
+    if (save) {
+      write_saved(a.gq, b, h, row0, n, K, w.gq, Kp);
+      write_den(a.den, b, h, row0, n, w.den);
+    }
   };
 
-  // Pass 1: key responsibilities and each lane's state sums.
+  if (causal && pl.segs > 1) {  // fewer pairs than threads (or an uneven split): a relay
+    // A relay task is a block of kRelayChunks chunks: one hand-over (the state crossing between
+    // cores, 2 (SS + Kp) values) per block rather than per chunk. Each thread keeps the block's
+    // keys, values, sums and states before each chunk.
+    const int64_t nblocks = (s.nchunks + kRelayChunks - 1) / kRelayChunks;
+    const int64_t per_chunk = C * Kp + C * Dvp + 2 * SZ;  // gk, v, delta, S before
+    std::vector<std::vector<Acc>> kept(pl.nt, std::vector<Acc>(kRelayChunks * per_chunk));
+    Relay<Acc> relay(s.B * s.H, nblocks, 2 * SZ);
+    for (int64_t pair = 0; pair < s.B * s.H; ++pair) {
+      Acc* S = relay.before(pair, 0);
+      read_state(a.S0, a.z0, pair / s.H, pair % s.H, K, Dv, Kp, Dvp, S, S + SS);
+    }
+    auto block = [&](int64_t t) {
+      int64_t pair, blk;
+      relay.task(t, pair, blk);
+      const int64_t b = pair / s.H, h = pair % s.H;
+      const int64_t c0 = blk * kRelayChunks, c1 = std::min(s.nchunks, c0 + kRelayChunks);
+      Workspace<Acc>& w = ws[omp_get_thread_num()];
+      Acc* gk = kept[omp_get_thread_num()].data();
+      Acc* v = gk + kRelayChunks * C * Kp;
+      Acc* delta = v + kRelayChunks * C * Dvp;
+      Acc* S = delta + kRelayChunks * SZ;
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t j = c - c0, row0 = c * C, n = std::min(C, N - row0);
+        route_keys(w, heads[h], b, h, row0, n, gk + j * C * Kp, v + j * C * Dvp);
+        chunk_state_sums<Acc>(s, gk + j * C * Kp, v + j * C * Dvp, nullptr, n, delta + j * SZ);
+      }
+      relay.wait(pair, blk);
+      // The running state through the block, in w.lstate; the state before each chunk kept.
+      Acc* run = w.lstate.data();
+      const Acc* before = relay.before(pair, blk);
+      std::copy(before, before + 2 * SZ, run);  // (the slot is rewritten two blocks on)
+      for (int64_t c = c0; c < c1; ++c) {
+        std::copy(run, run + SZ, S + (c - c0) * SZ);
+        add_state(s, run, delta + (c - c0) * SZ, run);
+      }
+      Acc* after = relay.after(pair, blk);
+      std::copy(run, run + 2 * SZ, after);
+      if (c1 == s.nchunks) write_state(a.S_final, a.z_final, b, h, K, Dv, Dvp, run, run + SS);
+      relay.hand_on(pair, blk);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t j = c - c0, row0 = c * C, n = std::min(C, N - row0);
+        read_out(w, heads[h], b, h, row0, n, S + j * SZ, gk + j * C * Kp, v + j * C * Dvp);
+      }
+      stream_fence();  // outputs written with streaming stores (stream_copy) are visible
+    };
+    relay.run(pl.nt, block);
+    return;
+  }
+
+  // Otherwise a task owns whole sequences (causal: one pass, the state carried from chunk to
+  // chunk) or, bidirectional, segments of them in two passes: pass 1 sums each lane's keys,
+  // pass 2 reads the total.
+  const bool two_pass = !causal;
+  std::vector<Acc> seg(two_pass ? pl.lanes * 2 * SZ : 0);  // each lane's sums, compensated
   auto pass1 = [&](int64_t task) {
     Workspace<Acc>& w = ws[omp_get_thread_num()];
     for_each_chunk(pl, s, task, [&](int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
-      route_keys(w, heads[h], b, h, row0, n);
-      if (save) {
-        write_saved(a.gk, b, h, row0, n, K, w.gk, Kp);
-      } else if (gk_store) {
-        std::memcpy(gk_store.get() + ((b * s.H + h) * N + row0) * Kp, w.gk, n * Kp * sizeof(Acc));
-      }
-      Acc* sums = seg.data() + ln * 2 * SZ;
-      if (segmented) state_value<Acc>(s, sums, nullptr, prefix_of(b, h, row0));  // the sum so far
-      accumulate_state(s, w.gk, w.v, n, sums, w.delta);
+      route_keys(w, heads[h], b, h, row0, n, w.gk, w.v);
+      accumulate_state(s, w.gk, w.v, n, seg.data() + ln * 2 * SZ, w.delta);
     });
   };
-
-  // Starting state of every lane of pair (b, h): causal, the initial state plus the sums of the
-  // segments before; bidirectional, the initial state plus all the sums (what every query reads).
+  // The starting state of every lane of pair (b, h): the initial state, plus bidirectionally all
+  // the sums (what every query reads).
   std::vector<Acc> start(pl.lanes * SZ);
   auto starts = [&](int64_t b, int64_t h) {
     std::vector<Acc> run(SZ);
@@ -1084,13 +1209,10 @@ void forward_typed(const ForwardArgs& a) {
       write_state(a.S_final, a.z_final, b, h, K, Dv, Dvp, run.data(), run.data() + SS);
     }
     for (int64_t sg = 0; sg < pl.segs; ++sg) {
-      const int64_t ln = pl.lane(b, h, sg);
-      std::copy(run.begin(), run.end(), start.begin() + ln * SZ);
-      if (causal && two_pass) add_lane_state(s, seg, ln, run.data());
+      std::copy(run.begin(), run.end(), start.begin() + pl.lane(b, h, sg) * SZ);
     }
   };
-
-  // Pass 2: queries read the state (and, causal, the chunk itself), the state moves on.
+  // Pass 2: the queries read the state (causal: and the chunk itself), the state moves on.
   auto pass2 = [&](int64_t task) {
     int64_t b, h0, sg;
     pl.task(task, b, h0, sg);
@@ -1098,65 +1220,15 @@ void forward_typed(const ForwardArgs& a) {
     for (int64_t l = 0; l < G; ++l) {
       set_state(s, start.data() + pl.lane(b, h0 + l, sg) * SZ, w.lstate.data() + l * 2 * SZ);
     }
-    for (int64_t c = pl.first(sg); c < pl.last(sg); ++c) {
-      const int64_t row0 = c * C, n = std::min(C, N - row0);
-      const int64_t ncv = round_up(n, W) / W;  // vectors spanning the chunk's columns
+    for_each_chunk(pl, s, task, [&](int64_t bb, int64_t h, int64_t, int64_t row0, int64_t n) {
+      Acc* S = w.lstate.data() + (h - h0) * 2 * SZ;
+      if (causal) route_keys(w, heads[h], bb, h, row0, n, w.gk, w.v);
+      read_out(w, heads[h], bb, h, row0, n, S, w.gk, w.v);
+      if (causal) accumulate_state(s, w.gk, w.v, n, S, w.delta);
+    });
+    if (causal) {  // the task's whole sequences: their final states
       for (int64_t l = 0; l < G; ++l) {
-        const int64_t h = h0 + l;
-        const Head<Acc>& hd = heads[h];
-        Acc* S = w.lstate.data() + l * 2 * SZ;
-        Acc* z = S + SS;
-        if (segmented) {
-          const Acc* st = start.data() + pl.lane(b, h, sg) * SZ;
-          const Acc* pre = prefix_of(b, h, row0);
-#pragma omp simd
-          for (int64_t i = 0; i < SZ; ++i) S[i] = st[i] + pre[i];
-        }
-        route_queries(w, hd, b, h, row0, n);
-        // num = Gq S, den = Gq z (+ eps below)
-        gemm(n, Dvp / W, K, w.gq, Kp, 1, S, Dvp, w.num, Dvp, false);
-        for (int64_t i = 0; i < n; ++i) w.den[i] = dot(w.gq + i * Kp, z, Kp);
-        if (causal) {
-          if (segmented) {
-            gather_rows<T>(a.v, b, h, row0, n, Dv, w.v, Dvp, C);
-            if (save) {
-              read_saved(a.gk, b, h, row0, n, K, w.gk, Kp, C);
-            } else {
-              std::memcpy(w.gk, gk_store.get() + ((b * s.H + h) * N + row0) * Kp, n * Kp * sizeof(Acc));
-              std::fill(w.gk + n * Kp, w.gk + C * Kp, Acc(0));
-            }
-          } else {
-            route_keys(w, hd, b, h, row0, n);
-            if (save) write_saved(a.gk, b, h, row0, n, K, w.gk, Kp);
-          }
-          // Intra-chunk: A = tril(Gq Gk^T); num += A V, den += rowsum(A).
-          transpose(C, Kp, w.gk, Kp, w.gkT, C);
-          gemm(n, ncv, Kp, w.gq, Kp, 1, w.gkT, C, w.A, C, false, Tri::kOutLower);
-          keep_lower(w.A, n, C);
-          gemm(n, Dvp / W, n, w.A, C, 1, w.v, Dvp, w.num, Dvp, true, Tri::kDepthLower);
-          for (int64_t i = 0; i < n; ++i) w.den[i] += row_sum(w.A + i * C, i + 1);
-        }
-        for (int64_t i = 0; i < n; ++i) {
-          w.den[i] += eps;
-          const Acc inv = Acc(1) / w.den[i];
-#pragma omp simd
-          for (int64_t e = 0; e < Dvp; ++e) w.num[i * Dvp + e] *= inv;
-        }
-        scatter_rows<T>(a.out, b, h, row0, n, Dv, w.num, Dvp);
-        if (save) {
-          write_saved(a.gq, b, h, row0, n, K, w.gq, Kp);
-          write_den(a.den, b, h, row0, n, w.den);
-        }
-        if (causal && !segmented) accumulate_state(s, w.gk, w.v, n, S, w.delta);
-      }
-    }
-    if (causal && sg == pl.segs - 1) {
-      for (int64_t l = 0; l < G; ++l) {
-        Acc* S = w.lstate.data() + l * 2 * SZ;
-        if (segmented) {  // the last segment's start plus its sums
-          const int64_t ln = pl.lane(b, h0 + l, sg);
-          state_value(s, seg.data() + ln * 2 * SZ, start.data() + ln * SZ, S);
-        }
+        const Acc* S = w.lstate.data() + l * 2 * SZ;
         write_state(a.S_final, a.z_final, b, h0 + l, K, Dv, Dvp, S, S + SS);
       }
     }

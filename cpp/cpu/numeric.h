@@ -111,15 +111,21 @@ inline Acc sigmoid(Acc w) {
 // contributions then keeps an error of a few ulp whatever N, where plain float32 addition drifts
 // like sqrt(N / C) ulp, or N / C ulp when the terms share a sign. Needs IEEE arithmetic (no
 // -ffast-math, which would simplify the compensation away).
+// The same into another sum: (sum_out, comp_out) = (sum_in, comp_in) + x; the pairs may be one.
 template <class Acc>
-inline void add_compensated(Acc* sum, Acc* comp, const Acc* x, int64_t n) {
+inline void add_compensated(const Acc* sum_in, const Acc* comp_in, const Acc* x, Acc* sum_out, Acc* comp_out,
+                            int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const Acc y = x[i] - comp[i];
-    const Acc t = sum[i] + y;
-    comp[i] = (t - sum[i]) - y;
-    sum[i] = t;
+    const Acc y = x[i] - comp_in[i];
+    const Acc t = sum_in[i] + y;
+    comp_out[i] = (t - sum_in[i]) - y;
+    sum_out[i] = t;
   }
+}
+template <class Acc>
+inline void add_compensated(Acc* sum, Acc* comp, const Acc* x, int64_t n) {
+  add_compensated<Acc>(sum, comp, x, sum, comp, n);
 }
 
 }  // namespace GMATTN_ISA

@@ -110,9 +110,8 @@ const char* isa();
 // Uninitialised memory for at least `bytes` (64-byte aligned) from the CPU core's buffer cache,
 // and its return: blocks released here are kept for later requests of about their size (at most
 // GMATTN_BUFFER_CACHE_MIB MiB in all, 512 by default, and none over a quarter of that; 0 turns the
-// cache off). The kernels take
-// their large scratch from it, and the torch front end its large CPU outputs, so that repeated
-// calls do not page-fault fresh memory every time. acquire_scratch throws std::bad_alloc.
+// cache off). The torch front end takes its large CPU outputs from it (_core.cpu_buffer), so that
+// repeated calls do not page-fault fresh memory every time. acquire_scratch throws std::bad_alloc.
 void* acquire_scratch(size_t bytes);
 void release_scratch(void* p);
 }  // namespace cpu
