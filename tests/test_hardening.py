@@ -124,23 +124,28 @@ def test_rss_flat_over_many_calls():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_causal_forward_bit_identical_across_thread_counts(dtype):
-    """With fewer (batch, head) pairs than threads the causal forward runs its chunks as a relay
-    between threads (kernels.cpp, Relay): the state crosses from thread to thread but is summed in
-    the same order as one thread's scan, so outputs, final states and the saved responsibilities
-    are bit-identical whatever the thread count (masked, with an initial state, a ragged last
-    chunk)."""
+def test_causal_results_bit_identical_across_thread_counts(dtype):
+    """With fewer (batch, head) pairs than threads the causal scans run as relays between threads
+    (kernels.cpp, Relay): the state crosses from thread to thread but is summed in the order of one
+    thread's scan, and the parameter sums are combined in that order too, so outputs, final states,
+    saved responsibilities and every gradient are bit-identical whatever the thread count (masked,
+    with an initial state and a loss on the final state, a ragged last chunk)."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32  # parameters and states
     p = make_problem(1, 1000, 3, 7, 5, 6, mask=True, state=True, dtype=acc, seed=21)
-    q, k, v = (t.detach().to(dtype) for t in (p.q, p.k, p.v))
-    params = [t.detach() for t in (p.mu, p.omega, p.alpha)]
-    state = tuple(t.detach() for t in p.state)
+    leaves = [p.q.detach().to(dtype).requires_grad_(), p.k.detach().to(dtype).requires_grad_(),
+              p.v.detach().to(dtype).requires_grad_(), p.mu, p.omega, p.alpha, *p.state]
+    g = torch.randn(p.q.shape[:3] + (6,), generator=torch.Generator().manual_seed(5), dtype=acc).to(dtype)
     results = {}
     before = torch.get_num_threads()
     try:
-        for threads in (1, 2, 3, 4, 7):  # 3 pairs: a relay at 2, 4 and 7 threads
+        for threads in (1, 2, 3, 4, 7):  # 3 pairs: relays at 2, 4 and 7 threads
             torch.set_num_threads(threads)
-            results[threads] = forward_op(q, k, v, *params, p.mask, *state, True, 1e-6, 1e-4, True, True)
+            saved = forward_op(*leaves[:3], *[t.detach() for t in leaves[3:6]], p.mask,
+                               *[t.detach() for t in leaves[6:]], True, 1e-6, 1e-4, True, True)
+            out, (S, z) = gmattn.gma_attention(*leaves[:6], causal=True, key_padding_mask=p.mask,
+                                               initial_state=tuple(leaves[6:]), output_final_state=True)
+            grads = torch.autograd.grad((out.float() * g.float()).sum() + S.sum() - z.sum(), leaves)
+            results[threads] = [*saved, *grads]
     finally:
         torch.set_num_threads(before)
     for threads, got in results.items():

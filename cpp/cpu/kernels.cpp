@@ -13,13 +13,12 @@
 // lockstep, chunk by chunk, so a task reads and writes each token's rows of all its heads together
 // (contiguous in the (B, N, H, D) layout: fewer pages and streams than one head at a time). With
 // enough (batch, head) pairs for the threads, a segment is the whole sequence. With fewer pairs
-// than threads (or an uneven split) the causal forward runs its chunks as a relay between the
-// threads (Relay: the state is handed on, summed in one thread's order), and the other scans cut
-// every pair into segments and run in two passes: pass 1 computes each segment's state sums in
-// parallel, a short serial prefix (suffix for the backward scan) turns them into each segment's
-// starting state, pass 2 runs the segments in parallel from those states. Parameter gradients go
-// to one slot per (batch, head, segment) and are summed in a fixed order afterwards: bit-identical
-// results run to run at a fixed thread count (the forward's: at any thread count).
+// than threads (or an uneven split) the causal scans run their chunks as relays between the
+// threads (Relay: the state is handed on from block to block, summed in one thread's order), and
+// the bidirectional passes cut every pair into segments: pass 1 computes each segment's state sums
+// in parallel, the segments' sums are added up, pass 2 runs the segments in parallel. Parameter
+// gradients go to one slot per (batch, head, segment) and are summed in a fixed order afterwards:
+// bit-identical results run to run at a fixed thread count (causal: at any thread count).
 //
 // Responsibilities. s[i,k] = log_norm[k] - 0.5 Q[i,k], Q = sum_d lam (x - mu)^2, computed per
 // chunk as Q = sum_d (a x' - b)^2 with a = sqrt(lam), x' = x - c (c: the chunk's mean), and
@@ -46,6 +45,7 @@
 #include <initializer_list>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <numeric>
 #include <stdexcept>
 #include <thread>
@@ -305,7 +305,7 @@ inline Plan make_plan(int64_t B, int64_t H, int64_t nchunks, int requested) {
     }
   } else {
     // Too few pairs (or an uneven split): cut each pair into segments of chunks, two-pass scans
-    // (the causal forward runs a relay instead, see Relay);
+    // (the causal scans run relays instead, see Relay);
     // the fewest segments giving a multiple of the thread count and four tasks per thread (a
     // segment costs little more than its share of the work, and the two passes each end at a
     // barrier: finer tasks leave less idle time there when a thread is held up).
@@ -379,52 +379,6 @@ inline void wait_at_least(const std::atomic<int64_t>& value, int64_t want) {
     }
   }
 }
-
-// A causal scan over fewer (batch, head) pairs than threads, run as a relay: the threads take the
-// chunks in order (the pairs' chunks interleaved) from one counter. A chunk computes what does not
-// need the running state (its responsibilities, the sums it adds to the state), then waits for its
-// pair's state before it, hands on the state after it (before + its sums: the compensated
-// additions of one thread's scan, in the same order, so results are bit-identical whatever the
-// thread count) and finishes from its copy of the state before. Only the hand-over is serial:
-// no second pass over the keys, no stored state per chunk.
-// Each pair has two state slots, the state before chunk c in slot c % 2: chunk c writes the slot
-// of c + 1, which chunk c - 1 had copied before handing on.
-template <class Acc>
-class Relay {
- public:
-  Relay(int64_t pairs, int64_t nchunks, int64_t state_size)
-      : pairs_(pairs), nchunks_(nchunks), size_(state_size), slots_(pairs * 2 * state_size, Acc(0)),
-        ready_(new Ready[pairs]) {}
-  // Task t is chunk t / pairs of pair t % pairs: every chunk is handed out after the one before.
-  void task(int64_t t, int64_t& pair, int64_t& chunk) const {
-    pair = t % pairs_;
-    chunk = t / pairs_;
-  }
-  // The state before chunk c of a pair (the caller sets c = 0 before running), and after it.
-  Acc* before(int64_t pair, int64_t c) { return slots_.data() + (pair * 2 + c % 2) * size_; }
-  Acc* after(int64_t pair, int64_t c) { return before(pair, c + 1); }
-  void wait(int64_t pair, int64_t c) const { wait_at_least(ready_[pair].chunk, c); }
-  void hand_on(int64_t pair, int64_t c) { ready_[pair].chunk.store(c + 1, std::memory_order_release); }
-  // Runs body(t) for every task on nt threads, each taking the next task from the counter.
-  template <class Body>
-  void run(int nt, Body& body) {
-    std::atomic<int64_t> next{0};
-    const int64_t tasks = pairs_ * nchunks_;
-#pragma omp parallel num_threads(nt)
-    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < tasks;
-         t = next.fetch_add(1, std::memory_order_relaxed)) {
-      body(t);
-    }
-  }
-
- private:
-  struct alignas(64) Ready {        // a cache line each: the pairs' hand-overs do not contend
-    std::atomic<int64_t> chunk{0};  // the states before chunks [0, chunk] are ready
-  };
-  int64_t pairs_, nchunks_, size_;
-  std::vector<Acc> slots_;
-  std::unique_ptr<Ready[]> ready_;
-};
 
 template <class Acc>
 struct Head {
@@ -965,7 +919,7 @@ void density_tile(int64_t n, int64_t Dp, const Acc* x, const Acc* ds, int64_t Kp
 template <class Acc>
 struct ParamSums {
   static int64_t size(const Shape& s) { return 2 * s.K * s.Dp + s.Kp; }
-  Acc* lane;  // 2 * size values
+  Acc* lane;  // 2 * size values; nullptr: the chunk's sums are left to the caller
 };
 
 template <class Acc>
@@ -990,7 +944,7 @@ void density_backward(const Head<Acc>& hd, const Shape& s, const Acc* x, const A
 #pragma omp simd
     for (int64_t k = 0; k < Kp; ++k) ds_sum[k] += ds[r * Kp + k];
   }
-  add_compensated(sums.lane, sums.lane + size, chunk_sums, size);
+  if (sums.lane) add_compensated(sums.lane, sums.lane + size, chunk_sums, size);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1047,6 +1001,116 @@ void set_state(const Shape& s, const Acc* from, Acc* state) {
   std::copy(from, from + SZ, state);
   std::fill(state + SZ, state + 2 * SZ, Acc(0));
 }
+
+struct NoCombine {  // a relay without partials (Relay::run)
+  template <class P>
+  void operator()(int64_t, const P*) const {}
+};
+
+// A causal scan over fewer (batch, head) pairs than threads, run as a relay: the threads take the
+// work in order from one counter, a task being a block of kRelayChunks chunks of one pair (the
+// pairs interleaved). A task first forms what each of its chunks adds to the running state
+// (`sums`: needs no state), then waits for its pair's state before the block, keeps the state
+// before each chunk, hands on the state after the block, and does the chunks' work from those
+// states (`work`). The state is summed with the compensated additions of one thread's scan, in the
+// same order, so results are bit-identical whatever the thread count; only the hand-over is serial
+// (one per block: the state, 2 (SS + Kp) values, crossing between cores). A reverse relay scans
+// from the last chunk back. Each pair has two state slots, the state before block j in slot j % 2:
+// block j writes the slot of j + 1, which block j - 1 had copied before handing on.
+//
+// With `combine`, each chunk's work also leaves `partial_size` values (the backward's parameter
+// sums) that combine(pair, partial) takes in scan order, as one thread's scan would: a finished
+// block parks them in a ring of its pair, and whoever finishes the block next in line combines
+// every parked block that is then in order (under the pair's lock), so no thread waits for
+// another to finish its work.
+template <class Acc>
+class Relay {
+ public:
+  Relay(const Shape& s, int nt, bool reverse, int64_t partial_size = 0)
+      : s_(s), nt_(nt), reverse_(reverse), pairs_(s.B * s.H), nblocks_((s.nchunks + kRelayChunks - 1) / kRelayChunks),
+        size_(2 * (s.Kp * s.Dvp + s.Kp)), partial_size_(partial_size),
+        ring_(std::min<int64_t>(nblocks_, 2 * static_cast<int64_t>(nt) + 2)), slots_(pairs_ * 2 * size_, Acc(0)),
+        sync_(new PairSync[pairs_]), kept_(nt, std::vector<Acc>((2 * kRelayChunks + 2) * size_ / 2)) {
+    if (partial_size_ > 0) {
+      parked_.resize(pairs_ * ring_ * kRelayChunks * partial_size_);
+      parked_block_.reset(new std::atomic<int64_t>[pairs_ * ring_]);
+      for (int64_t i = 0; i < pairs_ * ring_; ++i) parked_block_[i].store(-1, std::memory_order_relaxed);
+    }
+  }
+  // The state before the scan (value: SS + Kp values) of a pair, to be set before run(); after
+  // run(), the state after the scan.
+  Acc* start(int64_t pair) { return slot(pair, 0); }
+  const Acc* end(int64_t pair) { return slot(pair, nblocks_); }
+  // sums(thread, pair, chunk, delta): the chunk's SS + Kp sums into delta (chunk_state_sums);
+  // work(thread, pair, chunk, state, j, partial): the chunk's work from the state before it (in
+  // scan order), j its place in the block, partial its partial_size values (nullptr: none);
+  // combine(pair, partial), in scan order (nullptr: none).
+  template <class Sums, class Work, class Combine>
+  void run(Sums& sums, Work& work, Combine* combine) {
+    std::atomic<int64_t> next{0};
+    const int64_t tasks = pairs_ * nblocks_, SZ = size_ / 2;
+#pragma omp parallel num_threads(nt_)
+    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < tasks;
+         t = next.fetch_add(1, std::memory_order_relaxed)) {
+      const int64_t pair = t % pairs_, blk = t / pairs_, thread = omp_get_thread_num();
+      const int64_t p0 = blk * kRelayChunks, p1 = std::min(s_.nchunks, p0 + kRelayChunks);
+      Acc* delta = kept_[thread].data();        // per chunk: its sums (SZ)
+      Acc* before = delta + kRelayChunks * SZ;  // per chunk: the state before it (SZ)
+      Acc* run = before + kRelayChunks * SZ;    // the running state (2 SZ)
+      for (int64_t p = p0; p < p1; ++p) sums(thread, pair, chunk(p), delta + (p - p0) * SZ);
+      PairSync& sync = sync_[pair];
+      wait_at_least(sync.handed, blk);
+      std::copy(slot(pair, blk), slot(pair, blk) + size_, run);  // (the slot is rewritten two blocks on)
+      for (int64_t p = p0; p < p1; ++p) {
+        std::copy(run, run + SZ, before + (p - p0) * SZ);
+        add_state(s_, run, delta + (p - p0) * SZ, run);
+      }
+      std::copy(run, run + size_, slot(pair, blk + 1));
+      sync.handed.store(blk + 1, std::memory_order_release);
+      Acc* parked = nullptr;
+      if (combine) {
+        wait_at_least(sync.combined, blk - ring_ + 1);  // the ring slot's last block is combined
+        parked = parked_of(pair, blk);
+      }
+      for (int64_t p = p0; p < p1; ++p) {
+        work(thread, pair, chunk(p), before + (p - p0) * SZ, p - p0,
+             parked ? parked + (p - p0) * partial_size_ : nullptr);
+      }
+      if (combine) {
+        parked_block_[pair * ring_ + blk % ring_].store(blk, std::memory_order_release);
+        std::lock_guard<std::mutex> hold(sync.lock);
+        for (int64_t b = sync.combined.load(std::memory_order_relaxed);
+             b < nblocks_ && parked_block_[pair * ring_ + b % ring_].load(std::memory_order_acquire) == b; ++b) {
+          const int64_t n = std::min(s_.nchunks, (b + 1) * kRelayChunks) - b * kRelayChunks;
+          for (int64_t j = 0; j < n; ++j) (*combine)(pair, parked_of(pair, b) + j * partial_size_);
+          sync.combined.store(b + 1, std::memory_order_release);
+        }
+      }
+      stream_fence();  // outputs written with streaming stores (stream_copy) are visible
+    }
+  }
+
+ private:
+  struct PairSync {
+    alignas(64) std::atomic<int64_t> handed{0};    // blocks that handed on their state
+    alignas(64) std::atomic<int64_t> combined{0};  // blocks whose partials are combined
+    std::mutex lock;                               // held to combine
+  };
+  int64_t chunk(int64_t p) const { return reverse_ ? s_.nchunks - 1 - p : p; }
+  Acc* slot(int64_t pair, int64_t blk) { return slots_.data() + (pair * 2 + blk % 2) * size_; }
+  Acc* parked_of(int64_t pair, int64_t blk) {
+    return parked_.data() + (pair * ring_ + blk % ring_) * kRelayChunks * partial_size_;
+  }
+  const Shape& s_;
+  int nt_;
+  bool reverse_;
+  int64_t pairs_, nblocks_, size_, partial_size_, ring_;
+  std::vector<Acc> slots_;
+  std::unique_ptr<PairSync[]> sync_;
+  std::vector<std::vector<Acc>> kept_;  // per thread: a block's sums and states
+  std::vector<Acc> parked_;             // per pair: ring_ blocks of partials
+  std::unique_ptr<std::atomic<int64_t>[]> parked_block_;  // the block parked in each ring slot
+};
 
 // to += the running state of lane `lane` in `sums` (2 (SS + Kp) values per lane): its SS + Kp
 // sums, without their compensation terms.
@@ -1137,52 +1201,30 @@ void forward_typed(const ForwardArgs& a) {
   };
 
   if (causal && pl.segs > 1) {  // fewer pairs than threads (or an uneven split): a relay
-    // A relay task is a block of kRelayChunks chunks: one hand-over (the state crossing between
-    // cores, 2 (SS + Kp) values) per block rather than per chunk. Each thread keeps the block's
-    // keys, values, sums and states before each chunk.
-    const int64_t nblocks = (s.nchunks + kRelayChunks - 1) / kRelayChunks;
-    const int64_t per_chunk = C * Kp + C * Dvp + 2 * SZ;  // gk, v, delta, S before
-    std::vector<std::vector<Acc>> kept(pl.nt, std::vector<Acc>(kRelayChunks * per_chunk));
-    Relay<Acc> relay(s.B * s.H, nblocks, 2 * SZ);
+    // Each thread keeps its block's key responsibilities and values (C x Kp, C x Dvp per chunk).
+    std::vector<std::vector<Acc>> kept(pl.nt, std::vector<Acc>(kRelayChunks * C * (Kp + Dvp)));
+    auto keys_of = [&](int64_t thread, int64_t c) { return kept[thread].data() + c % kRelayChunks * C * (Kp + Dvp); };
+    Relay<Acc> relay(s, pl.nt, false);
     for (int64_t pair = 0; pair < s.B * s.H; ++pair) {
-      Acc* S = relay.before(pair, 0);
+      Acc* S = relay.start(pair);
       read_state(a.S0, a.z0, pair / s.H, pair % s.H, K, Dv, Kp, Dvp, S, S + SS);
     }
-    auto block = [&](int64_t t) {
-      int64_t pair, blk;
-      relay.task(t, pair, blk);
-      const int64_t b = pair / s.H, h = pair % s.H;
-      const int64_t c0 = blk * kRelayChunks, c1 = std::min(s.nchunks, c0 + kRelayChunks);
-      Workspace<Acc>& w = ws[omp_get_thread_num()];
-      Acc* gk = kept[omp_get_thread_num()].data();
-      Acc* v = gk + kRelayChunks * C * Kp;
-      Acc* delta = v + kRelayChunks * C * Dvp;
-      Acc* S = delta + kRelayChunks * SZ;
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t j = c - c0, row0 = c * C, n = std::min(C, N - row0);
-        route_keys(w, heads[h], b, h, row0, n, gk + j * C * Kp, v + j * C * Dvp);
-        chunk_state_sums<Acc>(s, gk + j * C * Kp, v + j * C * Dvp, nullptr, n, delta + j * SZ);
-      }
-      relay.wait(pair, blk);
-      // The running state through the block, in w.lstate; the state before each chunk kept.
-      Acc* run = w.lstate.data();
-      const Acc* before = relay.before(pair, blk);
-      std::copy(before, before + 2 * SZ, run);  // (the slot is rewritten two blocks on)
-      for (int64_t c = c0; c < c1; ++c) {
-        std::copy(run, run + SZ, S + (c - c0) * SZ);
-        add_state(s, run, delta + (c - c0) * SZ, run);
-      }
-      Acc* after = relay.after(pair, blk);
-      std::copy(run, run + 2 * SZ, after);
-      if (c1 == s.nchunks) write_state(a.S_final, a.z_final, b, h, K, Dv, Dvp, run, run + SS);
-      relay.hand_on(pair, blk);
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t j = c - c0, row0 = c * C, n = std::min(C, N - row0);
-        read_out(w, heads[h], b, h, row0, n, S + j * SZ, gk + j * C * Kp, v + j * C * Dvp);
-      }
-      stream_fence();  // outputs written with streaming stores (stream_copy) are visible
+    auto sums = [&](int64_t thread, int64_t pair, int64_t c, Acc* delta) {
+      const int64_t b = pair / s.H, h = pair % s.H, row0 = c * C, n = std::min(C, N - row0);
+      Acc* gk = keys_of(thread, c);
+      route_keys(ws[thread], heads[h], b, h, row0, n, gk, gk + C * Kp);
+      chunk_state_sums<Acc>(s, gk, gk + C * Kp, nullptr, n, delta);
     };
-    relay.run(pl.nt, block);
+    auto work = [&](int64_t thread, int64_t pair, int64_t c, const Acc* S, int64_t, Acc*) {
+      const int64_t b = pair / s.H, h = pair % s.H, row0 = c * C, n = std::min(C, N - row0);
+      const Acc* gk = keys_of(thread, c);
+      read_out(ws[thread], heads[h], b, h, row0, n, S, gk, gk + C * Kp);
+    };
+    relay.run(sums, work, static_cast<NoCombine*>(nullptr));
+    for (int64_t pair = 0; pair < s.B * s.H; ++pair) {
+      const Acc* S = relay.end(pair);
+      write_state(a.S_final, a.z_final, pair / s.H, pair % s.H, K, Dv, Dvp, S, S + SS);
+    }
     return;
   }
 
@@ -1307,12 +1349,13 @@ void backward_typed(const BackwardArgs& a) {
   };
   // dGq -> ds (softmax backward) -> dq and parameter sums; likewise dGk -> dk.
   // `ahead`: rows of the chunk computed next, fetched meanwhile.
+  // The chunk's parameter sums go to `sums` (its lane), or with sums.lane = nullptr stay in psum.
   auto finish = [&](Workspace<Acc>& w, const Head<Acc>& hd, const View& x_in, const View& dx_out, Acc* gamma,
                     Acc* dgamma, Acc* xbuf, int64_t b, int64_t h, int64_t row0, int64_t n, ParamSums<Acc> sums,
-                    const Ahead& ahead) {
+                    const Ahead& ahead, Acc* psum) {
     softmax_backward(gamma, dgamma, n, K, Kp);
     gather_rows<T>(x_in, b, h, row0, n, D, xbuf, Dp, n);
-    density_backward(hd, s, xbuf, dgamma, n, w.dx, sums, w.psum, ahead);
+    density_backward(hd, s, xbuf, dgamma, n, w.dx, sums, psum, ahead);
     scatter_rows<T>(dx_out, b, h, row0, n, D, w.dx, Dp);
   };
   // dGq += dden z^T (dGq holds dnum S^T).
@@ -1384,7 +1427,7 @@ void backward_typed(const BackwardArgs& a) {
         gemm(n, Kp / W, Dvp, w.dnum, Dvp, 1, w.lST.data() + (h - h0) * SS, Kp, w.dgq, Kp, false);  // dnum S^T
         add_dden_z(w, n, pair_state(state, b, h) + SS);
         finish(w, heads[h], a.q, a.dq, w.gq, w.dgq, w.xq, b, h, row0, n, sums_of(ln),
-               Ahead::of<T>({{&a.dout, Dv}, {&a.out, Dv}, {&a.q, D}}, b, h, row0 + C, N, C));
+               Ahead::of<T>({{&a.dout, Dv}, {&a.out, Dv}, {&a.q, D}}, b, h, row0 + C, N, C), w.psum);
       });
     };
     auto grad_totals = [&](int64_t b, int64_t h) {
@@ -1400,105 +1443,143 @@ void backward_typed(const BackwardArgs& a) {
         key_grads(w, b, h, row0, n, pair_state(dstate, b, h), w.ldST.data() + (h - h0) * SS);
         scatter_rows<T>(a.dv, b, h, row0, n, Dv, w.num, Dvp);
         finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, sums_of(ln),
-               Ahead::of<T>({{&a.v, Dv}, {&a.k, D}}, b, h, row0 + C, N, C));  // masked rows: gk = 0, ds = 0
+               Ahead::of<T>({{&a.v, Dv}, {&a.k, D}}, b, h, row0 + C, N, C), w.psum);  // masked: gk = 0, ds = 0
       });
     };
     run_passes(pl, true, query_pass, grad_totals, key_pass);
   } else {
-    const bool two_pass = pl.segs > 1;
-    // Zero from construction; each lane is summed by one task.
-    std::vector<Acc> seg(two_pass ? pl.lanes * 2 * SZ : 0), seg_d(two_pass ? pl.lanes * 2 * SZ : 0);
-    // Pass 1 (cut into segments): each lane's sums S = Gk^T V, z and dS = Gq^T dnum, dz = Gq^T dden.
-    auto pass1 = [&](int64_t task) {
-      Workspace<Acc>& w = ws[omp_get_thread_num()];
-      for_each_chunk(pl, s, task, [&](int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
+    // Causal: a forward scan (the state before each chunk -> dGq -> dq), then a reverse scan (the
+    // gradient state after each chunk -> dGk, dv -> dk). Per chunk:
+    // The query side from the state S before the chunk; leaves the chunk's Gk, v in w.gk, w.v.
+    auto query_chunk = [&](Workspace<Acc>& w, int64_t b, int64_t h, int64_t row0, int64_t n, const Acc* S,
+                           ParamSums<Acc> sums, Acc* psum) {
+      load_keys(w, b, h, row0, n);
+      load_grads(w, b, h, row0, n, false);  // computes dden, kept in dden_store for the key side
+      affinity_grad(w, n);
+      gemm(n, Kp / W, n, w.Bm, C, 1, w.gk, Kp, w.dgq, Kp, false, Tri::kDepthLower);  // Bm Gk
+      transpose(Kp, Dvp, S, Dvp, w.ST, Kp);
+      gemm(n, Kp / W, Dvp, w.dnum, Dvp, 1, w.ST, Kp, w.dgq, Kp, true);  // dnum S^T
+      add_dden_z(w, n, S + SS);
+      finish(w, heads[h], a.q, a.dq, w.gq, w.dgq, w.xq, b, h, row0, n, sums,
+             Ahead::of<T>({{&a.v, Dv}, {&a.dout, Dv}, {&a.q, D}, {&a.out, Dv}}, b, h, row0 + C, N, C), psum);
+    };
+    // The key side from the gradient state dS after the chunk; leaves the chunk's Gq, dnum, dden in
+    // the workspace.
+    auto key_chunk = [&](Workspace<Acc>& w, int64_t b, int64_t h, int64_t row0, int64_t n, const Acc* dS,
+                         ParamSums<Acc> sums, Acc* psum) {
+      const int64_t ncv = round_up(n, W) / W;
+      load_keys(w, b, h, row0, n);
+      load_grads(w, b, h, row0, n, true);
+      affinity_grad(w, n);
+      transpose(Kp, Dvp, dS, Dvp, w.dST, Kp);
+      key_grads(w, b, h, row0, n, dS, w.dST);
+      gemm(n, Kp / W, n, w.Bm, 1, C, w.gq, Kp, w.dgk, Kp, true, Tri::kDepthUpper);  // + Bm^T Gq
+      transpose(C, Kp, w.gk, Kp, w.gkT, C);
+      gemm(n, ncv, Kp, w.gq, Kp, 1, w.gkT, C, w.A, C, false, Tri::kOutLower);  // A = tril(Gq Gk^T)
+      keep_lower(w.A, n, C);
+      gemm(n, Dvp / W, n, w.A, 1, C, w.dnum, Dvp, w.num, Dvp, true, Tri::kDepthUpper);  // dv += A^T dnum
+      scatter_rows<T>(a.dv, b, h, row0, n, Dv, w.num, Dvp);
+      // masked rows: gk = 0, hence ds = 0
+      finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, sums,
+             Ahead::of<T>({{&a.v, Dv}, {&a.dout, Dv}, {&a.k, D}}, b, h, row0 - C, N, C), psum);
+    };
+
+    if (pl.segs > 1) {
+      // Fewer pairs than threads (or an uneven split): the two scans as relays. Each chunk's
+      // parameter sums are its partial, combined into the pair's lane in scan order: the
+      // additions of one thread's scans.
+      auto add_sums = [&](int64_t pair, const Acc* partial) {
+        const ParamSums<Acc> lane = sums_of(pl.lane(pair / s.H, pair % s.H, 0));
+        add_compensated(lane.lane, lane.lane + slot, partial, slot);
+      };
+      auto pos = [&](int64_t pair, int64_t c, int64_t& b, int64_t& h, int64_t& row0, int64_t& n) {
+        b = pair / s.H;
+        h = pair % s.H;
+        row0 = c * C;
+        n = std::min(C, N - row0);
+      };
+      Relay<Acc> forward_scan(s, pl.nt, false, slot);
+      for (int64_t pair = 0; pair < s.B * s.H; ++pair) {
+        Acc* S = forward_scan.start(pair);
+        read_state(a.S0, a.z0, pair / s.H, pair % s.H, K, Dv, Kp, Dvp, S, S + SS);
+      }
+      auto key_sums = [&](int64_t thread, int64_t pair, int64_t c, Acc* delta) {
+        int64_t b, h, row0, n;
+        pos(pair, c, b, h, row0, n);
+        Workspace<Acc>& w = ws[thread];
         load_keys(w, b, h, row0, n);
-        load_grads(w, b, h, row0, n, false);
-        accumulate_state(s, w.gk, w.v, n, seg.data() + ln * 2 * SZ, w.delta);
-        state_grad_update(w, n, seg_d.data() + ln * 2 * SZ);
-      });
-    };
+        chunk_state_sums<Acc>(s, w.gk, w.v, nullptr, n, delta);
+      };
+      auto query_work = [&](int64_t thread, int64_t pair, int64_t c, const Acc* S, int64_t, Acc* partial) {
+        int64_t b, h, row0, n;
+        pos(pair, c, b, h, row0, n);
+        query_chunk(ws[thread], b, h, row0, n, S, ParamSums<Acc>{nullptr}, partial);
+      };
+      forward_scan.run(key_sums, query_work, &add_sums);
 
-    // Per lane: the state before its first chunk (S, z) and the state gradient after its last
-    // chunk (dS, dz).
-    std::vector<Acc> start(pl.lanes * SZ), end_d(pl.lanes * SZ);
-    auto starts = [&](int64_t b, int64_t h) {
-      std::vector<Acc> run(SZ), run_d(SZ);
-      read_state(a.S0, a.z0, b, h, K, Dv, Kp, Dvp, run.data(), run.data() + SS);
-      read_state(a.dS_final, a.dz_final, b, h, K, Dv, Kp, Dvp, run_d.data(), run_d.data() + SS);
-      for (int64_t sg = 0; sg < pl.segs; ++sg) {
-        const int64_t ln = pl.lane(b, h, sg);
-        std::copy(run.begin(), run.end(), start.begin() + ln * SZ);
-        if (two_pass) add_lane_state(s, seg, ln, run.data());
+      Relay<Acc> reverse_scan(s, pl.nt, true, slot);
+      for (int64_t pair = 0; pair < s.B * s.H; ++pair) {
+        Acc* dS = reverse_scan.start(pair);
+        read_state(a.dS_final, a.dz_final, pair / s.H, pair % s.H, K, Dv, Kp, Dvp, dS, dS + SS);
       }
-      for (int64_t sg = pl.segs - 1; sg >= 0; --sg) {
-        const int64_t ln = pl.lane(b, h, sg);
-        std::copy(run_d.begin(), run_d.end(), end_d.begin() + ln * SZ);
-        if (two_pass) add_lane_state(s, seg_d, ln, run_d.data());
+      auto grad_sums = [&](int64_t thread, int64_t pair, int64_t c, Acc* delta) {
+        int64_t b, h, row0, n;
+        pos(pair, c, b, h, row0, n);
+        Workspace<Acc>& w = ws[thread];
+        load_grads(w, b, h, row0, n, true);
+        chunk_state_sums<Acc>(s, w.gq, w.dnum, w.dden, n, delta);
+      };
+      auto key_work = [&](int64_t thread, int64_t pair, int64_t c, const Acc* dS, int64_t, Acc* partial) {
+        int64_t b, h, row0, n;
+        pos(pair, c, b, h, row0, n);
+        key_chunk(ws[thread], b, h, row0, n, dS, ParamSums<Acc>{nullptr}, partial);
+      };
+      reverse_scan.run(grad_sums, key_work, &add_sums);
+      for (int64_t pair = 0; pair < s.B * s.H; ++pair) {
+        const Acc* dS = reverse_scan.end(pair);
+        write_state(a.dS0, a.dz0, pair / s.H, pair % s.H, K, Dv, Dvp, dS, dS + SS);
       }
-      if (two_pass) write_state(a.dS0, a.dz0, b, h, K, Dv, Dvp, run_d.data(), run_d.data() + SS);
-    };
-
-    // Pass 2: a forward scan (prefix state before each chunk -> dGq -> dq), then a reverse scan
-    // (suffix gradient state after each chunk -> dGk, dv -> dk).
-    auto pass2 = [&](int64_t task) {
-      int64_t b, h0, sg;
-      pl.task(task, b, h0, sg);
-      Workspace<Acc>& w = ws[omp_get_thread_num()];
-      for (int64_t l = 0; l < G; ++l) {
-        const int64_t ln = pl.lane(b, h0 + l, sg);
-        set_state(s, start.data() + ln * SZ, w.lstate.data() + l * 2 * SZ);
-        set_state(s, end_d.data() + ln * SZ, w.ldstate.data() + l * 2 * SZ);
-      }
-      for (int64_t c = pl.first(sg); c < pl.last(sg); ++c) {
-        const int64_t row0 = c * C, n = std::min(C, N - row0);
+    } else {
+      // A task owns whole sequences: both scans in one go, the state carried from chunk to chunk.
+      auto scans = [&](int64_t task) {
+        int64_t b, h0, sg;
+        pl.task(task, b, h0, sg);
+        Workspace<Acc>& w = ws[omp_get_thread_num()];
         for (int64_t l = 0; l < G; ++l) {
-          const int64_t h = h0 + l;
           Acc* S = w.lstate.data() + l * 2 * SZ;
-          load_keys(w, b, h, row0, n);
-          load_grads(w, b, h, row0, n, two_pass);  // pass 1 computed dden
-          affinity_grad(w, n);
-          gemm(n, Kp / W, n, w.Bm, C, 1, w.gk, Kp, w.dgq, Kp, false, Tri::kDepthLower);  // Bm Gk
-          transpose(Kp, Dvp, S, Dvp, w.ST, Kp);
-          gemm(n, Kp / W, Dvp, w.dnum, Dvp, 1, w.ST, Kp, w.dgq, Kp, true);  // dnum S^T
-          add_dden_z(w, n, S + SS);
-          finish(w, heads[h], a.q, a.dq, w.gq, w.dgq, w.xq, b, h, row0, n, sums_of(pl.lane(b, h, sg)),
-                 Ahead::of<T>({{&a.v, Dv}, {&a.dout, Dv}, {&a.q, D}, {&a.out, two_pass ? 0 : Dv}}, b, h, row0 + C,
-                              N, C));
-          accumulate_state(s, w.gk, w.v, n, S, w.delta);
-        }
-      }
-      for (int64_t c = pl.last(sg) - 1; c >= pl.first(sg); --c) {
-        const int64_t row0 = c * C, n = std::min(C, N - row0);
-        const int64_t ncv = round_up(n, W) / W;
-        for (int64_t l = 0; l < G; ++l) {
-          const int64_t h = h0 + l;
           Acc* dS = w.ldstate.data() + l * 2 * SZ;
-          load_keys(w, b, h, row0, n);
-          load_grads(w, b, h, row0, n, true);
-          affinity_grad(w, n);
-          transpose(Kp, Dvp, dS, Dvp, w.dST, Kp);
-          key_grads(w, b, h, row0, n, dS, w.dST);
-          gemm(n, Kp / W, n, w.Bm, 1, C, w.gq, Kp, w.dgk, Kp, true, Tri::kDepthUpper);  // + Bm^T Gq
-          transpose(C, Kp, w.gk, Kp, w.gkT, C);
-          gemm(n, ncv, Kp, w.gq, Kp, 1, w.gkT, C, w.A, C, false, Tri::kOutLower);  // A = tril(Gq Gk^T)
-          keep_lower(w.A, n, C);
-          gemm(n, Dvp / W, n, w.A, 1, C, w.dnum, Dvp, w.num, Dvp, true, Tri::kDepthUpper);  // dv += A^T dnum
-          scatter_rows<T>(a.dv, b, h, row0, n, Dv, w.num, Dvp);
-          // masked rows: gk = 0, hence ds = 0
-          finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, sums_of(pl.lane(b, h, sg)),
-                 Ahead::of<T>({{&a.v, Dv}, {&a.dout, Dv}, {&a.k, D}}, b, h, row0 - C, N, C));
-          state_grad_update(w, n, dS);
+          read_state(a.S0, a.z0, b, h0 + l, K, Dv, Kp, Dvp, S, S + SS);
+          read_state(a.dS_final, a.dz_final, b, h0 + l, K, Dv, Kp, Dvp, dS, dS + SS);
+          std::fill(S + SZ, S + 2 * SZ, Acc(0));  // no compensation yet
+          std::fill(dS + SZ, dS + 2 * SZ, Acc(0));
         }
-      }
-      if (pl.segs == 1) {
+        for (int64_t c = 0; c < s.nchunks; ++c) {
+          const int64_t row0 = c * C, n = std::min(C, N - row0);
+          for (int64_t l = 0; l < G; ++l) {
+            Acc* S = w.lstate.data() + l * 2 * SZ;
+            query_chunk(w, b, h0 + l, row0, n, S, sums_of(pl.lane(b, h0 + l, sg)), w.psum);
+            accumulate_state(s, w.gk, w.v, n, S, w.delta);
+          }
+        }
+        for (int64_t c = s.nchunks - 1; c >= 0; --c) {
+          const int64_t row0 = c * C, n = std::min(C, N - row0);
+          for (int64_t l = 0; l < G; ++l) {
+            Acc* dS = w.ldstate.data() + l * 2 * SZ;
+            key_chunk(w, b, h0 + l, row0, n, dS, sums_of(pl.lane(b, h0 + l, sg)), w.psum);
+            state_grad_update(w, n, dS);
+          }
+        }
         for (int64_t l = 0; l < G; ++l) {
           const Acc* dS = w.ldstate.data() + l * 2 * SZ;
           write_state(a.dS0, a.dz0, b, h0 + l, K, Dv, Dvp, dS, dS + SS);
         }
+      };
+#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
+      for (int64_t task = 0; task < pl.tasks; ++task) {
+        scans(task);
+        stream_fence();
       }
-    };
-    run_passes(pl, two_pass, pass1, starts, pass2);
+    }
   }
 
   // Parameter gradients: sum the lane slots of each head in a fixed order.
