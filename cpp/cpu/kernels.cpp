@@ -412,28 +412,33 @@ struct Head {
     for (int64_t k = 0; k < K; ++k) asum += std::exp(static_cast<double>(*at<const Acc>(alpha_v, h, k)) - amax);
     const double log_z = amax + std::log(asum);
     std::vector<double> ln0d(K);
+    // A row of omega at a time: softplus and sigmoid a vector at a time (the transcendentals
+    // dominate the set-up), padding lanes zero.
+    constexpr int W = Simd<Acc>::W;
+    std::vector<Acc> omega(Dp, Acc(0)), sigma2(Dp), sig(Dp);
     for (int64_t k = 0; k < K; ++k) {
       const double logpi = static_cast<double>(*at<const Acc>(alpha_v, h, k)) - log_z;
       pi[k] = static_cast<Acc>(std::exp(logpi));
-      double log_det = 0;
+      for (int64_t d = 0; d < D; ++d) omega[d] = *at<const Acc>(omega_v, h, k, d);
+      for (int64_t d = 0; d < Dp; d += W) {
+        VecT<Acc> sp, sg;
+        softplus_sigmoid<Acc>(loadu(omega.data() + d), sp, sg);
+        storeu(sigma2.data() + d, sp + static_cast<Acc>(sigma_eps));
+        storeu(sig.data() + d, sg);
+      }
       Acc lm = 0;
       for (int64_t d = 0; d < D; ++d) {
-        const Acc w = *at<const Acc>(omega_v, h, k, d);
-        // softplus(w) and sigmoid(w) from one exp(-|w|) (stable for any w)
-        const Acc e = std::exp(-std::fabs(w));
-        const Acc sigma2 = (w > Acc(0) ? w : Acc(0)) + std::log1p(e) + static_cast<Acc>(sigma_eps);
         const Acc m = *at<const Acc>(mu_v, h, k, d);
-        const Acc l = Acc(1) / sigma2;
+        const Acc l = Acc(1) / sigma2[d];
         mu[k * Dp + d] = m;
         lam[k * Dp + d] = l;
         muT[d * Kp + k] = m;
         lamT[d * Kp + k] = l;
         aT[d * Kp + k] = std::sqrt(l);
-        dsigma2_domega[k * D + d] = w >= Acc(0) ? Acc(1) / (Acc(1) + e) : e / (Acc(1) + e);
-        log_det += std::log(static_cast<double>(sigma2));
+        dsigma2_domega[k * D + d] = sig[d];
         lm = std::max(lm, l);
       }
-      ln0d[k] = logpi - 0.5 * log_det;
+      ln0d[k] = logpi - 0.5 * sum_log(sigma2.data(), D);
       lmax[k] = lm;
       lmax_all = std::max(lmax_all, lm);
     }

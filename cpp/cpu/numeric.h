@@ -1,5 +1,6 @@
-// Scalar helpers shared by the CPU kernels: storage conversions for 16-bit floats, stable
-// softplus/sigmoid, compensated addition (the vectorised exp is in simd.h). Header-only so every ISA build inlines them.
+// Scalar helpers shared by the CPU kernels: storage conversions for 16-bit floats, sums of
+// logarithms, compensated addition (vectorised exp and softplus are in simd.h). Header-only so
+// every ISA build inlines them.
 #pragma once
 
 #ifndef GMATTN_ISA
@@ -95,15 +96,23 @@ inline bf16_t store_as<bf16_t, float>(float x) { return to_bf16(x); }
 template <>
 inline f16_t store_as<f16_t, float>(float x) { return to_f16(x); }
 
+// sum_i log(x[i]) in double, for x > 0: one logarithm per product of up to eight values (the
+// product rounded like one more addition would be), per value where a product leaves [1e-300,
+// 1e300] (or is NaN or infinite).
 template <class Acc>
-inline Acc softplus(Acc w) {
-  return (w > Acc(0) ? w : Acc(0)) + std::log1p(std::exp(-std::fabs(w)));
-}
-template <class Acc>
-inline Acc sigmoid(Acc w) {
-  if (w >= Acc(0)) return Acc(1) / (Acc(1) + std::exp(-w));
-  const Acc e = std::exp(w);
-  return e / (Acc(1) + e);
+inline double sum_log(const Acc* x, int64_t n) {
+  double total = 0;
+  for (int64_t i = 0; i < n; i += 8) {
+    const int64_t m = n - i < 8 ? n - i : 8;
+    double p = 1;
+    for (int64_t j = 0; j < m; ++j) p *= static_cast<double>(x[i + j]);
+    if (p > 1e-300 && p < 1e300) {
+      total += std::log(p);
+    } else {
+      for (int64_t j = 0; j < m; ++j) total += std::log(static_cast<double>(x[i + j]));
+    }
+  }
+  return total;
 }
 
 // sum[i] += x[i] for i < n, compensated (Kahan): comp[i] holds the rounding error of the

@@ -238,6 +238,26 @@ inline VecT<double> exp_nonpositive(VecT<double> x) {
   return r;
 }
 
+// softplus(w) = max(w, 0) + log1p(e) and sigmoid(w) = (w >= 0 ? 1 : e) / (1 + e), both from
+// e = exp(-|w|) (stable for any w). log1p(e) for 0 < e <= 1 as 2 atanh(s), s = e / (2 + e) <= 1/3:
+// the odd series 2 s (1 + s^2/3 + s^4/5 + ...), cut where its rest is below the type's rounding
+// (7 terms for float: (1/9)^7 / 15 < 2e-8; 17 for double).
+template <class Acc>
+inline void softplus_sigmoid(VecT<Acc> w, VecT<Acc>& softplus, VecT<Acc>& sigmoid) {
+  using V = VecT<Acc>;
+  const V zero{};
+  const V a = w < zero ? -w : w;
+  const V e = exp_nonpositive(-a);
+  const V s = e / (Acc(2) + e);
+  const V s2 = s * s;
+  constexpr int kTerms = sizeof(Acc) == 4 ? 7 : 17;
+  V p = splat<Acc>(Acc(1) / Acc(2 * kTerms - 1));
+#pragma GCC unroll 17
+  for (int i = kTerms - 2; i >= 0; --i) p = p * s2 + Acc(1) / Acc(2 * i + 1);
+  softplus = (w > zero ? w : zero) + Acc(2) * s * p;
+  sigmoid = (w >= zero ? splat<Acc>(Acc(1)) : e) / (Acc(1) + e);
+}
+
 }  // namespace GMATTN_ISA
 }  // namespace cpu_detail
 }  // namespace gmattn
