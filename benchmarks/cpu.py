@@ -10,7 +10,8 @@ One run measures, side by side on the same machine (issue 2, section 7, and issu
            joins the round-robin of the issue2 cells at the largest N, for the fraction target); the
            core's achieved GFLOP/s (flop count below) as a fraction of it.
   scaling  core time per token from N=4096 to N=262144 (flat = linear time); the lengths of a
-           mode run in one round-robin.
+           mode run in one round-robin of five rounds, each length's turn lasting at least
+           0.25 s (short calls timed several times back to back, each call a sample).
   shapes   K in {16, 64, 256} x D=Dv in {32, 64, 128}: core against chunked, GFLOP/s, and
            K=256 at two lengths (linear time).
   threads  1 thread against all threads (torch.set_num_threads; the torch front end passes
@@ -201,8 +202,11 @@ def make_call(impl: str, B, N, H, K, D, Dv, causal: bool, backward: bool) -> Cal
     return call_bwd
 
 
-def run_cell(calls: Dict[str, Callable[[], None]], repeats: int, progress=None) -> Dict[str, List[float]]:
-    """Round-robin timing of several callables; returns the wall times (s) of each."""
+def run_cell(calls: Dict[str, Callable[[], None]], repeats: int, progress=None,
+             min_seconds: float = 0.0) -> Dict[str, List[float]]:
+    """Round-robin timing of several callables; returns the wall times (s) of each. With
+    `min_seconds`, a callable's turn in a round lasts that long: short calls are timed several
+    times back to back, each call a sample."""
     times: Dict[str, List[float]] = {name: [] for name in calls}
     for name, call in calls.items():  # warm-up; a slow first call counts as a repeat
         t0 = time.perf_counter()
@@ -212,13 +216,20 @@ def run_cell(calls: Dict[str, Callable[[], None]], repeats: int, progress=None) 
             times[name].append(dt)
         if progress is not None:
             progress.update(1)
+    rounds = {name: len(times[name]) for name in calls}  # a slow warm-up counted as a round
     for _ in range(repeats):
         for name, call in calls.items():
-            if len(times[name]) >= repeats:
+            if rounds[name] >= repeats:
                 continue
-            t0 = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - t0)
+            rounds[name] += 1
+            start = time.perf_counter()
+            while True:
+                t0 = time.perf_counter()
+                call()
+                t1 = time.perf_counter()
+                times[name].append(t1 - t0)
+                if t1 - start >= min_seconds:
+                    break
             if progress is not None:
                 progress.update(1)
     return times
@@ -370,12 +381,14 @@ class Bench:
         H, D, K = self.H, self.D, self.K
         rows = []
         modes = [(causal, bwd) for causal in (True, False) for bwd in (False, True)]
-        reps = 2 if self.quick else 3
+        reps = 2 if self.quick else 5
         p = self._progress(len(modes) * len(Ns) * (reps + 1), "scaling")
         for causal, bwd in modes:
-            # every length of a mode in one round-robin: a load change hits them all alike
+            # every length of a mode in one round-robin: a load change hits them all alike; a
+            # length's turn in a round lasts 0.25 s at least (several calls of the short ones), so
+            # that the medians of the short cells rest on many samples, not on three
             calls = {N: make_call("core", 1, N, H, K, D, D, causal, bwd) for N in Ns}
-            times = run_cell(calls, reps, p)
+            times = run_cell(calls, reps, p, min_seconds=0.0 if self.quick else 0.25)
             del calls
             gc.collect()
             for N in Ns:

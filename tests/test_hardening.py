@@ -243,6 +243,32 @@ def test_buffer_cache_hands_back_the_released_block():
     assert res.returncode == 0 and res.stdout.strip() == "1", res.stderr[-3000:]
 
 
+def test_empty_cache_returns_kept_blocks_and_the_budget_is_reported():
+    """gmattn.empty_cache() hands every kept block back (blocks in use stay valid) and reports
+    their bytes; the budget is GMATTN_BUFFER_CACHE_MIB, or by default an eighth of the physical
+    memory and at least 512 MiB (in fresh processes: the budget is read once)."""
+    script = (
+        "import os, numpy as np, gmattn, gmattn._ext as e; core = e.core();"
+        "kept = core.cpu_buffer(8 << 20); a = np.frombuffer(kept, np.uint8); a[:] = 7;"
+        "gone = core.cpu_buffer(16 << 20); del gone;"
+        "held = gmattn.buffer_cache_info()['held_bytes'];"
+        "freed = gmattn.empty_cache(); after = gmattn.buffer_cache_info();"
+        "phys = os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGESIZE');"
+        "print(held, freed, after['held_bytes'], after['budget_bytes'], phys, int((a == 7).all()))"
+    )
+    for setting in (None, "64"):
+        env = dict(os.environ)
+        env.pop("GMATTN_BUFFER_CACHE_MIB", None)
+        if setting is not None:
+            env["GMATTN_BUFFER_CACHE_MIB"] = setting
+        res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-3000:]
+        held, freed, after, budget, phys, intact = map(int, res.stdout.split())
+        assert held == freed == 16 << 20 and after == 0 and intact == 1
+        want = max(512 << 20, phys // 8) if setting is None else int(setting) << 20
+        assert budget == want
+
+
 def test_buffer_cache_setting_is_checked():
     env = dict(os.environ, GMATTN_BUFFER_CACHE_MIB="lots")
     script = "import gmattn._ext as e; e.core().cpu_buffer(1 << 20)"

@@ -532,6 +532,20 @@ PYBIND11_MODULE(GMATTN_MODULE_NAME, m) {
   m.def(
       "cpu_buffer", [](size_t bytes) { return std::make_unique<CpuBuffer>(bytes); }, py::arg("bytes"),
       "`bytes` of uninitialised memory from the CPU core's buffer cache, returned to it when the last "
-      "view is gone (GMATTN_BUFFER_CACHE_MIB: the cache's budget, 512 by default, 0 turns it off).");
+      "view is gone (GMATTN_BUFFER_CACHE_MIB: the cache's budget; by default an eighth of the physical "
+      "memory, at least 512 MiB; 0 turns it off).");
+  m.def("empty_buffer_cache", &gmattn::cpu::empty_scratch_cache,
+        "Hands the released blocks the CPU buffer cache keeps back to the system; returns their bytes.");
+  m.def(
+      "buffer_cache_info",
+      [] {
+        size_t held = 0, budget = 0;
+        gmattn::cpu::scratch_cache_info(held, budget);
+        py::dict d;
+        d["held_bytes"] = held;
+        d["budget_bytes"] = budget;
+        return d;
+      },
+      "The CPU buffer cache: bytes of released blocks kept now (held_bytes) and its budget.");
 #endif
 }

@@ -12,6 +12,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
+#endif
 
 #include "gmattn/gmattn.h"
 
@@ -152,20 +155,30 @@ ScratchCache& scratch_cache() {
   return *cache;
 }
 
-// The cache's budget: GMATTN_BUFFER_CACHE_MIB (0 turns the cache off), 512 MiB by default.
+// The machine's physical memory in bytes (0 where unknown).
+size_t physical_memory() {
+#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGESIZE)
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  if (pages > 0 && page > 0) return static_cast<size_t>(pages) * static_cast<size_t>(page);
+#endif
+  return 0;
+}
+
+// The cache's budget: GMATTN_BUFFER_CACHE_MIB (0 turns the cache off); by default an eighth of the
+// physical memory, at least 512 MiB. A budget caps what released blocks the cache may keep, it
+// reserves nothing: a steady loop keeps about what one step allocates (which it needs anyway).
 size_t scratch_cache_bytes() {
   static const size_t bytes = [] {
     const char* env = std::getenv("GMATTN_BUFFER_CACHE_MIB");
-    size_t mib = 512;
     if (env != nullptr && *env != '\0') {
       char* end = nullptr;
       const unsigned long long v = std::strtoull(env, &end, 10);
       if (end == env || *end != '\0' || v > (size_t(1) << 40)) {
         throw std::invalid_argument(std::string("GMATTN_BUFFER_CACHE_MIB must be a number of MiB, got '") + env + "'");
       }
-      mib = static_cast<size_t>(v);
+      return static_cast<size_t>(v) << 20;
     }
-    return mib << 20;
+    return std::max(size_t(512) << 20, physical_memory() / 8);
   }();
   return bytes;
 }
@@ -230,6 +243,30 @@ void release_scratch(void* p) {
     }
   }
   for (void* q : to_free) std::free(q);
+}
+
+size_t empty_scratch_cache() {
+  ScratchCache& c = scratch_cache();
+  std::vector<ScratchCache::Block> blocks;
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    blocks.swap(c.free_blocks);
+    c.cached = 0;
+    for (const ScratchCache::Block& b : blocks) c.sizes.erase(b.p);
+  }
+  size_t released = 0;
+  for (const ScratchCache::Block& b : blocks) {
+    std::free(b.p);
+    released += b.bytes;
+  }
+  return released;
+}
+
+void scratch_cache_info(size_t& held, size_t& budget) {
+  budget = scratch_cache_bytes();
+  ScratchCache& c = scratch_cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  held = c.cached;
 }
 
 const char* isa() { return isa_name(selected()); }

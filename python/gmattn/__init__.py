@@ -16,7 +16,34 @@ from typing import Any
 
 from .mixers import MixerConfig, build_block, build_mixer, build_model  # noqa: E402 (imports no framework)
 
-__all__ = ["gma_attention", "MixerConfig", "build_mixer", "build_block", "build_model", "__version__"]
+__all__ = ["gma_attention", "MixerConfig", "build_mixer", "build_block", "build_model", "empty_cache",
+           "buffer_cache_info", "__version__"]
+
+
+def empty_cache() -> int:
+    """Hands the CPU buffer cache's kept blocks back to the system and returns their bytes.
+
+    The torch front end takes CPU outputs of 1 MiB or more from the core's buffer cache, which
+    keeps released blocks for reuse (a training loop then writes into memory it already has,
+    instead of page-faulting fresh memory every step). Its budget, GMATTN_BUFFER_CACHE_MIB, is
+    by default an eighth of the physical memory (at least 512 MiB); 0 turns the cache off. Like
+    ``torch.cuda.empty_cache()``, this frees only blocks no tensor uses.
+
+        >>> import gmattn
+        >>> released = gmattn.empty_cache()
+        >>> gmattn.buffer_cache_info()["held_bytes"]
+        0
+    """
+    from . import _ext
+
+    return _ext.core().empty_buffer_cache()
+
+
+def buffer_cache_info() -> dict:
+    """The CPU buffer cache: ``held_bytes`` (released blocks kept now) and ``budget_bytes``."""
+    from . import _ext
+
+    return dict(_ext.core().buffer_cache_info())
 
 
 def _framework(x: Any) -> str:

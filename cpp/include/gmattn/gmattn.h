@@ -109,11 +109,16 @@ void backward(const BackwardArgs& args);
 const char* isa();
 // Uninitialised memory for at least `bytes` (64-byte aligned) from the CPU core's buffer cache,
 // and its return: blocks released here are kept for later requests of about their size (at most
-// GMATTN_BUFFER_CACHE_MIB MiB in all, 512 by default, and none over a quarter of that; 0 turns the
-// cache off). The torch front end takes its large CPU outputs from it (_core.cpu_buffer), so that
-// repeated calls do not page-fault fresh memory every time. acquire_scratch throws std::bad_alloc.
+// GMATTN_BUFFER_CACHE_MIB MiB in all, by default an eighth of the physical memory and at least
+// 512 MiB, and none over a quarter of that; 0 turns the cache off). The torch front end takes its
+// large CPU outputs from it (_core.cpu_buffer), so that repeated calls do not page-fault fresh
+// memory every time. acquire_scratch throws std::bad_alloc.
 void* acquire_scratch(size_t bytes);
 void release_scratch(void* p);
+// Hands every kept block back to the system; returns their bytes. Blocks in use are not touched.
+size_t empty_scratch_cache();
+// The bytes of released blocks kept now, and the budget.
+void scratch_cache_info(size_t& held, size_t& budget);
 }  // namespace cpu
 
 // CUDA kernels (separate module, built only with GMATTN_CUDA).
