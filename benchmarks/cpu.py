@@ -23,6 +23,10 @@ One run measures, side by side on the same machine (issue 2, section 7, and issu
 Timing. Every cell runs its implementations round-robin (A B C A B C ...) on the same inputs, so a
 load change on a shared machine hits all of them alike, and reports the median of the repeats
 (a warm-up call first; calls that take more than 5 s count their first call as a repeat instead).
+In the issue2, threads and scaling sections an implementation's turn in a round lasts at least
+0.3, 0.6 and 0.25 s: short calls are timed several times back to back, each call a sample, so
+their medians rest on many calls (this VM runs at two speeds, up to 2x apart, from one moment to
+the next).
 forward = one call under torch.no_grad(); forward+backward = one call with inputs that require grad
 followed by out.backward(g) with a fixed random g (gradients of q, k, v and, for GMA, of mu, omega,
 alpha). SDPA gets its natural (B, H, N, D) layout; GMA and the chunked reference get (B, N, H, D).
@@ -335,6 +339,7 @@ class Bench:
         cells = [(N, causal, bwd) for N in Ns for causal in (True, False) for bwd in (False, True)]
         rows = []
         reps = lambda N: 2 if self.quick else (3 if N >= 16384 else 5)  # noqa: E731
+        turn = 0.0 if self.quick else 0.3  # s: short calls repeat within their turn (run_cell)
         # At the largest N the matmul of the reference rate joins each cell's round-robin, so the
         # core's fraction of it is a ratio measured side by side like the others (the load of a
         # shared machine drifts between sections).
@@ -346,7 +351,7 @@ class Bench:
             calls = {impl: make_call(impl, 1, N, H, K, D, D, causal, bwd) for impl in impls}
             if with_mm(N):
                 calls["matmul"] = lambda: self.torch.matmul(mm_a, mm_b)
-            times = run_cell(calls, reps(N), p)
+            times = run_cell(calls, reps(N), p, min_seconds=turn)
             del calls
             gc.collect()
             r = {"N": N, "causal": causal, "mode": "fwd+bwd" if bwd else "fwd"}
@@ -438,6 +443,7 @@ class Bench:
         D, K = self.D, self.K
         rows = []
         reps = 2 if self.quick else 5
+        turn = 0.0 if self.quick else 0.6  # s: short calls repeat within their turn (run_cell)
         p = self._progress((len(configs) * 2 + 1) * 2 * (reps + 1), "threads")
         try:
             # The machine's own 1 -> tmax scaling on dense arithmetic, for reference: a float32
@@ -451,7 +457,7 @@ class Bench:
                     torch.matmul(a, b)
                 return run
 
-            times = run_cell({1: matmul_with(1), tmax: matmul_with(tmax)}, reps, p)
+            times = run_cell({1: matmul_with(1), tmax: matmul_with(tmax)}, reps, p, min_seconds=turn)
             self.results["threads_matmul"] = {"n": n, "threads": tmax, "t1_s": med(times[1]),
                                               f"t{tmax}_s": med(times[tmax]),
                                               "speedup": med(times[1]) / med(times[tmax])}
@@ -466,7 +472,7 @@ class Bench:
                         return run
 
                     # interleaved (1, tmax, 1, tmax, ...) so a load change hits both alike
-                    times = run_cell({1: with_threads(1), tmax: with_threads(tmax)}, reps, p)
+                    times = run_cell({1: with_threads(1), tmax: with_threads(tmax)}, reps, p, min_seconds=turn)
                     res = {nt: med(ts) for nt, ts in times.items()}
                     rows.append({"B": 1, "H": H, "N": N, "causal": True, "mode": "fwd+bwd" if bwd else "fwd",
                                  "t1_s": res[1], f"t{tmax}_s": res[tmax], "threads": tmax,

@@ -33,6 +33,33 @@ def test_cpu_benchmark_quick(tmp_path):
     assert (tmp_path / "results.md").read_text() == tables
 
 
+def test_run_cell_turns_repeat_short_calls():
+    """run_cell: every callable gets `repeats` turns, interleaved; with min_seconds a short call
+    repeats within its turn (each call a sample), a long one runs once a turn."""
+    import importlib.util
+    import time
+
+    spec = importlib.util.spec_from_file_location("bench_cpu", REPO / "benchmarks" / "cpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    order = []
+
+    def sleeper(name, seconds):
+        def call():
+            order.append(name)
+            time.sleep(seconds)
+        return call
+
+    times = bench.run_cell({"short": sleeper("short", 0.002), "long": sleeper("long", 0.05)}, 3, min_seconds=0.03)
+    assert len(times["long"]) == 3  # once a turn: 0.05 s already fills it
+    assert len(times["short"]) >= 3 * 4  # about 15 calls a turn (0.03 / 0.002); fewer on a busy machine
+    assert all(t >= 0.002 for t in times["short"]) and all(t >= 0.05 for t in times["long"])
+    turns = [name for i, name in enumerate(order[2:]) if i == 0 or order[2:][i - 1] != name]
+    assert turns == ["short", "long"] * 3  # warm-ups first, then the rounds, interleaved
+    plain = bench.run_cell({"a": sleeper("a", 0.001)}, 4)
+    assert len(plain["a"]) == 4
+
+
 def test_gpu_check_without_gpu_says_so():
     import torch
 
