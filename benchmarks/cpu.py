@@ -23,8 +23,8 @@ One run measures, side by side on the same machine (issue 2, section 7, and issu
 Timing. Every cell runs its implementations round-robin (A B C A B C ...) on the same inputs, so a
 load change on a shared machine hits all of them alike, and reports the median of the repeats
 (a warm-up call first; calls that take more than 5 s count their first call as a repeat instead).
-In the issue2, threads and scaling sections an implementation's turn in a round lasts at least
-0.3, 0.6 and 0.25 s: short calls are timed several times back to back, each call a sample, so
+In the issue2, shapes, threads and scaling sections an implementation's turn in a round lasts at
+least 0.3, 0.3, 0.6 and 0.25 s: short calls are timed several times back to back, each call a sample, so
 their medians rest on many calls (this VM runs at two speeds, up to 2x apart, from one moment to
 the next).
 forward = one call under torch.no_grad(); forward+backward = one call with inputs that require grad
@@ -414,24 +414,29 @@ class Bench:
         rows = []
         cells = [(K, D, bwd) for K in Ks for D in Ds for bwd in (False, True)]
         reps = 2 if self.quick else 3
+        turn = 0.0 if self.quick else 0.3  # s: short calls repeat within their turn (run_cell)
         p = self._progress(len(cells) * 2 * (reps + 1) + 4 * (reps + 1), "shapes")
         for K, D, bwd in cells:
             calls = {impl: make_call(impl, 1, N, H, K, D, D, True, bwd) for impl in ("core", "chunked")}
-            times = run_cell(calls, reps, p)
+            times = run_cell(calls, reps, p, min_seconds=turn)
             del calls
             t = med(times["core"])
             rows.append({"K": K, "D": D, "Dv": D, "N": N, "causal": True, "mode": "fwd+bwd" if bwd else "fwd",
                          "core_s": t, "chunked_s": med(times["chunked"]),
                          "chunked_over_core": med(times["chunked"]) / t,
                          "core_gflops": core_flops(1, N, H, K, D, D, True, bwd) / t / 1e9})
-        # the largest K at 4x the length: linear time means the same time per token
+        # the largest K at 4x the length: linear time means the same time per token (both lengths
+        # of a mode in one round-robin, like the scaling section)
         lin = []
         Kmax, Dmid = Ks[-1], Ds[len(Ds) // 2]
-        for n in (N, 4 * N):
-            for bwd in (False, True):
-                times = run_cell({"core": make_call("core", 1, n, H, Kmax, Dmid, Dmid, True, bwd)}, reps, p)["core"]
+        for bwd in (False, True):
+            calls = {n: make_call("core", 1, n, H, Kmax, Dmid, Dmid, True, bwd) for n in (N, 4 * N)}
+            times = run_cell(calls, reps, p, min_seconds=turn)
+            del calls
+            for n, ts in times.items():
                 lin.append({"K": Kmax, "D": Dmid, "N": n, "mode": "fwd+bwd" if bwd else "fwd",
-                            "core_s": med(times), "us_per_token": 1e6 * med(times) / n})
+                            "core_s": med(ts), "us_per_token": 1e6 * med(ts) / n})
+        lin.sort(key=lambda x: (x["N"], x["mode"]))
         self._close(p)
         self.results["shapes"] = {"H": H, "rows": rows, "linearity": lin}
 
