@@ -1117,6 +1117,25 @@ class Relay {
   std::unique_ptr<std::atomic<int64_t>[]> parked_block_;  // the block parked in each ring slot
 };
 
+// A relay whose scan starts from each pair's state in (S, z) (absent: zero), and the states it
+// ends with, written to (S, z).
+template <class Acc>
+Relay<Acc> relay_from(const Shape& s, int nt, bool reverse, int64_t partial_size, const View& S, const View& z) {
+  Relay<Acc> relay(s, nt, reverse, partial_size);
+  for (int64_t pair = 0; pair < s.B * s.H; ++pair) {
+    Acc* st = relay.start(pair);
+    read_state(S, z, pair / s.H, pair % s.H, s.K, s.Dv, s.Kp, s.Dvp, st, st + s.Kp * s.Dvp);
+  }
+  return relay;
+}
+template <class Acc>
+void write_relay_ends(const Shape& s, Relay<Acc>& relay, const View& S, const View& z) {
+  for (int64_t pair = 0; pair < s.B * s.H; ++pair) {
+    const Acc* st = relay.end(pair);
+    write_state(S, z, pair / s.H, pair % s.H, s.K, s.Dv, s.Dvp, st, st + s.Kp * s.Dvp);
+  }
+}
+
 // to += the running state of lane `lane` in `sums` (2 (SS + Kp) values per lane): its SS + Kp
 // sums, without their compensation terms.
 template <class Acc>
@@ -1209,11 +1228,7 @@ void forward_typed(const ForwardArgs& a) {
     // Each thread keeps its block's key responsibilities and values (C x Kp, C x Dvp per chunk).
     std::vector<std::vector<Acc>> kept(pl.nt, std::vector<Acc>(kRelayChunks * C * (Kp + Dvp)));
     auto keys_of = [&](int64_t thread, int64_t c) { return kept[thread].data() + c % kRelayChunks * C * (Kp + Dvp); };
-    Relay<Acc> relay(s, pl.nt, false);
-    for (int64_t pair = 0; pair < s.B * s.H; ++pair) {
-      Acc* S = relay.start(pair);
-      read_state(a.S0, a.z0, pair / s.H, pair % s.H, K, Dv, Kp, Dvp, S, S + SS);
-    }
+    Relay<Acc> relay = relay_from<Acc>(s, pl.nt, false, 0, a.S0, a.z0);
     auto sums = [&](int64_t thread, int64_t pair, int64_t c, Acc* delta) {
       const int64_t b = pair / s.H, h = pair % s.H, row0 = c * C, n = std::min(C, N - row0);
       Acc* gk = keys_of(thread, c);
@@ -1226,10 +1241,7 @@ void forward_typed(const ForwardArgs& a) {
       read_out(ws[thread], heads[h], b, h, row0, n, S, gk, gk + C * Kp);
     };
     relay.run(sums, work, static_cast<NoCombine*>(nullptr));
-    for (int64_t pair = 0; pair < s.B * s.H; ++pair) {
-      const Acc* S = relay.end(pair);
-      write_state(a.S_final, a.z_final, pair / s.H, pair % s.H, K, Dv, Dvp, S, S + SS);
-    }
+    write_relay_ends(s, relay, a.S_final, a.z_final);
     return;
   }
 
@@ -1503,11 +1515,7 @@ void backward_typed(const BackwardArgs& a) {
         row0 = c * C;
         n = std::min(C, N - row0);
       };
-      Relay<Acc> forward_scan(s, pl.nt, false, slot);
-      for (int64_t pair = 0; pair < s.B * s.H; ++pair) {
-        Acc* S = forward_scan.start(pair);
-        read_state(a.S0, a.z0, pair / s.H, pair % s.H, K, Dv, Kp, Dvp, S, S + SS);
-      }
+      Relay<Acc> forward_scan = relay_from<Acc>(s, pl.nt, false, slot, a.S0, a.z0);
       auto key_sums = [&](int64_t thread, int64_t pair, int64_t c, Acc* delta) {
         int64_t b, h, row0, n;
         pos(pair, c, b, h, row0, n);
@@ -1522,11 +1530,7 @@ void backward_typed(const BackwardArgs& a) {
       };
       forward_scan.run(key_sums, query_work, &add_sums);
 
-      Relay<Acc> reverse_scan(s, pl.nt, true, slot);
-      for (int64_t pair = 0; pair < s.B * s.H; ++pair) {
-        Acc* dS = reverse_scan.start(pair);
-        read_state(a.dS_final, a.dz_final, pair / s.H, pair % s.H, K, Dv, Kp, Dvp, dS, dS + SS);
-      }
+      Relay<Acc> reverse_scan = relay_from<Acc>(s, pl.nt, true, slot, a.dS_final, a.dz_final);
       auto grad_sums = [&](int64_t thread, int64_t pair, int64_t c, Acc* delta) {
         int64_t b, h, row0, n;
         pos(pair, c, b, h, row0, n);
@@ -1540,10 +1544,7 @@ void backward_typed(const BackwardArgs& a) {
         key_chunk(ws[thread], b, h, row0, n, dS, ParamSums<Acc>{nullptr}, partial);
       };
       reverse_scan.run(grad_sums, key_work, &add_sums);
-      for (int64_t pair = 0; pair < s.B * s.H; ++pair) {
-        const Acc* dS = reverse_scan.end(pair);
-        write_state(a.dS0, a.dz0, pair / s.H, pair % s.H, K, Dv, Dvp, dS, dS + SS);
-      }
+      write_relay_ends(s, reverse_scan, a.dS0, a.dz0);
     } else {
       // A task owns whole sequences: both scans in one go, the state carried from chunk to chunk.
       auto scans = [&](int64_t task) {
