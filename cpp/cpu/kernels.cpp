@@ -256,6 +256,11 @@ struct Shape {
     s.nchunks = (d.N + kChunk - 1) / kChunk;
     return s;
   }
+  // Where chunk c of (batch, head) pair `pair` (= b * H + h) lies: b, h, its first row, its rows.
+  struct ChunkAt {
+    int64_t b, h, row0, n;
+  };
+  ChunkAt chunk_at(int64_t pair, int64_t c) const { return {pair / H, pair % H, c * C, std::min(C, N - c * C)}; }
 };
 
 // The work plan. A task is (batch b, heads [h0, h0 + group), segment of chunks); its heads run in
@@ -1046,9 +1051,9 @@ class Relay {
   // run(), the state after the scan.
   Acc* start(int64_t pair) { return slot(pair, 0); }
   const Acc* end(int64_t pair) { return slot(pair, nblocks_); }
-  // sums(thread, pair, chunk, delta): the chunk's SS + Kp sums into delta (chunk_state_sums);
-  // work(thread, pair, chunk, state, j, partial): the chunk's work from the state before it (in
-  // scan order), j its place in the block, partial its partial_size values (nullptr: none);
+  // sums(thread, pair, chunk, j, delta): the chunk's SS + Kp sums into delta (chunk_state_sums),
+  // j its place in the block (in scan order); work(thread, pair, chunk, j, state, partial): the
+  // chunk's work from the state before it, partial its partial_size values (nullptr: none);
   // combine(pair, partial), in scan order (nullptr: none).
   template <class Sums, class Work, class Combine>
   void run(Sums& sums, Work& work, Combine* combine) {
@@ -1062,7 +1067,7 @@ class Relay {
       Acc* delta = kept_[thread].data();        // per chunk: its sums (SZ)
       Acc* before = delta + kRelayChunks * SZ;  // per chunk: the state before it (SZ)
       Acc* run = before + kRelayChunks * SZ;    // the running state (2 SZ)
-      for (int64_t p = p0; p < p1; ++p) sums(thread, pair, chunk(p), delta + (p - p0) * SZ);
+      for (int64_t p = p0; p < p1; ++p) sums(thread, pair, chunk(p), p - p0, delta + (p - p0) * SZ);
       PairSync& sync = sync_[pair];
       wait_at_least(sync.handed, blk);
       std::copy(slot(pair, blk), slot(pair, blk) + size_, run);  // (the slot is rewritten two blocks on)
@@ -1078,7 +1083,7 @@ class Relay {
         parked = parked_of(pair, blk);
       }
       for (int64_t p = p0; p < p1; ++p) {
-        work(thread, pair, chunk(p), before + (p - p0) * SZ, p - p0,
+        work(thread, pair, chunk(p), p - p0, before + (p - p0) * SZ,
              parked ? parked + (p - p0) * partial_size_ : nullptr);
       }
       if (combine) {
@@ -1227,17 +1232,17 @@ void forward_typed(const ForwardArgs& a) {
   if (causal && pl.segs > 1) {  // fewer pairs than threads (or an uneven split): a relay
     // Each thread keeps its block's key responsibilities and values (C x Kp, C x Dvp per chunk).
     std::vector<std::vector<Acc>> kept(pl.nt, std::vector<Acc>(kRelayChunks * C * (Kp + Dvp)));
-    auto keys_of = [&](int64_t thread, int64_t c) { return kept[thread].data() + c % kRelayChunks * C * (Kp + Dvp); };
+    auto keys_of = [&](int64_t thread, int64_t j) { return kept[thread].data() + j * C * (Kp + Dvp); };
     Relay<Acc> relay = relay_from<Acc>(s, pl.nt, false, 0, a.S0, a.z0);
-    auto sums = [&](int64_t thread, int64_t pair, int64_t c, Acc* delta) {
-      const int64_t b = pair / s.H, h = pair % s.H, row0 = c * C, n = std::min(C, N - row0);
-      Acc* gk = keys_of(thread, c);
+    auto sums = [&](int64_t thread, int64_t pair, int64_t c, int64_t j, Acc* delta) {
+      const auto [b, h, row0, n] = s.chunk_at(pair, c);
+      Acc* gk = keys_of(thread, j);
       route_keys(ws[thread], heads[h], b, h, row0, n, gk, gk + C * Kp);
       chunk_state_sums<Acc>(s, gk, gk + C * Kp, nullptr, n, delta);
     };
-    auto work = [&](int64_t thread, int64_t pair, int64_t c, const Acc* S, int64_t, Acc*) {
-      const int64_t b = pair / s.H, h = pair % s.H, row0 = c * C, n = std::min(C, N - row0);
-      const Acc* gk = keys_of(thread, c);
+    auto work = [&](int64_t thread, int64_t pair, int64_t c, int64_t j, const Acc* S, Acc*) {
+      const auto [b, h, row0, n] = s.chunk_at(pair, c);
+      const Acc* gk = keys_of(thread, j);
       read_out(ws[thread], heads[h], b, h, row0, n, S, gk, gk + C * Kp);
     };
     relay.run(sums, work, static_cast<NoCombine*>(nullptr));
@@ -1509,38 +1514,28 @@ void backward_typed(const BackwardArgs& a) {
         const ParamSums<Acc> lane = sums_of(pl.lane(pair / s.H, pair % s.H, 0));
         add_compensated(lane.lane, lane.lane + slot, partial, slot);
       };
-      auto pos = [&](int64_t pair, int64_t c, int64_t& b, int64_t& h, int64_t& row0, int64_t& n) {
-        b = pair / s.H;
-        h = pair % s.H;
-        row0 = c * C;
-        n = std::min(C, N - row0);
-      };
       Relay<Acc> forward_scan = relay_from<Acc>(s, pl.nt, false, slot, a.S0, a.z0);
-      auto key_sums = [&](int64_t thread, int64_t pair, int64_t c, Acc* delta) {
-        int64_t b, h, row0, n;
-        pos(pair, c, b, h, row0, n);
+      auto key_sums = [&](int64_t thread, int64_t pair, int64_t c, int64_t, Acc* delta) {
+        const auto [b, h, row0, n] = s.chunk_at(pair, c);
         Workspace<Acc>& w = ws[thread];
         load_keys(w, b, h, row0, n);
         chunk_state_sums<Acc>(s, w.gk, w.v, nullptr, n, delta);
       };
-      auto query_work = [&](int64_t thread, int64_t pair, int64_t c, const Acc* S, int64_t, Acc* partial) {
-        int64_t b, h, row0, n;
-        pos(pair, c, b, h, row0, n);
+      auto query_work = [&](int64_t thread, int64_t pair, int64_t c, int64_t, const Acc* S, Acc* partial) {
+        const auto [b, h, row0, n] = s.chunk_at(pair, c);
         query_chunk(ws[thread], b, h, row0, n, S, ParamSums<Acc>{nullptr}, partial);
       };
       forward_scan.run(key_sums, query_work, &add_sums);
 
       Relay<Acc> reverse_scan = relay_from<Acc>(s, pl.nt, true, slot, a.dS_final, a.dz_final);
-      auto grad_sums = [&](int64_t thread, int64_t pair, int64_t c, Acc* delta) {
-        int64_t b, h, row0, n;
-        pos(pair, c, b, h, row0, n);
+      auto grad_sums = [&](int64_t thread, int64_t pair, int64_t c, int64_t, Acc* delta) {
+        const auto [b, h, row0, n] = s.chunk_at(pair, c);
         Workspace<Acc>& w = ws[thread];
         load_grads(w, b, h, row0, n, true);
         chunk_state_sums<Acc>(s, w.gq, w.dnum, w.dden, n, delta);
       };
-      auto key_work = [&](int64_t thread, int64_t pair, int64_t c, const Acc* dS, int64_t, Acc* partial) {
-        int64_t b, h, row0, n;
-        pos(pair, c, b, h, row0, n);
+      auto key_work = [&](int64_t thread, int64_t pair, int64_t c, int64_t, const Acc* dS, Acc* partial) {
+        const auto [b, h, row0, n] = s.chunk_at(pair, c);
         key_chunk(ws[thread], b, h, row0, n, dS, ParamSums<Acc>{nullptr}, partial);
       };
       reverse_scan.run(grad_sums, key_work, &add_sums);
@@ -1580,11 +1575,9 @@ void backward_typed(const BackwardArgs& a) {
           write_state(a.dS0, a.dz0, b, h0 + l, K, Dv, Dvp, dS, dS + SS);
         }
       };
-#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
-      for (int64_t task = 0; task < pl.tasks; ++task) {
-        scans(task);
-        stream_fence();
-      }
+      auto nothing = [](int64_t) {};
+      auto no_starts = [](int64_t, int64_t) {};  // each task sets its own
+      run_passes(pl, false, nothing, no_starts, scans);
     }
   }
 
