@@ -132,8 +132,9 @@ def _with_threads(n, fn):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_segmented_scan_is_deterministic_and_exact(causal):
-    """B*H = 1 with two threads cuts the sequence into segments (two-pass scan): results match the
-    float64 reference and are bit-identical run to run."""
+    """B*H = 1 with two threads (causal: the scans run as relays between the threads; bidirectional:
+    the sequence is cut into segments, two-pass): results match the float64 reference and are
+    bit-identical run to run."""
     p = make_problem(1, 700, 1, 9, 5, 7, mask=True, state=True, dtype=torch.float32, seed=21)
 
     def run():
