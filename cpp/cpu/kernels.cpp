@@ -76,6 +76,12 @@ constexpr int kDensKT = 2;
 #endif
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+// The first 64-byte boundary at or after p (buffers are allocated 64 bytes longer for it).
+template <class Acc>
+inline Acc* align64(Acc* p) {
+  while (reinterpret_cast<uintptr_t>(p) % 64 != 0) ++p;
+  return p;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Strided access
@@ -495,8 +501,7 @@ struct Workspace {
     int64_t total = kAlign;
     for (int64_t sz : sizes) total += round_up(sz, kAlign);
     storage.assign(total, Acc(0));
-    Acc* base = storage.data();
-    while (reinterpret_cast<uintptr_t>(base) % 64 != 0) ++base;
+    Acc* base = align64(storage.data());
     int64_t off = 0;
     for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); ++i) {
       *slots[i] = base + off;
@@ -1028,6 +1033,9 @@ struct NoCombine {  // a relay without partials (Relay::run)
 // from the last chunk back. Each pair has two state slots, the state before block j in slot j % 2:
 // block j writes the slot of j + 1, which block j - 1 had copied before handing on.
 //
+// A task may keep `rows_size` values per chunk (rows(thread, j): e.g. the rows its sums loaded)
+// from its sums to its work, so its work need not load them again.
+//
 // With `combine`, each chunk's work also leaves `partial_size` values (the backward's parameter
 // sums) that combine(pair, partial) takes in scan order, as one thread's scan would: a finished
 // block parks them in a ring of its pair, and whoever finishes the block next in line combines
@@ -1036,11 +1044,13 @@ struct NoCombine {  // a relay without partials (Relay::run)
 template <class Acc>
 class Relay {
  public:
-  Relay(const Shape& s, int nt, bool reverse, int64_t partial_size = 0)
+  Relay(const Shape& s, int nt, bool reverse, int64_t partial_size, int64_t rows_size)
       : s_(s), nt_(nt), reverse_(reverse), pairs_(s.B * s.H), nblocks_((s.nchunks + kRelayChunks - 1) / kRelayChunks),
         size_(2 * (s.Kp * s.Dvp + s.Kp)), partial_size_(partial_size),
-        ring_(std::min<int64_t>(nblocks_, 2 * static_cast<int64_t>(nt) + 2)), slots_(pairs_ * 2 * size_, Acc(0)),
-        sync_(new PairSync[pairs_]), kept_(nt, std::vector<Acc>((2 * kRelayChunks + 2) * size_ / 2)) {
+        ring_(std::min<int64_t>(nblocks_, 2 * static_cast<int64_t>(nt) + 2)), rows_stride_(round_up(rows_size, kAlign)),
+        slots_(pairs_ * 2 * size_, Acc(0)), sync_(new PairSync[pairs_]),
+        kept_(nt, std::vector<Acc>((2 * kRelayChunks + 2) * size_ / 2)),
+        rows_(nt * kRelayChunks * rows_stride_ + kAlign) {
     if (partial_size_ > 0) {
       parked_.resize(pairs_ * ring_ * kRelayChunks * partial_size_);
       parked_block_.reset(new std::atomic<int64_t>[pairs_ * ring_]);
@@ -1051,6 +1061,10 @@ class Relay {
   // run(), the state after the scan.
   Acc* start(int64_t pair) { return slot(pair, 0); }
   const Acc* end(int64_t pair) { return slot(pair, nblocks_); }
+  // The rows_size values thread `thread` keeps for the chunk at place j of its block (64-byte aligned).
+  Acc* rows(int thread, int64_t j) {
+    return align64(rows_.data()) + (thread * kRelayChunks + j) * rows_stride_;
+  }
   // sums(thread, pair, chunk, j, delta): the chunk's SS + Kp sums into delta (chunk_state_sums),
   // j its place in the block (in scan order); work(thread, pair, chunk, j, state, partial): the
   // chunk's work from the state before it, partial its partial_size values (nullptr: none);
@@ -1114,10 +1128,12 @@ class Relay {
   const Shape& s_;
   int nt_;
   bool reverse_;
-  int64_t pairs_, nblocks_, size_, partial_size_, ring_;
+  static constexpr int64_t kAlign = 64 / sizeof(Acc);
+  int64_t pairs_, nblocks_, size_, partial_size_, ring_, rows_stride_;
   std::vector<Acc> slots_;
   std::unique_ptr<PairSync[]> sync_;
   std::vector<std::vector<Acc>> kept_;  // per thread: a block's sums and states
+  std::vector<Acc> rows_;               // per thread: a block's kept rows (see rows())
   std::vector<Acc> parked_;             // per pair: ring_ blocks of partials
   std::unique_ptr<std::atomic<int64_t>[]> parked_block_;  // the block parked in each ring slot
 };
@@ -1125,8 +1141,9 @@ class Relay {
 // A relay whose scan starts from each pair's state in (S, z) (absent: zero), and the states it
 // ends with, written to (S, z).
 template <class Acc>
-Relay<Acc> relay_from(const Shape& s, int nt, bool reverse, int64_t partial_size, const View& S, const View& z) {
-  Relay<Acc> relay(s, nt, reverse, partial_size);
+Relay<Acc> relay_from(const Shape& s, int nt, bool reverse, int64_t partial_size, int64_t rows_size, const View& S,
+                      const View& z) {
+  Relay<Acc> relay(s, nt, reverse, partial_size, rows_size);
   for (int64_t pair = 0; pair < s.B * s.H; ++pair) {
     Acc* st = relay.start(pair);
     read_state(S, z, pair / s.H, pair % s.H, s.K, s.Dv, s.Kp, s.Dvp, st, st + s.Kp * s.Dvp);
@@ -1231,18 +1248,16 @@ void forward_typed(const ForwardArgs& a) {
 
   if (causal && pl.segs > 1) {  // fewer pairs than threads (or an uneven split): a relay
     // Each thread keeps its block's key responsibilities and values (C x Kp, C x Dvp per chunk).
-    std::vector<std::vector<Acc>> kept(pl.nt, std::vector<Acc>(kRelayChunks * C * (Kp + Dvp)));
-    auto keys_of = [&](int64_t thread, int64_t j) { return kept[thread].data() + j * C * (Kp + Dvp); };
-    Relay<Acc> relay = relay_from<Acc>(s, pl.nt, false, 0, a.S0, a.z0);
+    Relay<Acc> relay = relay_from<Acc>(s, pl.nt, false, 0, C * (Kp + Dvp), a.S0, a.z0);
     auto sums = [&](int64_t thread, int64_t pair, int64_t c, int64_t j, Acc* delta) {
       const auto [b, h, row0, n] = s.chunk_at(pair, c);
-      Acc* gk = keys_of(thread, j);
+      Acc* gk = relay.rows(thread, j);
       route_keys(ws[thread], heads[h], b, h, row0, n, gk, gk + C * Kp);
       chunk_state_sums<Acc>(s, gk, gk + C * Kp, nullptr, n, delta);
     };
     auto work = [&](int64_t thread, int64_t pair, int64_t c, int64_t j, const Acc* S, Acc*) {
       const auto [b, h, row0, n] = s.chunk_at(pair, c);
-      const Acc* gk = keys_of(thread, j);
+      const Acc* gk = relay.rows(thread, j);
       read_out(ws[thread], heads[h], b, h, row0, n, S, gk, gk + C * Kp);
     };
     relay.run(sums, work, static_cast<NoCombine*>(nullptr));
@@ -1331,39 +1346,53 @@ void backward_typed(const BackwardArgs& a) {
   // scan) to the later ones, which then do not read `out` again.
   std::vector<Acc> dden_store(causal ? s.B * s.H * N : 0);
   auto dden_of = [&](int64_t b, int64_t h, int64_t row0) { return dden_store.data() + (b * s.H + h) * N + row0; };
+  // Where a chunk's inputs are loaded to: its keys' rows (saved Gk, C x Kp; v, C x Dvp) and its
+  // gradients' rows (saved Gq, C x Kp; dnum, C x Dvp; dden, C). The workspace's rows, or the rows a
+  // relay task keeps from its state sums for its work (kept_keys, kept_grads).
+  struct KeyRows {
+    Acc *gk, *v;
+  };
+  struct GradRows {
+    Acc *gq, *dnum, *dden;
+  };
+  auto keys_in = [](Workspace<Acc>& w) { return KeyRows{w.gk, w.v}; };
+  auto grads_in = [](Workspace<Acc>& w) { return GradRows{w.gq, w.dnum, w.dden}; };
+  auto kept_keys = [&](Acc* rows) { return KeyRows{rows, rows + C * Kp}; };
+  auto kept_grads = [&](Acc* rows) { return GradRows{rows, rows + C * Kp, rows + C * (Kp + Dvp)}; };
   // The chunk's saved Gk and its v.
-  auto load_keys = [&](Workspace<Acc>& w, int64_t b, int64_t h, int64_t row0, int64_t n) {
-    read_saved(a.gk, b, h, row0, n, K, w.gk, Kp, C);
-    gather_rows<T>(a.v, b, h, row0, n, Dv, w.v, Dvp, C);
+  auto load_keys = [&](KeyRows to, int64_t b, int64_t h, int64_t row0, int64_t n) {
+    read_saved(a.gk, b, h, row0, n, K, to.gk, Kp, C);
+    gather_rows<T>(a.v, b, h, row0, n, Dv, to.v, Dvp, C);
   };
   // The chunk's saved Gq, den and its dout, out: dnum = g / den, dden = -(g . out) / den. With
   // `dden_stored`, dden is read from dden_store (an earlier pass computed it), else computed from
   // `out` (and stored there when there is a store).
-  auto load_grads = [&](Workspace<Acc>& w, int64_t b, int64_t h, int64_t row0, int64_t n, bool dden_stored) {
+  auto load_grads = [&](Workspace<Acc>& w, GradRows to, int64_t b, int64_t h, int64_t row0, int64_t n,
+                        bool dden_stored) {
     Acc* dden_row = dden_store.empty() ? nullptr : dden_of(b, h, row0);
-    read_saved(a.gq, b, h, row0, n, K, w.gq, Kp, C);
+    read_saved(a.gq, b, h, row0, n, K, to.gq, Kp, C);
     read_den(a.den, b, h, row0, n, w.den);
     gather_rows<T>(a.dout, b, h, row0, n, Dv, w.g, Dvp, C);
     if (!dden_stored) gather_rows<T>(a.out, b, h, row0, n, Dv, w.o, Dvp, C);
     for (int64_t i = 0; i < n; ++i) {
       const Acc inv = Acc(1) / w.den[i];
 #pragma omp simd
-      for (int64_t e = 0; e < Dvp; ++e) w.dnum[i * Dvp + e] = w.g[i * Dvp + e] * inv;
-      w.dden[i] = dden_stored ? dden_row[i] : -dot(w.g + i * Dvp, w.o + i * Dvp, Dvp) * inv;
+      for (int64_t e = 0; e < Dvp; ++e) to.dnum[i * Dvp + e] = w.g[i * Dvp + e] * inv;
+      to.dden[i] = dden_stored ? dden_row[i] : -dot(w.g + i * Dvp, w.o + i * Dvp, Dvp) * inv;
     }
-    if (!dden_stored && dden_row) std::copy(w.dden, w.dden + n, dden_row);
-    if (n < C) std::fill(w.dnum + n * Dvp, w.dnum + C * Dvp, Acc(0));
+    if (!dden_stored && dden_row) std::copy(to.dden, to.dden + n, dden_row);
+    if (n < C) std::fill(to.dnum + n * Dvp, to.dnum + C * Dvp, Acc(0));
   };
   // The state gradient: dS += Gq^T dnum, dz += Gq^T dden.
   auto state_grad_update = [&](Workspace<Acc>& w, int64_t n, Acc* dstate) {
     accumulate_state(s, w.gq, w.dnum, w.dden, n, dstate, w.delta);
   };
   // Bm = tril(dnum V^T + dden 1^T): the gradient of the intra-chunk affinity.
-  auto affinity_grad = [&](Workspace<Acc>& w, int64_t n) {
-    transpose(C, Dvp, w.v, Dvp, w.vT, C);
-    gemm(n, round_up(n, W) / W, Dvp, w.dnum, Dvp, 1, w.vT, C, w.Bm, C, false, Tri::kOutLower);
+  auto affinity_grad = [&](Workspace<Acc>& w, const Acc* v, GradRows gr, int64_t n) {
+    transpose(C, Dvp, v, Dvp, w.vT, C);
+    gemm(n, round_up(n, W) / W, Dvp, gr.dnum, Dvp, 1, w.vT, C, w.Bm, C, false, Tri::kOutLower);
     for (int64_t i = 0; i < n; ++i) {
-      const Acc dd = w.dden[i];
+      const Acc dd = gr.dden[i];
 #pragma omp simd
       for (int64_t j = 0; j <= i; ++j) w.Bm[i * C + j] += dd;
     }
@@ -1425,7 +1454,7 @@ void backward_typed(const BackwardArgs& a) {
       auto sum_keys = [&](int64_t task) {
         Workspace<Acc>& w = ws[omp_get_thread_num()];
         for_each_chunk(pl, s, task, [&](int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
-          load_keys(w, b, h, row0, n);
+          load_keys(keys_in(w), b, h, row0, n);
           accumulate_state(s, w.gk, w.v, n, seg.data() + ln * 2 * SZ, w.delta);
         });
       };
@@ -1444,7 +1473,7 @@ void backward_typed(const BackwardArgs& a) {
       Workspace<Acc>& w = ws[omp_get_thread_num()];
       const int64_t h0 = transposed(w, state, w.lST, task);
       for_each_chunk(pl, s, task, [&](int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
-        load_grads(w, b, h, row0, n, false);
+        load_grads(w, grads_in(w), b, h, row0, n, false);
         state_grad_update(w, n, seg_d.data() + ln * 2 * SZ);
         gemm(n, Kp / W, Dvp, w.dnum, Dvp, 1, w.lST.data() + (h - h0) * SS, Kp, w.dgq, Kp, false);  // dnum S^T
         add_dden_z(w, n, pair_state(state, b, h) + SS);
@@ -1461,7 +1490,7 @@ void backward_typed(const BackwardArgs& a) {
       Workspace<Acc>& w = ws[omp_get_thread_num()];
       const int64_t h0 = transposed(w, dstate, w.ldST, task);
       for_each_chunk(pl, s, task, [&](int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
-        load_keys(w, b, h, row0, n);
+        load_keys(keys_in(w), b, h, row0, n);
         key_grads(w, b, h, row0, n, pair_state(dstate, b, h), w.ldST.data() + (h - h0) * SS);
         scatter_rows<T>(a.dv, b, h, row0, n, Dv, w.num, Dvp);
         finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, sums_of(ln),
@@ -1472,34 +1501,31 @@ void backward_typed(const BackwardArgs& a) {
   } else {
     // Causal: a forward scan (the state before each chunk -> dGq -> dq), then a reverse scan (the
     // gradient state after each chunk -> dGk, dv -> dk). Per chunk:
-    // The query side from the state S before the chunk; leaves the chunk's Gk, v in w.gk, w.v.
-    auto query_chunk = [&](Workspace<Acc>& w, int64_t b, int64_t h, int64_t row0, int64_t n, const Acc* S,
-                           ParamSums<Acc> sums, Acc* psum) {
-      load_keys(w, b, h, row0, n);
-      load_grads(w, b, h, row0, n, false);  // computes dden, kept in dden_store for the key side
-      affinity_grad(w, n);
-      gemm(n, Kp / W, n, w.Bm, C, 1, w.gk, Kp, w.dgq, Kp, false, Tri::kDepthLower);  // Bm Gk
+    // The query side from the state S before the chunk, its keys' rows loaded.
+    auto query_chunk = [&](Workspace<Acc>& w, KeyRows keys, int64_t b, int64_t h, int64_t row0, int64_t n,
+                           const Acc* S, ParamSums<Acc> sums, Acc* psum) {
+      load_grads(w, grads_in(w), b, h, row0, n, false);  // computes dden, kept in dden_store for the key side
+      affinity_grad(w, keys.v, grads_in(w), n);
+      gemm(n, Kp / W, n, w.Bm, C, 1, keys.gk, Kp, w.dgq, Kp, false, Tri::kDepthLower);  // Bm Gk
       transpose(Kp, Dvp, S, Dvp, w.ST, Kp);
       gemm(n, Kp / W, Dvp, w.dnum, Dvp, 1, w.ST, Kp, w.dgq, Kp, true);  // dnum S^T
       add_dden_z(w, n, S + SS);
       finish(w, heads[h], a.q, a.dq, w.gq, w.dgq, w.xq, b, h, row0, n, sums,
              Ahead::of<T>({{&a.v, Dv}, {&a.dout, Dv}, {&a.q, D}, {&a.out, Dv}}, b, h, row0 + C, N, C), psum);
     };
-    // The key side from the gradient state dS after the chunk; leaves the chunk's Gq, dnum, dden in
-    // the workspace.
-    auto key_chunk = [&](Workspace<Acc>& w, int64_t b, int64_t h, int64_t row0, int64_t n, const Acc* dS,
-                         ParamSums<Acc> sums, Acc* psum) {
+    // The key side from the gradient state dS after the chunk, its gradients' rows loaded.
+    auto key_chunk = [&](Workspace<Acc>& w, GradRows grads, int64_t b, int64_t h, int64_t row0, int64_t n,
+                         const Acc* dS, ParamSums<Acc> sums, Acc* psum) {
       const int64_t ncv = round_up(n, W) / W;
-      load_keys(w, b, h, row0, n);
-      load_grads(w, b, h, row0, n, true);
-      affinity_grad(w, n);
+      load_keys(keys_in(w), b, h, row0, n);
+      affinity_grad(w, w.v, grads, n);
       transpose(Kp, Dvp, dS, Dvp, w.dST, Kp);
       key_grads(w, b, h, row0, n, dS, w.dST);
-      gemm(n, Kp / W, n, w.Bm, 1, C, w.gq, Kp, w.dgk, Kp, true, Tri::kDepthUpper);  // + Bm^T Gq
+      gemm(n, Kp / W, n, w.Bm, 1, C, grads.gq, Kp, w.dgk, Kp, true, Tri::kDepthUpper);  // + Bm^T Gq
       transpose(C, Kp, w.gk, Kp, w.gkT, C);
-      gemm(n, ncv, Kp, w.gq, Kp, 1, w.gkT, C, w.A, C, false, Tri::kOutLower);  // A = tril(Gq Gk^T)
+      gemm(n, ncv, Kp, grads.gq, Kp, 1, w.gkT, C, w.A, C, false, Tri::kOutLower);  // A = tril(Gq Gk^T)
       keep_lower(w.A, n, C);
-      gemm(n, Dvp / W, n, w.A, 1, C, w.dnum, Dvp, w.num, Dvp, true, Tri::kDepthUpper);  // dv += A^T dnum
+      gemm(n, Dvp / W, n, w.A, 1, C, grads.dnum, Dvp, w.num, Dvp, true, Tri::kDepthUpper);  // dv += A^T dnum
       scatter_rows<T>(a.dv, b, h, row0, n, Dv, w.num, Dvp);
       // masked rows: gk = 0, hence ds = 0
       finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, sums,
@@ -1509,34 +1535,37 @@ void backward_typed(const BackwardArgs& a) {
     if (pl.segs > 1) {
       // Fewer pairs than threads (or an uneven split): the two scans as relays. Each chunk's
       // parameter sums are its partial, combined into the pair's lane in scan order: the
-      // additions of one thread's scans.
+      // additions of one thread's scans. A task keeps the rows its state sums loaded for its work
+      // (the forward scan its keys', the reverse scan its gradients').
       auto add_sums = [&](int64_t pair, const Acc* partial) {
         const ParamSums<Acc> lane = sums_of(pl.lane(pair / s.H, pair % s.H, 0));
         add_compensated(lane.lane, lane.lane + slot, partial, slot);
       };
-      Relay<Acc> forward_scan = relay_from<Acc>(s, pl.nt, false, slot, a.S0, a.z0);
-      auto key_sums = [&](int64_t thread, int64_t pair, int64_t c, int64_t, Acc* delta) {
+      Relay<Acc> forward_scan = relay_from<Acc>(s, pl.nt, false, slot, C * (Kp + Dvp), a.S0, a.z0);
+      auto key_sums = [&](int64_t thread, int64_t pair, int64_t c, int64_t j, Acc* delta) {
         const auto [b, h, row0, n] = s.chunk_at(pair, c);
-        Workspace<Acc>& w = ws[thread];
-        load_keys(w, b, h, row0, n);
-        chunk_state_sums<Acc>(s, w.gk, w.v, nullptr, n, delta);
+        const KeyRows keys = kept_keys(forward_scan.rows(thread, j));
+        load_keys(keys, b, h, row0, n);
+        chunk_state_sums<Acc>(s, keys.gk, keys.v, nullptr, n, delta);
       };
-      auto query_work = [&](int64_t thread, int64_t pair, int64_t c, int64_t, const Acc* S, Acc* partial) {
+      auto query_work = [&](int64_t thread, int64_t pair, int64_t c, int64_t j, const Acc* S, Acc* partial) {
         const auto [b, h, row0, n] = s.chunk_at(pair, c);
-        query_chunk(ws[thread], b, h, row0, n, S, ParamSums<Acc>{nullptr}, partial);
+        query_chunk(ws[thread], kept_keys(forward_scan.rows(thread, j)), b, h, row0, n, S, ParamSums<Acc>{nullptr},
+                    partial);
       };
       forward_scan.run(key_sums, query_work, &add_sums);
 
-      Relay<Acc> reverse_scan = relay_from<Acc>(s, pl.nt, true, slot, a.dS_final, a.dz_final);
-      auto grad_sums = [&](int64_t thread, int64_t pair, int64_t c, int64_t, Acc* delta) {
+      Relay<Acc> reverse_scan = relay_from<Acc>(s, pl.nt, true, slot, C * (Kp + Dvp + 1), a.dS_final, a.dz_final);
+      auto grad_sums = [&](int64_t thread, int64_t pair, int64_t c, int64_t j, Acc* delta) {
         const auto [b, h, row0, n] = s.chunk_at(pair, c);
-        Workspace<Acc>& w = ws[thread];
-        load_grads(w, b, h, row0, n, true);
-        chunk_state_sums<Acc>(s, w.gq, w.dnum, w.dden, n, delta);
+        const GradRows grads = kept_grads(reverse_scan.rows(thread, j));
+        load_grads(ws[thread], grads, b, h, row0, n, true);
+        chunk_state_sums<Acc>(s, grads.gq, grads.dnum, grads.dden, n, delta);
       };
-      auto key_work = [&](int64_t thread, int64_t pair, int64_t c, int64_t, const Acc* dS, Acc* partial) {
+      auto key_work = [&](int64_t thread, int64_t pair, int64_t c, int64_t j, const Acc* dS, Acc* partial) {
         const auto [b, h, row0, n] = s.chunk_at(pair, c);
-        key_chunk(ws[thread], b, h, row0, n, dS, ParamSums<Acc>{nullptr}, partial);
+        key_chunk(ws[thread], kept_grads(reverse_scan.rows(thread, j)), b, h, row0, n, dS, ParamSums<Acc>{nullptr},
+                  partial);
       };
       reverse_scan.run(grad_sums, key_work, &add_sums);
       write_relay_ends(s, reverse_scan, a.dS0, a.dz0);
@@ -1558,7 +1587,8 @@ void backward_typed(const BackwardArgs& a) {
           const int64_t row0 = c * C, n = std::min(C, N - row0);
           for (int64_t l = 0; l < G; ++l) {
             Acc* S = w.lstate.data() + l * 2 * SZ;
-            query_chunk(w, b, h0 + l, row0, n, S, sums_of(pl.lane(b, h0 + l, sg)), w.psum);
+            load_keys(keys_in(w), b, h0 + l, row0, n);
+            query_chunk(w, keys_in(w), b, h0 + l, row0, n, S, sums_of(pl.lane(b, h0 + l, sg)), w.psum);
             accumulate_state(s, w.gk, w.v, n, S, w.delta);
           }
         }
@@ -1566,7 +1596,8 @@ void backward_typed(const BackwardArgs& a) {
           const int64_t row0 = c * C, n = std::min(C, N - row0);
           for (int64_t l = 0; l < G; ++l) {
             Acc* dS = w.ldstate.data() + l * 2 * SZ;
-            key_chunk(w, b, h0 + l, row0, n, dS, sums_of(pl.lane(b, h0 + l, sg)), w.psum);
+            load_grads(w, grads_in(w), b, h0 + l, row0, n, true);
+            key_chunk(w, grads_in(w), b, h0 + l, row0, n, dS, sums_of(pl.lane(b, h0 + l, sg)), w.psum);
             state_grad_update(w, n, dS);
           }
         }
