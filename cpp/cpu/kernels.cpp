@@ -930,21 +930,24 @@ void density_tile(int64_t n, int64_t Dp, const Acc* x, const Acc* ds, int64_t Kp
 }
 
 // Parameter-gradient sums of one lane: t1, t2 (K x Dp) and ds_sum (Kp), followed by their
-// compensation terms (add_compensated): each chunk's sums are formed in the workspace, then added.
+// compensation terms. The sums of a block of chunks are formed plainly (density_backward adds
+// each chunk's to them), then added to the lane with compensation (add).
 template <class Acc>
 struct ParamSums {
   static int64_t size(const Shape& s) { return 2 * s.K * s.Dp + s.Kp; }
-  Acc* lane;  // 2 * size values; nullptr: the chunk's sums are left to the caller
+  Acc* lane;  // 2 * size values
+  void add(const Shape& s, const Acc* block) const { add_compensated(lane, lane + size(s), block, size(s)); }
 };
 
+// The chunk's dx (n x Dp), from ds (n x Kp); its parameter sums (ParamSums::size values: t1, t2,
+// ds_sum) are added to `param_sums`.
 template <class Acc>
 void density_backward(const Head<Acc>& hd, const Shape& s, const Acc* x, const Acc* ds, int64_t n, Acc* dx,
-                      ParamSums<Acc> sums, Acc* chunk_sums, const Ahead& ahead) {
-  const int64_t K = s.K, Kp = s.Kp, Dp = s.Dp, size = ParamSums<Acc>::size(s);
-  Acc* t1 = chunk_sums;
+                      Acc* param_sums, const Ahead& ahead) {
+  const int64_t K = s.K, Kp = s.Kp, Dp = s.Dp;
+  Acc* t1 = param_sums;
   Acc* t2 = t1 + K * Dp;
   Acc* ds_sum = t2 + K * Dp;
-  std::fill(chunk_sums, chunk_sums + size, Acc(0));
   int64_t k0 = 0;
   const int64_t tiles = K / kDensKT;
   for (; k0 + kDensKT <= K; k0 += kDensKT) {
@@ -959,7 +962,6 @@ void density_backward(const Head<Acc>& hd, const Shape& s, const Acc* x, const A
 #pragma omp simd
     for (int64_t k = 0; k < Kp; ++k) ds_sum[k] += ds[r * Kp + k];
   }
-  if (sums.lane) add_compensated(sums.lane, sums.lane + size, chunk_sums, size);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1036,11 +1038,11 @@ struct NoCombine {  // a relay without partials (Relay::run)
 // A task may keep `rows_size` values per chunk (rows(thread, j): e.g. the rows its sums loaded)
 // from its sums to its work, so its work need not load them again.
 //
-// With `combine`, each chunk's work also leaves `partial_size` values (the backward's parameter
-// sums) that combine(pair, partial) takes in scan order, as one thread's scan would: a finished
-// block parks them in a ring of its pair, and whoever finishes the block next in line combines
-// every parked block that is then in order (under the pair's lock), so no thread waits for
-// another to finish its work.
+// With `combine`, the work of a block's chunks adds up `partial_size` values (the backward's
+// parameter sums, from zero) that combine(pair, partial) takes in scan order, as one thread's scan
+// would: a finished block parks them in a ring of its pair, and whoever finishes the block next in
+// line combines every parked block that is then in order (under the pair's lock), so no thread
+// waits for another to finish its work.
 template <class Acc>
 class Relay {
  public:
@@ -1052,7 +1054,7 @@ class Relay {
         kept_(nt, std::vector<Acc>((2 * kRelayChunks + 2) * size_ / 2)),
         rows_(nt * kRelayChunks * rows_stride_ + kAlign) {
     if (partial_size_ > 0) {
-      parked_.resize(pairs_ * ring_ * kRelayChunks * partial_size_);
+      parked_.resize(pairs_ * ring_ * partial_size_);
       parked_block_.reset(new std::atomic<int64_t>[pairs_ * ring_]);
       for (int64_t i = 0; i < pairs_ * ring_; ++i) parked_block_[i].store(-1, std::memory_order_relaxed);
     }
@@ -1067,8 +1069,8 @@ class Relay {
   }
   // sums(thread, pair, chunk, j, delta): the chunk's SS + Kp sums into delta (chunk_state_sums),
   // j its place in the block (in scan order); work(thread, pair, chunk, j, state, partial): the
-  // chunk's work from the state before it, partial its partial_size values (nullptr: none);
-  // combine(pair, partial), in scan order (nullptr: none).
+  // chunk's work from the state before it, adding to its block's partial_size values in partial
+  // (nullptr: none); combine(pair, partial), in scan order (nullptr: none).
   template <class Sums, class Work, class Combine>
   void run(Sums& sums, Work& work, Combine* combine) {
     std::atomic<int64_t> next{0};
@@ -1095,18 +1097,15 @@ class Relay {
       if (combine) {
         wait_at_least(sync.combined, blk - ring_ + 1);  // the ring slot's last block is combined
         parked = parked_of(pair, blk);
+        std::fill(parked, parked + partial_size_, Acc(0));
       }
-      for (int64_t p = p0; p < p1; ++p) {
-        work(thread, pair, chunk(p), p - p0, before + (p - p0) * SZ,
-             parked ? parked + (p - p0) * partial_size_ : nullptr);
-      }
+      for (int64_t p = p0; p < p1; ++p) work(thread, pair, chunk(p), p - p0, before + (p - p0) * SZ, parked);
       if (combine) {
         parked_block_[pair * ring_ + blk % ring_].store(blk, std::memory_order_release);
         std::lock_guard<std::mutex> hold(sync.lock);
         for (int64_t b = sync.combined.load(std::memory_order_relaxed);
              b < nblocks_ && parked_block_[pair * ring_ + b % ring_].load(std::memory_order_acquire) == b; ++b) {
-          const int64_t n = std::min(s_.nchunks, (b + 1) * kRelayChunks) - b * kRelayChunks;
-          for (int64_t j = 0; j < n; ++j) (*combine)(pair, parked_of(pair, b) + j * partial_size_);
+          (*combine)(pair, parked_of(pair, b));
           sync.combined.store(b + 1, std::memory_order_release);
         }
       }
@@ -1123,7 +1122,7 @@ class Relay {
   int64_t chunk(int64_t p) const { return reverse_ ? s_.nchunks - 1 - p : p; }
   Acc* slot(int64_t pair, int64_t blk) { return slots_.data() + (pair * 2 + blk % 2) * size_; }
   Acc* parked_of(int64_t pair, int64_t blk) {
-    return parked_.data() + (pair * ring_ + blk % ring_) * kRelayChunks * partial_size_;
+    return parked_.data() + (pair * ring_ + blk % ring_) * partial_size_;
   }
   const Shape& s_;
   int nt_;
@@ -1134,7 +1133,7 @@ class Relay {
   std::unique_ptr<PairSync[]> sync_;
   std::vector<std::vector<Acc>> kept_;  // per thread: a block's sums and states
   std::vector<Acc> rows_;               // per thread: a block's kept rows (see rows())
-  std::vector<Acc> parked_;             // per pair: ring_ blocks of partials
+  std::vector<Acc> parked_;             // per pair: ring_ blocks' partials
   std::unique_ptr<std::atomic<int64_t>[]> parked_block_;  // the block parked in each ring slot
 };
 
@@ -1399,14 +1398,14 @@ void backward_typed(const BackwardArgs& a) {
     keep_lower(w.Bm, n, C);
   };
   // dGq -> ds (softmax backward) -> dq and parameter sums; likewise dGk -> dk.
-  // `ahead`: rows of the chunk computed next, fetched meanwhile.
-  // The chunk's parameter sums go to `sums` (its lane), or with sums.lane = nullptr stay in psum.
+  // `ahead`: rows of the chunk computed next, fetched meanwhile. The chunk's parameter sums are
+  // added to param_sums.
   auto finish = [&](Workspace<Acc>& w, const Head<Acc>& hd, const View& x_in, const View& dx_out, Acc* gamma,
-                    Acc* dgamma, Acc* xbuf, int64_t b, int64_t h, int64_t row0, int64_t n, ParamSums<Acc> sums,
-                    const Ahead& ahead, Acc* psum) {
+                    Acc* dgamma, Acc* xbuf, int64_t b, int64_t h, int64_t row0, int64_t n, Acc* param_sums,
+                    const Ahead& ahead) {
     softmax_backward(gamma, dgamma, n, K, Kp);
     gather_rows<T>(x_in, b, h, row0, n, D, xbuf, Dp, n);
-    density_backward(hd, s, xbuf, dgamma, n, w.dx, sums, psum, ahead);
+    density_backward(hd, s, xbuf, dgamma, n, w.dx, param_sums, ahead);
     scatter_rows<T>(dx_out, b, h, row0, n, D, w.dx, Dp);
   };
   // dGq += dden z^T (dGq holds dnum S^T).
@@ -1469,6 +1468,12 @@ void backward_typed(const BackwardArgs& a) {
       for (int64_t l = 0; l < G; ++l) transpose(Kp, Dvp, pair_state(x, b, h0 + l), Dvp, xT.data() + l * SS, Kp);
       return h0;
     };
+    // Each chunk's parameter sums are a block of their own: formed from zero in the workspace, then
+    // added to the lane.
+    auto zeroed_sums = [&](Workspace<Acc>& w) {
+      std::fill(w.psum, w.psum + slot, Acc(0));
+      return w.psum;
+    };
     auto query_pass = [&](int64_t task) {
       Workspace<Acc>& w = ws[omp_get_thread_num()];
       const int64_t h0 = transposed(w, state, w.lST, task);
@@ -1477,8 +1482,9 @@ void backward_typed(const BackwardArgs& a) {
         state_grad_update(w, n, seg_d.data() + ln * 2 * SZ);
         gemm(n, Kp / W, Dvp, w.dnum, Dvp, 1, w.lST.data() + (h - h0) * SS, Kp, w.dgq, Kp, false);  // dnum S^T
         add_dden_z(w, n, pair_state(state, b, h) + SS);
-        finish(w, heads[h], a.q, a.dq, w.gq, w.dgq, w.xq, b, h, row0, n, sums_of(ln),
-               Ahead::of<T>({{&a.dout, Dv}, {&a.out, Dv}, {&a.q, D}}, b, h, row0 + C, N, C), w.psum);
+        finish(w, heads[h], a.q, a.dq, w.gq, w.dgq, w.xq, b, h, row0, n, zeroed_sums(w),
+               Ahead::of<T>({{&a.dout, Dv}, {&a.out, Dv}, {&a.q, D}}, b, h, row0 + C, N, C));
+        sums_of(ln).add(s, w.psum);
       });
     };
     auto grad_totals = [&](int64_t b, int64_t h) {
@@ -1493,8 +1499,9 @@ void backward_typed(const BackwardArgs& a) {
         load_keys(keys_in(w), b, h, row0, n);
         key_grads(w, b, h, row0, n, pair_state(dstate, b, h), w.ldST.data() + (h - h0) * SS);
         scatter_rows<T>(a.dv, b, h, row0, n, Dv, w.num, Dvp);
-        finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, sums_of(ln),
-               Ahead::of<T>({{&a.v, Dv}, {&a.k, D}}, b, h, row0 + C, N, C), w.psum);  // masked: gk = 0, ds = 0
+        finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, zeroed_sums(w),
+               Ahead::of<T>({{&a.v, Dv}, {&a.k, D}}, b, h, row0 + C, N, C));  // masked: gk = 0, ds = 0
+        sums_of(ln).add(s, w.psum);
       });
     };
     run_passes(pl, true, query_pass, grad_totals, key_pass);
@@ -1503,19 +1510,19 @@ void backward_typed(const BackwardArgs& a) {
     // gradient state after each chunk -> dGk, dv -> dk). Per chunk:
     // The query side from the state S before the chunk, its keys' rows loaded.
     auto query_chunk = [&](Workspace<Acc>& w, KeyRows keys, int64_t b, int64_t h, int64_t row0, int64_t n,
-                           const Acc* S, ParamSums<Acc> sums, Acc* psum) {
+                           const Acc* S, Acc* param_sums) {
       load_grads(w, grads_in(w), b, h, row0, n, false);  // computes dden, kept in dden_store for the key side
       affinity_grad(w, keys.v, grads_in(w), n);
       gemm(n, Kp / W, n, w.Bm, C, 1, keys.gk, Kp, w.dgq, Kp, false, Tri::kDepthLower);  // Bm Gk
       transpose(Kp, Dvp, S, Dvp, w.ST, Kp);
       gemm(n, Kp / W, Dvp, w.dnum, Dvp, 1, w.ST, Kp, w.dgq, Kp, true);  // dnum S^T
       add_dden_z(w, n, S + SS);
-      finish(w, heads[h], a.q, a.dq, w.gq, w.dgq, w.xq, b, h, row0, n, sums,
-             Ahead::of<T>({{&a.v, Dv}, {&a.dout, Dv}, {&a.q, D}, {&a.out, Dv}}, b, h, row0 + C, N, C), psum);
+      finish(w, heads[h], a.q, a.dq, w.gq, w.dgq, w.xq, b, h, row0, n, param_sums,
+             Ahead::of<T>({{&a.v, Dv}, {&a.dout, Dv}, {&a.q, D}, {&a.out, Dv}}, b, h, row0 + C, N, C));
     };
     // The key side from the gradient state dS after the chunk, its gradients' rows loaded.
     auto key_chunk = [&](Workspace<Acc>& w, GradRows grads, int64_t b, int64_t h, int64_t row0, int64_t n,
-                         const Acc* dS, ParamSums<Acc> sums, Acc* psum) {
+                         const Acc* dS, Acc* param_sums) {
       const int64_t ncv = round_up(n, W) / W;
       load_keys(keys_in(w), b, h, row0, n);
       affinity_grad(w, w.v, grads, n);
@@ -1528,18 +1535,19 @@ void backward_typed(const BackwardArgs& a) {
       gemm(n, Dvp / W, n, w.A, 1, C, grads.dnum, Dvp, w.num, Dvp, true, Tri::kDepthUpper);  // dv += A^T dnum
       scatter_rows<T>(a.dv, b, h, row0, n, Dv, w.num, Dvp);
       // masked rows: gk = 0, hence ds = 0
-      finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, sums,
-             Ahead::of<T>({{&a.v, Dv}, {&a.dout, Dv}, {&a.k, D}}, b, h, row0 - C, N, C), psum);
+      finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, param_sums,
+             Ahead::of<T>({{&a.v, Dv}, {&a.dout, Dv}, {&a.k, D}}, b, h, row0 - C, N, C));
     };
 
+    // The parameter sums of a scan add up plainly over blocks of kRelayChunks chunks in scan order
+    // (a relay's blocks), each block's then added to the lane with compensation: the same
+    // additions whether relays or one task per sequence run the scans.
     if (pl.segs > 1) {
-      // Fewer pairs than threads (or an uneven split): the two scans as relays. Each chunk's
-      // parameter sums are its partial, combined into the pair's lane in scan order: the
-      // additions of one thread's scans. A task keeps the rows its state sums loaded for its work
-      // (the forward scan its keys', the reverse scan its gradients').
+      // Fewer pairs than threads (or an uneven split): the two scans as relays, a block's parameter
+      // sums its partial. A task keeps the rows its state sums loaded for its work (the forward
+      // scan its keys', the reverse scan its gradients').
       auto add_sums = [&](int64_t pair, const Acc* partial) {
-        const ParamSums<Acc> lane = sums_of(pl.lane(pair / s.H, pair % s.H, 0));
-        add_compensated(lane.lane, lane.lane + slot, partial, slot);
+        sums_of(pl.lane(pair / s.H, pair % s.H, 0)).add(s, partial);
       };
       Relay<Acc> forward_scan = relay_from<Acc>(s, pl.nt, false, slot, C * (Kp + Dvp), a.S0, a.z0);
       auto key_sums = [&](int64_t thread, int64_t pair, int64_t c, int64_t j, Acc* delta) {
@@ -1550,8 +1558,7 @@ void backward_typed(const BackwardArgs& a) {
       };
       auto query_work = [&](int64_t thread, int64_t pair, int64_t c, int64_t j, const Acc* S, Acc* partial) {
         const auto [b, h, row0, n] = s.chunk_at(pair, c);
-        query_chunk(ws[thread], kept_keys(forward_scan.rows(thread, j)), b, h, row0, n, S, ParamSums<Acc>{nullptr},
-                    partial);
+        query_chunk(ws[thread], kept_keys(forward_scan.rows(thread, j)), b, h, row0, n, S, partial);
       };
       forward_scan.run(key_sums, query_work, &add_sums);
 
@@ -1564,8 +1571,7 @@ void backward_typed(const BackwardArgs& a) {
       };
       auto key_work = [&](int64_t thread, int64_t pair, int64_t c, int64_t j, const Acc* dS, Acc* partial) {
         const auto [b, h, row0, n] = s.chunk_at(pair, c);
-        key_chunk(ws[thread], kept_grads(reverse_scan.rows(thread, j)), b, h, row0, n, dS, ParamSums<Acc>{nullptr},
-                  partial);
+        key_chunk(ws[thread], kept_grads(reverse_scan.rows(thread, j)), b, h, row0, n, dS, partial);
       };
       reverse_scan.run(grad_sums, key_work, &add_sums);
       write_relay_ends(s, reverse_scan, a.dS0, a.dz0);
@@ -1575,6 +1581,19 @@ void backward_typed(const BackwardArgs& a) {
         int64_t b, h0, sg;
         pl.task(task, b, h0, sg);
         Workspace<Acc>& w = ws[omp_get_thread_num()];
+        // Each lane's block of parameter sums: zeroed at the block's first chunk (place p in scan
+        // order), added to the lane after its last.
+        std::vector<Acc> blocks(G * slot);
+        auto block_sums = [&](int64_t l, int64_t p) {
+          Acc* block = blocks.data() + l * slot;
+          if (p % kRelayChunks == 0) std::fill(block, block + slot, Acc(0));
+          return block;
+        };
+        auto block_done = [&](int64_t l, int64_t p) {
+          if (p % kRelayChunks == kRelayChunks - 1 || p == s.nchunks - 1) {
+            sums_of(pl.lane(b, h0 + l, sg)).add(s, blocks.data() + l * slot);
+          }
+        };
         for (int64_t l = 0; l < G; ++l) {
           Acc* S = w.lstate.data() + l * 2 * SZ;
           Acc* dS = w.ldstate.data() + l * 2 * SZ;
@@ -1588,7 +1607,8 @@ void backward_typed(const BackwardArgs& a) {
           for (int64_t l = 0; l < G; ++l) {
             Acc* S = w.lstate.data() + l * 2 * SZ;
             load_keys(keys_in(w), b, h0 + l, row0, n);
-            query_chunk(w, keys_in(w), b, h0 + l, row0, n, S, sums_of(pl.lane(b, h0 + l, sg)), w.psum);
+            query_chunk(w, keys_in(w), b, h0 + l, row0, n, S, block_sums(l, c));
+            block_done(l, c);
             accumulate_state(s, w.gk, w.v, n, S, w.delta);
           }
         }
@@ -1597,7 +1617,8 @@ void backward_typed(const BackwardArgs& a) {
           for (int64_t l = 0; l < G; ++l) {
             Acc* dS = w.ldstate.data() + l * 2 * SZ;
             load_grads(w, grads_in(w), b, h0 + l, row0, n, true);
-            key_chunk(w, grads_in(w), b, h0 + l, row0, n, dS, sums_of(pl.lane(b, h0 + l, sg)), w.psum);
+            key_chunk(w, grads_in(w), b, h0 + l, row0, n, dS, block_sums(l, s.nchunks - 1 - c));
+            block_done(l, s.nchunks - 1 - c);
             state_grad_update(w, n, dS);
           }
         }
