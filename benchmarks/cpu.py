@@ -16,7 +16,8 @@ One run measures, side by side on the same machine (issue 2, section 7, and issu
            K=256 at two lengths (linear time).
   threads  1 thread against all threads (torch.set_num_threads; the torch front end passes
            torch.get_num_threads() to the core), for B*H=8 and for B*H=1 (chunk-parallel scan),
-           next to the same scaling of a 2048^3 torch.matmul (the machine's own).
+           next to the same scaling of a 2048^3 torch.matmul (the machine's own); all of
+           these cells and both thread counts in one round-robin of eight rounds.
   memory   peak resident memory of forward+backward (causal) in a fresh subprocess, against the
            bytes of inputs + outputs + their gradients.
 
@@ -447,44 +448,42 @@ class Bench:
         configs = [(8, 256), (1, 1024)] if self.quick else [(8, 16384), (1, 65536)]  # (H, N)
         D, K = self.D, self.K
         rows = []
-        reps = 2 if self.quick else 5
+        reps = 2 if self.quick else 8
         turn = 0.0 if self.quick else 0.6  # s: short calls repeat within their turn (run_cell)
-        p = self._progress((len(configs) * 2 + 1) * 2 * (reps + 1), "threads")
+        # Every cell's two thread counts and the matmul's in one round-robin (1, tmax, 1, tmax, ...
+        # for each in turn), so each ratio samples the same stretches of time: on a shared VM a
+        # busy second core can last seconds, and cells timed one after the other saw different ones.
+        n = 512 if self.quick else 2048
+        a, b = torch.randn(n, n), torch.randn(n, n)
+
+        def with_threads(nt, call):
+            def run():
+                torch.set_num_threads(nt)
+                call()
+            return run
+
+        # The machine's own 1 -> tmax scaling on dense arithmetic, for reference: a float32
+        # torch.matmul (a shared VM's second core is rarely worth a full core).
+        cells = {"matmul": lambda: torch.matmul(a, b)}
+        for H, N in configs:
+            for bwd in (False, True):
+                cells[(H, N, bwd)] = make_call("core", 1, N, H, K, D, D, True, bwd)
+        calls = {(cell, nt): with_threads(nt, call) for cell, call in cells.items() for nt in (1, tmax)}
+        p = self._progress(len(calls) * (reps + 1), "threads")
         try:
-            # The machine's own 1 -> tmax scaling on dense arithmetic, for reference: a float32
-            # torch.matmul (a shared VM's second core is rarely worth a full core).
-            n = 512 if self.quick else 2048
-            a, b = torch.randn(n, n), torch.randn(n, n)
-
-            def matmul_with(nt):
-                def run():
-                    torch.set_num_threads(nt)
-                    torch.matmul(a, b)
-                return run
-
-            times = run_cell({1: matmul_with(1), tmax: matmul_with(tmax)}, reps, p, min_seconds=turn)
-            self.results["threads_matmul"] = {"n": n, "threads": tmax, "t1_s": med(times[1]),
-                                              f"t{tmax}_s": med(times[tmax]),
-                                              "speedup": med(times[1]) / med(times[tmax])}
-            for H, N in configs:
-                for bwd in (False, True):
-                    call = make_call("core", 1, N, H, K, D, D, True, bwd)
-
-                    def with_threads(nt):
-                        def run():
-                            torch.set_num_threads(nt)
-                            call()
-                        return run
-
-                    # interleaved (1, tmax, 1, tmax, ...) so a load change hits both alike
-                    times = run_cell({1: with_threads(1), tmax: with_threads(tmax)}, reps, p, min_seconds=turn)
-                    res = {nt: med(ts) for nt, ts in times.items()}
-                    rows.append({"B": 1, "H": H, "N": N, "causal": True, "mode": "fwd+bwd" if bwd else "fwd",
-                                 "t1_s": res[1], f"t{tmax}_s": res[tmax], "threads": tmax,
-                                 "speedup": res[1] / res[tmax]})
+            times = run_cell(calls, reps, p, min_seconds=turn)
         finally:
             torch.set_num_threads(tmax)
             self._close(p)
+        res = {key: med(ts) for key, ts in times.items()}
+        self.results["threads_matmul"] = {"n": n, "threads": tmax, "t1_s": res[("matmul", 1)],
+                                          f"t{tmax}_s": res[("matmul", tmax)],
+                                          "speedup": res[("matmul", 1)] / res[("matmul", tmax)]}
+        for H, N in configs:
+            for bwd in (False, True):
+                t1, tn = res[((H, N, bwd), 1)], res[((H, N, bwd), tmax)]
+                rows.append({"B": 1, "H": H, "N": N, "causal": True, "mode": "fwd+bwd" if bwd else "fwd",
+                             "t1_s": t1, f"t{tmax}_s": tn, "threads": tmax, "speedup": t1 / tn})
         self.results["threads"] = {"rows": rows}
 
     # -- memory ---------------------------------------------------------------------------------------------
