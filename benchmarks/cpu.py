@@ -634,7 +634,7 @@ class Bench:
             lines.extend(f"- linear time at K={x['K']}, D={x['D']}: N={x['N']} {x['mode']} {x['core_s']*1e3:.1f} ms, "
                          f"{x['us_per_token']:.2f} us/token" for x in sh["linearity"])
         if "threads" in r:
-            lines += ["", "**Threads** (causal; 1 thread and all threads alternated call by call)"]
+            lines += ["", "**Threads** (causal; 1 thread and all threads, every cell and the matmul below in one round-robin)"]
             table(["B*H", "N", "mode", "1 thread ms", "threads", "ms", "speed-up"],
                   [[x["H"], x["N"], x["mode"], f"{x['t1_s']*1e3:.1f}", x["threads"],
                     f"{x['t%d_s' % x['threads']]*1e3:.1f}", f"{x['speedup']:.2f}"] for x in r["threads"]["rows"]])
