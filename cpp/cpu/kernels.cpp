@@ -76,7 +76,10 @@ constexpr int kDensKT = 2;
 #endif
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-// The first 64-byte boundary at or after p (buffers are allocated 64 bytes longer for it).
+// Values per 64-byte line: buffers carved into 64-byte aligned parts round each part up to it.
+template <class Acc>
+constexpr int64_t kLine = 64 / sizeof(Acc);
+// The first 64-byte boundary at or after p (buffers are allocated a line longer for it).
 template <class Acc>
 inline Acc* align64(Acc* p) {
   while (reinterpret_cast<uintptr_t>(p) % 64 != 0) ++p;
@@ -497,15 +500,14 @@ struct Workspace {
     Acc** slots[] = {&xq, &xk, &xc, &xn, &cen, &bT, &mk, &v, &o, &g, &num, &dnum, &vT, &gq, &gk, &gkT, &dgq,
                      &dgk, &A, &Bm, &den, &dden, &delta, &ST, &dST, &psum, &dx};
     static_assert(sizeof(sizes) / sizeof(sizes[0]) == sizeof(slots) / sizeof(slots[0]), "workspace slots");
-    constexpr int64_t kAlign = 64 / sizeof(Acc);
-    int64_t total = kAlign;
-    for (int64_t sz : sizes) total += round_up(sz, kAlign);
+    int64_t total = kLine<Acc>;
+    for (int64_t sz : sizes) total += round_up(sz, kLine<Acc>);
     storage.assign(total, Acc(0));
     Acc* base = align64(storage.data());
     int64_t off = 0;
     for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); ++i) {
       *slots[i] = base + off;
-      off += round_up(sizes[i], kAlign);
+      off += round_up(sizes[i], kLine<Acc>);
     }
   }
 };
@@ -1049,10 +1051,10 @@ class Relay {
   Relay(const Shape& s, int nt, bool reverse, int64_t partial_size, int64_t rows_size)
       : s_(s), nt_(nt), reverse_(reverse), pairs_(s.B * s.H), nblocks_((s.nchunks + kRelayChunks - 1) / kRelayChunks),
         size_(2 * (s.Kp * s.Dvp + s.Kp)), partial_size_(partial_size),
-        ring_(std::min<int64_t>(nblocks_, 2 * static_cast<int64_t>(nt) + 2)), rows_stride_(round_up(rows_size, kAlign)),
+        ring_(std::min<int64_t>(nblocks_, 2 * static_cast<int64_t>(nt) + 2)), rows_stride_(round_up(rows_size, kLine<Acc>)),
         slots_(pairs_ * 2 * size_, Acc(0)), sync_(new PairSync[pairs_]),
         kept_(nt, std::vector<Acc>((2 * kRelayChunks + 2) * size_ / 2)),
-        rows_(nt * kRelayChunks * rows_stride_ + kAlign) {
+        rows_(nt * kRelayChunks * rows_stride_ + kLine<Acc>) {
     if (partial_size_ > 0) {
       parked_.resize(pairs_ * ring_ * partial_size_);
       parked_block_.reset(new std::atomic<int64_t>[pairs_ * ring_]);
@@ -1127,7 +1129,6 @@ class Relay {
   const Shape& s_;
   int nt_;
   bool reverse_;
-  static constexpr int64_t kAlign = 64 / sizeof(Acc);
   int64_t pairs_, nblocks_, size_, partial_size_, ring_, rows_stride_;
   std::vector<Acc> slots_;
   std::unique_ptr<PairSync[]> sync_;
