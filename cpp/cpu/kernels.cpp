@@ -94,76 +94,97 @@ inline T* at(const View& v, int64_t i0, int64_t i1, int64_t i2 = 0, int64_t i3 =
   return static_cast<T*>(v.data) + i0 * v.stride[0] + i1 * v.stride[1] + i2 * v.stride[2] + i3 * v.stride[3];
 }
 
+// A block of n rows and `cols` columns of a strided tensor: element (r, c) at base[r * rs + c * cs]
+// (strides in elements, any sign, zero allowed). It is walked along whichever axis lies closer
+// together in memory: along each row when its columns are adjacent or at least as close as the
+// rows (the (B, N, H, D) layout and its permutations with D innermost), else down each column (D
+// not innermost: a Fortran-order array, D the outermost axis), so that every cache line is used
+// up before the next one is read, whatever the layout.
+template <class T>
+struct Block {
+  T* base;
+  int64_t rs, cs;
+  bool by_rows() const { return cs == 1 || std::abs(cs) <= std::abs(rs); }
+};
+template <class T>
+inline Block<const T> input_rows(const View& x, int64_t b, int64_t h, int64_t row0) {  // x[b, row0 + r, h, c]
+  return {at<const T>(x, b, row0, h), x.stride[1], x.stride[3]};
+}
+template <class T>
+inline Block<T> output_rows(const View& x, int64_t b, int64_t h, int64_t row0) {
+  return {at<T>(x, b, row0, h), x.stride[1], x.stride[3]};
+}
+
+// dst (rows_total x ld) <- the block's n x cols values; zeros elsewhere.
+template <class T, class Acc>
+void gather(Block<const T> x, int64_t n, int64_t cols, Acc* dst, int64_t ld, int64_t rows_total) {
+  if (x.cs == 1) {
+    for (int64_t r = 0; r < n; ++r) {
+      const T* src = x.base + r * x.rs;
+      Acc* d = dst + r * ld;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) d[c] = load_as<Acc>(src[c]);
+    }
+  } else if (x.by_rows()) {
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t c = 0; c < cols; ++c) dst[r * ld + c] = load_as<Acc>(x.base[r * x.rs + c * x.cs]);
+    }
+  } else {
+    for (int64_t c = 0; c < cols; ++c) {
+      for (int64_t r = 0; r < n; ++r) dst[r * ld + c] = load_as<Acc>(x.base[r * x.rs + c * x.cs]);
+    }
+  }
+  for (int64_t r = 0; r < n; ++r) std::fill(dst + r * ld + cols, dst + (r + 1) * ld, Acc(0));
+  if (rows_total > n) std::fill(dst + n * ld, dst + rows_total * ld, Acc(0));
+}
+
+// The block's n x cols values <- src (n x ld).
+template <class T, class Acc>
+void scatter(Block<T> y, int64_t n, int64_t cols, const Acc* src, int64_t ld) {
+  if (y.cs == 1) {
+    for (int64_t r = 0; r < n; ++r) {
+      T* d = y.base + r * y.rs;
+      const Acc* s = src + r * ld;
+      if constexpr (std::is_same_v<T, Acc>) {
+        stream_copy(d, s, cols);
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) d[c] = store_as<T>(s[c]);
+      }
+    }
+  } else if (y.by_rows()) {
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t c = 0; c < cols; ++c) y.base[r * y.rs + c * y.cs] = store_as<T>(src[r * ld + c]);
+    }
+  } else {
+    for (int64_t c = 0; c < cols; ++c) {
+      for (int64_t r = 0; r < n; ++r) y.base[r * y.rs + c * y.cs] = store_as<T>(src[r * ld + c]);
+    }
+  }
+}
+
 // dst (rows_total x ld) <- x[b, row0 + r, h, 0:cols] for r < n; zeros elsewhere.
 template <class T, class Acc>
 void gather_rows(const View& x, int64_t b, int64_t h, int64_t row0, int64_t n, int64_t cols, Acc* dst, int64_t ld,
                  int64_t rows_total) {
-  const int64_t sc = x.stride[3];
-  for (int64_t r = 0; r < n; ++r) {
-    const T* src = at<const T>(x, b, row0 + r, h);
-    Acc* d = dst + r * ld;
-    if (sc == 1) {
-#pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) d[c] = load_as<Acc>(src[c]);
-    } else {
-      for (int64_t c = 0; c < cols; ++c) d[c] = load_as<Acc>(src[c * sc]);
-    }
-    for (int64_t c = cols; c < ld; ++c) d[c] = Acc(0);
-  }
-  if (rows_total > n) std::fill(dst + n * ld, dst + rows_total * ld, Acc(0));
+  gather<T, Acc>(input_rows<T>(x, b, h, row0), n, cols, dst, ld, rows_total);
 }
-
 template <class T, class Acc>
 void scatter_rows(const View& y, int64_t b, int64_t h, int64_t row0, int64_t n, int64_t cols, const Acc* src,
                   int64_t ld) {
-  const int64_t sc = y.stride[3];
-  for (int64_t r = 0; r < n; ++r) {
-    T* d = at<T>(y, b, row0 + r, h);
-    const Acc* s = src + r * ld;
-    if constexpr (std::is_same_v<T, Acc>) {
-      if (sc == 1) {
-        stream_copy(d, s, cols);
-        continue;
-      }
-    }
-    if (sc == 1) {
-#pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) d[c] = store_as<T>(s[c]);
-    } else {
-      for (int64_t c = 0; c < cols; ++c) d[c * sc] = store_as<T>(s[c]);
-    }
-  }
+  scatter<T, Acc>(output_rows<T>(y, b, h, row0), n, cols, src, ld);
 }
 
 // A (B, H, N, cols) accumulator-typed view: rows [row0, row0+n) of (b, h) in or out.
 template <class Acc>
 void read_saved(const View& x, int64_t b, int64_t h, int64_t row0, int64_t n, int64_t cols, Acc* dst, int64_t ld,
                 int64_t rows_total) {
-  const int64_t sc = x.stride[3];
-  for (int64_t r = 0; r < n; ++r) {
-    const Acc* src = at<const Acc>(x, b, h, row0 + r);
-    Acc* d = dst + r * ld;
-    if (sc == 1) {
-      std::memcpy(d, src, cols * sizeof(Acc));
-    } else {
-      for (int64_t c = 0; c < cols; ++c) d[c] = src[c * sc];
-    }
-    for (int64_t c = cols; c < ld; ++c) d[c] = Acc(0);
-  }
-  if (rows_total > n) std::fill(dst + n * ld, dst + rows_total * ld, Acc(0));
+  gather<Acc, Acc>({at<const Acc>(x, b, h, row0), x.stride[2], x.stride[3]}, n, cols, dst, ld, rows_total);
 }
 template <class Acc>
 void write_saved(const View& x, int64_t b, int64_t h, int64_t row0, int64_t n, int64_t cols, const Acc* src,
                  int64_t ld) {
-  const int64_t sc = x.stride[3];
-  for (int64_t r = 0; r < n; ++r) {
-    Acc* d = at<Acc>(x, b, h, row0 + r);
-    if (sc == 1) {
-      stream_copy(d, src + r * ld, cols);
-    } else {
-      for (int64_t c = 0; c < cols; ++c) d[c * sc] = src[r * ld + c];
-    }
-  }
+  scatter<Acc, Acc>({at<Acc>(x, b, h, row0), x.stride[2], x.stride[3]}, n, cols, src, ld);
 }
 // den is (B, H, N).
 template <class Acc>
@@ -203,11 +224,15 @@ void write_state(const View& S, const View& z, int64_t b, int64_t h, int64_t K, 
 // requested while this chunk computes. The rows of a head are strided by H * D elements, a walk
 // the hardware prefetchers do not run ahead of, so a chunk's gather would otherwise wait on
 // memory; the requests are spread over the compute (a few rows at a time) so that they never
-// queue up behind each other.
+// queue up behind each other. A block is requested line by line along the axis its gather walks
+// (Block::by_rows): each of its lines once, whatever the layout (walking a row of a Fortran-order
+// array in 64-byte steps would request everything between its first and last element).
 struct Ahead {
   static constexpr int kStreams = 4;
-  const char* base[kStreams] = {};
-  int64_t row_bytes[kStreams] = {}, stride[kStreams] = {};
+  // Per stream, in bytes: `outer` walks of `inner` requests each, walk o starting at
+  // first + o * outer_step, its requests `step` apart.
+  const char* first[kStreams] = {};
+  int64_t outer[kStreams] = {}, outer_step[kStreams] = {}, inner[kStreams] = {}, step[kStreams] = {};
   int64_t rows = 0;
   // Rows [row0, row0 + C) of x[b, :, h, 0:cols] (element type T) for each (x, cols) in
   // `inputs`, clipped to the sequence (N rows); nothing when row0 is outside it.
@@ -221,9 +246,27 @@ struct Ahead {
     for (const auto& [x, cols] : inputs) {
       if (i == kStreams) break;
       if (cols == 0) continue;  // not read
-      ah.base[i] = reinterpret_cast<const char*>(at<const T>(*x, b, row0, h));
-      ah.stride[i] = x->stride[1] * static_cast<int64_t>(sizeof(T));
-      ah.row_bytes[i] = ((cols - 1) * x->stride[3] + 1) * static_cast<int64_t>(sizeof(T));
+      const Block<const T> blk = input_rows<T>(*x, b, h, row0);
+      const bool by_rows = blk.by_rows();
+      constexpr int64_t size = sizeof(T);
+      const int64_t outer_n = by_rows ? ah.rows : cols, inner_n = by_rows ? cols : ah.rows;
+      const int64_t outer_s = (by_rows ? blk.rs : blk.cs) * size, inner_s = (by_rows ? blk.cs : blk.rs) * size;
+      // A walk's lowest byte and its extent; adjacent elements (at most a line apart) are
+      // requested a line at a time from the walk's first line, far apart ones one by one.
+      const char* lo = reinterpret_cast<const char*>(blk.base) + std::min<int64_t>(0, (inner_n - 1) * inner_s);
+      const int64_t span = (inner_n - 1) * std::abs(inner_s) + size;
+      if (std::abs(inner_s) <= 64) {
+        const int64_t skip = static_cast<int64_t>(reinterpret_cast<uintptr_t>(lo) % 64);
+        ah.first[i] = lo - skip;
+        ah.inner[i] = (span + skip + 63) / 64;
+        ah.step[i] = 64;
+      } else {
+        ah.first[i] = lo;
+        ah.inner[i] = inner_n;
+        ah.step[i] = std::abs(inner_s);
+      }
+      ah.outer[i] = outer_n;
+      ah.outer_step[i] = outer_s;
       ++i;
     }
     return ah;
@@ -232,15 +275,18 @@ struct Ahead {
   __attribute__((always_inline)) inline void fetch_part(int64_t part, int64_t parts) const {
     fetch(part * rows / parts, (part + 1) * rows / parts);
   }
-  // Requests rows [r0, r1) of every stream. Always inlined: as a call, GCC's IPA pass finds the
-  // function free of side effects (a prefetch has none, formally) and deletes the call.
+  // Requests rows [r0, r1) of every stream (for a stream walked down its columns: the same share
+  // of its columns). Always inlined: as a call, GCC's IPA pass finds the function free of side
+  // effects (a prefetch has none, formally) and deletes the call.
   __attribute__((always_inline)) inline void fetch(int64_t r0, int64_t r1) const {
     r1 = std::min(r1, rows);
+    if (r0 >= r1) return;
     for (int i = 0; i < kStreams; ++i) {
-      if (base[i] == nullptr) continue;
-      for (int64_t r = r0; r < r1; ++r) {
-        const char* row = base[i] + r * stride[i];
-        for (int64_t o = 0; o < row_bytes[i]; o += 64) __builtin_prefetch(row + o, 0, 2);
+      if (first[i] == nullptr) continue;
+      const int64_t o0 = r0 * outer[i] / rows, o1 = r1 * outer[i] / rows;
+      for (int64_t o = o0; o < o1; ++o) {
+        const char* walk = first[i] + o * outer_step[i];
+        for (int64_t j = 0; j < inner[i]; ++j) __builtin_prefetch(walk + j * step[i], 0, 2);
       }
     }
   }

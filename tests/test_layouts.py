@@ -1,0 +1,93 @@
+"""Every memory layout of the inputs that the binding accepts gives the same results, at about the
+speed of the contiguous layout (the layouts are those of benchmarks/layouts.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gmattn import numpy_ops
+
+_spec = importlib.util.spec_from_file_location(
+    "gmattn_bench_layouts", Path(__file__).resolve().parents[1] / "benchmarks" / "layouts.py")
+layouts = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(layouts)
+
+OTHER_LAYOUTS = [name for name in layouts.LAYOUTS if name != "contiguous"]
+
+
+def _assert_same(got, want):
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == w.dtype and g.shape == w.shape, i
+        assert np.array_equal(g, w), f"result {i} differs (max |diff| {np.max(np.abs(g - w))})"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("threads", [1, 3])  # 3 threads, B * H = 4: relays / segments
+@pytest.mark.parametrize("layout", OTHER_LAYOUTS)
+def test_layouts_give_identical_results(layout, threads, causal, dtype):
+    """out and every gradient, bit for bit, whatever the layout of q, k, v and dout (N spans
+    several chunks and ends in a partial one)."""
+    arrays = layouts.problem(2, 300, 2, 24, 20, 6, dtype=dtype, seed=1)
+    q, k, v, dout, mu, omega, alpha = arrays
+    want = layouts.gma_call(q, k, v, dout, mu, omega, alpha, causal=causal, backward=True, threads=threads)
+    moved = [layouts.LAYOUTS[layout](x) for x in (q, k, v, dout)]
+    assert not all(x.flags.c_contiguous for x in moved)
+    got = layouts.gma_call(*moved, mu, omega, alpha, causal=causal, backward=True, threads=threads)
+    _assert_same(got, want)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_saved_tensors_in_any_layout(causal):
+    """The backward reads the saved responsibilities (B, H, N, K) and denominators (B, H, N) in
+    any layout: K outermost (Fortran order) and reversed give the same gradients."""
+    q, k, v, dout, mu, omega, alpha = layouts.problem(2, 200, 2, 16, 8, 24, dtype=np.float64, seed=2)
+    common = dict(causal=causal, eps=1e-6, sigma_eps=1e-4, num_threads=2)
+    out, _, _, gq, gk, den = numpy_ops.host_forward(q, k, v, mu, omega, alpha, None, None, None,
+                                                    return_state=False, save=True, **common)
+
+    def grads(move):
+        saved = [move(x) for x in (gq, gk, den)]
+        return numpy_ops.host_backward(q, k, v, mu, omega, alpha, None, None, None, out, *saved, dout, None, None,
+                                       **common)[:6]
+
+    want = grads(np.ascontiguousarray)
+    _assert_same(grads(np.asfortranarray), want)
+    _assert_same(grads(layouts.LAYOUTS["negative"]), want)
+
+
+def _best_cpu_times(calls, rounds):
+    """Each call's least CPU time of the calling thread over interleaved rounds (the kernels run
+    on it with one thread): a stretch descheduled on a busy machine does not count."""
+    best = {name: float("inf") for name in calls}
+    for name, call in calls.items():  # warm-up
+        call()
+    for _ in range(rounds):
+        for name, call in calls.items():
+            t0 = time.thread_time()
+            call()
+            best[name] = min(best[name], time.thread_time() - t0)
+    return best
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_d_outermost_runs_at_contiguous_speed(backward):
+    """D as the outermost axis (Fortran order) must not fall off a cliff: reading a row of it once
+    walked the whole span between its first and last element (N = 2048, one thread: 10-60x the
+    contiguous time). The bound is loose (3x; measured 1.0-1.2x) so that a busy machine does not
+    fail it: the layouts' ratios are measured by benchmarks/layouts.py."""
+    q, k, v, dout, mu, omega, alpha = layouts.problem(1, 2048, 1, 64, 64, 64, seed=3)
+    calls = {}
+    for name in ("contiguous", "fortran"):
+        arrays = [layouts.LAYOUTS[name](x) for x in (q, k, v, dout)]
+        calls[name] = (lambda a=arrays: layouts.gma_call(*a, mu, omega, alpha, causal=True, backward=backward,
+                                                        threads=1))
+    best = _best_cpu_times(calls, rounds=7)
+    ratio = best["fortran"] / best["contiguous"]
+    assert ratio < 3.0, f"Fortran-order inputs took {ratio:.1f}x the contiguous time ({best})"
