@@ -2,6 +2,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <new>
 #include <stdexcept>
@@ -17,6 +18,7 @@
 #endif
 
 #include "gmattn/gmattn.h"
+#include "working_memory.h"
 
 namespace gmattn {
 namespace cpu {
@@ -79,6 +81,21 @@ const char* isa_name(Isa isa) {
   }
 }
 
+// Runs one ISA build's kernel; memory exhaustion comes out as an OutOfMemory that names the pass,
+// the call's shape and the request that failed.
+template <class Args, class Kernel>
+void run_kernel(const char* pass, const Args& a, Kernel&& kernel) {
+  try {
+    kernel();
+  } catch (const std::bad_alloc& e) {
+    const Dims& d = a.dims;
+    throw cpu_detail::OutOfMemory(std::string("gmattn: the CPU ") + pass + " ran out of memory (B=" +
+                                  std::to_string(d.B) + ", N=" + std::to_string(d.N) + ", H=" + std::to_string(d.H) +
+                                  ", K=" + std::to_string(d.K) + ", D=" + std::to_string(d.D) + ", Dv=" +
+                                  std::to_string(d.Dv) + ", " + dtype_name(a.dtype) + "): " + e.what());
+  }
+}
+
 void require(bool ok, const char* what) {
   if (!ok) throw std::invalid_argument(what);
 }
@@ -86,10 +103,6 @@ void require(bool ok, const char* what) {
 void check_dims(const Dims& d) {
   require(d.B >= 1 && d.N >= 1 && d.H >= 1 && d.K >= 1 && d.D >= 1 && d.Dv >= 1,
           "all of B, N, H, K, D, Dv must be >= 1");
-}
-
-inline size_t dtype_bytes(DType t) {
-  return t == DType::kFloat64 ? 8 : (t == DType::kFloat32 ? 4 : 2);
 }
 
 bool huge_pages_enabled() {
@@ -102,40 +115,25 @@ bool huge_pages_enabled() {
 
 constexpr size_t kHugePage = size_t(1) << 21;
 
-// Large buffers: the outputs the core is handed, and the blocks of the buffer cache below.
+// Advises transparent huge pages for a block of the buffer cache below; never for the caller's
+// memory (its pages are the caller's business: advice would split the caller's mappings and change
+// how they are backed).
 //
 // Big blocks are usually fresh memory: glibc maps them anew (or trims them back to the system
 // after use), and the first write to each 4 KiB page then costs a page fault, which includes
 // zeroing the page (on our test VM ~2 us a page: ~16 ms for a 32 MiB buffer, more than writing it).
-// Two remedies. Outputs: transparent huge pages are requested on the 2 MiB-aligned interior of
-// each, one fault per 2 MiB where THP is available (a hint only: nothing changes where THP is off,
-// as on our test VM; memory already touched keeps its pages; GMATTN_HUGEPAGES=0 turns it off).
-// Blocks: acquire_scratch/release_scratch (gmattn.h) keep released blocks for reuse, so a
-// repeated call of the same shape faults nothing; the torch front end's large CPU outputs come
-// from there.
-//
-// Advises huge pages for the whole 2 MiB pages inside [data, data + bytes).
-void advise_huge_pages(const void* data, size_t bytes) {
+// Two remedies: acquire_scratch/release_scratch (gmattn.h) keep released blocks for reuse, so a
+// repeated call of the same shape faults nothing (the torch front end's large CPU outputs come
+// from there); and a block of at least 2 MiB asks for transparent huge pages, one fault per 2 MiB
+// where THP is available (a hint only: nothing changes where THP is off; GMATTN_HUGEPAGES=0 turns
+// it off).
+void advise_huge_pages(void* block, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (!huge_pages_enabled()) return;
-  const uintptr_t lo = reinterpret_cast<uintptr_t>(data), hi = lo + bytes;
-  const uintptr_t a0 = (lo + kHugePage - 1) & ~(kHugePage - 1), a1 = hi & ~(kHugePage - 1);
-  if (a1 > a0) madvise(reinterpret_cast<void*>(a0), a1 - a0, MADV_HUGEPAGE);  // failure is harmless
+  if (huge_pages_enabled()) madvise(block, bytes, MADV_HUGEPAGE);  // failure is harmless
 #else
-  (void)data;
+  (void)block;
   (void)bytes;
 #endif
-}
-
-// An output: huge pages for the extent reachable from its data pointer.
-void advise_huge_pages(const View& v, DType dtype) {
-  if (!v.present()) return;
-  uintptr_t extent = 1;  // elements reachable from data, for non-negative strides
-  for (int i = 0; i < 4; ++i) {
-    if (v.stride[i] < 0) return;
-    if (v.shape[i] > 1) extent += static_cast<uintptr_t>(v.shape[i] - 1) * static_cast<uintptr_t>(v.stride[i]);
-  }
-  advise_huge_pages(v.data, extent * dtype_bytes(dtype));
 }
 
 // Free scratch blocks kept for reuse, most recently released last.
@@ -186,6 +184,14 @@ size_t scratch_cache_bytes() {
 }  // namespace
 
 void* acquire_scratch(size_t bytes) {
+  // Blocks of at least a huge page start on one and are whole pages long (aligned_alloc wants a
+  // multiple of the alignment); smaller ones are ordinary, cache-line aligned.
+  const size_t align = bytes >= kHugePage ? kHugePage : 64;
+  if (bytes > std::numeric_limits<size_t>::max() - (align - 1)) {  // the rounding below would wrap
+    throw cpu_detail::OutOfMemory("gmattn: a buffer of " + std::to_string(bytes) +
+                                  " bytes is larger than the address space");
+  }
+  const size_t size = (bytes + align - 1) / align * align;
   ScratchCache& c = scratch_cache();
   if (scratch_cache_bytes() > 0) {  // (reads the budget here, where a bad setting can throw)
     // The smallest cached block that fits and is at most twice the request (a much larger block
@@ -205,44 +211,60 @@ void* acquire_scratch(size_t bytes) {
       return p;
     }
   }
-  // Blocks of at least a huge page start on one and are whole pages long (aligned_alloc wants a
-  // multiple of the alignment); smaller ones are ordinary, cache-line aligned.
-  const size_t align = bytes >= kHugePage ? kHugePage : 64;
-  const size_t size = (bytes + align - 1) / align * align;
   void* p = std::aligned_alloc(align, size);
-  if (p == nullptr) throw std::bad_alloc();
+  if (p == nullptr) {
+    throw cpu_detail::OutOfMemory("gmattn: a buffer of " + cpu_detail::bytes_text(static_cast<double>(size)) +
+                                  " could not be allocated");
+  }
   if (align == kHugePage) advise_huge_pages(p, size);
-  std::lock_guard<std::mutex> lock(c.mu);
-  c.sizes[p] = size;
+  try {
+    std::lock_guard<std::mutex> lock(c.mu);
+    c.sizes[p] = size;
+  } catch (...) {
+    std::free(p);
+    throw;
+  }
   return p;
 }
 
-void release_scratch(void* p) {
+// Never throws (it runs in destructors): a pointer the cache did not hand out is left alone, and
+// a block the cache cannot keep (no memory for its list) goes back to the system.
+void release_scratch(void* p) noexcept {
+  if (p == nullptr) return;
+  size_t budget = 0;
+  try {
+    budget = scratch_cache_bytes();  // (a bad setting already threw in acquire_scratch)
+  } catch (...) {
+  }
   ScratchCache& c = scratch_cache();
-  std::vector<void*> to_free;
-  {
-    std::lock_guard<std::mutex> lock(c.mu);
-    const size_t size = c.sizes.at(p);
-    // A block over a quarter of the budget is not kept: it would push out several smaller ones,
-    // and a mix of sizes would then keep none of them.
-    const size_t budget = scratch_cache_bytes();
-    if (size > budget / 4) {
-      c.sizes.erase(p);
-      to_free.push_back(p);
-    } else {
+  std::lock_guard<std::mutex> lock(c.mu);
+  const auto it = c.sizes.find(p);
+  if (it == c.sizes.end()) return;
+  const size_t size = it->second;
+  // A block over a quarter of the budget is not kept: it would push out several smaller ones,
+  // and a mix of sizes would then keep none of them.
+  bool keep = size <= budget / 4;
+  if (keep) {
+    try {
       c.free_blocks.push_back({p, size});
-      c.cached += size;
-      // Over the budget: the least recently released blocks go back to the system.
-      while (c.cached > budget) {
-        const ScratchCache::Block old = c.free_blocks.front();
-        c.free_blocks.erase(c.free_blocks.begin());
-        c.cached -= old.bytes;
-        c.sizes.erase(old.p);
-        to_free.push_back(old.p);
-      }
+    } catch (const std::bad_alloc&) {
+      keep = false;
     }
   }
-  for (void* q : to_free) std::free(q);
+  if (!keep) {
+    c.sizes.erase(it);
+    std::free(p);
+    return;
+  }
+  c.cached += size;
+  // Over the budget: the least recently released blocks go back to the system.
+  while (c.cached > budget) {
+    const ScratchCache::Block old = c.free_blocks.front();
+    c.free_blocks.erase(c.free_blocks.begin());
+    c.cached -= old.bytes;
+    c.sizes.erase(old.p);
+    std::free(old.p);
+  }
 }
 
 size_t empty_scratch_cache() {
@@ -278,17 +300,16 @@ void forward(const ForwardArgs& a) {
   require(a.S0.present() == a.z0.present(), "initial state needs both S and z");
   require(a.S_final.present() == a.z_final.present(), "final state needs both S and z");
   require(a.gq.present() == a.gk.present() && a.gq.present() == a.den.present(), "gq, gk, den go together");
-  const DType acc = accumulator_dtype(a.dtype);
-  advise_huge_pages(a.out, a.dtype);
-  advise_huge_pages(a.gq, acc);
-  advise_huge_pages(a.gk, acc);
-  switch (selected()) {
+  const Isa isa = selected();
+  run_kernel("forward", a, [&] {
+    switch (isa) {
 #ifdef GMATTN_X86_ISAS
-    case Isa::kAvx512: avx512::forward(a); return;
-    case Isa::kAvx2: avx2::forward(a); return;
+      case Isa::kAvx512: avx512::forward(a); return;
+      case Isa::kAvx2: avx2::forward(a); return;
 #endif
-    default: generic::forward(a); return;
-  }
+      default: generic::forward(a); return;
+    }
+  });
 }
 
 void backward(const BackwardArgs& a) {
@@ -302,16 +323,16 @@ void backward(const BackwardArgs& a) {
   require(a.S0.present() == a.z0.present(), "initial state needs both S and z");
   require(a.dS0.present() == a.dz0.present(), "dS0 and dz0 go together");
   require(a.S_end.present() == a.z_end.present(), "S_end and z_end go together");
-  advise_huge_pages(a.dq, a.dtype);
-  advise_huge_pages(a.dk, a.dtype);
-  advise_huge_pages(a.dv, a.dtype);
-  switch (selected()) {
+  const Isa isa = selected();
+  run_kernel("backward", a, [&] {
+    switch (isa) {
 #ifdef GMATTN_X86_ISAS
-    case Isa::kAvx512: avx512::backward(a); return;
-    case Isa::kAvx2: avx2::backward(a); return;
+      case Isa::kAvx512: avx512::backward(a); return;
+      case Isa::kAvx2: avx2::backward(a); return;
 #endif
-    default: generic::backward(a); return;
-  }
+      default: generic::backward(a); return;
+    }
+  });
 }
 
 }  // namespace cpu

@@ -57,6 +57,7 @@
 #include "numeric.h"
 #include "simd.h"
 #include "small_gemm.h"
+#include "working_memory.h"
 
 namespace gmattn {
 namespace cpu {
@@ -443,16 +444,18 @@ inline void wait_at_least(const std::atomic<int64_t>& value, int64_t want) {
 template <class Acc>
 struct Head {
   int64_t K = 0, D = 0, Kp = 0, Dp = 0;
-  std::vector<Acc> aT, muT, lamT;  // Dp x Kp: sqrt(lam), mu, lam (transposed, zero padded)
-  std::vector<Acc> mu, lam;        // K x Dp
-  std::vector<Acc> ln0;            // Kp: logpi - 0.5 sum_d log sigma2; -inf on padding
-  std::vector<Acc> lmax;           // Kp: max_d lam
+  Buffer<Acc> aT, muT, lamT;  // Dp x Kp: sqrt(lam), mu, lam (transposed, zero padded)
+  Buffer<Acc> mu, lam;        // K x Dp
+  Buffer<Acc> ln0;            // Kp: logpi - 0.5 sum_d log sigma2; -inf on padding
+  Buffer<Acc> lmax;           // Kp: max_d lam
   Acc lmax_all = 0;                // max_k lmax
-  std::vector<Acc> pi;             // K: softmax(alpha)
-  std::vector<Acc> dsigma2_domega; // K x D: sigmoid(omega)
+  Buffer<Acc> pi;             // K: softmax(alpha)
+  Buffer<Acc> dsigma2_domega; // K x D: sigmoid(omega)
+  Buffer<Acc> omega, sigma2, sig;  // Dp: one row of omega, its variances and sigmoids (zero padded)
+  Buffer<double> ln0d;             // K: ln0 before its shift
 
-  void build(const View& mu_v, const View& omega_v, const View& alpha_v, int64_t h, const Shape& s,
-             double sigma_eps) {
+  // Sizes every buffer (zeroed): done for all heads before the parallel build (see working_memory.h).
+  void allocate(const Shape& s) {
     K = s.K; D = s.D; Kp = s.Kp; Dp = s.Dp;
     aT.assign(Dp * Kp, Acc(0));
     muT.assign(Dp * Kp, Acc(0));
@@ -463,6 +466,14 @@ struct Head {
     lmax.assign(Kp, Acc(0));
     pi.assign(K, Acc(0));
     dsigma2_domega.assign(K * D, Acc(0));
+    omega.assign(Dp, Acc(0));
+    sigma2.assign(Dp, Acc(0));
+    sig.assign(Dp, Acc(0));
+    ln0d.assign(K, 0.0);
+  }
+
+  // Head h's parameters, into the allocated buffers; allocates nothing.
+  void build(const View& mu_v, const View& omega_v, const View& alpha_v, int64_t h, double sigma_eps) {
     // log_norm in double, shifted by its maximum (softmax is shift invariant): s = ln0 - Q / 2
     // then carries no large constant whose rounding would differ between components (with tiny
     // variances sum_d log sigma2 is ~ -10 D).
@@ -471,11 +482,9 @@ struct Head {
     double asum = 0;
     for (int64_t k = 0; k < K; ++k) asum += std::exp(static_cast<double>(*at<const Acc>(alpha_v, h, k)) - amax);
     const double log_z = amax + std::log(asum);
-    std::vector<double> ln0d(K);
     // A row of omega at a time: softplus and sigmoid a vector at a time (the transcendentals
     // dominate the set-up), padding lanes zero.
     constexpr int W = Simd<Acc>::W;
-    std::vector<Acc> omega(Dp, Acc(0)), sigma2(Dp), sig(Dp);
     for (int64_t k = 0; k < K; ++k) {
       const double logpi = static_cast<double>(*at<const Acc>(alpha_v, h, k)) - log_z;
       pi[k] = static_cast<Acc>(std::exp(logpi));
@@ -512,8 +521,9 @@ template <class Acc>
 void build_heads(std::vector<Head<Acc>>& heads, const View& mu, const View& omega, const View& alpha, const Shape& s,
                  double sigma_eps, int nt) {
   const int64_t H = static_cast<int64_t>(heads.size());
+  for (Head<Acc>& head : heads) head.allocate(s);
 #pragma omp parallel for num_threads(static_cast<int>(std::min<int64_t>(nt, H))) schedule(static, 1)
-  for (int64_t h = 0; h < H; ++h) heads[h].build(mu, omega, alpha, h, s, sigma_eps);
+  for (int64_t h = 0; h < H; ++h) heads[h].build(mu, omega, alpha, h, sigma_eps);
 }
 
 template <class Acc>
@@ -527,10 +537,10 @@ struct Workspace {
   Acc *psum;                               // one chunk's parameter-gradient sums (ParamSums::size)
   Acc* dx;                                 // C x Dp
   uint8_t keep[kChunk];
-  std::vector<Acc> storage;
+  Buffer<Acc> storage;
   // Per-lane running states of the task being run, each with its compensation (see
   // accumulate_state): group x 2 (Kp x Dvp + Kp); transposed states, group x Dvp x Kp.
-  std::vector<Acc> lstate, ldstate, lST, ldST;
+  Buffer<Acc> lstate, ldstate, lST, ldST;
 
   Workspace(const Shape& s, int64_t group) {
     const int64_t SS = s.Kp * s.Dvp;
@@ -1099,7 +1109,7 @@ class Relay {
         size_(2 * (s.Kp * s.Dvp + s.Kp)), partial_size_(partial_size),
         ring_(std::min<int64_t>(nblocks_, 2 * static_cast<int64_t>(nt) + 2)), rows_stride_(round_up(rows_size, kLine<Acc>)),
         slots_(pairs_ * 2 * size_, Acc(0)), sync_(new PairSync[pairs_]),
-        kept_(nt, std::vector<Acc>((2 * kRelayChunks + 2) * size_ / 2)),
+        kept_(nt, Buffer<Acc>((2 * kRelayChunks + 2) * size_ / 2)),
         rows_(nt * kRelayChunks * rows_stride_ + kLine<Acc>) {
     if (partial_size_ > 0) {
       parked_.resize(pairs_ * ring_ * partial_size_);
@@ -1176,11 +1186,11 @@ class Relay {
   int nt_;
   bool reverse_;
   int64_t pairs_, nblocks_, size_, partial_size_, ring_, rows_stride_;
-  std::vector<Acc> slots_;
+  Buffer<Acc> slots_;
   std::unique_ptr<PairSync[]> sync_;
-  std::vector<std::vector<Acc>> kept_;  // per thread: a block's sums and states
-  std::vector<Acc> rows_;               // per thread: a block's kept rows (see rows())
-  std::vector<Acc> parked_;             // per pair: ring_ blocks' partials
+  std::vector<Buffer<Acc>> kept_;  // per thread: a block's sums and states
+  Buffer<Acc> rows_;               // per thread: a block's kept rows (see rows())
+  Buffer<Acc> parked_;             // per pair: ring_ blocks' partials
   std::unique_ptr<std::atomic<int64_t>[]> parked_block_;  // the block parked in each ring slot
 };
 
@@ -1207,7 +1217,7 @@ void write_relay_ends(const Shape& s, Relay<Acc>& relay, const View& S, const Vi
 // to += the running state of lane `lane` in `sums` (2 (SS + Kp) values per lane): its SS + Kp
 // sums, without their compensation terms.
 template <class Acc>
-void add_lane_state(const Shape& s, const std::vector<Acc>& sums, int64_t lane, Acc* to) {
+void add_lane_state(const Shape& s, const Buffer<Acc>& sums, int64_t lane, Acc* to) {
   const int64_t SZ = s.Kp * s.Dvp + s.Kp;
   const Acc* add = sums.data() + lane * 2 * SZ;
   for (int64_t i = 0; i < SZ; ++i) to[i] += add[i];
@@ -1315,7 +1325,7 @@ void forward_typed(const ForwardArgs& a) {
   // chunk) or, bidirectional, segments of them in two passes: pass 1 sums each lane's keys,
   // pass 2 reads the total.
   const bool two_pass = !causal;
-  std::vector<Acc> seg(two_pass ? pl.lanes * 2 * SZ : 0);  // each lane's sums, compensated
+  Buffer<Acc> seg(two_pass ? pl.lanes * 2 * SZ : 0);  // each lane's sums, compensated
   auto pass1 = [&](int64_t task) {
     Workspace<Acc>& w = ws[omp_get_thread_num()];
     for_each_chunk(pl, s, task, [&](int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
@@ -1325,17 +1335,16 @@ void forward_typed(const ForwardArgs& a) {
   };
   // The starting state of every lane of pair (b, h): the initial state, plus bidirectionally all
   // the sums (what every query reads).
-  std::vector<Acc> start(pl.lanes * SZ);
+  Buffer<Acc> start(pl.lanes * SZ);
+  // Formed in the first lane's start, copied to the others.
   auto starts = [&](int64_t b, int64_t h) {
-    std::vector<Acc> run(SZ);
-    read_state(a.S0, a.z0, b, h, K, Dv, Kp, Dvp, run.data(), run.data() + SS);
+    Acc* run = start.data() + pl.lane(b, h, 0) * SZ;
+    read_state(a.S0, a.z0, b, h, K, Dv, Kp, Dvp, run, run + SS);
     if (!causal) {
-      for (int64_t sg = 0; sg < pl.segs; ++sg) add_lane_state(s, seg, pl.lane(b, h, sg), run.data());
-      write_state(a.S_final, a.z_final, b, h, K, Dv, Dvp, run.data(), run.data() + SS);
+      for (int64_t sg = 0; sg < pl.segs; ++sg) add_lane_state(s, seg, pl.lane(b, h, sg), run);
+      write_state(a.S_final, a.z_final, b, h, K, Dv, Dvp, run, run + SS);
     }
-    for (int64_t sg = 0; sg < pl.segs; ++sg) {
-      std::copy(run.begin(), run.end(), start.begin() + pl.lane(b, h, sg) * SZ);
-    }
+    for (int64_t sg = 1; sg < pl.segs; ++sg) std::copy(run, run + SZ, start.data() + pl.lane(b, h, sg) * SZ);
   };
   // Pass 2: the queries read the state (causal: and the chunk itself), the state moves on.
   auto pass2 = [&](int64_t task) {
@@ -1385,12 +1394,12 @@ void backward_typed(const BackwardArgs& a) {
 
   // One slot of parameter sums per lane (with compensation), reduced in a fixed order at the end.
   const int64_t slot = ParamSums<Acc>::size(s);
-  std::vector<Acc> partial(pl.lanes * 2 * slot, Acc(0));
+  Buffer<Acc> partial(pl.lanes * 2 * slot, Acc(0));
   auto sums_of = [&](int64_t lane) { return ParamSums<Acc>{partial.data() + lane * 2 * slot}; };
 
   // Causal: dden of every row, from the first pass that computes it (pass 1, else the forward
   // scan) to the later ones, which then do not read `out` again.
-  std::vector<Acc> dden_store(causal ? s.B * s.H * N : 0);
+  Buffer<Acc> dden_store(causal ? s.B * s.H * N : 0);
   auto dden_of = [&](int64_t b, int64_t h, int64_t row0) { return dden_store.data() + (b * s.H + h) * N + row0; };
   // Where a chunk's inputs are loaded to: its keys' rows (saved Gk, C x Kp; v, C x Dvp) and its
   // gradients' rows (saved Gq, C x Kp; dnum, C x Dvp; dden, C). The workspace's rows, or the rows a
@@ -1482,11 +1491,11 @@ void backward_typed(const BackwardArgs& a) {
     // the key path: dGk = V dS^T + dz, dv = Gk dS -> dk. (S, z) is the forward's final state when
     // given, else the keys are summed in a pass of their own first. Each input is read once, except
     // Gk and v without the final state.
-    std::vector<Acc> state(s.B * s.H * SZ), dstate(s.B * s.H * SZ);  // per pair (b, h)
-    auto pair_state = [&](std::vector<Acc>& x, int64_t b, int64_t h) { return x.data() + (b * s.H + h) * SZ; };
-    std::vector<Acc> seg(state_given ? 0 : pl.lanes * 2 * SZ), seg_d(pl.lanes * 2 * SZ);
+    Buffer<Acc> state(s.B * s.H * SZ), dstate(s.B * s.H * SZ);  // per pair (b, h)
+    auto pair_state = [&](Buffer<Acc>& x, int64_t b, int64_t h) { return x.data() + (b * s.H + h) * SZ; };
+    Buffer<Acc> seg(state_given ? 0 : pl.lanes * 2 * SZ), seg_d(pl.lanes * 2 * SZ);
     // (S, z), or (dS, dz), of pair (b, h): `from` (absent: zero) plus the sums of its lanes (if any).
-    auto total = [&](std::vector<Acc>& to, const View& S_from, const View& z_from, const std::vector<Acc>& sums,
+    auto total = [&](Buffer<Acc>& to, const View& S_from, const View& z_from, const Buffer<Acc>& sums,
                      int64_t b, int64_t h) {
       Acc* t = pair_state(to, b, h);
       read_state(S_from, z_from, b, h, K, Dv, Kp, Dvp, t, t + SS);
@@ -1509,7 +1518,7 @@ void backward_typed(const BackwardArgs& a) {
       run_passes(pl, true, sum_keys, key_totals, nothing);
     }
     // Each task's heads' states, transposed, in the workspace (lST: S^T; ldST: dS^T).
-    auto transposed = [&](Workspace<Acc>& w, std::vector<Acc>& x, std::vector<Acc>& xT, int64_t task) {
+    auto transposed = [&](Workspace<Acc>& w, Buffer<Acc>& x, Buffer<Acc>& xT, int64_t task) {
       int64_t b, h0, sg;
       pl.task(task, b, h0, sg);
       for (int64_t l = 0; l < G; ++l) transpose(Kp, Dvp, pair_state(x, b, h0 + l), Dvp, xT.data() + l * SS, Kp);
@@ -1624,21 +1633,22 @@ void backward_typed(const BackwardArgs& a) {
       write_relay_ends(s, reverse_scan, a.dS0, a.dz0);
     } else {
       // A task owns whole sequences: both scans in one go, the state carried from chunk to chunk.
+      // Each lane's block of parameter sums (G per thread): zeroed at the block's first chunk
+      // (place p in scan order), added to the lane after its last.
+      Buffer<Acc> scan_blocks(pl.nt * G * slot);
       auto scans = [&](int64_t task) {
         int64_t b, h0, sg;
         pl.task(task, b, h0, sg);
         Workspace<Acc>& w = ws[omp_get_thread_num()];
-        // Each lane's block of parameter sums: zeroed at the block's first chunk (place p in scan
-        // order), added to the lane after its last.
-        std::vector<Acc> blocks(G * slot);
+        Acc* blocks = scan_blocks.data() + omp_get_thread_num() * G * slot;
         auto block_sums = [&](int64_t l, int64_t p) {
-          Acc* block = blocks.data() + l * slot;
+          Acc* block = blocks + l * slot;
           if (p % kRelayChunks == 0) std::fill(block, block + slot, Acc(0));
           return block;
         };
         auto block_done = [&](int64_t l, int64_t p) {
           if (p % kRelayChunks == kRelayChunks - 1 || p == s.nchunks - 1) {
-            sums_of(pl.lane(b, h0 + l, sg)).add(s, blocks.data() + l * slot);
+            sums_of(pl.lane(b, h0 + l, sg)).add(s, blocks + l * slot);
           }
         };
         for (int64_t l = 0; l < G; ++l) {
@@ -1681,7 +1691,7 @@ void backward_typed(const BackwardArgs& a) {
   }
 
   // Parameter gradients: sum the lane slots of each head in a fixed order.
-  std::vector<Acc> total(slot);
+  Buffer<Acc> total(slot);
   for (int64_t h = 0; h < s.H; ++h) {
     std::fill(total.begin(), total.end(), Acc(0));
     for (int64_t b = 0; b < s.B; ++b) {

@@ -112,9 +112,10 @@ const char* isa();
 // GMATTN_BUFFER_CACHE_MIB MiB in all, by default an eighth of the physical memory and at least
 // 512 MiB, and none over a quarter of that; 0 turns the cache off). The torch front end takes its
 // large CPU outputs from it (_core.cpu_buffer), so that repeated calls do not page-fault fresh
-// memory every time. acquire_scratch throws std::bad_alloc.
+// memory every time. acquire_scratch throws std::bad_alloc (with a message naming the size);
+// release_scratch never throws (a pointer it did not hand out is left alone).
 void* acquire_scratch(size_t bytes);
-void release_scratch(void* p);
+void release_scratch(void* p) noexcept;
 // Hands every kept block back to the system; returns their bytes. Blocks in use are not touched.
 size_t empty_scratch_cache();
 // The bytes of released blocks kept now, and the budget.
