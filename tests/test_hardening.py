@@ -126,7 +126,7 @@ def test_rss_flat_over_many_calls():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_causal_results_bit_identical_across_thread_counts(dtype):
     """With fewer (batch, head) pairs than threads the causal scans run as relays between threads
-    (kernels.cpp, Relay): the state crosses from thread to thread but is summed in the order of one
+    (cpp/cpu/plan.h, Relay): the state crosses from thread to thread but is summed in the order of one
     thread's scan, and the parameter sums are summed over the same blocks of chunks and combined in
     that order too, so outputs, final states, saved responsibilities and every gradient are
     bit-identical whatever the thread count (masked, with an initial state and a loss on the final

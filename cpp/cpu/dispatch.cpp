@@ -1,4 +1,5 @@
-// Run-time choice among the ISA builds of cpu/kernels.cpp, and the core's own argument checks.
+// Run-time choice among the ISA builds of cpu/forward.cpp and cpu/backward.cpp, the core's own
+// argument checks, and the buffer cache.
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>

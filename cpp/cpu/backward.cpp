@@ -1,0 +1,389 @@
+// The CPU backward (DESIGN.md section 1), compiled once per instruction set into namespace
+// gmattn::cpu::GMATTN_ISA; dispatch.cpp picks one at run time. It recomputes what it needs from
+// the saved responsibilities: causal, with one forward scan (the state before each chunk -> dq) and
+// one reverse scan (the gradient state after each chunk -> dk, dv); bidirectional, with a pass over
+// the queries (dq, and the state gradient) and then one over the keys (dk, dv). Every chunk ends
+// in the backward through its responsibilities (mixture.h), whose parameter sums are reduced to
+// the gradients of mu, omega and alpha at the end.
+#ifndef GMATTN_ISA
+#define GMATTN_ISA generic
+#endif
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "mixture.h"
+#include "plan.h"
+#include "rows.h"
+
+namespace gmattn {
+namespace cpu {
+namespace GMATTN_ISA {
+
+using namespace cpu_detail;
+
+template <class T, class Acc>
+class Backward {
+ public:
+  explicit Backward(const BackwardArgs& args)
+      : a(args), s(Shape::make<Acc>(args.dims)), pl(make_plan(s.B, s.H, s.nchunks, args.opt.num_threads)),
+        causal(args.opt.causal), state_given(!causal && args.S_end.present()) {
+    build_heads(heads, a.mu, a.omega, a.alpha, s, a.opt.sigma_eps, pl.nt);
+    ws.reserve(pl.nt);
+    for (int t = 0; t < pl.nt; ++t) ws.emplace_back(s, G);
+  }
+
+  void run() {
+    if (!causal) {
+      bidirectional();
+    } else if (pl.segs > 1) {
+      causal_relays();
+    } else {
+      causal_scans();
+    }
+    parameter_gradients();
+  }
+
+ private:
+  static constexpr int W = Simd<Acc>::W;
+  const BackwardArgs& a;
+  const Shape s;
+  const int64_t N = s.N, K = s.K, D = s.D, Dv = s.Dv, Kp = s.Kp, Dp = s.Dp, Dvp = s.Dvp, C = s.C;
+  const int64_t SS = Kp * Dvp, SZ = SS + Kp;  // a state: S (Kp x Dvp), then z (Kp)
+  const Plan pl;
+  const int64_t G = pl.group;
+  const bool causal;
+  // Bidirectional with the forward's final state: the state every query read is given, not summed.
+  const bool state_given;
+
+  std::vector<Head<Acc>> heads = std::vector<Head<Acc>>(s.H);
+  std::vector<Workspace<Acc>> ws;
+  // One slot of parameter sums per lane (with compensation), reduced in a fixed order at the end.
+  const int64_t slot = ParamSums<Acc>::size(s);
+  Buffer<Acc> partial = Buffer<Acc>(pl.lanes * 2 * slot, Acc(0));
+  // Causal: dden of every row, from the first pass that computes it (pass 1, else the forward
+  // scan) to the later ones, which then do not read `out` again.
+  Buffer<Acc> dden_store = Buffer<Acc>(causal ? s.B * s.H * N : 0);
+
+  ParamSums<Acc> sums_of(int64_t lane) { return ParamSums<Acc>{partial.data() + lane * 2 * slot}; }
+  Acc* dden_of(int64_t b, int64_t h, int64_t row0) { return dden_store.data() + (b * s.H + h) * N + row0; }
+
+  // Where a chunk's inputs are loaded to: its keys' rows (saved Gk, C x Kp; v, C x Dvp) and its
+  // gradients' rows (saved Gq, C x Kp; dnum, C x Dvp; dden, C). The workspace's rows, or the rows a
+  // relay task keeps from its state sums for its work (kept_keys, kept_grads).
+  struct KeyRows {
+    Acc *gk, *v;
+  };
+  struct GradRows {
+    Acc *gq, *dnum, *dden;
+  };
+  static KeyRows keys_in(Workspace<Acc>& w) { return KeyRows{w.gk, w.v}; }
+  static GradRows grads_in(Workspace<Acc>& w) { return GradRows{w.gq, w.dnum, w.dden}; }
+  KeyRows kept_keys(Acc* rows) const { return KeyRows{rows, rows + C * Kp}; }
+  GradRows kept_grads(Acc* rows) const { return GradRows{rows, rows + C * Kp, rows + C * (Kp + Dvp)}; }
+
+  // The chunk's saved Gk and its v.
+  void load_keys(KeyRows to, int64_t b, int64_t h, int64_t row0, int64_t n) {
+    read_saved(a.gk, b, h, row0, n, K, to.gk, Kp, C);
+    gather_rows<T>(a.v, b, h, row0, n, Dv, to.v, Dvp, C);
+  }
+  // The chunk's saved Gq, den and its dout, out: dnum = g / den, dden = -(g . out) / den. With
+  // `dden_stored`, dden is read from dden_store (an earlier pass computed it), else computed from
+  // `out` (and stored there when there is a store).
+  void load_grads(Workspace<Acc>& w, GradRows to, int64_t b, int64_t h, int64_t row0, int64_t n, bool dden_stored) {
+    Acc* dden_row = dden_store.empty() ? nullptr : dden_of(b, h, row0);
+    read_saved(a.gq, b, h, row0, n, K, to.gq, Kp, C);
+    read_den(a.den, b, h, row0, n, w.den);
+    gather_rows<T>(a.dout, b, h, row0, n, Dv, w.g, Dvp, C);
+    if (!dden_stored) gather_rows<T>(a.out, b, h, row0, n, Dv, w.o, Dvp, C);
+    for (int64_t i = 0; i < n; ++i) {
+      const Acc inv = Acc(1) / w.den[i];
+#pragma omp simd
+      for (int64_t e = 0; e < Dvp; ++e) to.dnum[i * Dvp + e] = w.g[i * Dvp + e] * inv;
+      to.dden[i] = dden_stored ? dden_row[i] : -dot(w.g + i * Dvp, w.o + i * Dvp, Dvp) * inv;
+    }
+    if (!dden_stored && dden_row) std::copy(to.dden, to.dden + n, dden_row);
+    if (n < C) std::fill(to.dnum + n * Dvp, to.dnum + C * Dvp, Acc(0));
+  }
+  // The state gradient: dS += Gq^T dnum, dz += Gq^T dden.
+  void state_grad_update(Workspace<Acc>& w, int64_t n, Acc* dstate) {
+    accumulate_state(s, w.gq, w.dnum, w.dden, n, dstate, w.delta);
+  }
+  // Bm = tril(dnum V^T + dden 1^T): the gradient of the intra-chunk affinity.
+  void affinity_grad(Workspace<Acc>& w, const Acc* v, GradRows gr, int64_t n) {
+    transpose(C, Dvp, v, Dvp, w.vT, C);
+    gemm(n, round_up(n, W) / W, Dvp, gr.dnum, Dvp, 1, w.vT, C, w.Bm, C, false, Tri::kOutLower);
+    for (int64_t i = 0; i < n; ++i) {
+      const Acc dd = gr.dden[i];
+#pragma omp simd
+      for (int64_t j = 0; j <= i; ++j) w.Bm[i * C + j] += dd;
+    }
+    keep_lower(w.Bm, n, C);
+  }
+  // dGq -> ds (softmax backward) -> dq and parameter sums; likewise dGk -> dk.
+  // `ahead`: rows of the chunk computed next, fetched meanwhile. The chunk's parameter sums are
+  // added to param_sums.
+  void finish(Workspace<Acc>& w, const Head<Acc>& hd, const View& x_in, const View& dx_out, Acc* gamma, Acc* dgamma,
+              Acc* xbuf, int64_t b, int64_t h, int64_t row0, int64_t n, Acc* param_sums, const Ahead& ahead) {
+    softmax_backward(gamma, dgamma, n, K, Kp);
+    gather_rows<T>(x_in, b, h, row0, n, D, xbuf, Dp, n);
+    density_backward(hd, s, xbuf, dgamma, n, w.dx, param_sums, ahead);
+    scatter_rows<T>(dx_out, b, h, row0, n, D, w.dx, Dp);
+  }
+  // dGq += dden z^T (dGq holds dnum S^T).
+  void add_dden_z(Workspace<Acc>& w, int64_t n, const Acc* z) {
+    for (int64_t i = 0; i < n; ++i) {
+      const Acc dd = w.dden[i];
+#pragma omp simd
+      for (int64_t k = 0; k < Kp; ++k) w.dgq[i * Kp + k] += dd * z[k];
+    }
+  }
+  // dGk = V dS^T + dz (dST: dS transposed), dv = Gk dS, written out.
+  void key_grads(Workspace<Acc>& w, const Acc* dstate, const Acc* dST, int64_t n) {
+    gemm(n, Kp / W, Dvp, w.v, Dvp, 1, dST, Kp, w.dgk, Kp, false);
+    const Acc* dz = dstate + SS;
+    for (int64_t i = 0; i < n; ++i) {
+#pragma omp simd
+      for (int64_t k = 0; k < Kp; ++k) w.dgk[i * Kp + k] += dz[k];
+    }
+    gemm(n, Dvp / W, K, w.gk, Kp, 1, dstate, Dvp, w.num, Dvp, false);
+  }
+
+  // Bidirectional. Every query read the same state (S, z) = S0 + sum_j Gk[j]^T (v[j], 1), and
+  // every key's gradient uses the same (dS, dz) = (dS, dz)_final + sum_i Gq[i]^T (dnum[i], dden[i]).
+  // Pass 1, the query path: dGq = dnum S^T + dden z^T -> dq, and the sums of (dS, dz); pass 2,
+  // the key path: dGk = V dS^T + dz, dv = Gk dS -> dk. (S, z) is the forward's final state when
+  // given, else the keys are summed in a pass of their own first. Each input is read once, except
+  // Gk and v without the final state.
+  void bidirectional() {
+    Buffer<Acc> state(s.B * s.H * SZ), dstate(s.B * s.H * SZ);  // per pair (b, h)
+    auto pair_state = [&](Buffer<Acc>& x, int64_t b, int64_t h) { return x.data() + (b * s.H + h) * SZ; };
+    Buffer<Acc> seg(state_given ? 0 : pl.lanes * 2 * SZ), seg_d(pl.lanes * 2 * SZ);
+    // (S, z), or (dS, dz), of pair (b, h): `from` (absent: zero) plus the sums of its lanes (if any).
+    auto total = [&](Buffer<Acc>& to, const View& S_from, const View& z_from, const Buffer<Acc>& sums, int64_t b,
+                     int64_t h) {
+      Acc* t = pair_state(to, b, h);
+      read_state(S_from, z_from, b, h, K, Dv, Kp, Dvp, t, t + SS);
+      for (int64_t sg = 0; sg < pl.segs && !sums.empty(); ++sg) add_lane_state(s, sums, pl.lane(b, h, sg), t);
+    };
+    if (state_given) {
+      for (int64_t b = 0; b < s.B; ++b) {
+        for (int64_t h = 0; h < s.H; ++h) total(state, a.S_end, a.z_end, seg, b, h);
+      }
+    } else {
+      auto sum_keys = [&](int64_t task) {
+        Workspace<Acc>& w = ws[omp_get_thread_num()];
+        for_each_chunk(pl, s, task, [&](int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
+          load_keys(keys_in(w), b, h, row0, n);
+          accumulate_state(s, w.gk, w.v, n, seg.data() + ln * 2 * SZ, w.delta);
+        });
+      };
+      auto key_totals = [&](int64_t b, int64_t h) { total(state, a.S0, a.z0, seg, b, h); };
+      auto nothing = [](int64_t) {};
+      run_passes(pl, true, sum_keys, key_totals, nothing);
+    }
+    // Each task's heads' states, transposed, in the workspace (lST: S^T; ldST: dS^T).
+    auto transposed = [&](Buffer<Acc>& x, Buffer<Acc>& xT, int64_t task) {
+      int64_t b, h0, sg;
+      pl.task(task, b, h0, sg);
+      for (int64_t l = 0; l < G; ++l) transpose(Kp, Dvp, pair_state(x, b, h0 + l), Dvp, xT.data() + l * SS, Kp);
+      return h0;
+    };
+    // Each chunk's parameter sums are a block of their own: formed from zero in the workspace, then
+    // added to the lane.
+    auto zeroed_sums = [&](Workspace<Acc>& w) {
+      std::fill(w.psum, w.psum + slot, Acc(0));
+      return w.psum;
+    };
+    auto query_pass = [&](int64_t task) {
+      Workspace<Acc>& w = ws[omp_get_thread_num()];
+      const int64_t h0 = transposed(state, w.lST, task);
+      for_each_chunk(pl, s, task, [&](int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
+        load_grads(w, grads_in(w), b, h, row0, n, false);
+        state_grad_update(w, n, seg_d.data() + ln * 2 * SZ);
+        gemm(n, Kp / W, Dvp, w.dnum, Dvp, 1, w.lST.data() + (h - h0) * SS, Kp, w.dgq, Kp, false);  // dnum S^T
+        add_dden_z(w, n, pair_state(state, b, h) + SS);
+        finish(w, heads[h], a.q, a.dq, w.gq, w.dgq, w.xq, b, h, row0, n, zeroed_sums(w),
+               Ahead::of<T>({{&a.dout, Dv}, {&a.out, Dv}, {&a.q, D}}, b, h, row0 + C, N, C));
+        sums_of(ln).add(s, w.psum);
+      });
+    };
+    auto grad_totals = [&](int64_t b, int64_t h) {
+      total(dstate, a.dS_final, a.dz_final, seg_d, b, h);
+      const Acc* t = pair_state(dstate, b, h);
+      write_state(a.dS0, a.dz0, b, h, K, Dv, Dvp, t, t + SS);  // every query read S0
+    };
+    auto key_pass = [&](int64_t task) {
+      Workspace<Acc>& w = ws[omp_get_thread_num()];
+      const int64_t h0 = transposed(dstate, w.ldST, task);
+      for_each_chunk(pl, s, task, [&](int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
+        load_keys(keys_in(w), b, h, row0, n);
+        key_grads(w, pair_state(dstate, b, h), w.ldST.data() + (h - h0) * SS, n);
+        scatter_rows<T>(a.dv, b, h, row0, n, Dv, w.num, Dvp);
+        finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, zeroed_sums(w),
+               Ahead::of<T>({{&a.v, Dv}, {&a.k, D}}, b, h, row0 + C, N, C));  // masked: gk = 0, ds = 0
+        sums_of(ln).add(s, w.psum);
+      });
+    };
+    run_passes(pl, true, query_pass, grad_totals, key_pass);
+  }
+
+  // Causal: a forward scan (the state before each chunk -> dGq -> dq), then a reverse scan (the
+  // gradient state after each chunk -> dGk, dv -> dk), a chunk at a time:
+  // The query side of a chunk from the state S before it, its keys' rows loaded.
+  void query_chunk(Workspace<Acc>& w, KeyRows keys, int64_t b, int64_t h, int64_t row0, int64_t n, const Acc* S,
+                   Acc* param_sums) {
+    load_grads(w, grads_in(w), b, h, row0, n, false);  // computes dden, kept in dden_store for the key side
+    affinity_grad(w, keys.v, grads_in(w), n);
+    gemm(n, Kp / W, n, w.Bm, C, 1, keys.gk, Kp, w.dgq, Kp, false, Tri::kDepthLower);  // Bm Gk
+    transpose(Kp, Dvp, S, Dvp, w.ST, Kp);
+    gemm(n, Kp / W, Dvp, w.dnum, Dvp, 1, w.ST, Kp, w.dgq, Kp, true);  // dnum S^T
+    add_dden_z(w, n, S + SS);
+    finish(w, heads[h], a.q, a.dq, w.gq, w.dgq, w.xq, b, h, row0, n, param_sums,
+           Ahead::of<T>({{&a.v, Dv}, {&a.dout, Dv}, {&a.q, D}, {&a.out, Dv}}, b, h, row0 + C, N, C));
+  }
+  // The key side of a chunk from the gradient state dS after it, its gradients' rows loaded.
+  void key_chunk(Workspace<Acc>& w, GradRows grads, int64_t b, int64_t h, int64_t row0, int64_t n, const Acc* dS,
+                 Acc* param_sums) {
+    const int64_t ncv = round_up(n, W) / W;
+    load_keys(keys_in(w), b, h, row0, n);
+    affinity_grad(w, w.v, grads, n);
+    transpose(Kp, Dvp, dS, Dvp, w.dST, Kp);
+    key_grads(w, dS, w.dST, n);
+    gemm(n, Kp / W, n, w.Bm, 1, C, grads.gq, Kp, w.dgk, Kp, true, Tri::kDepthUpper);  // + Bm^T Gq
+    transpose(C, Kp, w.gk, Kp, w.gkT, C);
+    gemm(n, ncv, Kp, grads.gq, Kp, 1, w.gkT, C, w.A, C, false, Tri::kOutLower);  // A = tril(Gq Gk^T)
+    keep_lower(w.A, n, C);
+    gemm(n, Dvp / W, n, w.A, 1, C, grads.dnum, Dvp, w.num, Dvp, true, Tri::kDepthUpper);  // dv += A^T dnum
+    scatter_rows<T>(a.dv, b, h, row0, n, Dv, w.num, Dvp);
+    // masked rows: gk = 0, hence ds = 0
+    finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, param_sums,
+           Ahead::of<T>({{&a.v, Dv}, {&a.dout, Dv}, {&a.k, D}}, b, h, row0 - C, N, C));
+  }
+  // The parameter sums of a scan add up plainly over blocks of kRelayChunks chunks in scan order
+  // (a relay's blocks), each block's then added to the lane with compensation: the same
+  // additions whether relays (causal_relays) or one task per sequence (causal_scans) run the scans.
+
+  // Fewer pairs than threads (or an uneven split): the two scans as relays, a block's parameter
+  // sums its partial. A task keeps the rows its state sums loaded for its work (the forward scan
+  // its keys', the reverse scan its gradients').
+  void causal_relays() {
+    auto add_sums = [&](int64_t pair, const Acc* sums) { sums_of(pl.lane(pair / s.H, pair % s.H, 0)).add(s, sums); };
+    Relay<Acc> forward_scan = relay_from<Acc>(s, pl.nt, false, slot, C * (Kp + Dvp), a.S0, a.z0);
+    auto key_sums = [&](int64_t thread, int64_t pair, int64_t c, int64_t j, Acc* delta) {
+      const auto [b, h, row0, n] = s.chunk_at(pair, c);
+      const KeyRows keys = kept_keys(forward_scan.rows(thread, j));
+      load_keys(keys, b, h, row0, n);
+      chunk_state_sums<Acc>(s, keys.gk, keys.v, nullptr, n, delta);
+    };
+    auto query_work = [&](int64_t thread, int64_t pair, int64_t c, int64_t j, const Acc* S, Acc* sums) {
+      const auto [b, h, row0, n] = s.chunk_at(pair, c);
+      query_chunk(ws[thread], kept_keys(forward_scan.rows(thread, j)), b, h, row0, n, S, sums);
+    };
+    forward_scan.run(key_sums, query_work, &add_sums);
+
+    Relay<Acc> reverse_scan = relay_from<Acc>(s, pl.nt, true, slot, C * (Kp + Dvp + 1), a.dS_final, a.dz_final);
+    auto grad_sums = [&](int64_t thread, int64_t pair, int64_t c, int64_t j, Acc* delta) {
+      const auto [b, h, row0, n] = s.chunk_at(pair, c);
+      const GradRows grads = kept_grads(reverse_scan.rows(thread, j));
+      load_grads(ws[thread], grads, b, h, row0, n, true);
+      chunk_state_sums<Acc>(s, grads.gq, grads.dnum, grads.dden, n, delta);
+    };
+    auto key_work = [&](int64_t thread, int64_t pair, int64_t c, int64_t j, const Acc* dS, Acc* sums) {
+      const auto [b, h, row0, n] = s.chunk_at(pair, c);
+      key_chunk(ws[thread], kept_grads(reverse_scan.rows(thread, j)), b, h, row0, n, dS, sums);
+    };
+    reverse_scan.run(grad_sums, key_work, &add_sums);
+    write_relay_ends(s, reverse_scan, a.dS0, a.dz0);
+  }
+
+  // A task owns whole sequences: both scans in one go, the state carried from chunk to chunk.
+  void causal_scans() {
+    // Each lane's block of parameter sums (G per thread): zeroed at the block's first chunk
+    // (place p in scan order), added to the lane after its last.
+    Buffer<Acc> scan_blocks(pl.nt * G * slot);
+    auto scans = [&](int64_t task) {
+      int64_t b, h0, sg;
+      pl.task(task, b, h0, sg);
+      Workspace<Acc>& w = ws[omp_get_thread_num()];
+      Acc* blocks = scan_blocks.data() + omp_get_thread_num() * G * slot;
+      auto block_sums = [&](int64_t l, int64_t p) {
+        Acc* block = blocks + l * slot;
+        if (p % kRelayChunks == 0) std::fill(block, block + slot, Acc(0));
+        return block;
+      };
+      auto block_done = [&](int64_t l, int64_t p) {
+        if (p % kRelayChunks == kRelayChunks - 1 || p == s.nchunks - 1) {
+          sums_of(pl.lane(b, h0 + l, sg)).add(s, blocks + l * slot);
+        }
+      };
+      for (int64_t l = 0; l < G; ++l) {
+        Acc* S = w.lstate.data() + l * 2 * SZ;
+        Acc* dS = w.ldstate.data() + l * 2 * SZ;
+        read_state(a.S0, a.z0, b, h0 + l, K, Dv, Kp, Dvp, S, S + SS);
+        read_state(a.dS_final, a.dz_final, b, h0 + l, K, Dv, Kp, Dvp, dS, dS + SS);
+        std::fill(S + SZ, S + 2 * SZ, Acc(0));  // no compensation yet
+        std::fill(dS + SZ, dS + 2 * SZ, Acc(0));
+      }
+      for (int64_t c = 0; c < s.nchunks; ++c) {
+        const int64_t row0 = c * C, n = std::min(C, N - row0);
+        for (int64_t l = 0; l < G; ++l) {
+          Acc* S = w.lstate.data() + l * 2 * SZ;
+          load_keys(keys_in(w), b, h0 + l, row0, n);
+          query_chunk(w, keys_in(w), b, h0 + l, row0, n, S, block_sums(l, c));
+          block_done(l, c);
+          accumulate_state(s, w.gk, w.v, n, S, w.delta);
+        }
+      }
+      for (int64_t c = s.nchunks - 1; c >= 0; --c) {
+        const int64_t row0 = c * C, n = std::min(C, N - row0);
+        for (int64_t l = 0; l < G; ++l) {
+          Acc* dS = w.ldstate.data() + l * 2 * SZ;
+          load_grads(w, grads_in(w), b, h0 + l, row0, n, true);
+          key_chunk(w, grads_in(w), b, h0 + l, row0, n, dS, block_sums(l, s.nchunks - 1 - c));
+          block_done(l, s.nchunks - 1 - c);
+          state_grad_update(w, n, dS);
+        }
+      }
+      for (int64_t l = 0; l < G; ++l) {
+        const Acc* dS = w.ldstate.data() + l * 2 * SZ;
+        write_state(a.dS0, a.dz0, b, h0 + l, K, Dv, Dvp, dS, dS + SS);
+      }
+    };
+    auto nothing = [](int64_t) {};
+    auto no_starts = [](int64_t, int64_t) {};  // each task sets its own
+    run_passes(pl, false, nothing, no_starts, scans);
+  }
+
+  // Parameter gradients: the lane slots of each head summed in a fixed order, then the chain rule.
+  void parameter_gradients() {
+    Buffer<Acc> total(slot);
+    for (int64_t h = 0; h < s.H; ++h) {
+      std::fill(total.begin(), total.end(), Acc(0));
+      for (int64_t b = 0; b < s.B; ++b) {
+        for (int64_t sg = 0; sg < pl.segs; ++sg) {
+          const Acc* src = partial.data() + pl.lane(b, h, sg) * 2 * slot;
+          for (int64_t i = 0; i < slot; ++i) total[i] += src[i];
+        }
+      }
+      heads[h].write_parameter_gradients(total.data(), h, a.dmu, a.domega, a.dalpha);
+    }
+  }
+};
+
+// The entry point of this ISA build.
+void backward(const BackwardArgs& a) {
+  switch (a.dtype) {
+    case DType::kFloat32: Backward<float, float>(a).run(); break;
+    case DType::kFloat64: Backward<double, double>(a).run(); break;
+    case DType::kBFloat16: Backward<bf16_t, float>(a).run(); break;
+    case DType::kFloat16: Backward<f16_t, float>(a).run(); break;
+  }
+}
+
+}  // namespace GMATTN_ISA
+}  // namespace cpu
+}  // namespace gmattn

@@ -1,0 +1,164 @@
+// The CPU forward (DESIGN.md section 1), compiled once per instruction set into namespace
+// gmattn::cpu::GMATTN_ISA; dispatch.cpp picks one at run time. Per chunk: the keys' and queries'
+// responsibilities (mixture.h), the read of the state before the chunk and, causal, of the chunk
+// itself; the state moves on (plan.h).
+#ifndef GMATTN_ISA
+#define GMATTN_ISA generic
+#endif
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "mixture.h"
+#include "plan.h"
+#include "rows.h"
+
+namespace gmattn {
+namespace cpu {
+namespace GMATTN_ISA {
+
+using namespace cpu_detail;
+
+template <class T, class Acc>
+void forward_typed(const ForwardArgs& a) {
+  constexpr int W = Simd<Acc>::W;
+  const Shape s = Shape::make<Acc>(a.dims);
+  const int64_t N = s.N, K = s.K, D = s.D, Dv = s.Dv, Kp = s.Kp, Dp = s.Dp, Dvp = s.Dvp, C = s.C;
+  const int64_t SS = Kp * Dvp, SZ = SS + Kp;  // a state: S (Kp x Dvp), then z (Kp)
+  const Plan pl = make_plan(s.B, s.H, s.nchunks, a.opt.num_threads);
+  const int64_t G = pl.group;
+  const bool causal = a.opt.causal, save = a.gq.present();
+  const Acc eps = static_cast<Acc>(a.opt.eps);
+
+  std::vector<Head<Acc>> heads(s.H);
+  build_heads(heads, a.mu, a.omega, a.alpha, s, a.opt.sigma_eps, pl.nt);
+  std::vector<Workspace<Acc>> ws;
+  ws.reserve(pl.nt);
+  for (int t = 0; t < pl.nt; ++t) ws.emplace_back(s, G);
+
+  // Each fetches the next chunk's rows of its inputs while it computes (Ahead).
+  // A chunk's keys: their responsibilities in gk (C x Kp; saved when asked for), its values in v
+  // (C x Dvp).
+  auto route_keys = [&](Workspace<Acc>& w, const Head<Acc>& hd, int64_t b, int64_t h, int64_t row0, int64_t n,
+                        Acc* gk, Acc* v) {
+    gather_rows<T>(a.k, b, h, row0, n, D, w.xk, Dp, C);
+    gather_rows<T>(a.v, b, h, row0, n, Dv, v, Dvp, C);
+    const Ahead ahead = Ahead::of<T>({{&a.k, D}, {&a.v, Dv}}, b, h, row0 + C, N, C);
+    responsibilities(hd, s, w, w.xk, n, gk, mask_rows(a.mask, b, row0, n, w.keep), ahead);
+    if (save) write_saved(a.gk, b, h, row0, n, K, gk, Kp);
+  };
+  // A chunk's outputs from the state before it (S, then z) and, causal, from the chunk's own keys
+  // (gk, v from route_keys).
+  auto read_out = [&](Workspace<Acc>& w, const Head<Acc>& hd, int64_t b, int64_t h, int64_t row0, int64_t n,
+                      const Acc* S, const Acc* gk, const Acc* v) {
+    gather_rows<T>(a.q, b, h, row0, n, D, w.xq, Dp, C);
+    responsibilities(hd, s, w, w.xq, n, w.gq, nullptr, Ahead::of<T>({{&a.q, D}}, b, h, row0 + C, N, C));
+    // num = Gq S, den = Gq z (+ eps below)
+    gemm(n, Dvp / W, K, w.gq, Kp, 1, S, Dvp, w.num, Dvp, false);
+    for (int64_t i = 0; i < n; ++i) w.den[i] = dot(w.gq + i * Kp, S + SS, Kp);
+    if (causal) {
+      // Intra-chunk: A = tril(Gq Gk^T); num += A V, den += rowsum(A).
+      const int64_t ncv = round_up(n, W) / W;  // vectors spanning the chunk's columns
+      transpose(C, Kp, gk, Kp, w.gkT, C);
+      gemm(n, ncv, Kp, w.gq, Kp, 1, w.gkT, C, w.A, C, false, Tri::kOutLower);
+      keep_lower(w.A, n, C);
+      gemm(n, Dvp / W, n, w.A, C, 1, v, Dvp, w.num, Dvp, true, Tri::kDepthLower);
+      for (int64_t i = 0; i < n; ++i) w.den[i] += row_sum(w.A + i * C, i + 1);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      w.den[i] += eps;
+      const Acc inv = Acc(1) / w.den[i];
+#pragma omp simd
+      for (int64_t e = 0; e < Dvp; ++e) w.num[i * Dvp + e] *= inv;
+    }
+    scatter_rows<T>(a.out, b, h, row0, n, Dv, w.num, Dvp);
+    if (save) {
+      write_saved(a.gq, b, h, row0, n, K, w.gq, Kp);
+      write_den(a.den, b, h, row0, n, w.den);
+    }
+  };
+
+  if (causal && pl.segs > 1) {  // fewer pairs than threads (or an uneven split): a relay
+    // Each thread keeps its block's key responsibilities and values (C x Kp, C x Dvp per chunk).
+    Relay<Acc> relay = relay_from<Acc>(s, pl.nt, false, 0, C * (Kp + Dvp), a.S0, a.z0);
+    auto sums = [&](int64_t thread, int64_t pair, int64_t c, int64_t j, Acc* delta) {
+      const auto [b, h, row0, n] = s.chunk_at(pair, c);
+      Acc* gk = relay.rows(thread, j);
+      route_keys(ws[thread], heads[h], b, h, row0, n, gk, gk + C * Kp);
+      chunk_state_sums<Acc>(s, gk, gk + C * Kp, nullptr, n, delta);
+    };
+    auto work = [&](int64_t thread, int64_t pair, int64_t c, int64_t j, const Acc* S, Acc*) {
+      const auto [b, h, row0, n] = s.chunk_at(pair, c);
+      const Acc* gk = relay.rows(thread, j);
+      read_out(ws[thread], heads[h], b, h, row0, n, S, gk, gk + C * Kp);
+    };
+    relay.run(sums, work, static_cast<NoCombine*>(nullptr));
+    write_relay_ends(s, relay, a.S_final, a.z_final);
+    return;
+  }
+
+  // Otherwise a task owns whole sequences (causal: one pass, the state carried from chunk to
+  // chunk) or, bidirectional, segments of them in two passes: pass 1 sums each lane's keys,
+  // pass 2 reads the total.
+  const bool two_pass = !causal;
+  Buffer<Acc> seg(two_pass ? pl.lanes * 2 * SZ : 0);  // each lane's sums, compensated
+  auto pass1 = [&](int64_t task) {
+    Workspace<Acc>& w = ws[omp_get_thread_num()];
+    for_each_chunk(pl, s, task, [&](int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
+      route_keys(w, heads[h], b, h, row0, n, w.gk, w.v);
+      accumulate_state(s, w.gk, w.v, n, seg.data() + ln * 2 * SZ, w.delta);
+    });
+  };
+  // The starting state of every lane of pair (b, h): the initial state, plus bidirectionally all
+  // the sums (what every query reads).
+  Buffer<Acc> start(pl.lanes * SZ);
+  // Formed in the first lane's start, copied to the others.
+  auto starts = [&](int64_t b, int64_t h) {
+    Acc* run = start.data() + pl.lane(b, h, 0) * SZ;
+    read_state(a.S0, a.z0, b, h, K, Dv, Kp, Dvp, run, run + SS);
+    if (!causal) {
+      for (int64_t sg = 0; sg < pl.segs; ++sg) add_lane_state(s, seg, pl.lane(b, h, sg), run);
+      write_state(a.S_final, a.z_final, b, h, K, Dv, Dvp, run, run + SS);
+    }
+    for (int64_t sg = 1; sg < pl.segs; ++sg) std::copy(run, run + SZ, start.data() + pl.lane(b, h, sg) * SZ);
+  };
+  // Pass 2: the queries read the state (causal: and the chunk itself), the state moves on.
+  auto pass2 = [&](int64_t task) {
+    int64_t b, h0, sg;
+    pl.task(task, b, h0, sg);
+    Workspace<Acc>& w = ws[omp_get_thread_num()];
+    for (int64_t l = 0; l < G; ++l) {
+      set_state(s, start.data() + pl.lane(b, h0 + l, sg) * SZ, w.lstate.data() + l * 2 * SZ);
+    }
+    for_each_chunk(pl, s, task, [&](int64_t bb, int64_t h, int64_t, int64_t row0, int64_t n) {
+      Acc* S = w.lstate.data() + (h - h0) * 2 * SZ;
+      if (causal) route_keys(w, heads[h], bb, h, row0, n, w.gk, w.v);
+      read_out(w, heads[h], bb, h, row0, n, S, w.gk, w.v);
+      if (causal) accumulate_state(s, w.gk, w.v, n, S, w.delta);
+    });
+    if (causal) {  // the task's whole sequences: their final states
+      for (int64_t l = 0; l < G; ++l) {
+        const Acc* S = w.lstate.data() + l * 2 * SZ;
+        write_state(a.S_final, a.z_final, b, h0 + l, K, Dv, Dvp, S, S + SS);
+      }
+    }
+  };
+
+  run_passes(pl, two_pass, pass1, starts, pass2);
+}
+
+// The entry point of this ISA build.
+void forward(const ForwardArgs& a) {
+  switch (a.dtype) {
+    case DType::kFloat32: forward_typed<float, float>(a); break;
+    case DType::kFloat64: forward_typed<double, double>(a); break;
+    case DType::kBFloat16: forward_typed<bf16_t, float>(a); break;
+    case DType::kFloat16: forward_typed<f16_t, float>(a); break;
+  }
+}
+
+}  // namespace GMATTN_ISA
+}  // namespace cpu
+}  // namespace gmattn

@@ -1,0 +1,604 @@
+// The mixture of each head: its parameters (Head), the responsibilities of a chunk's rows, and
+// their backward (softmax backward, density backward, the chain rule to mu, omega, alpha).
+//
+// Responsibilities. s[i,k] = log_norm[k] - 0.5 Q[i,k], Q = sum_d lam (x - mu)^2, computed per
+// chunk as Q = sum_d (a x' - b)^2 with a = sqrt(lam), x' = x - c (c: the chunk's mean), and
+// b = a (mu - c): two fused multiply-adds per (row, component, dimension), the same count as the
+// expanded quadratic form, but without its catastrophic cancellation. Its rounding error is about
+// eps sqrt(Q B), B = sum_d lam x'^2 + 4 sum_d lam (mu - c)^2, against about eps Q for the direct
+// form sum_d lam (x - mu)^2: the two agree unless x' and mu - c are large next to x - mu (data far
+// from the chunk mean, or tight clusters far from the origin with tiny variances). A guard bounds
+// B per row and component from row norms (B <= |x'|^2 max_d lam + 4 sum_d lam (mu - c)^2) and
+// recomputes a row in the direct form, on the raw inputs, when a component that matters (within
+// 64 nats of the row maximum) has B > 4 (Q + D): the centred form then stays within a small
+// factor of the direct form's accuracy. Chunks whose bound already satisfies B <= 4 D skip the
+// per-element check.
+#pragma once
+
+#ifndef GMATTN_ISA
+#define GMATTN_ISA generic
+#endif
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "rows.h"
+
+namespace gmattn {
+namespace cpu {
+namespace GMATTN_ISA {
+
+using namespace cpu_detail;
+
+#if GMATTN_VECTOR_BYTES >= 64
+constexpr int kQuadMR = 4, kQuadNV = 4;  // responsibilities tile
+constexpr int kDensKT = 4;               // components per pass of the density backward
+#else
+constexpr int kQuadMR = 4, kQuadNV = 2;
+constexpr int kDensKT = 2;
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Per-head parameters
+
+template <class Acc>
+struct Head {
+  int64_t K = 0, D = 0, Kp = 0, Dp = 0;
+  Buffer<Acc> aT, muT, lamT;  // Dp x Kp: sqrt(lam), mu, lam (transposed, zero padded)
+  Buffer<Acc> mu, lam;        // K x Dp
+  Buffer<Acc> ln0;            // Kp: logpi - 0.5 sum_d log sigma2; -inf on padding
+  Buffer<Acc> lmax;           // Kp: max_d lam
+  Acc lmax_all = 0;                // max_k lmax
+  Buffer<Acc> pi;             // K: softmax(alpha)
+  Buffer<Acc> dsigma2_domega; // K x D: sigmoid(omega)
+  Buffer<Acc> omega, sigma2, sig;  // Dp: one row of omega, its variances and sigmoids (zero padded)
+  Buffer<double> ln0d;             // K: ln0 before its shift
+
+  // Sizes every buffer (zeroed): done for all heads before the parallel build (see working_memory.h).
+  void allocate(const Shape& s) {
+    K = s.K; D = s.D; Kp = s.Kp; Dp = s.Dp;
+    aT.assign(Dp * Kp, Acc(0));
+    muT.assign(Dp * Kp, Acc(0));
+    lamT.assign(Dp * Kp, Acc(0));
+    mu.assign(K * Dp, Acc(0));
+    lam.assign(K * Dp, Acc(0));
+    ln0.assign(Kp, -std::numeric_limits<Acc>::infinity());
+    lmax.assign(Kp, Acc(0));
+    pi.assign(K, Acc(0));
+    dsigma2_domega.assign(K * D, Acc(0));
+    omega.assign(Dp, Acc(0));
+    sigma2.assign(Dp, Acc(0));
+    sig.assign(Dp, Acc(0));
+    ln0d.assign(K, 0.0);
+  }
+
+  // Head h's parameters, into the allocated buffers; allocates nothing.
+  void build(const View& mu_v, const View& omega_v, const View& alpha_v, int64_t h, double sigma_eps) {
+    // log_norm in double, shifted by its maximum (softmax is shift invariant): s = ln0 - Q / 2
+    // then carries no large constant whose rounding would differ between components (with tiny
+    // variances sum_d log sigma2 is ~ -10 D).
+    double amax = -INFINITY;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, static_cast<double>(*at<const Acc>(alpha_v, h, k)));
+    double asum = 0;
+    for (int64_t k = 0; k < K; ++k) asum += std::exp(static_cast<double>(*at<const Acc>(alpha_v, h, k)) - amax);
+    const double log_z = amax + std::log(asum);
+    // A row of omega at a time: softplus and sigmoid a vector at a time (the transcendentals
+    // dominate the set-up), padding lanes zero.
+    constexpr int W = Simd<Acc>::W;
+    for (int64_t k = 0; k < K; ++k) {
+      const double logpi = static_cast<double>(*at<const Acc>(alpha_v, h, k)) - log_z;
+      pi[k] = static_cast<Acc>(std::exp(logpi));
+      for (int64_t d = 0; d < D; ++d) omega[d] = *at<const Acc>(omega_v, h, k, d);
+      for (int64_t d = 0; d < Dp; d += W) {
+        VecT<Acc> sp, sg;
+        softplus_sigmoid<Acc>(loadu(omega.data() + d), sp, sg);
+        storeu(sigma2.data() + d, sp + static_cast<Acc>(sigma_eps));
+        storeu(sig.data() + d, sg);
+      }
+      Acc lm = 0;
+      for (int64_t d = 0; d < D; ++d) {
+        const Acc m = *at<const Acc>(mu_v, h, k, d);
+        const Acc l = Acc(1) / sigma2[d];
+        mu[k * Dp + d] = m;
+        lam[k * Dp + d] = l;
+        muT[d * Kp + k] = m;
+        lamT[d * Kp + k] = l;
+        aT[d * Kp + k] = std::sqrt(l);
+        dsigma2_domega[k * D + d] = sig[d];
+        lm = std::max(lm, l);
+      }
+      ln0d[k] = logpi - 0.5 * sum_log(sigma2.data(), D);
+      lmax[k] = lm;
+      lmax_all = std::max(lmax_all, lm);
+    }
+    const double shift = *std::max_element(ln0d.begin(), ln0d.end());
+    for (int64_t k = 0; k < K; ++k) ln0[k] = static_cast<Acc>(ln0d[k] - shift);
+  }
+
+  // The chain rule from the head's summed parameter sums (ParamSums::size values: t1, t2 (K x Dp),
+  // ds_sum (Kp); see density_backward) to its rows of dmu, domega (H, K, D) and dalpha (H, K).
+  void write_parameter_gradients(const Acc* sums, int64_t h, const View& dmu, const View& domega,
+                                 const View& dalpha) const {
+    const Acc* t1 = sums;
+    const Acc* t2 = t1 + K * Dp;
+    const Acc* ds_sum = t2 + K * Dp;
+    Acc ds_all = 0;
+    for (int64_t k = 0; k < K; ++k) ds_all += ds_sum[k];
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t e = 0; e < D; ++e) {
+        const int64_t i = k * Dp + e;
+        const Acc l = lam[i];
+        *at<Acc>(dmu, h, k, e) = l * t1[i];
+        const Acc dsigma2 = Acc(-0.5) * (l * ds_sum[k] - l * l * t2[i]);
+        *at<Acc>(domega, h, k, e) = dsigma2 * dsigma2_domega[k * D + e];
+      }
+      *at<Acc>(dalpha, h, k) = ds_sum[k] - pi[k] * ds_all;
+    }
+  }
+};
+
+// The per-head mixture parameters (transcendentals for every (h, k, d): worth a parallel loop).
+template <class Acc>
+void build_heads(std::vector<Head<Acc>>& heads, const View& mu, const View& omega, const View& alpha, const Shape& s,
+                 double sigma_eps, int nt) {
+  const int64_t H = static_cast<int64_t>(heads.size());
+  for (Head<Acc>& head : heads) head.allocate(s);
+#pragma omp parallel for num_threads(static_cast<int>(std::min<int64_t>(nt, H))) schedule(static, 1)
+  for (int64_t h = 0; h < H; ++h) heads[h].build(mu, omega, alpha, h, sigma_eps);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Responsibilities
+
+// Q[r][k] = sum_d (aT[d][k] x[r][d] - bT[d][k])^2 for an MR x NV tile.
+template <class Acc, int MR, int NV>
+inline void quad_micro(int64_t D, const Acc* x, int64_t ldx, const Acc* aT, const Acc* bT, int64_t ldk, Acc* Q,
+                       int64_t ldq) {
+  using V = VecT<Acc>;
+  constexpr int W = Simd<Acc>::W;
+  V acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    V av[NV], bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      av[v] = loadu(aT + d * ldk + v * W);
+      bv[v] = loadu(bT + d * ldk + v * W);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const V xb = splat(x[r * ldx + d]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        const V t = av[v] * xb - bv[v];
+        acc[r][v] += t * t;
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) storeu(Q + r * ldq + v * W, acc[r][v]);
+  }
+}
+
+template <class Acc, int MR>
+inline void quad_micro_nv(int nv, int64_t D, const Acc* x, int64_t ldx, const Acc* aT, const Acc* bT, int64_t ldk,
+                          Acc* Q, int64_t ldq) {
+  switch (nv) {
+    case 1: quad_micro<Acc, MR, 1>(D, x, ldx, aT, bT, ldk, Q, ldq); break;
+    case 2: quad_micro<Acc, MR, 2>(D, x, ldx, aT, bT, ldk, Q, ldq); break;
+#if GMATTN_VECTOR_BYTES >= 64
+    case 3: quad_micro<Acc, MR, 3>(D, x, ldx, aT, bT, ldk, Q, ldq); break;
+    case 4: quad_micro<Acc, MR, 4>(D, x, ldx, aT, bT, ldk, Q, ldq); break;
+#endif
+    default: break;
+  }
+}
+
+template <class Acc>
+void quad(int64_t rows, int64_t nvec, int64_t D, const Acc* x, int64_t ldx, const Acc* aT, const Acc* bT,
+          int64_t ldk, Acc* Q, int64_t ldq, const Ahead& ahead) {
+  constexpr int W = Simd<Acc>::W;
+  if (nvec == 1) {  // one vector of components (K <= W): taller tiles keep the FMA units busy
+    int64_t i0 = 0;
+    for (; i0 + 8 <= rows; i0 += 8) {
+      ahead.fetch(i0, i0 + 8);
+      quad_micro<Acc, 8, 1>(D, x + i0 * ldx, ldx, aT, bT, ldk, Q + i0 * ldq, ldq);
+    }
+    ahead.fetch(i0, rows);
+    for (; i0 < rows; ++i0) quad_micro<Acc, 1, 1>(D, x + i0 * ldx, ldx, aT, bT, ldk, Q + i0 * ldq, ldq);
+    return;
+  }
+  for (int64_t i0 = 0; i0 < rows; i0 += kQuadMR) {
+    const int mr = static_cast<int>(std::min<int64_t>(kQuadMR, rows - i0));
+    ahead.fetch(i0, i0 + mr);
+    for (int64_t v0 = 0; v0 < nvec; v0 += kQuadNV) {
+      const int nv = static_cast<int>(std::min<int64_t>(kQuadNV, nvec - v0));
+      const Acc* xi = x + i0 * ldx;
+      Acc* Qi = Q + i0 * ldq + v0 * W;
+      const Acc* a = aT + v0 * W;
+      const Acc* bb = bT + v0 * W;
+      switch (mr) {
+        case 4: quad_micro_nv<Acc, 4>(nv, D, xi, ldx, a, bb, ldk, Qi, ldq); break;
+        case 3: quad_micro_nv<Acc, 3>(nv, D, xi, ldx, a, bb, ldk, Qi, ldq); break;
+        case 2: quad_micro_nv<Acc, 2>(nv, D, xi, ldx, a, bb, ldk, Qi, ldq); break;
+        default: quad_micro_nv<Acc, 1>(nv, D, xi, ldx, a, bb, ldk, Qi, ldq); break;
+      }
+    }
+  }
+}
+
+template <class Acc>
+struct GuardConst;
+template <>
+struct GuardConst<float> {
+  static constexpr float kHuge = 1e14f;  // Q * B beyond this: error ~ eps * sqrt(Q B) > 1
+};
+template <>
+struct GuardConst<double> {
+  static constexpr double kHuge = 1e30;
+};
+
+// In place over R rows (stride ld): Q (Kp) -> gamma = softmax(ln0 - 0.5 Q). The rows run
+// interleaved: each row is a short chain of dependent steps (max, exp, sum, scale) whose
+// latency, not its arithmetic, would bound a row at a time. With `check`, first verifies the
+// error bound of the centred form (see the top of the file) per row; a row where a component
+// that matters might be inaccurate is left untouched (still Q) and its bit set in the result.
+template <class Acc, int R>
+unsigned softmax_rows(Acc* rows, int64_t ld, const Acc* ln0, const Acc* lmax, const Acc* mk, const Acc* xn, Acc Dd,
+                      int64_t nvec, bool check) {
+  using V = VecT<Acc>;
+  using I = typename Simd<Acc>::I;
+  constexpr int W = Simd<Acc>::W;
+  V mv[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) mv[r] = splat<Acc>(-std::numeric_limits<Acc>::infinity());
+  for (int64_t v = 0; v < nvec; ++v) {
+    const V l0 = loadu(ln0 + v * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) mv[r] = vmax<Acc>(mv[r], l0 - Acc(0.5) * loadu(rows + r * ld + v * W));
+  }
+  Acc smax[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) smax[r] = hmax<Acc>(mv[r]);
+  unsigned failed = 0;
+  if (check) {
+    const V huge = splat<Acc>(GuardConst<Acc>::kHuge);
+    I bad[R] = {};
+    for (int64_t v = 0; v < nvec; ++v) {
+      const V l0 = loadu(ln0 + v * W), lm = loadu(lmax + v * W), m4 = Acc(4) * loadu(mk + v * W);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const V q = loadu(rows + r * ld + v * W);
+        const V s = l0 - Acc(0.5) * q;
+        const V bnd = xn[r] * lm + m4;
+        bad[r] |= (bnd > Acc(4) * (q + Dd)) & ((s > smax[r] - Acc(64)) | (q * bnd > huge));
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) failed |= any_lane<Acc>(bad[r]) ? 1u << r : 0u;
+  }
+  V sum[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) sum[r] = V{};
+  for (int64_t v = 0; v < nvec; ++v) {
+    const V l0 = loadu(ln0 + v * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      if (failed >> r & 1u) continue;
+      Acc* p = rows + r * ld + v * W;
+      const V e = exp_nonpositive((l0 - Acc(0.5) * loadu(p)) - smax[r]);
+      storeu(p, e);
+      sum[r] += e;
+    }
+  }
+  V inv[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) inv[r] = splat<Acc>(Acc(1) / hsum<Acc>(sum[r]));
+  for (int64_t v = 0; v < nvec; ++v) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      if (failed >> r & 1u) continue;
+      Acc* p = rows + r * ld + v * W;
+      storeu(p, loadu(p) * inv[r]);
+    }
+  }
+  return failed;
+}
+
+// Direct form on the raw row: Q[k] = sum_d lam (x - mu)^2 (the guard's fallback), summing four
+// dimensions at a time before accumulating (a shorter chain of roundings).
+template <class Acc>
+void direct_row(const Head<Acc>& hd, const Acc* x, Acc* Q) {
+  const int64_t Kp = hd.Kp, D = hd.D;
+  std::fill(Q, Q + Kp, Acc(0));
+  int64_t d = 0;
+  for (; d + 4 <= D; d += 4) {
+    const Acc x0 = x[d], x1 = x[d + 1], x2 = x[d + 2], x3 = x[d + 3];
+    const Acc* m = hd.muT.data() + d * Kp;
+    const Acc* l = hd.lamT.data() + d * Kp;
+#pragma omp simd
+    for (int64_t k = 0; k < Kp; ++k) {
+      const Acc e0 = x0 - m[k], e1 = x1 - m[Kp + k], e2 = x2 - m[2 * Kp + k], e3 = x3 - m[3 * Kp + k];
+      Q[k] += (l[k] * e0 * e0 + l[Kp + k] * e1 * e1) + (l[2 * Kp + k] * e2 * e2 + l[3 * Kp + k] * e3 * e3);
+    }
+  }
+  for (; d < D; ++d) {
+    const Acc xd = x[d];
+    const Acc* m = hd.muT.data() + d * Kp;
+    const Acc* l = hd.lamT.data() + d * Kp;
+#pragma omp simd
+    for (int64_t k = 0; k < Kp; ++k) {
+      const Acc e = xd - m[k];
+      Q[k] += l[k] * e * e;
+    }
+  }
+}
+
+// gamma (C x Kp) = responsibilities of the raw rows x (C x Dp, n valid); rows with keep[r] == 0
+// and rows >= n are zero.
+template <class Acc>
+void responsibilities(const Head<Acc>& hd, const Shape& s, Workspace<Acc>& w, const Acc* x, int64_t n,
+                      Acc* gamma, const uint8_t* keep, const Ahead& ahead) {
+  using V = VecT<Acc>;
+  constexpr int W = Simd<Acc>::W;
+  const int64_t Dp = s.Dp, Kp = s.Kp, D = s.D, C = s.C;
+  // Centre the chunk: cen = mean of the rows, xc = x - cen, xn = |xc|^2.
+  const int64_t dvec = Dp / W;
+  Acc* cen = w.cen;
+  const Acc inv_n = Acc(1) / static_cast<Acc>(n);
+  for (int64_t v = 0; v < dvec; ++v) {
+    V acc{};
+    for (int64_t r = 0; r < n; ++r) acc += loadu(x + r * Dp + v * W);
+    acc *= inv_n;
+    // A NaN or Inf row must poison only its own responsibilities: centre on 0 where the mean
+    // is not finite (any centre is exact math; it only matters for rounding).
+    const V big = splat<Acc>(std::numeric_limits<Acc>::max());
+    acc = (acc >= -big && acc <= big) ? acc : V{};
+    storeu(cen + v * W, acc);
+  }
+  for (int64_t r = 0; r < n; ++r) {
+    V ss{};
+    for (int64_t v = 0; v < dvec; ++v) {
+      const V c = loadu(x + r * Dp + v * W) - loadu(cen + v * W);
+      storeu(w.xc + r * Dp + v * W, c);
+      ss += c * c;
+    }
+    w.xn[r] = hsum<Acc>(ss);
+  }
+  // bT = a (mu - cen), mk = |bT_k|^2 = sum_d lam (mu - cen)^2.
+  const int64_t nvec = Kp / W;
+  for (int64_t v = 0; v < nvec; ++v) {
+    V m{};
+    for (int64_t d = 0; d < D; ++d) {
+      const V b = loadu(hd.aT.data() + d * Kp + v * W) * (loadu(hd.muT.data() + d * Kp + v * W) - cen[d]);
+      storeu(w.bT + d * Kp + v * W, b);
+      m += b * b;
+    }
+    storeu(w.mk + v * W, m);
+  }
+  for (int64_t d = D; d < Dp; ++d) std::fill(w.bT + d * Kp, w.bT + (d + 1) * Kp, Acc(0));
+  quad(n, nvec, Dp, w.xc, Dp, hd.aT.data(), w.bT, Kp, gamma, Kp, ahead);
+  // The per-element guard B <= 4 (Q + D) holds for every row and component when B <= 4 D:
+  // check element by element only when the chunk's bound max_r xn * max_k lmax + 4 max_k mk
+  // exceeds that.
+  const Acc Dd = static_cast<Acc>(D);
+  Acc xn_max = 0, mk_max = 0;
+  for (int64_t r = 0; r < n; ++r) xn_max = std::max(xn_max, w.xn[r]);
+  for (int64_t k = 0; k < s.K; ++k) mk_max = std::max(mk_max, w.mk[k]);
+  const bool check = !(xn_max * hd.lmax_all + Acc(4) * mk_max <= Acc(4) * Dd);
+  constexpr int kRows = 4;
+  for (int64_t r0 = 0; r0 < n; r0 += kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, n - r0));
+    Acc* block = gamma + r0 * Kp;
+    unsigned failed = 0;
+    if (rows == kRows) {
+      failed = softmax_rows<Acc, kRows>(block, Kp, hd.ln0.data(), hd.lmax.data(), w.mk, w.xn + r0, Dd, nvec, check);
+    } else {
+      for (int r = 0; r < rows; ++r) {
+        failed |= softmax_rows<Acc, 1>(block + r * Kp, Kp, hd.ln0.data(), hd.lmax.data(), w.mk, w.xn + r0 + r, Dd,
+                                       nvec, check) << r;
+      }
+    }
+    for (int r = 0; r < rows; ++r) {
+      Acc* row = block + r * Kp;
+      if (keep && !keep[r0 + r]) {
+        std::fill(row, row + Kp, Acc(0));
+      } else if (failed >> r & 1u) {  // recompute in the direct form
+        direct_row(hd, x + (r0 + r) * Dp, row);
+        softmax_rows<Acc, 1>(row, Kp, hd.ln0.data(), hd.lmax.data(), w.mk, w.xn + r0 + r, Dd, nvec, false);
+      }
+    }
+  }
+  if (C > n) std::fill(gamma + n * Kp, gamma + C * Kp, Acc(0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward through the responsibilities
+
+template <class Acc, int R>
+void softmax_backward_rows(const Acc* gamma, Acc* dgamma, int64_t K, int64_t Kp) {
+  using V = VecT<Acc>;
+  constexpr int W = Simd<Acc>::W;
+  const int64_t nvec = Kp / W;
+  // a: the first component holding the row's largest responsibility (padding lanes are 0). Each
+  // lane keeps its largest value and the first component reaching it (a strict comparison); a is
+  // the smallest such component among the lanes holding the row's largest value. (No branch on
+  // where the maximum lies: its position is data, a branch on it mispredicts.)
+  using I = typename Simd<Acc>::I;
+  using Int = typename Simd<Acc>::Int;
+  int64_t a[R];
+  bool live[R];
+  V mv[R];
+  I first[R];
+  I comp = lane_index<Acc>();
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    mv[r] = V{};
+    first[r] = I{};
+  }
+  for (int64_t v = 0; v < nvec; ++v, comp += static_cast<Int>(W)) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const V g = loadu(gamma + r * Kp + v * W);
+      const I above = g > mv[r];
+      mv[r] = above ? g : mv[r];
+      first[r] = above ? comp : first[r];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const Acc top = hmax<Acc>(mv[r]);
+    live[r] = top != Acc(0);  // masked rows are all zero; a NaN row stays live (and NaN)
+    // A NaN row has no lane at top: K - 1 then (any component in range will do).
+    const I at_top = mv[r] == top;
+    a[r] = std::min<int64_t>(hmin<Acc>(at_top ? first[r] : static_cast<Int>(K - 1)), K - 1);
+  }
+  V acc[R];
+  Acc dga[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    acc[r] = V{};
+    dga[r] = dgamma[r * Kp + a[r]];
+  }
+  for (int64_t v = 0; v < nvec; ++v) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      acc[r] += loadu(gamma + r * Kp + v * W) * (loadu(dgamma + r * Kp + v * W) - dga[r]);  // the a term is 0
+    }
+  }
+  // ds_l = gamma_l ((dgamma_l - dgamma_a) - (mean - dgamma_a)); ds_a = -sum_{l != a} ds_l, summed
+  // without a's own term (it would cancel the others) and written last.
+  V mean_off[R], tot[R];
+  I at_a[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    mean_off[r] = splat<Acc>(hsum<Acc>(acc[r]));  // mean - dgamma_a
+    tot[r] = V{};
+    at_a[r] = I{} + static_cast<Int>(a[r]);
+  }
+  comp = lane_index<Acc>();
+  for (int64_t v = 0; v < nvec; ++v, comp += static_cast<Int>(W)) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      Acc* dg = dgamma + r * Kp + v * W;
+      const V ds = loadu(gamma + r * Kp + v * W) * ((loadu(dg) - dga[r]) - mean_off[r]);
+      storeu(dg, ds);
+      tot[r] += comp == at_a[r] ? V{} : ds;
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    Acc* dg = dgamma + r * Kp;
+    if (live[r]) {
+      dg[a[r]] = -hsum<Acc>(tot[r]);
+    } else {
+      std::fill(dg, dg + Kp, Acc(0));
+    }
+  }
+}
+
+// ds = gamma * (dgamma - sum_k gamma dgamma), in place over dgamma (rows x Kp), in a form that
+// does not lean on gamma near 1: with a the row's largest responsibility, the mean is
+// dgamma_a + sum_{l != a} gamma_l (dgamma_l - dgamma_a), ds_l = gamma_l (dgamma_l - mean) for
+// l != a, and ds_a = -sum_{l != a} ds_l (rows of ds sum to zero). For peaked routing (tiny
+// variances) the rounded gamma_a ~ 1 leaves 1 - gamma_a, hence ds_a, poorly determined; the
+// small responsibilities carry their full relative precision. Rows with gamma = 0 (masked keys)
+// give ds = 0. Four rows at a time, interleaved (each row is a chain of dependent reductions).
+template <class Acc>
+void softmax_backward(const Acc* gamma, Acc* dgamma, int64_t rows, int64_t K, int64_t Kp) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) softmax_backward_rows<Acc, 4>(gamma + r * Kp, dgamma + r * Kp, K, Kp);
+  for (; r < rows; ++r) softmax_backward_rows<Acc, 1>(gamma + r * Kp, dgamma + r * Kp, K, Kp);
+}
+
+// For components [k0, k0+KT): dx (n x Dp) -= sum_k ds lam (x - mu) (dx overwritten when `first`),
+// t1[k] += sum_i ds (x - mu), t2[k] += sum_i ds (x - mu)^2 (per dimension). Direct form: exact
+// up to rounding whatever |x|.
+template <class Acc, int KT>
+void density_tile(int64_t n, int64_t Dp, const Acc* x, const Acc* ds, int64_t Kp, int64_t k0, const Acc* mu,
+                  const Acc* lam, Acc* dx, Acc* t1, Acc* t2, bool first) {
+  using V = VecT<Acc>;
+  constexpr int W = Simd<Acc>::W;
+  for (int64_t d0 = 0; d0 < Dp; d0 += W) {
+    V m[KT], l[KT], T1[KT], T2[KT];
+#pragma GCC unroll 8
+    for (int kk = 0; kk < KT; ++kk) {
+      m[kk] = loadu(mu + (k0 + kk) * Dp + d0);
+      l[kk] = loadu(lam + (k0 + kk) * Dp + d0);
+      T1[kk] = V{};
+      T2[kk] = V{};
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const V xv = loadu(x + i * Dp + d0);
+      V acc = first ? V{} : loadu(dx + i * Dp + d0);
+      const Acc* dsi = ds + i * Kp + k0;
+#pragma GCC unroll 8
+      for (int kk = 0; kk < KT; ++kk) {
+        const V wv = splat(dsi[kk]);
+        const V diff = xv - m[kk];
+        const V wd = wv * diff;
+        T1[kk] += wd;
+        T2[kk] += wd * diff;
+        acc -= wd * l[kk];
+      }
+      storeu(dx + i * Dp + d0, acc);
+    }
+#pragma GCC unroll 8
+    for (int kk = 0; kk < KT; ++kk) {
+      Acc* p1 = t1 + (k0 + kk) * Dp + d0;
+      Acc* p2 = t2 + (k0 + kk) * Dp + d0;
+      storeu(p1, loadu(p1) + T1[kk]);
+      storeu(p2, loadu(p2) + T2[kk]);
+    }
+  }
+}
+
+// Parameter-gradient sums of one lane: t1, t2 (K x Dp) and ds_sum (Kp), followed by their
+// compensation terms. The sums of a block of chunks are formed plainly (density_backward adds
+// each chunk's to them), then added to the lane with compensation (add).
+template <class Acc>
+struct ParamSums {
+  static int64_t size(const Shape& s) { return 2 * s.K * s.Dp + s.Kp; }
+  Acc* lane;  // 2 * size values
+  void add(const Shape& s, const Acc* block) const { add_compensated(lane, lane + size(s), block, size(s)); }
+};
+
+// The chunk's dx (n x Dp), from ds (n x Kp); its parameter sums (ParamSums::size values: t1, t2,
+// ds_sum) are added to `param_sums`.
+template <class Acc>
+void density_backward(const Head<Acc>& hd, const Shape& s, const Acc* x, const Acc* ds, int64_t n, Acc* dx,
+                      Acc* param_sums, const Ahead& ahead) {
+  const int64_t K = s.K, Kp = s.Kp, Dp = s.Dp;
+  Acc* t1 = param_sums;
+  Acc* t2 = t1 + K * Dp;
+  Acc* ds_sum = t2 + K * Dp;
+  int64_t k0 = 0;
+  const int64_t tiles = K / kDensKT;
+  for (; k0 + kDensKT <= K; k0 += kDensKT) {
+    ahead.fetch_part(k0 / kDensKT, tiles);
+    density_tile<Acc, kDensKT>(n, Dp, x, ds, Kp, k0, hd.mu.data(), hd.lam.data(), dx, t1, t2, k0 == 0);
+  }
+  if (tiles == 0) ahead.fetch(0, n);
+  for (; k0 < K; ++k0) {
+    density_tile<Acc, 1>(n, Dp, x, ds, Kp, k0, hd.mu.data(), hd.lam.data(), dx, t1, t2, k0 == 0);
+  }
+  for (int64_t r = 0; r < n; ++r) {
+#pragma omp simd
+    for (int64_t k = 0; k < Kp; ++k) ds_sum[k] += ds[r * Kp + k];
+  }
+}
+
+}  // namespace GMATTN_ISA
+}  // namespace cpu
+}  // namespace gmattn

@@ -1,0 +1,361 @@
+// The rows of a chunk: shapes and padding, strided gathers and scatters of the inputs, outputs
+// and saved tensors (any layout), the prefetch of the next chunk, and the per-thread chunk
+// buffers (Workspace) that all arithmetic runs in. Part of the CPU kernels (forward.cpp,
+// backward.cpp), compiled once per instruction set into namespace gmattn::cpu::GMATTN_ISA.
+//
+// Layout of the work. Each (batch, head) pair walks its sequence in chunks of kChunk rows. A
+// chunk is gathered (any strides, any storage dtype) into contiguous accumulator buffers whose
+// widths (K, D, Dv) are padded with zeros to whole SIMD vectors; all arithmetic runs there on
+// register-tiled products (small_gemm.h); results are scattered back. The causal state (S, z)
+// is carried across chunks; backward recomputes what it needs from the saved responsibilities:
+// causal, with one forward scan (dq) and one reverse scan (dk, dv); bidirectional, with a pass over
+// the queries (dq, and the state gradient) and then one over the keys (dk, dv).
+#pragma once
+
+#ifndef GMATTN_ISA
+#define GMATTN_ISA generic
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <initializer_list>
+#include <type_traits>
+#include <utility>
+
+#include "gmattn/gmattn.h"
+#include "numeric.h"
+#include "simd.h"
+#include "small_gemm.h"
+#include "working_memory.h"
+
+namespace gmattn {
+namespace cpu {
+namespace GMATTN_ISA {
+
+using namespace cpu_detail;
+
+constexpr int64_t kChunk = 64;  // rows per chunk; a multiple of every vector length
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+// Values per 64-byte line: buffers carved into 64-byte aligned parts round each part up to it.
+template <class Acc>
+constexpr int64_t kLine = 64 / sizeof(Acc);
+// The first 64-byte boundary at or after p (buffers are allocated a line longer for it).
+template <class Acc>
+inline Acc* align64(Acc* p) {
+  while (reinterpret_cast<uintptr_t>(p) % 64 != 0) ++p;
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Strided access
+
+template <class T>
+inline T* at(const View& v, int64_t i0, int64_t i1, int64_t i2 = 0, int64_t i3 = 0) {
+  return static_cast<T*>(v.data) + i0 * v.stride[0] + i1 * v.stride[1] + i2 * v.stride[2] + i3 * v.stride[3];
+}
+
+// A block of n rows and `cols` columns of a strided tensor: element (r, c) at base[r * rs + c * cs]
+// (strides in elements, any sign, zero allowed). It is walked along whichever axis lies closer
+// together in memory: along each row when its columns are adjacent or at least as close as the
+// rows (the (B, N, H, D) layout and its permutations with D innermost), else down each column (D
+// not innermost: a Fortran-order array, D the outermost axis), so that every cache line is used
+// up before the next one is read, whatever the layout.
+template <class T>
+struct Block {
+  T* base;
+  int64_t rs, cs;
+  bool by_rows() const { return cs == 1 || std::abs(cs) <= std::abs(rs); }
+};
+template <class T>
+inline Block<const T> input_rows(const View& x, int64_t b, int64_t h, int64_t row0) {  // x[b, row0 + r, h, c]
+  return {at<const T>(x, b, row0, h), x.stride[1], x.stride[3]};
+}
+template <class T>
+inline Block<T> output_rows(const View& x, int64_t b, int64_t h, int64_t row0) {
+  return {at<T>(x, b, row0, h), x.stride[1], x.stride[3]};
+}
+
+// dst (rows_total x ld) <- the block's n x cols values; zeros elsewhere.
+template <class T, class Acc>
+void gather(Block<const T> x, int64_t n, int64_t cols, Acc* dst, int64_t ld, int64_t rows_total) {
+  if (x.cs == 1) {
+    for (int64_t r = 0; r < n; ++r) {
+      const T* src = x.base + r * x.rs;
+      Acc* d = dst + r * ld;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) d[c] = load_as<Acc>(src[c]);
+    }
+  } else if (x.by_rows()) {
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t c = 0; c < cols; ++c) dst[r * ld + c] = load_as<Acc>(x.base[r * x.rs + c * x.cs]);
+    }
+  } else {
+    for (int64_t c = 0; c < cols; ++c) {
+      for (int64_t r = 0; r < n; ++r) dst[r * ld + c] = load_as<Acc>(x.base[r * x.rs + c * x.cs]);
+    }
+  }
+  for (int64_t r = 0; r < n; ++r) std::fill(dst + r * ld + cols, dst + (r + 1) * ld, Acc(0));
+  if (rows_total > n) std::fill(dst + n * ld, dst + rows_total * ld, Acc(0));
+}
+
+// The block's n x cols values <- src (n x ld).
+template <class T, class Acc>
+void scatter(Block<T> y, int64_t n, int64_t cols, const Acc* src, int64_t ld) {
+  if (y.cs == 1) {
+    for (int64_t r = 0; r < n; ++r) {
+      T* d = y.base + r * y.rs;
+      const Acc* s = src + r * ld;
+      if constexpr (std::is_same_v<T, Acc>) {
+        stream_copy(d, s, cols);
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) d[c] = store_as<T>(s[c]);
+      }
+    }
+  } else if (y.by_rows()) {
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t c = 0; c < cols; ++c) y.base[r * y.rs + c * y.cs] = store_as<T>(src[r * ld + c]);
+    }
+  } else {
+    for (int64_t c = 0; c < cols; ++c) {
+      for (int64_t r = 0; r < n; ++r) y.base[r * y.rs + c * y.cs] = store_as<T>(src[r * ld + c]);
+    }
+  }
+}
+
+// dst (rows_total x ld) <- x[b, row0 + r, h, 0:cols] for r < n; zeros elsewhere.
+template <class T, class Acc>
+void gather_rows(const View& x, int64_t b, int64_t h, int64_t row0, int64_t n, int64_t cols, Acc* dst, int64_t ld,
+                 int64_t rows_total) {
+  gather<T, Acc>(input_rows<T>(x, b, h, row0), n, cols, dst, ld, rows_total);
+}
+template <class T, class Acc>
+void scatter_rows(const View& y, int64_t b, int64_t h, int64_t row0, int64_t n, int64_t cols, const Acc* src,
+                  int64_t ld) {
+  scatter<T, Acc>(output_rows<T>(y, b, h, row0), n, cols, src, ld);
+}
+
+// A (B, H, N, cols) accumulator-typed view: rows [row0, row0+n) of (b, h) in or out.
+template <class Acc>
+void read_saved(const View& x, int64_t b, int64_t h, int64_t row0, int64_t n, int64_t cols, Acc* dst, int64_t ld,
+                int64_t rows_total) {
+  gather<Acc, Acc>({at<const Acc>(x, b, h, row0), x.stride[2], x.stride[3]}, n, cols, dst, ld, rows_total);
+}
+template <class Acc>
+void write_saved(const View& x, int64_t b, int64_t h, int64_t row0, int64_t n, int64_t cols, const Acc* src,
+                 int64_t ld) {
+  scatter<Acc, Acc>({at<Acc>(x, b, h, row0), x.stride[2], x.stride[3]}, n, cols, src, ld);
+}
+// den is (B, H, N).
+template <class Acc>
+void read_den(const View& x, int64_t b, int64_t h, int64_t row0, int64_t n, Acc* dst) {
+  for (int64_t r = 0; r < n; ++r) dst[r] = *at<const Acc>(x, b, h, row0 + r);
+}
+template <class Acc>
+void write_den(const View& x, int64_t b, int64_t h, int64_t row0, int64_t n, const Acc* src) {
+  for (int64_t r = 0; r < n; ++r) *at<Acc>(x, b, h, row0 + r) = src[r];
+}
+
+// State (B, H, K, Dv) / (B, H, K) in and out of a Kp x Dvp / Kp buffer (zero padded); an absent
+// tensor reads as zeros (S and z are independent: autograd may hand a gradient for one only).
+template <class Acc>
+void read_state(const View& S, const View& z, int64_t b, int64_t h, int64_t K, int64_t Dv, int64_t Kp, int64_t Dvp,
+                Acc* S_buf, Acc* z_buf) {
+  std::fill(S_buf, S_buf + Kp * Dvp, Acc(0));
+  std::fill(z_buf, z_buf + Kp, Acc(0));
+  for (int64_t k = 0; k < K; ++k) {
+    if (S.present()) {
+      for (int64_t e = 0; e < Dv; ++e) S_buf[k * Dvp + e] = *at<const Acc>(S, b, h, k, e);
+    }
+    if (z.present()) z_buf[k] = *at<const Acc>(z, b, h, k);
+  }
+}
+template <class Acc>
+void write_state(const View& S, const View& z, int64_t b, int64_t h, int64_t K, int64_t Dv, int64_t Dvp,
+                 const Acc* S_buf, const Acc* z_buf) {
+  if (!S.present()) return;
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t e = 0; e < Dv; ++e) *at<Acc>(S, b, h, k, e) = S_buf[k * Dvp + e];
+    *at<Acc>(z, b, h, k) = z_buf[k];
+  }
+}
+
+// Rows of up to four inputs to fetch into cache ahead of use: the next chunk of the same (b, h),
+// requested while this chunk computes. The rows of a head are strided by H * D elements, a walk
+// the hardware prefetchers do not run ahead of, so a chunk's gather would otherwise wait on
+// memory; the requests are spread over the compute (a few rows at a time) so that they never
+// queue up behind each other. A block is requested line by line along the axis its gather walks
+// (Block::by_rows): each of its lines once, whatever the layout (walking a row of a Fortran-order
+// array in 64-byte steps would request everything between its first and last element).
+struct Ahead {
+  static constexpr int kStreams = 4;
+  // Per stream, in bytes: `outer` walks of `inner` requests each, walk o starting at
+  // first + o * outer_step, its requests `step` apart.
+  const char* first[kStreams] = {};
+  int64_t outer[kStreams] = {}, outer_step[kStreams] = {}, inner[kStreams] = {}, step[kStreams] = {};
+  int64_t rows = 0;
+  // Rows [row0, row0 + C) of x[b, :, h, 0:cols] (element type T) for each (x, cols) in
+  // `inputs`, clipped to the sequence (N rows); nothing when row0 is outside it.
+  template <class T>
+  static Ahead of(std::initializer_list<std::pair<const View*, int64_t>> inputs, int64_t b, int64_t h, int64_t row0,
+                  int64_t N, int64_t C) {
+    Ahead ah;
+    if (row0 < 0 || row0 >= N) return ah;
+    ah.rows = std::min(C, N - row0);
+    int i = 0;
+    for (const auto& [x, cols] : inputs) {
+      if (i == kStreams) break;
+      if (cols == 0) continue;  // not read
+      const Block<const T> blk = input_rows<T>(*x, b, h, row0);
+      const bool by_rows = blk.by_rows();
+      constexpr int64_t size = sizeof(T);
+      const int64_t outer_n = by_rows ? ah.rows : cols, inner_n = by_rows ? cols : ah.rows;
+      const int64_t outer_s = (by_rows ? blk.rs : blk.cs) * size, inner_s = (by_rows ? blk.cs : blk.rs) * size;
+      // A walk's lowest byte and its extent; adjacent elements (at most a line apart) are
+      // requested a line at a time from the walk's first line, far apart ones one by one.
+      const char* lo = reinterpret_cast<const char*>(blk.base) + std::min<int64_t>(0, (inner_n - 1) * inner_s);
+      const int64_t span = (inner_n - 1) * std::abs(inner_s) + size;
+      if (std::abs(inner_s) <= 64) {
+        const int64_t skip = static_cast<int64_t>(reinterpret_cast<uintptr_t>(lo) % 64);
+        ah.first[i] = lo - skip;
+        ah.inner[i] = (span + skip + 63) / 64;
+        ah.step[i] = 64;
+      } else {
+        ah.first[i] = lo;
+        ah.inner[i] = inner_n;
+        ah.step[i] = std::abs(inner_s);
+      }
+      ah.outer[i] = outer_n;
+      ah.outer_step[i] = outer_s;
+      ++i;
+    }
+    return ah;
+  }
+  // Part `part` of `parts` equal parts of the rows.
+  __attribute__((always_inline)) inline void fetch_part(int64_t part, int64_t parts) const {
+    fetch(part * rows / parts, (part + 1) * rows / parts);
+  }
+  // Requests rows [r0, r1) of every stream (for a stream walked down its columns: the same share
+  // of its columns). Always inlined: as a call, GCC's IPA pass finds the function free of side
+  // effects (a prefetch has none, formally) and deletes the call.
+  __attribute__((always_inline)) inline void fetch(int64_t r0, int64_t r1) const {
+    r1 = std::min(r1, rows);
+    if (r0 >= r1) return;
+    for (int i = 0; i < kStreams; ++i) {
+      if (first[i] == nullptr) continue;
+      const int64_t o0 = r0 * outer[i] / rows, o1 = r1 * outer[i] / rows;
+      for (int64_t o = o0; o < o1; ++o) {
+        const char* walk = first[i] + o * outer_step[i];
+        for (int64_t j = 0; j < inner[i]; ++j) __builtin_prefetch(walk + j * step[i], 0, 2);
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Shapes and per-thread buffers
+
+struct Shape {
+  int64_t B, N, H, K, D, Dv;
+  int64_t Kp, Dp, Dvp;  // padded to whole vectors
+  int64_t C = kChunk;
+  int64_t nchunks;
+  template <class Acc>
+  static Shape make(const Dims& d) {
+    constexpr int W = Simd<Acc>::W;
+    Shape s;
+    s.B = d.B; s.N = d.N; s.H = d.H; s.K = d.K; s.D = d.D; s.Dv = d.Dv;
+    s.Kp = round_up(d.K, W);
+    s.Dp = round_up(d.D, W);
+    s.Dvp = round_up(d.Dv, W);
+    s.nchunks = (d.N + kChunk - 1) / kChunk;
+    return s;
+  }
+  // Where chunk c of (batch, head) pair `pair` (= b * H + h) lies: b, h, its first row, its rows.
+  struct ChunkAt {
+    int64_t b, h, row0, n;
+  };
+  ChunkAt chunk_at(int64_t pair, int64_t c) const { return {pair / H, pair % H, c * C, std::min(C, N - c * C)}; }
+};
+
+template <class Acc>
+struct Workspace {
+  Acc *xq, *xk, *xc, *xn, *cen, *bT, *mk;  // C x Dp (x3), C, Dp, Dp x Kp, Kp
+  Acc *v, *o, *g, *num, *dnum, *vT;        // C x Dvp (x5), Dvp x C
+  Acc *gq, *gk, *gkT, *dgq, *dgk;          // C x Kp (x2), Kp x C, C x Kp (x2)
+  Acc *A, *Bm;                             // C x C
+  Acc *den, *dden;                         // C
+  Acc *delta, *ST, *dST;                   // one chunk's state sums (Kp x Dvp + Kp), Dvp x Kp (x2)
+  Acc *psum;                               // one chunk's parameter-gradient sums (ParamSums::size)
+  Acc* dx;                                 // C x Dp
+  uint8_t keep[kChunk];
+  Buffer<Acc> storage;
+  // Per-lane running states of the task being run, each with its compensation (see
+  // accumulate_state): group x 2 (Kp x Dvp + Kp); transposed states, group x Dvp x Kp.
+  Buffer<Acc> lstate, ldstate, lST, ldST;
+
+  Workspace(const Shape& s, int64_t group) {
+    const int64_t SS = s.Kp * s.Dvp;
+    lstate.assign(group * 2 * (SS + s.Kp), Acc(0));
+    ldstate.assign(group * 2 * (SS + s.Kp), Acc(0));
+    lST.assign(group * SS, Acc(0));
+    ldST.assign(group * SS, Acc(0));
+    const int64_t C = s.C, Kp = s.Kp, Dp = s.Dp, Dvp = s.Dvp;
+    const int64_t sizes[] = {C * Dp,  C * Dp,  C * Dp,  C,       Dp,      Dp * Kp,      Kp,       C * Dvp,
+                             C * Dvp, C * Dvp, C * Dvp, C * Dvp, Dvp * C, C * Kp,       C * Kp,   Kp * C,
+                             C * Kp,  C * Kp,  C * C,   C * C,   C,       C,            SS + Kp,  Dvp * Kp,
+                             Dvp * Kp, 2 * Kp * Dp + Kp, C * Dp};
+    Acc** slots[] = {&xq, &xk, &xc, &xn, &cen, &bT, &mk, &v, &o, &g, &num, &dnum, &vT, &gq, &gk, &gkT, &dgq,
+                     &dgk, &A, &Bm, &den, &dden, &delta, &ST, &dST, &psum, &dx};
+    static_assert(sizeof(sizes) / sizeof(sizes[0]) == sizeof(slots) / sizeof(slots[0]), "workspace slots");
+    int64_t total = kLine<Acc>;
+    for (int64_t sz : sizes) total += round_up(sz, kLine<Acc>);
+    storage.assign(total, Acc(0));
+    Acc* base = align64(storage.data());
+    int64_t off = 0;
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); ++i) {
+      *slots[i] = base + off;
+      off += round_up(sizes[i], kLine<Acc>);
+    }
+  }
+};
+
+// keep[r] for rows [row0, row0+n) of batch b; nullptr when there is no mask.
+inline const uint8_t* mask_rows(const View& mask, int64_t b, int64_t row0, int64_t n, uint8_t* buf) {
+  if (!mask.present()) return nullptr;
+  for (int64_t r = 0; r < n; ++r) buf[r] = *at<const uint8_t>(mask, b, row0 + r) != 0;
+  return buf;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chunk arithmetic shared by forward and backward
+
+// Zero the strict upper triangle of the first n rows of a C x C block.
+template <class Acc>
+void keep_lower(Acc* a, int64_t n, int64_t C) {
+  for (int64_t i = 0; i < n; ++i) std::fill(a + i * C + i + 1, a + i * C + C, Acc(0));
+}
+
+template <class Acc>
+inline Acc row_sum(const Acc* a, int64_t n) {
+  Acc r = 0;
+#pragma omp simd reduction(+ : r)
+  for (int64_t j = 0; j < n; ++j) r += a[j];
+  return r;
+}
+
+template <class Acc>
+inline Acc dot(const Acc* a, const Acc* b, int64_t n) {
+  using V = VecT<Acc>;
+  constexpr int W = Simd<Acc>::W;
+  V acc{};
+  for (int64_t i = 0; i < n; i += W) acc += loadu(a + i) * loadu(b + i);
+  return hsum<Acc>(acc);
+}
+
+}  // namespace GMATTN_ISA
+}  // namespace cpu
+}  // namespace gmattn
