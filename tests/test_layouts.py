@@ -4,6 +4,7 @@ speed of the contiguous layout (the layouts are those of benchmarks/layouts.py).
 from __future__ import annotations
 
 import importlib.util
+import json
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from gmattn import numpy_ops
+from gmattn.testing import UNDER_ADDRESS_SANITIZER
 
 _spec = importlib.util.spec_from_file_location(
     "gmattn_bench_layouts", Path(__file__).resolve().parents[1] / "benchmarks" / "layouts.py")
@@ -76,6 +78,7 @@ def _best_cpu_times(calls, rounds):
     return best
 
 
+@pytest.mark.skipif(UNDER_ADDRESS_SANITIZER, reason="times the kernels, which AddressSanitizer distorts")
 @pytest.mark.parametrize("backward", [False, True])
 def test_d_outermost_runs_at_contiguous_speed(backward):
     """D as the outermost axis (Fortran order) must not fall off a cliff: reading a row of it once
@@ -91,3 +94,16 @@ def test_d_outermost_runs_at_contiguous_speed(backward):
     best = _best_cpu_times(calls, rounds=7)
     ratio = best["fortran"] / best["contiguous"]
     assert ratio < 3.0, f"Fortran-order inputs took {ratio:.1f}x the contiguous time ({best})"
+
+
+def test_layouts_benchmark_writes_every_ratio(tmp_path):
+    out = tmp_path / "layouts.json"
+    assert layouts.main(["--n", "130", "--rounds", "1", "--heads", "1", "--dim", "8", "--components", "4",
+                         "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["config"]["layouts"] == list(layouts.LAYOUTS)
+    assert {(c["backward"], c["causal"]) for c in data["cases"]} == {(b, c) for b in (False, True) for c in (False, True)}
+    for case in data["cases"]:
+        assert case["N"] == 130 and case["contiguous_ms"] > 0
+        assert set(case["ratios"]) == set(OTHER_LAYOUTS) and all(r > 0 for r in case["ratios"].values())
+    assert data["worst_ratio"] == max(r for c in data["cases"] for r in c["ratios"].values())

@@ -5,25 +5,16 @@
 // the queries (dq, and the state gradient) and then one over the keys (dk, dv). Every chunk ends
 // in the backward through its responsibilities (mixture.h), whose parameter sums are reduced to
 // the gradients of mu, omega and alpha at the end.
-#ifndef GMATTN_ISA
-#define GMATTN_ISA generic
-#endif
-
 #include <omp.h>
 
-#include <algorithm>
-#include <cstdint>
 #include <vector>
 
 #include "mixture.h"
 #include "plan.h"
-#include "rows.h"
 
 namespace gmattn {
 namespace cpu {
-namespace GMATTN_ISA {
-
-using namespace cpu_detail;
+namespace GMATTN_ISA {  // (rows.h: the ISA name, and cpu_detail in scope)
 
 template <class T, class Acc>
 class Backward {

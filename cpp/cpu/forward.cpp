@@ -2,24 +2,14 @@
 // gmattn::cpu::GMATTN_ISA; dispatch.cpp picks one at run time. Per chunk: the keys' and queries'
 // responsibilities (mixture.h), the read of the state before the chunk and, causal, of the chunk
 // itself; the state moves on (plan.h).
-#ifndef GMATTN_ISA
-#define GMATTN_ISA generic
-#endif
-
 #include <omp.h>
-
-#include <algorithm>
-#include <cstdint>
 
 #include "mixture.h"
 #include "plan.h"
-#include "rows.h"
 
 namespace gmattn {
 namespace cpu {
-namespace GMATTN_ISA {
-
-using namespace cpu_detail;
+namespace GMATTN_ISA {  // (rows.h: the ISA name, and cpu_detail in scope)
 
 template <class T, class Acc>
 void forward_typed(const ForwardArgs& a) {

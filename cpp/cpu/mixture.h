@@ -15,15 +15,8 @@
 // per-element check.
 #pragma once
 
-#ifndef GMATTN_ISA
-#define GMATTN_ISA generic
-#endif
-
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
-#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -31,9 +24,7 @@
 
 namespace gmattn {
 namespace cpu {
-namespace GMATTN_ISA {
-
-using namespace cpu_detail;
+namespace GMATTN_ISA {  // (rows.h: the ISA name, and cpu_detail in scope)
 
 #if GMATTN_VECTOR_BYTES >= 64
 constexpr int kQuadMR = 4, kQuadNV = 4;  // responsibilities tile

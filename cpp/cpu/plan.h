@@ -14,27 +14,18 @@
 // bit-identical results run to run at a fixed thread count (causal: at any thread count).
 #pragma once
 
-#ifndef GMATTN_ISA
-#define GMATTN_ISA generic
-#endif
-
 #include <omp.h>
 
-#include <algorithm>
 #include <atomic>
-#include <cstdint>
 #include <memory>
 #include <mutex>
 #include <thread>
-#include <vector>
 
 #include "rows.h"
 
 namespace gmattn {
 namespace cpu {
-namespace GMATTN_ISA {
-
-using namespace cpu_detail;
+namespace GMATTN_ISA {  // (rows.h: the ISA name, and cpu_detail in scope)
 
 constexpr int64_t kRelayChunks = 4;  // chunks per task of a relay (see Relay)
 

@@ -5,11 +5,6 @@
 // caller.
 #pragma once
 
-#ifndef GMATTN_ISA
-#define GMATTN_ISA generic
-#endif
-
-#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
@@ -18,6 +13,10 @@
 #include <string>
 #include <utility>
 #include <vector>
+
+#ifndef GMATTN_ISA
+#define GMATTN_ISA generic
+#endif
 
 namespace gmattn {
 namespace cpu_detail {
