@@ -12,12 +12,15 @@ Layouts (every one holds the same values; the kernels take any strides the bindi
 The problem's batch rows are equal, so that the broadcast layout holds the same values as the
 others. For each case (forward or forward+backward, causal or bidirectional, N) the layouts run
 round-robin (one call each per round, after a warm-up), and each ratio is the median of the
-layout's times over the median of the contiguous ones. Forward: the core's forward on NumPy
+layout's times over the median of the contiguous ones. With one thread (the default) the time is
+the calling thread's CPU time (time.thread_time: the kernels run on that thread, and a stretch
+descheduled on a busy machine does not count); with more threads, wall time. Forward: the core's forward on NumPy
 arrays (gmattn.numpy_ops.host_forward); forward+backward: the forward saving what backward needs,
 then the backward with an output gradient in the same layout as q, k, v.
 
     python benchmarks/layouts.py                        # B=2, H=2, D=Dv=K=64, N=1024,4096, 1 thread
     python benchmarks/layouts.py --n 256 --rounds 3     # quick
+    python benchmarks/layouts.py --threads 2            # wall time
     python benchmarks/layouts.py --out /tmp/layouts.json
 
 Writes JSON (default benchmarks/results/layouts.json): the configuration, and per case the
@@ -27,27 +30,18 @@ contiguous median (ms) and every layout's ratio.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
 import sys
-from typing import Callable, Dict
+import time
+from typing import Callable, Dict, List
 
 import numpy as np
 
 from gmattn import numpy_ops
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _run_cell():
-    """benchmarks/cpu.py's round-robin timer."""
-    spec = importlib.util.spec_from_file_location("gmattn_bench_cpu", os.path.join(_HERE, "cpu.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.run_cell
-
 
 def _reversed(x: np.ndarray) -> np.ndarray:
     every_axis = (slice(None, None, -1),) * x.ndim
@@ -88,6 +82,20 @@ def gma_call(q, k, v, dout, mu, omega, alpha, *, causal: bool, backward: bool, t
     return (out,) + grads[:6]
 
 
+def round_robin(calls: Dict[str, Callable[[], object]], rounds: int, clock) -> Dict[str, List[float]]:
+    """Each callable's times, one call a round, the callables interleaved, after a warm-up call each.
+    clock: time.perf_counter (wall time) or time.thread_time (the calling thread's CPU time)."""
+    for call in calls.values():
+        call()
+    times: Dict[str, List[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            t0 = clock()
+            call()
+            times[name].append(clock() - t0)
+    return times
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", default="1024,4096", help="sequence lengths, comma separated")
@@ -99,11 +107,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--out", default=os.path.join(_HERE, "results", "layouts.json"))
     args = ap.parse_args(argv)
-    run_cell = _run_cell()
+    clock_name = "thread CPU time" if args.threads == 1 else "wall time"
+    clock = time.thread_time if args.threads == 1 else time.perf_counter
     config = dict(B=args.batch, H=args.heads, D=args.dim, Dv=args.dim, K=args.components, threads=args.threads,
-                  rounds=args.rounds, dtype="float32", layouts=list(LAYOUTS))
+                  rounds=args.rounds, dtype="float32", clock=clock_name, layouts=list(LAYOUTS))
     print(f"B={args.batch} H={args.heads} D=Dv={args.dim} K={args.components} float32, {args.threads} thread(s), "
-          f"medians of {args.rounds} round-robin rounds; time / contiguous time")
+          f"{clock_name}, medians of {args.rounds} round-robin rounds; time / contiguous time")
     print(f"{'case':<28}{'contiguous':>12}" + "".join(f"{name:>12}" for name in LAYOUTS if name != "contiguous"))
     cases = []
     for n in (int(x) for x in args.n.split(",")):
@@ -115,7 +124,7 @@ def main(argv=None) -> int:
                     arrays = [layout(x) for x in (q, k, v, dout)]
                     calls[name] = (lambda a=arrays: gma_call(*a, mu, omega, alpha, causal=causal, backward=backward,
                                                             threads=args.threads))
-                times = run_cell(calls, args.rounds)
+                times = round_robin(calls, args.rounds, clock)
                 medians = {name: statistics.median(t) for name, t in times.items()}
                 base = medians["contiguous"]
                 case = dict(N=n, backward=backward, causal=causal, contiguous_ms=1e3 * base,

@@ -64,20 +64,6 @@ def test_saved_tensors_in_any_layout(causal):
     _assert_same(grads(layouts.LAYOUTS["negative"]), want)
 
 
-def _best_cpu_times(calls, rounds):
-    """Each call's least CPU time of the calling thread over interleaved rounds (the kernels run
-    on it with one thread): a stretch descheduled on a busy machine does not count."""
-    best = {name: float("inf") for name in calls}
-    for name, call in calls.items():  # warm-up
-        call()
-    for _ in range(rounds):
-        for name, call in calls.items():
-            t0 = time.thread_time()
-            call()
-            best[name] = min(best[name], time.thread_time() - t0)
-    return best
-
-
 @pytest.mark.skipif(UNDER_ADDRESS_SANITIZER, reason="times the kernels, which AddressSanitizer distorts")
 @pytest.mark.parametrize("backward", [False, True])
 def test_d_outermost_runs_at_contiguous_speed(backward):
@@ -91,7 +77,9 @@ def test_d_outermost_runs_at_contiguous_speed(backward):
         arrays = [layouts.LAYOUTS[name](x) for x in (q, k, v, dout)]
         calls[name] = (lambda a=arrays: layouts.gma_call(*a, mu, omega, alpha, causal=True, backward=backward,
                                                         threads=1))
-    best = _best_cpu_times(calls, rounds=7)
+    # Each layout's least CPU time of the calling thread (the kernels run on it with one thread): a
+    # stretch descheduled on a busy machine does not count.
+    best = {name: min(t) for name, t in layouts.round_robin(calls, 7, time.thread_time).items()}
     ratio = best["fortran"] / best["contiguous"]
     assert ratio < 3.0, f"Fortran-order inputs took {ratio:.1f}x the contiguous time ({best})"
 
