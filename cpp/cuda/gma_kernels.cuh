@@ -1276,26 +1276,51 @@ inline unsigned grid_size(int64_t blocks, const char* what) {
   return (unsigned)blocks;
 }
 
-// One cudaMallocAsync carved into 256-byte aligned pieces.
-class Workspace {
+// The pieces of a call's workspace: offsets into one block, each 256-byte aligned.
+class WorkspaceLayout {
  public:
-  explicit Workspace(cudaStream_t stream) : stream_(stream) {}
-  ~Workspace() {
-    try {
-      free_async(base_, stream_);
-    } catch (...) {
-    }
-  }
-  Workspace(const Workspace&) = delete;
-  Workspace& operator=(const Workspace&) = delete;
-  // Reserve `count` elements; returns the offset (the pointer comes after allocate()).
+  static constexpr size_t kAlign = 256;
+  // Reserve `count` elements; returns the offset (the pointer comes from WorkspaceMemory::at).
   template <class E>
   size_t reserve(int64_t count) {
     const size_t off = size_;
-    size_ += ((size_t)count * sizeof(E) + 255) & ~size_t(255);
+    size_ += ((size_t)count * sizeof(E) + kAlign - 1) & ~(kAlign - 1);
     return off;
   }
-  void allocate() { base_ = static_cast<unsigned char*>(malloc_async(size_, stream_)); }
+  size_t size() const { return size_; }
+  // What a caller's block must hold: the pieces plus room to align its start.
+  size_t bytes_needed() const { return size_ == 0 ? 0 : size_ + kAlign - 1; }
+
+ private:
+  size_t size_ = 0;
+};
+
+// The workspace of one call: the caller's block (Options::workspace) when given, else one
+// stream-ordered allocation freed (stream-ordered) when the call returns.
+class WorkspaceMemory {
+ public:
+  WorkspaceMemory(const WorkspaceLayout& layout, const Options& opt)
+      : stream_(static_cast<cudaStream_t>(opt.stream)) {
+    if (layout.size() == 0) return;
+    if (opt.workspace != nullptr) {
+      require(opt.workspace_bytes >= layout.bytes_needed(),
+              "the workspace has " + std::to_string(opt.workspace_bytes) + " bytes, the call needs " +
+                  std::to_string(layout.bytes_needed()));
+      const uintptr_t p = reinterpret_cast<uintptr_t>(opt.workspace);
+      base_ = reinterpret_cast<unsigned char*>((p + WorkspaceLayout::kAlign - 1) & ~(WorkspaceLayout::kAlign - 1));
+    } else {
+      owned_ = static_cast<unsigned char*>(malloc_async(layout.size(), stream_));
+      base_ = owned_;
+    }
+  }
+  ~WorkspaceMemory() {
+    try {
+      free_async(owned_, stream_);
+    } catch (...) {
+    }
+  }
+  WorkspaceMemory(const WorkspaceMemory&) = delete;
+  WorkspaceMemory& operator=(const WorkspaceMemory&) = delete;
   template <class E>
   E* at(size_t offset) const {
     return reinterpret_cast<E*>(base_ + offset);
@@ -1303,7 +1328,7 @@ class Workspace {
 
  private:
   cudaStream_t stream_;
-  size_t size_ = 0;
+  unsigned char* owned_ = nullptr;
   unsigned char* base_ = nullptr;
 };
 
@@ -1490,6 +1515,38 @@ inline DView<const T> responsibilities_view(const View& saved, const T* ws, cons
   return v;
 }
 
+// The sizes a forward call chooses and its workspace layout (accumulator dtype T).
+template <class T>
+struct ForwardPlan {
+  ChunkGeometry g;
+  bool save = false;      // gq, gk, den are the caller's (saved for backward)
+  bool need_seg = false;  // segment states (causal, several segments) or the total (bidirectional)
+  WorkspaceLayout ws;
+  size_t o_lam = 0, o_mu = 0, o_logc = 0, o_gq = 0, o_gk = 0, o_Sseg = 0, o_zseg = 0;
+};
+
+template <class T>
+ForwardPlan<T> plan_forward(const ForwardArgs& a, const DeviceInfo& dev) {
+  const Dims& d = a.dims;
+  ForwardPlan<T> p;
+  p.g = choose_geometry<T, FwdChunkSmem<T>>(d, dev);
+  p.save = a.gq.present();
+  // Causal with one segment per (b, h) streams the state from S0; otherwise segment states
+  // (causal) or the total state (bidirectional) are computed first.
+  p.need_seg = !a.opt.causal || p.g.P > 1;
+  WorkspaceLayout& ws = p.ws;
+  p.o_lam = ws.reserve<T>(d.H * d.K * d.D);
+  p.o_mu = ws.reserve<T>(d.H * d.K * d.D);
+  p.o_logc = ws.reserve<T>(d.H * d.K);
+  const int64_t bhnk = d.B * d.H * d.N * d.K;
+  p.o_gq = p.save ? 0 : ws.reserve<T>(bhnk);
+  p.o_gk = p.save ? 0 : ws.reserve<T>(bhnk);
+  const int64_t seg_count = p.need_seg ? d.B * d.H * p.g.P : 0;
+  p.o_Sseg = ws.reserve<T>(seg_count * d.K * d.Dv);
+  p.o_zseg = ws.reserve<T>(seg_count * d.K);
+  return p;
+}
+
 template <class S>
 void forward_impl(const ForwardArgs& a) {
   using T = typename AccumulatorOf<S>::type;
@@ -1498,30 +1555,18 @@ void forward_impl(const ForwardArgs& a) {
   const bool causal = a.opt.causal;
   cudaStream_t stream = static_cast<cudaStream_t>(a.opt.stream);
   const DeviceInfo dev = device_info();
-  const ChunkGeometry g = choose_geometry<T, FwdChunkSmem<T>>(d, dev);
-  const bool save = a.gq.present();
-  // Causal with one segment per (b, h) streams the state from S0; otherwise segment states
-  // (causal) or the total state (bidirectional) are computed first.
-  const bool need_seg = !causal || g.P > 1;
+  const ForwardPlan<T> plan = plan_forward<T>(a, dev);
+  const ChunkGeometry& g = plan.g;
+  const bool save = plan.save, need_seg = plan.need_seg;
 
-  Workspace ws(stream);
-  const size_t o_lam = ws.reserve<T>(d.H * d.K * d.D);
-  const size_t o_mu = ws.reserve<T>(d.H * d.K * d.D);
-  const size_t o_logc = ws.reserve<T>(d.H * d.K);
-  const int64_t bhnk = d.B * d.H * d.N * d.K;
-  const size_t o_gq = save ? 0 : ws.reserve<T>(bhnk);
-  const size_t o_gk = save ? 0 : ws.reserve<T>(bhnk);
-  const int64_t seg_count = need_seg ? d.B * d.H * g.P : 0;
-  const size_t o_Sseg = ws.reserve<T>(seg_count * d.K * d.Dv);
-  const size_t o_zseg = ws.reserve<T>(seg_count * d.K);
-  ws.allocate();
-  T* lam = ws.at<T>(o_lam);
-  T* mu_c = ws.at<T>(o_mu);
-  T* logc = ws.at<T>(o_logc);
-  T* gq_ws = save ? nullptr : ws.at<T>(o_gq);
-  T* gk_ws = save ? nullptr : ws.at<T>(o_gk);
-  T* S_seg = ws.at<T>(o_Sseg);
-  T* z_seg = ws.at<T>(o_zseg);
+  WorkspaceMemory ws(plan.ws, a.opt);
+  T* lam = ws.at<T>(plan.o_lam);
+  T* mu_c = ws.at<T>(plan.o_mu);
+  T* logc = ws.at<T>(plan.o_logc);
+  T* gq_ws = save ? nullptr : ws.at<T>(plan.o_gq);
+  T* gk_ws = save ? nullptr : ws.at<T>(plan.o_gk);
+  T* S_seg = ws.at<T>(plan.o_Sseg);
+  T* z_seg = ws.at<T>(plan.o_zseg);
 
   launch_prep<T>(a.mu, a.omega, a.alpha, d, (T)a.opt.sigma_eps, lam, mu_c, logc, stream);
   launch_responsibilities<S, T>(a.q, View{}, gq_ws, a.gq, d, dev, lam, mu_c, logc, stream);
@@ -1556,6 +1601,71 @@ void forward_impl(const ForwardArgs& a) {
     launch("gmattn forward_chunk", forward_chunk_kernel<S, T, false, TC>, blocks, kThreads, smem, stream, fp);
 }
 
+// The sizes a backward call chooses and its workspace layout (accumulator dtype T).
+template <class T>
+struct BackwardPlan {
+  ChunkGeometry g;
+  bool need_seg = false;
+  int Kp = 0;
+  int R = 0, DT = 0;  // row tile and D step of responsibilities_bwd
+  int64_t row_tiles = 0;
+  int groups = 0;     // responsibilities_bwd blocks per (head, path)
+  int slots_per_head = 0;
+  int64_t slot_size = 0, slots_elems = 0, slice_stride = 0;
+  WorkspaceLayout ws;
+  size_t o_lam = 0, o_mu = 0, o_logc = 0, o_dden = 0, o_fS = 0, o_fz = 0, o_bS = 0, o_bz = 0, o_dGq = 0,
+         o_dGk = 0, o_slots = 0;
+};
+
+template <class T>
+BackwardPlan<T> plan_backward(const BackwardArgs& a, const DeviceInfo& dev) {
+  const Dims& d = a.dims;
+  BackwardPlan<T> p;
+  p.g = choose_geometry<T, BwdChunkSmem<T>>(d, dev);
+  p.need_seg = !a.opt.causal || p.g.P > 1;
+
+  // Row tile and D step of responsibilities_bwd: the largest that fit the shared memory.
+  p.Kp = round_up16(d.K);
+  {
+    const int rows_max = std::min(64, responsibility_rows(p.Kp));
+    static const int dts[] = {32, 16, 8};
+    for (int rows = rows_max; rows >= kMicro && p.R == 0; rows = rows / 2 / kMicro * kMicro)
+      for (int dt : dts) {
+        Carver c;
+        RespBwdSmem<T> layout(c, p.Kp, rows, dt);
+        (void)layout;
+        if (c.offset + 128 <= (size_t)dev.max_smem_optin) {
+          p.R = rows;
+          p.DT = dt;
+          break;
+        }
+      }
+  }
+  require(p.R > 0, "K = " + std::to_string(d.K) + " needs more shared memory than this GPU has");
+  p.row_tiles = ceil_div(d.N, p.R);
+  p.groups = (int)std::max<int64_t>(
+      1, std::min<int64_t>(d.B * p.row_tiles, ceil_div(std::max(dev.sm_count, 1), d.H)));
+  p.slots_per_head = a.opt.deterministic ? 2 * p.groups : 1;
+  p.slot_size = d.K + 2 * d.K * d.D;
+
+  WorkspaceLayout& ws = p.ws;
+  p.o_lam = ws.reserve<T>(d.H * d.K * d.D);
+  p.o_mu = ws.reserve<T>(d.H * d.K * d.D);
+  p.o_logc = ws.reserve<T>(d.H * d.K);
+  p.o_dden = ws.reserve<T>(d.B * d.H * d.N);
+  const int64_t seg_count = p.need_seg ? d.B * d.H * p.g.P : 0;
+  p.o_fS = ws.reserve<T>(seg_count * d.K * d.Dv);
+  p.o_fz = ws.reserve<T>(seg_count * d.K);
+  p.o_bS = ws.reserve<T>(seg_count * d.K * d.Dv);
+  p.o_bz = ws.reserve<T>(seg_count * d.K);
+  p.slice_stride = d.B * d.H * d.N * d.K;
+  p.o_dGq = ws.reserve<T>(p.g.nslices * p.slice_stride);
+  p.o_dGk = ws.reserve<T>(p.g.nslices * p.slice_stride);
+  p.slots_elems = d.H * p.slots_per_head * p.slot_size;
+  p.o_slots = ws.reserve<T>(p.slots_elems);
+  return p;
+}
+
 template <class S>
 void backward_impl(const BackwardArgs& a) {
   using T = typename AccumulatorOf<S>::type;
@@ -1564,61 +1674,25 @@ void backward_impl(const BackwardArgs& a) {
   const bool causal = a.opt.causal;
   cudaStream_t stream = static_cast<cudaStream_t>(a.opt.stream);
   const DeviceInfo dev = device_info();
-  const ChunkGeometry g = choose_geometry<T, BwdChunkSmem<T>>(d, dev);
-  const bool need_seg = !causal || g.P > 1;
+  const BackwardPlan<T> plan = plan_backward<T>(a, dev);
+  const ChunkGeometry& g = plan.g;
+  const bool need_seg = plan.need_seg;
+  const int Kp = plan.Kp, R = plan.R, DT = plan.DT, groups = plan.groups, slots_per_head = plan.slots_per_head;
+  const int64_t row_tiles = plan.row_tiles, slot_size = plan.slot_size, slots_elems = plan.slots_elems;
+  const int64_t slice_stride = plan.slice_stride;
 
-  // Row tile and D step of responsibilities_bwd: the largest that fit the shared memory.
-  const int Kp = round_up16(d.K);
-  int R = 0, DT = 0;
-  {
-    const int rows_max = std::min(64, responsibility_rows(Kp));
-    static const int dts[] = {32, 16, 8};
-    for (int rows = rows_max; rows >= kMicro && R == 0; rows = rows / 2 / kMicro * kMicro)
-      for (int dt : dts) {
-        Carver c;
-        RespBwdSmem<T> layout(c, Kp, rows, dt);
-        (void)layout;
-        if (c.offset + 128 <= (size_t)dev.max_smem_optin) {
-          R = rows;
-          DT = dt;
-          break;
-        }
-      }
-  }
-  require(R > 0, "K = " + std::to_string(d.K) + " needs more shared memory than this GPU has");
-  const int64_t row_tiles = ceil_div(d.N, R);
-  const int groups = (int)std::max<int64_t>(
-      1, std::min<int64_t>(d.B * row_tiles, ceil_div(std::max(dev.sm_count, 1), d.H)));
-  const int slots_per_head = a.opt.deterministic ? 2 * groups : 1;
-  const int64_t slot_size = d.K + 2 * d.K * d.D;
-
-  Workspace ws(stream);
-  const size_t o_lam = ws.reserve<T>(d.H * d.K * d.D);
-  const size_t o_mu = ws.reserve<T>(d.H * d.K * d.D);
-  const size_t o_logc = ws.reserve<T>(d.H * d.K);
-  const size_t o_dden = ws.reserve<T>(d.B * d.H * d.N);
-  const int64_t seg_count = need_seg ? d.B * d.H * g.P : 0;
-  const size_t o_fS = ws.reserve<T>(seg_count * d.K * d.Dv);
-  const size_t o_fz = ws.reserve<T>(seg_count * d.K);
-  const size_t o_bS = ws.reserve<T>(seg_count * d.K * d.Dv);
-  const size_t o_bz = ws.reserve<T>(seg_count * d.K);
-  const int64_t slice_stride = d.B * d.H * d.N * d.K;
-  const size_t o_dGq = ws.reserve<T>(g.nslices * slice_stride);
-  const size_t o_dGk = ws.reserve<T>(g.nslices * slice_stride);
-  const int64_t slots_elems = d.H * slots_per_head * slot_size;
-  const size_t o_slots = ws.reserve<T>(slots_elems);
-  ws.allocate();
-  T* lam = ws.at<T>(o_lam);
-  T* mu_c = ws.at<T>(o_mu);
-  T* logc = ws.at<T>(o_logc);
-  T* dden = ws.at<T>(o_dden);
-  T* fS = ws.at<T>(o_fS);
-  T* fz = ws.at<T>(o_fz);
-  T* bS = ws.at<T>(o_bS);
-  T* bz = ws.at<T>(o_bz);
-  T* dGq = ws.at<T>(o_dGq);
-  T* dGk = ws.at<T>(o_dGk);
-  T* slots = ws.at<T>(o_slots);
+  WorkspaceMemory ws(plan.ws, a.opt);
+  T* lam = ws.at<T>(plan.o_lam);
+  T* mu_c = ws.at<T>(plan.o_mu);
+  T* logc = ws.at<T>(plan.o_logc);
+  T* dden = ws.at<T>(plan.o_dden);
+  T* fS = ws.at<T>(plan.o_fS);
+  T* fz = ws.at<T>(plan.o_fz);
+  T* bS = ws.at<T>(plan.o_bS);
+  T* bz = ws.at<T>(plan.o_bz);
+  T* dGq = ws.at<T>(plan.o_dGq);
+  T* dGk = ws.at<T>(plan.o_dGk);
+  T* slots = ws.at<T>(plan.o_slots);
 
   launch_prep<T>(a.mu, a.omega, a.alpha, d, (T)a.opt.sigma_eps, lam, mu_c, logc, stream);
 
