@@ -121,7 +121,7 @@ B, N, H, K, D, DV = 2, 40, 2, 5, 4, 3
 FORWARD_INPUTS = ("q", "k", "v", "mu", "omega", "alpha", "mask", "S0", "z0")
 
 
-def _problem(seed=0):
+def _problem(seed=0, N=N):
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
@@ -141,9 +141,10 @@ class Caller:
     """Calls the module's forward and backward on fake CUDA arrays of one problem; every array it
     hands over is logged (name, stream asked, current device) when exported."""
 
-    def __init__(self, module, runtime, device=0, seed=0):
-        self.module, self.runtime, self.device = module, runtime, device
-        self.p = _problem(seed)
+    def __init__(self, module, runtime, device=0, seed=0, n=N, dtype=np.float64):
+        """dtype: of every array (float32 inputs keep float32 parameters and state)."""
+        self.module, self.runtime, self.device, self.n, self.dtype = module, runtime, device, n, dtype
+        self.p = _problem(seed, n)
         self.log = []
         self.workspace_requests = []
 
@@ -152,11 +153,11 @@ class Caller:
 
     def arg(self, name, devices=None):
         a = self.p[name].numpy()
-        return self.wrap(name, a.astype(np.uint8) if a.dtype == np.bool_ else a, (devices or {}).get(name))
+        return self.wrap(name, a.astype(np.uint8 if a.dtype == np.bool_ else self.dtype), (devices or {}).get(name))
 
     def output(self, name, shape):
         """An output array filled with NaN (unwritten elements show)."""
-        return self.wrap(name, np.full(shape, np.nan))
+        return self.wrap(name, np.full(shape, np.nan, self.dtype))
 
     def allocator(self, shortfall=0):
         def allocate(nbytes):
@@ -164,15 +165,22 @@ class Caller:
             return self.wrap("workspace", np.full(nbytes - shortfall, 0xFF, np.uint8))
         return allocate
 
-    def forward(self, *, causal, stream=0, allocate_workspace=None, devices=None):
+    def forward(self, *, causal, stream=0, allocate_workspace=None, devices=None, save=True):
+        """save=False: no gq, gk, den (the forward of a call that needs no gradient)."""
+        N = self.n
         outs = dict(out=self.output("out", (B, N, H, DV)), S_final=self.output("S_final", (B, H, K, DV)),
-                    z_final=self.output("z_final", (B, H, K)), gq=self.output("gq", (B, H, N, K)),
-                    gk=self.output("gk", (B, H, N, K)), den=self.output("den", (B, H, N)))
-        self.module.forward(*(self.arg(n, devices) for n in FORWARD_INPUTS), *outs.values(), causal=causal,
+                    z_final=self.output("z_final", (B, H, K)))
+        if save:
+            outs.update(gq=self.output("gq", (B, H, N, K)), gk=self.output("gk", (B, H, N, K)),
+                        den=self.output("den", (B, H, N)))
+        saved = () if save else (None, None, None)
+        self.module.forward(*(self.arg(n, devices) for n in FORWARD_INPUTS), *outs.values(), *saved, causal=causal,
                             eps=1e-6, sigma_eps=1e-4, stream=stream, **_workspace_kw(allocate_workspace))
         return {n: a.array for n, a in outs.items()}
 
     def backward(self, fwd, *, causal, stream=0, allocate_workspace=None):
+        N = self.n
+
         def saved(name):
             return self.wrap(name, fwd[name])
 
@@ -303,3 +311,22 @@ def test_sync_check_names_the_kernel_that_faulted(cuda_module, runtime, monkeypa
     monkeypatch.setenv("GMATTN_CUDA_SYNC", "1")
     with pytest.raises(RuntimeError, match=f"kernel '{kernel}' failed .*GMATTN_CUDA_SYNC=1"):
         Caller(cuda_module, runtime).forward(causal=False)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_forward_without_saving_keeps_nothing_per_token_and_component(cuda_module, runtime, causal, dtype):
+    """Without gq, gk, den (no gradient needed) the chunk kernels compute each chunk's
+    responsibilities themselves: the workspace stays the same from N = 256 to N = 2048 (the
+    segment states are bounded by the GPU's size; before, it held Gq and Gk, 2 B H N K values),
+    and out and the final state are the same bits as those of a forward that saves them."""
+    runtime.set_device(8, 227 * 1024)
+    sizes = {}
+    for n in (256, 2048):
+        c = Caller(cuda_module, runtime, n=n, dtype=dtype)
+        fwd = c.forward(causal=causal, save=False, allocate_workspace=c.allocator())
+        sizes[n] = c.workspace_requests[-1][0]
+        saving = c.forward(causal=causal, save=True)
+        for name in ("out", "S_final", "z_final"):
+            np.testing.assert_array_equal(fwd[name], saving[name], err_msg=f"N={n} {name}")
+    assert sizes[256] == sizes[2048], sizes

@@ -10,6 +10,9 @@
 //   forward
 //     prep_params            lam = 1/sigma2, log pi - 0.5 sum log sigma2         (H, K[, D])
 //     responsibilities x2    Gq = gamma(q), Gk = gamma(k) * mask                  (B, H, N, K)
+//                            when saved for backward; otherwise the chunk kernels below
+//                            compute each chunk's rows themselves (same bits), and inference
+//                            keeps nothing O(B H N K)
 //     seg_state + state_scan segment-local sums Gk^T V, Gk^T 1 then a prefix over segments
 //                            (causal, when there is more than one segment) or the total
 //                            (bidirectional); skipped for causal with one segment
@@ -25,8 +28,9 @@
 //                            parameter gradients
 //     finalize_params        fixed-order sum of the partials, chain rule to mu, omega, alpha
 //
-// Memory: workspaces are O(B H N K) (responsibilities and their gradients) plus
-// O(B H P K Dv) segment states with P chosen from the GPU size, never O(N K Dv) or O(N^2).
+// Memory: backward's workspace is O(B H N K) (the gradients of the responsibilities) plus
+// O(B H P K Dv) segment states with P chosen from the GPU size, never O(N K Dv) or O(N^2);
+// forward's is the segment states and the set-up mixture alone.
 // Chunk products run on tensor cores (tf32 WMMA, fp32 accumulate) for half / bfloat16 inputs
 // and as register-tiled FMA loops in the accumulator dtype for float / double inputs.
 #pragma once
@@ -335,6 +339,10 @@ struct ChunkGeometry {
   int nslices = 0;  // ceil(Dv / DvT)
   int P = 0;        // segments per (b, h)
   int64_t seg_len = 0;  // tokens per segment (a multiple of C)
+  // Forward without saving for backward: the chunk kernels compute each chunk's responsibilities
+  // themselves (RespScratch of C rows in their shared memory) instead of reading them from an
+  // O(B H N K) buffer.
+  bool own_responsibilities = false;
 };
 
 struct BlockCoords {
@@ -419,44 +427,43 @@ inline int responsibility_rows(int Kp) {
   return rows < 128 ? rows : 128;
 }
 
+// Where responsibilities come from: the rows x (B, N, H, D) of one path, its optional key mask
+// (B, N) and the mixture set up by prep_params.
 template <class S, class T>
-struct RespParams {
-  DView<const S> x;              // (B, N, H, D)
-  DView<const uint8_t> mask;     // (B, N) or p == nullptr
-  DView<T> gamma;                // (B, H, N, K)
-  const T* lam;
-  const T* mu_c;
-  const T* logc;
-  int64_t N, H;
-  int K, Kp, D, R;
-  int64_t row_tiles;
+struct RespSource {
+  DView<const S> x;            // (B, N, H, D)
+  DView<const uint8_t> mask;   // (B, N) or p == nullptr
+  const T* lam = nullptr;      // [H][K][D]
+  const T* mu_c = nullptr;     // [H][K][D]
+  const T* logc = nullptr;     // [H][K]
+  int D = 0;
 };
 
+// Shared memory of compute_responsibilities for R rows and Kp (padded K) components.
 template <class T>
-struct RespSmem {
-  T *x, *lam, *mu, *s, *inv_sum;
-  __host__ __device__ RespSmem(Carver& c, int Kp, int R) {
+struct RespScratch {
+  T *x = nullptr, *lam = nullptr, *mu = nullptr, *inv_sum = nullptr;
+  RespScratch() = default;
+  __host__ __device__ RespScratch(Carver& c, int Kp, int R) {
     x = c.take<T>((size_t)R * (kRespDTile + 1));   // [R][DT+1]: rows in different banks
     lam = c.take<T>((size_t)kRespDTile * Kp);      // [DT][Kp]: components contiguous
     mu = c.take<T>((size_t)kRespDTile * Kp);
-    s = c.take<T>((size_t)R * (Kp + 1));           // [R][Kp+1] log-responsibilities
     inv_sum = c.take<T>(R);
   }
 };
 
+// Responsibilities of rows n0 .. n0 + rows - 1 of (b, h) into the shared tile G[R][ldG] (ldG >=
+// Kp + 1): gamma for r < rows, k < K (zeros for masked rows), zeros in the padding (r >= rows or
+// k >= K), which the chunk products rely on. R * Kp <= kThreads * kRespMaxTiles * kMicro^2.
+// Every element is summed in the same order whatever R is, so a chunk kernel computing its own
+// rows gets the same bits as responsibilities_kernel. All threads must call it; it ends with a
+// barrier.
 template <class S, class T>
-__global__ void __launch_bounds__(kThreads) responsibilities_kernel(const RespParams<S, T> p) {
-  GMA_DYNAMIC_SMEM(smem_raw);
-  Carver carver{reinterpret_cast<uintptr_t>(smem_raw)};
-  RespSmem<T> sm(carver, p.Kp, p.R);
+__device__ void compute_responsibilities(const RespSource<S, T>& src, int64_t b, int64_t h, int64_t n0, int rows,
+                                         int R, int K, int Kp, const RespScratch<T>& sc, T* G, int ldG) {
   const int tid = threadIdx.x;
-  const int K = p.K, Kp = p.Kp, D = p.D, R = p.R;
+  const int D = src.D;
   constexpr int DT = kRespDTile, XLD = kRespDTile + 1;
-  const int64_t tile = blockIdx.x % p.row_tiles;
-  const int64_t bh = blockIdx.x / p.row_tiles;
-  const int64_t b = bh / p.H, h = bh % p.H;
-  const int64_t n0 = tile * R;
-  const int rows = (int)(p.N - n0 < R ? p.N - n0 : R);
   // Micro-tile t covers rows 4*(t / tiles_k) + i and components t % tiles_k + j * tiles_k.
   const int tiles_k = Kp / kMicro;
   const int tiles = (R / kMicro) * tiles_k;
@@ -472,13 +479,13 @@ __global__ void __launch_bounds__(kThreads) responsibilities_kernel(const RespPa
     const int dcols = D - d0 < DT ? D - d0 : DT;
     for (int idx = tid; idx < R * DT; idx += kThreads) {
       const int r = idx / DT, c = idx % DT;
-      sm.x[r * XLD + c] = (r < rows && c < dcols) ? to_acc<T>(p.x(b, n0 + r, h, d0 + c)) : T(0);
+      sc.x[r * XLD + c] = (r < rows && c < dcols) ? to_acc<T>(src.x(b, n0 + r, h, d0 + c)) : T(0);
     }
     for (int idx = tid; idx < Kp * DT; idx += kThreads) {
       const int k = idx / DT, c = idx % DT;
       const bool ok = c < dcols && k < K;  // padding: lam = 0 contributes nothing
-      sm.lam[c * Kp + k] = ok ? p.lam[(h * K + k) * D + d0 + c] : T(0);
-      sm.mu[c * Kp + k] = ok ? p.mu_c[(h * K + k) * D + d0 + c] : T(0);
+      sc.lam[c * Kp + k] = ok ? src.lam[(h * K + k) * D + d0 + c] : T(0);
+      sc.mu[c * Kp + k] = ok ? src.mu_c[(h * K + k) * D + d0 + c] : T(0);
     }
     __syncthreads();
 #pragma unroll
@@ -490,11 +497,11 @@ __global__ void __launch_bounds__(kThreads) responsibilities_kernel(const RespPa
         for (int c = 0; c < DT; ++c) {
           T xv[kMicro], lv[kMicro], mv[kMicro];
 #pragma unroll
-          for (int i = 0; i < kMicro; ++i) xv[i] = sm.x[(r0 + i) * XLD + c];
+          for (int i = 0; i < kMicro; ++i) xv[i] = sc.x[(r0 + i) * XLD + c];
 #pragma unroll
           for (int j = 0; j < kMicro; ++j) {
-            lv[j] = sm.lam[c * Kp + kq + j * tiles_k];
-            mv[j] = sm.mu[c * Kp + kq + j * tiles_k];
+            lv[j] = sc.lam[c * Kp + kq + j * tiles_k];
+            mv[j] = sc.mu[c * Kp + kq + j * tiles_k];
           }
 #pragma unroll
           for (int i = 0; i < kMicro; ++i)
@@ -518,14 +525,14 @@ __global__ void __launch_bounds__(kThreads) responsibilities_kernel(const RespPa
 #pragma unroll
         for (int j = 0; j < kMicro; ++j) {
           const int k = kq + j * tiles_k;
-          if (k < K) sm.s[(r0 + i) * (Kp + 1) + k] = p.logc[h * K + k] - T(0.5) * acc[u][i][j];
+          if (k < K) G[(r0 + i) * ldG + k] = src.logc[h * K + k] - T(0.5) * acc[u][i][j];
         }
     }
   }
   __syncthreads();
   // Max-subtracted softmax over k, one thread per row.
   for (int r = tid; r < R; r += kThreads) {
-    T* sr = sm.s + r * (Kp + 1);
+    T* sr = G + r * ldG;
     T m = sr[0];
     for (int k = 1; k < K; ++k) m = sr[k] > m ? sr[k] : m;
     T sum = T(0);
@@ -534,15 +541,49 @@ __global__ void __launch_bounds__(kThreads) responsibilities_kernel(const RespPa
       sr[k] = e;
       sum += e;
     }
-    sm.inv_sum[r] = T(1) / sum;
+    sc.inv_sum[r] = T(1) / sum;
   }
   __syncthreads();
-  for (int idx = tid; idx < rows * K; idx += kThreads) {
-    const int r = idx / K, k = idx % K;
-    const int64_t n = n0 + r;
-    T val = sm.s[r * (Kp + 1) + k] * sm.inv_sum[r];
-    if (p.mask.p != nullptr && p.mask(b, n) == 0) val = T(0);
-    p.gamma(b, h, n, k) = val;
+  for (int idx = tid; idx < R * Kp; idx += kThreads) {
+    const int r = idx / Kp, k = idx % Kp;
+    const bool keep = r < rows && k < K && (src.mask.p == nullptr || src.mask(b, n0 + r) != 0);
+    G[r * ldG + k] = keep ? G[r * ldG + k] * sc.inv_sum[r] : T(0);
+  }
+  __syncthreads();
+}
+
+template <class S, class T>
+struct RespParams {
+  RespSource<S, T> src;
+  DView<T> gamma;                // (B, H, N, K)
+  int64_t N, H;
+  int K, Kp, R;
+  int64_t row_tiles;
+};
+
+template <class T>
+struct RespSmem {
+  T* s;  // [R][Kp+1] responsibilities
+  RespScratch<T> scratch;
+  __host__ __device__ RespSmem(Carver& c, int Kp, int R)
+      : s(c.take<T>((size_t)R * (Kp + 1))), scratch(c, Kp, R) {}
+};
+
+// responsibilities of a tile of R rows, written to gamma (B, H, N, K).
+template <class S, class T>
+__global__ void __launch_bounds__(kThreads) responsibilities_kernel(const RespParams<S, T> p) {
+  GMA_DYNAMIC_SMEM(smem_raw);
+  Carver carver{reinterpret_cast<uintptr_t>(smem_raw)};
+  RespSmem<T> sm(carver, p.Kp, p.R);
+  const int64_t tile = blockIdx.x % p.row_tiles;
+  const int64_t bh = blockIdx.x / p.row_tiles;
+  const int64_t b = bh / p.H, h = bh % p.H;
+  const int64_t n0 = tile * p.R;
+  const int rows = (int)(p.N - n0 < p.R ? p.N - n0 : p.R);
+  compute_responsibilities(p.src, b, h, n0, rows, p.R, p.K, p.Kp, sm.scratch, sm.s, p.Kp + 1);
+  for (int idx = threadIdx.x; idx < rows * p.K; idx += kThreads) {
+    const int r = idx / p.K, k = idx % p.K;
+    p.gamma(b, h, n0 + r, k) = sm.s[r * (p.Kp + 1) + k];
   }
 }
 
@@ -556,7 +597,8 @@ __global__ void __launch_bounds__(kThreads) responsibilities_kernel(const RespPa
 template <class S, class T>
 struct SegStateParams {
   ChunkGeometry g;
-  DView<const T> G;    // (B, H, N, K)
+  DView<const T> G;    // (B, H, N, K), or computed from src when g.own_responsibilities
+  RespSource<S, T> src;
   DView<const S> Y;    // (B, N, H, Dv)
   DView<const T> den;  // (B, H, N) or p == nullptr
   const T* w;          // [B*H][N] or nullptr
@@ -567,12 +609,14 @@ struct SegStateParams {
 template <class T>
 struct SegStateSmem {
   T *S, *z, *G, *Y, *w;
+  RespScratch<T> resp;  // g.own_responsibilities only
   __host__ __device__ SegStateSmem(Carver& c, const ChunkGeometry& g) {
     S = c.take<T>((size_t)g.Kp * padded_ld(g.DvT));
     z = c.take<T>(g.Kp);
     G = c.take<T>((size_t)g.C * padded_ld(g.Kp));
     Y = c.take<T>((size_t)g.C * padded_ld(g.DvT));
     w = c.take<T>(g.C);
+    if (g.own_responsibilities) resp = RespScratch<T>(c, g.Kp, g.C);
   }
 };
 
@@ -591,10 +635,13 @@ __global__ void __launch_bounds__(kThreads) seg_state_kernel(const SegStateParam
   for (int k = tid; k < Kp; k += kThreads) sm.z[k] = T(0);
   for (int64_t c0 = bc.n_begin; c0 < bc.n_end; c0 += C) {
     const int rows = (int)(bc.n_end - c0 < C ? bc.n_end - c0 : C);
-    for (int idx = tid; idx < C * Kp; idx += kThreads) {
-      const int r = idx / Kp, k = idx % Kp;
-      sm.G[r * ldK + k] = (r < rows && k < K) ? p.G(bc.b, bc.h, c0 + r, k) : T(0);
-    }
+    if (g.own_responsibilities)
+      compute_responsibilities(p.src, bc.b, bc.h, c0, rows, C, K, Kp, sm.resp, sm.G, ldK);
+    else
+      for (int idx = tid; idx < C * Kp; idx += kThreads) {
+        const int r = idx / Kp, k = idx % Kp;
+        sm.G[r * ldK + k] = (r < rows && k < K) ? p.G(bc.b, bc.h, c0 + r, k) : T(0);
+      }
     for (int idx = tid; idx < C * DvT; idx += kThreads) {
       const int r = idx / DvT, c = idx % DvT;
       T val = T(0);
@@ -700,7 +747,8 @@ __global__ void __launch_bounds__(kThreads) state_scan_kernel(const ScanParams<T
 template <class S, class T>
 struct FwdChunkParams {
   ChunkGeometry g;
-  DView<const T> gq, gk;       // (B, H, N, K)
+  DView<const T> gq, gk;       // (B, H, N, K), or computed from q_src, k_src when g.own_responsibilities
+  RespSource<S, T> q_src, k_src;
   DView<const S> v;            // (B, N, H, Dv)
   DView<S> out;                // (B, N, H, Dv)
   DView<T> den;                // (B, H, N), optional
@@ -713,6 +761,7 @@ struct FwdChunkParams {
 template <class T>
 struct FwdChunkSmem {
   T *S, *z, *Gq, *Gk, *V, *A, *O, *den;
+  RespScratch<T> resp;  // g.own_responsibilities only
   __host__ __device__ FwdChunkSmem(Carver& c, const ChunkGeometry& g) {
     S = c.take<T>((size_t)g.Kp * padded_ld(g.DvT));
     z = c.take<T>(g.Kp);
@@ -722,6 +771,7 @@ struct FwdChunkSmem {
     A = c.take<T>((size_t)g.C * padded_ld(g.C));
     O = c.take<T>((size_t)g.C * padded_ld(g.DvT));
     den = c.take<T>(g.C);
+    if (g.own_responsibilities) resp = RespScratch<T>(c, g.Kp, g.C);
   }
 };
 
@@ -740,11 +790,16 @@ __global__ void __launch_bounds__(kThreads) forward_chunk_kernel(const FwdChunkP
   __syncthreads();
   for (int64_t c0 = bc.n_begin; c0 < bc.n_end; c0 += C) {
     const int rows = (int)(bc.n_end - c0 < C ? bc.n_end - c0 : C);
-    for (int idx = tid; idx < C * Kp; idx += kThreads) {
-      const int r = idx / Kp, k = idx % Kp;
-      const bool ok = r < rows && k < K;
-      sm.Gq[r * ldK + k] = ok ? p.gq(bc.b, bc.h, c0 + r, k) : T(0);
-      if (CAUSAL) sm.Gk[r * ldK + k] = ok ? p.gk(bc.b, bc.h, c0 + r, k) : T(0);
+    if (g.own_responsibilities) {
+      compute_responsibilities(p.q_src, bc.b, bc.h, c0, rows, C, K, Kp, sm.resp, sm.Gq, ldK);
+      if (CAUSAL) compute_responsibilities(p.k_src, bc.b, bc.h, c0, rows, C, K, Kp, sm.resp, sm.Gk, ldK);
+    } else {
+      for (int idx = tid; idx < C * Kp; idx += kThreads) {
+        const int r = idx / Kp, k = idx % Kp;
+        const bool ok = r < rows && k < K;
+        sm.Gq[r * ldK + k] = ok ? p.gq(bc.b, bc.h, c0 + r, k) : T(0);
+        if (CAUSAL) sm.Gk[r * ldK + k] = ok ? p.gk(bc.b, bc.h, c0 + r, k) : T(0);
+      }
     }
     if (CAUSAL)
       for (int idx = tid; idx < C * DvT; idx += kThreads) {
@@ -1344,8 +1399,9 @@ inline size_t smem_bytes(const ChunkGeometry& g) {
 // Chooses chunk length C, slice width DvT (largest that fit the shared memory) and the number
 // of segments P (enough blocks to fill the GPU at about two blocks per SM).
 template <class T, class Layout>
-inline ChunkGeometry choose_geometry(const Dims& d, const DeviceInfo& dev) {
+inline ChunkGeometry choose_geometry(const Dims& d, const DeviceInfo& dev, bool own_responsibilities = false) {
   ChunkGeometry g;
+  g.own_responsibilities = own_responsibilities;
   g.B = d.B;
   g.N = d.N;
   g.H = d.H;
@@ -1442,29 +1498,29 @@ inline void launch_prep(const View& mu, const View& omega, const View& alpha, co
 }
 
 template <class S, class T>
-inline void launch_responsibilities(const View& x, const View& mask, T* gamma_ptr, const View& gamma_view,
-                                    const Dims& d, const DeviceInfo& dev, const T* lam, const T* mu_c,
-                                    const T* logc, cudaStream_t stream) {
+inline RespSource<S, T> resp_source(const View& x, const View& mask, const Dims& d, const T* lam, const T* mu_c,
+                                    const T* logc) {
+  RespSource<S, T> src;
+  src.x = make_view<const S>(x);
+  src.mask = make_view<const uint8_t>(mask);
+  src.lam = lam;
+  src.mu_c = mu_c;
+  src.logc = logc;
+  src.D = (int)d.D;
+  return src;
+}
+
+// Writes the responsibilities of src to the caller's (B, H, N, K) tensor.
+template <class S, class T>
+inline void launch_responsibilities(const RespSource<S, T>& src, const View& gamma, const Dims& d,
+                                    const DeviceInfo& dev, cudaStream_t stream) {
   RespParams<S, T> rp;
-  rp.x = make_view<const S>(x);
-  rp.mask = make_view<const uint8_t>(mask);
-  if (gamma_view.present()) {
-    rp.gamma = make_view<T>(gamma_view);
-  } else {  // contiguous workspace (B, H, N, K)
-    rp.gamma.p = gamma_ptr;
-    rp.gamma.s3 = 1;
-    rp.gamma.s2 = d.K;
-    rp.gamma.s1 = d.N * d.K;
-    rp.gamma.s0 = d.H * d.N * d.K;
-  }
-  rp.lam = lam;
-  rp.mu_c = mu_c;
-  rp.logc = logc;
+  rp.src = src;
+  rp.gamma = make_view<T>(gamma);
   rp.N = d.N;
   rp.H = d.H;
   rp.K = (int)d.K;
   rp.Kp = round_up16(d.K);
-  rp.D = (int)d.D;
   // Rows per block: as many as the micro-tiles cover, fewer if the shared memory is short.
   size_t smem = 0;
   for (rp.R = responsibility_rows(rp.Kp); rp.R >= kMicro; rp.R = rp.R / 2 / kMicro * kMicro) {
@@ -1481,11 +1537,12 @@ inline void launch_responsibilities(const View& x, const View& mask, T* gamma_pt
 }
 
 template <class S, class T, bool TC>
-inline void launch_seg_state(const ChunkGeometry& g, DView<const T> G, const View& Y, const View& den, const T* w,
-                             T* S_seg, T* z_seg, cudaStream_t stream) {
+inline void launch_seg_state(const ChunkGeometry& g, DView<const T> G, const RespSource<S, T>& src, const View& Y,
+                             const View& den, const T* w, T* S_seg, T* z_seg, cudaStream_t stream) {
   SegStateParams<S, T> sp;
   sp.g = g;
   sp.G = G;
+  sp.src = src;
   sp.Y = make_view<const S>(Y);
   sp.den = make_view<const T>(den);
   sp.w = w;
@@ -1502,35 +1559,23 @@ inline void launch_scan(const ScanParams<T>& sp, cudaStream_t stream) {
          0, stream, sp);
 }
 
-// A contiguous (B, H, N, K) device view over a workspace pointer or the caller's tensor.
-template <class T>
-inline DView<const T> responsibilities_view(const View& saved, const T* ws, const Dims& d) {
-  if (saved.present()) return make_view<const T>(saved);
-  DView<const T> v;
-  v.p = ws;
-  v.s3 = 1;
-  v.s2 = d.K;
-  v.s1 = d.N * d.K;
-  v.s0 = d.H * d.N * d.K;
-  return v;
-}
-
 // The sizes a forward call chooses and its workspace layout (accumulator dtype T).
 template <class T>
 struct ForwardPlan {
   ChunkGeometry g;
-  bool save = false;      // gq, gk, den are the caller's (saved for backward)
+  bool save = false;      // gq, gk, den are written (saved for backward); else the chunk kernels
+                          // compute responsibilities chunk by chunk and nothing O(B H N K) exists
   bool need_seg = false;  // segment states (causal, several segments) or the total (bidirectional)
   WorkspaceLayout ws;
-  size_t o_lam = 0, o_mu = 0, o_logc = 0, o_gq = 0, o_gk = 0, o_Sseg = 0, o_zseg = 0;
+  size_t o_lam = 0, o_mu = 0, o_logc = 0, o_Sseg = 0, o_zseg = 0;
 };
 
 template <class T>
 ForwardPlan<T> plan_forward(const ForwardArgs& a, const DeviceInfo& dev) {
   const Dims& d = a.dims;
   ForwardPlan<T> p;
-  p.g = choose_geometry<T, FwdChunkSmem<T>>(d, dev);
   p.save = a.gq.present();
+  p.g = choose_geometry<T, FwdChunkSmem<T>>(d, dev, !p.save);
   // Causal with one segment per (b, h) streams the state from S0; otherwise segment states
   // (causal) or the total state (bidirectional) are computed first.
   p.need_seg = !a.opt.causal || p.g.P > 1;
@@ -1538,9 +1583,6 @@ ForwardPlan<T> plan_forward(const ForwardArgs& a, const DeviceInfo& dev) {
   p.o_lam = ws.reserve<T>(d.H * d.K * d.D);
   p.o_mu = ws.reserve<T>(d.H * d.K * d.D);
   p.o_logc = ws.reserve<T>(d.H * d.K);
-  const int64_t bhnk = d.B * d.H * d.N * d.K;
-  p.o_gq = p.save ? 0 : ws.reserve<T>(bhnk);
-  p.o_gk = p.save ? 0 : ws.reserve<T>(bhnk);
   const int64_t seg_count = p.need_seg ? d.B * d.H * p.g.P : 0;
   p.o_Sseg = ws.reserve<T>(seg_count * d.K * d.Dv);
   p.o_zseg = ws.reserve<T>(seg_count * d.K);
@@ -1557,25 +1599,27 @@ void forward_impl(const ForwardArgs& a) {
   const DeviceInfo dev = device_info();
   const ForwardPlan<T> plan = plan_forward<T>(a, dev);
   const ChunkGeometry& g = plan.g;
-  const bool save = plan.save, need_seg = plan.need_seg;
+  const bool need_seg = plan.need_seg;
 
   WorkspaceMemory ws(plan.ws, a.opt);
   T* lam = ws.at<T>(plan.o_lam);
   T* mu_c = ws.at<T>(plan.o_mu);
   T* logc = ws.at<T>(plan.o_logc);
-  T* gq_ws = save ? nullptr : ws.at<T>(plan.o_gq);
-  T* gk_ws = save ? nullptr : ws.at<T>(plan.o_gk);
   T* S_seg = ws.at<T>(plan.o_Sseg);
   T* z_seg = ws.at<T>(plan.o_zseg);
 
   launch_prep<T>(a.mu, a.omega, a.alpha, d, (T)a.opt.sigma_eps, lam, mu_c, logc, stream);
-  launch_responsibilities<S, T>(a.q, View{}, gq_ws, a.gq, d, dev, lam, mu_c, logc, stream);
-  launch_responsibilities<S, T>(a.k, a.mask, gk_ws, a.gk, d, dev, lam, mu_c, logc, stream);
-  const DView<const T> gq = responsibilities_view<T>(a.gq, gq_ws, d);
-  const DView<const T> gk = responsibilities_view<T>(a.gk, gk_ws, d);
+  const RespSource<S, T> q_src = resp_source<S, T>(a.q, View{}, d, lam, mu_c, logc);
+  const RespSource<S, T> k_src = resp_source<S, T>(a.k, a.mask, d, lam, mu_c, logc);
+  if (plan.save) {
+    launch_responsibilities<S, T>(q_src, a.gq, d, dev, stream);
+    launch_responsibilities<S, T>(k_src, a.gk, d, dev, stream);
+  }
+  const DView<const T> gq = make_view<const T>(a.gq);  // null unless saved
+  const DView<const T> gk = make_view<const T>(a.gk);
 
   if (need_seg) {
-    launch_seg_state<S, T, TC>(g, gk, a.v, View{}, nullptr, S_seg, z_seg, stream);
+    launch_seg_state<S, T, TC>(g, gk, k_src, a.v, View{}, nullptr, S_seg, z_seg, stream);
     launch_scan(make_scan<T>(S_seg, z_seg, g, causal ? kExclusivePrefix : kTotal, a.S0, a.z0, a.S_final, a.z_final),
                 stream);
   }
@@ -1584,6 +1628,8 @@ void forward_impl(const ForwardArgs& a) {
   fp.g = g;
   fp.gq = gq;
   fp.gk = gk;
+  fp.q_src = q_src;
+  fp.k_src = k_src;
   fp.v = make_view<const S>(a.v);
   fp.out = make_view<S>(a.out);
   fp.den = make_view<T>(a.den);
@@ -1711,9 +1757,9 @@ void backward_impl(const BackwardArgs& a) {
   const DView<const T> gq = make_view<const T>(a.gq);
   const DView<const T> gk = make_view<const T>(a.gk);
   if (need_seg) {
-    launch_seg_state<S, T, TC>(g, gk, a.v, View{}, nullptr, fS, fz, stream);
+    launch_seg_state<S, T, TC>(g, gk, {}, a.v, View{}, nullptr, fS, fz, stream);
     launch_scan(make_scan<T>(fS, fz, g, causal ? kExclusivePrefix : kTotal, a.S0, a.z0, View{}, View{}), stream);
-    launch_seg_state<S, T, TC>(g, gq, a.dout, a.den, dden, bS, bz, stream);
+    launch_seg_state<S, T, TC>(g, gq, {}, a.dout, a.den, dden, bS, bz, stream);
     launch_scan(make_scan<T>(bS, bz, g, causal ? kExclusiveSuffix : kTotal, a.dS_final, a.dz_final, a.dS0, a.dz0),
                 stream);
   }
