@@ -1,8 +1,9 @@
 // The thin layer between the gmattn CUDA kernels and the CUDA runtime.
 //
-// The kernels (gma_kernels.cuh) use only what this header provides, so the same sources also
-// compile with a host C++ compiler under GMATTN_CUDA_EMULATION and run on the CPU through the
-// fiber emulator in emulation/cuda_emulation.h. That is how their logic is tested on machines
+// The kernels (gma_kernels.cuh and the step headers it includes) use only what this header
+// provides, so the same sources also compile with a host C++ compiler under
+// GMATTN_CUDA_EMULATION and run on the CPU through the fiber emulator in
+// emulation/cuda_emulation.h. That is how their logic is tested on machines
 // without a GPU; the real build never defines GMATTN_CUDA_EMULATION.
 #pragma once
 
