@@ -24,6 +24,19 @@
 
 namespace py = pybind11;
 
+#if defined(GMATTN_CUDA_EMULATION)
+// The CUDA module built on the CPU emulator of the kernels (cpp/cuda/emulation, tests only): the
+// emulated runtime's controls, defined in emulation_api.cpp.
+extern "C" {
+int gma_emu_set_device(int sm_count, int max_smem_optin);
+void gma_emu_set_device_count(int count);
+int gma_emu_current_device();
+void gma_emu_set_current_device(int device);
+void gma_emu_set_fault_kernel(const char* name);
+long gma_emu_async_allocations();
+}
+#endif
+
 namespace {
 
 #ifdef GMATTN_BACKEND_CUDA
@@ -107,45 +120,68 @@ struct Imported {
   bool read_only = false;
 };
 
-Imported import_dlpack(py::handle obj, const std::string& arg, int64_t stream) {
+struct DLDeviceOf {
+  int type = -1;
+  int id = -1;
+};
+
+// Asks the producer where the data lives (__dlpack_device__), before exporting: a stream argument
+// means nothing to a CPU producer (NumPy rejects it), a tensor on the wrong device should say so
+// plainly, and a CUDA tensor's device must be current when it is exported (torch refuses others).
+// Returns type -1 when the producer has no __dlpack_device__.
+DLDeviceOf query_device(py::handle obj, const std::string& arg) {
   if (!py::hasattr(obj, "__dlpack__")) {
     fail(arg, "must be an array that supports DLPack (torch.Tensor, numpy.ndarray, mx.array), got " +
                   std::string(py::str(py::type::of(obj).attr("__name__"))));
   }
-  // Ask the producer where the data lives before exporting: a stream argument means nothing to a
-  // CPU producer (NumPy rejects it), and a tensor on the wrong device should say so plainly.
-  if (py::hasattr(obj, "__dlpack_device__")) {
-    int device_type = -1;
-    try {
-      py::object dev = obj.attr("__dlpack_device__")();
-      if (!py::isinstance<py::tuple>(dev) && !py::isinstance<py::list>(dev)) throw py::cast_error();
-      py::sequence pair = dev;
-      if (py::len(pair) != 2) throw py::cast_error();
-      device_type = pair[0].cast<int>();
-      (void)pair[1].cast<int>();
-    } catch (const py::cast_error&) {
-      fail(arg, "has a __dlpack_device__() that did not return a (device_type, device_id) pair of integers");
-    } catch (py::error_already_set& e) {
-      rethrow_named(e, arg, "__dlpack_device__()");
-    }
-    if (device_type != kDevice) {
-      fail(arg, std::string("must be on the ") + kDeviceName + " device for this module, got a " +
-                    device_type_name(device_type) + " array");
-    }
+  DLDeviceOf dev;
+  if (!py::hasattr(obj, "__dlpack_device__")) return dev;
+  try {
+    py::object answer = obj.attr("__dlpack_device__")();
+    if (!py::isinstance<py::tuple>(answer) && !py::isinstance<py::list>(answer)) throw py::cast_error();
+    py::sequence pair = answer;
+    if (py::len(pair) != 2) throw py::cast_error();
+    dev.type = pair[0].cast<int>();
+    dev.id = pair[1].cast<int>();
+  } catch (const py::cast_error&) {
+    fail(arg, "has a __dlpack_device__() that did not return a (device_type, device_id) pair of integers");
+  } catch (py::error_already_set& e) {
+    rethrow_named(e, arg, "__dlpack_device__()");
+  }
+  if (dev.type != kDevice) {
+    fail(arg, std::string("must be on the ") + kDeviceName + " device for this module, got a " +
+                  device_type_name(dev.type) + " array");
+  }
+  return dev;
+}
+
+// The __dlpack__(stream=...) value that names the caller's CUDA stream `handle` (a cudaStream_t):
+// DLPack numbers the legacy default stream 1 and the per-thread default stream 2, and forbids 0
+// (torch refuses it, and the per-thread default too); any other stream is its handle. The legacy
+// default stream's handle is 0 (what torch reports for it) or cudaStreamLegacy (1).
+int64_t dlpack_stream(int64_t handle) { return handle == 0 ? 1 : handle; }
+
+// Exports `obj` through DLPack. `device_id` >= 0: the CUDA device the call runs on (made current
+// by the caller), which the array must be on.
+Imported import_dlpack(py::handle obj, const std::string& arg, int64_t stream, int device_id) {
+  const DLDeviceOf dev = query_device(obj, arg);
+  if (kDevice == kDLCUDA && dev.type == kDLCUDA && device_id >= 0 && dev.id != device_id) {
+    fail(arg, "is on CUDA device " + std::to_string(dev.id) + ", expected device " + std::to_string(device_id) +
+                  " like q");
   }
   py::object fn = obj.attr("__dlpack__");
   py::object cap;
   // DLPack >= 1.0 carries a read-only flag; older producers only speak the legacy protocol.
   py::dict kw;
   kw["max_version"] = py::make_tuple(1, 0);
-  if (kDevice == kDLCUDA) kw["stream"] = py::int_(stream);
+  if (kDevice == kDLCUDA) kw["stream"] = py::int_(dlpack_stream(stream));
   try {
     try {
       cap = fn(**kw);
     } catch (py::error_already_set& e) {
-      if (!e.matches(PyExc_TypeError)) throw;
+      if (!e.matches(PyExc_TypeError)) throw;  // a producer without max_version (DLPack < 1.0)
       py::dict legacy;
-      if (kDevice == kDLCUDA) legacy["stream"] = py::int_(stream);
+      if (kDevice == kDLCUDA) legacy["stream"] = py::int_(dlpack_stream(stream));
       cap = fn(**legacy);
     }
   } catch (py::error_already_set& e) {
@@ -256,9 +292,14 @@ gmattn::View make_view(const Imported& im, const Spec& spec, gmattn::DType input
 }
 
 struct Call {
+#ifdef GMATTN_BACKEND_CUDA
+  // q's device, current from before the first export until the capsules are released (declared
+  // first: destroyed last).
+  std::unique_ptr<gmattn::cuda::DeviceGuard> device_guard;
+#endif
   gmattn::Dims dims;
   gmattn::DType dtype;
-  int device_id = 0;
+  int device_id = -1;
   int64_t stream = 0;
   std::vector<Imported> keep;  // capsules alive until the kernel returns
   // Aligned copies of inputs whose data is not aligned to their element size (see view()).
@@ -277,7 +318,7 @@ struct Call {
       if (!optional) fail(spec.name, "is required");
       return gmattn::View{};
     }
-    keep.push_back(import_dlpack(obj, spec.name, stream));
+    keep.push_back(import_dlpack(obj, spec.name, stream, device_id));
     gmattn::View v = make_view(keep.back(), spec, dtype, device_id);
     if (v.data == nullptr) {
       v.data = reinterpret_cast<void*>(alignof(std::max_align_t));  // present but empty
@@ -313,6 +354,46 @@ struct Call {
     return v;
   }
 
+  // CUDA: `allocate_workspace(nbytes)` (the caller's allocator; None: the core allocates) returns
+  // an array of at least `bytes` writable bytes on the call's device, used as the call's workspace
+  // and kept alive until the kernels are launched (stream-ordered allocators such as torch's
+  // caching allocator reuse it only after the call's work on the stream).
+  void provide_workspace(gmattn::Options& opt, size_t bytes, py::handle allocate_workspace) {
+    if (allocate_workspace.is_none() || bytes == 0) return;
+    const std::string arg = "allocate_workspace";
+    py::object block;
+    try {
+      block = allocate_workspace(bytes);
+    } catch (py::error_already_set& e) {
+      rethrow_named(e, arg, "call");
+    }
+    keep.push_back(import_dlpack(block, "the array allocate_workspace returned", stream, device_id));
+    const DLTensor* t = keep.back().t;
+    if (t->device.device_type != kDevice || t->device.device_id != device_id) {
+      fail(arg, "must return an array on CUDA device " + std::to_string(device_id) + ", got " +
+                    device_type_name(t->device.device_type) + " device " + std::to_string(t->device.device_id));
+    }
+    if (keep.back().read_only) fail(arg, "returned a read-only array");
+    const uint64_t itemsize = (t->dtype.bits * t->dtype.lanes + 7) / 8;
+    uint64_t numel = 1, expect = 1;
+    for (int i = t->ndim - 1; i >= 0; --i) {
+      if (t->shape[i] < 0) fail(arg, "returned an array with a negative dimension");
+      if (t->strides && t->shape[i] > 1 && t->strides[i] != static_cast<int64_t>(expect)) {
+        fail(arg, "must return a contiguous array");
+      }
+      numel *= static_cast<uint64_t>(t->shape[i]);
+      expect *= static_cast<uint64_t>(t->shape[i]);
+    }
+    const uint64_t nbytes = numel * itemsize;
+    if (nbytes < bytes) {
+      fail(arg, "returned " + std::to_string(nbytes) + " bytes, the call needs " + std::to_string(bytes));
+    }
+    opt.workspace = static_cast<char*>(t->data) + t->byte_offset;
+    opt.workspace_bytes = nbytes;
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(opt.workspace);
+    extents.push_back({"workspace", lo, lo + nbytes, true});
+  }
+
   // Outputs must not share memory with any other argument: the kernels read inputs after writing
   // outputs (dout in the causal reverse scan, gk before gq), so aliasing gives wrong answers.
   void check_overlaps() const {
@@ -331,17 +412,35 @@ struct Call {
 // other argument is checked against.
 Call start_call(py::handle q, py::handle v, py::handle mu, int64_t stream) {
   Call c;
+  if (kDevice == kDLCUDA && stream < 0) {
+    fail("stream", "must be a CUDA stream handle (cudaStream_t as an integer >= 0; 0 = the default stream), got " +
+                       std::to_string(stream));
+  }
   c.stream = stream;
-  Imported iq = import_dlpack(q, "q", stream);
-  Imported iv = import_dlpack(v, "v", stream);
-  Imported imu = import_dlpack(mu, "mu", stream);
+#ifdef GMATTN_BACKEND_CUDA
+  const DLDeviceOf q_device = query_device(q, "q");
+  if (q_device.type == kDLCUDA) {
+    c.device_id = q_device.id;
+    c.device_guard = std::make_unique<gmattn::cuda::DeviceGuard>(q_device.id);
+  }
+#endif
+  Imported iq = import_dlpack(q, "q", stream, c.device_id);
+  if (kDevice == kDLCUDA && c.device_id >= 0 && iq.t->device.device_id != c.device_id) {
+    fail("q", "was exported on CUDA device " + std::to_string(iq.t->device.device_id) +
+                  " but its __dlpack_device__() said " + std::to_string(c.device_id));
+  }
+  c.device_id = iq.t->device.device_id;
+#ifdef GMATTN_BACKEND_CUDA
+  if (!c.device_guard) c.device_guard = std::make_unique<gmattn::cuda::DeviceGuard>(c.device_id);
+#endif
+  Imported iv = import_dlpack(v, "v", stream, c.device_id);
+  Imported imu = import_dlpack(mu, "mu", stream, c.device_id);
   if (iq.t->ndim != 4) fail("q", "must have 4 dimensions (B, N, H, D), got " + shape_str(iq.t->shape, iq.t->ndim));
   if (iv.t->ndim != 4) fail("v", "must have 4 dimensions (B, N, H, Dv), got " + shape_str(iv.t->shape, iv.t->ndim));
   if (imu.t->ndim != 3) fail("mu", "must have 3 dimensions (H, K, D), got " + shape_str(imu.t->shape, imu.t->ndim));
   if (!dl_to_dtype(iq.t->dtype, &c.dtype)) {
     fail("q", "must be a floating tensor (float16, bfloat16, float32 or float64), got " + dl_dtype_str(iq.t->dtype));
   }
-  c.device_id = iq.t->device.device_id;
   c.dims.B = iq.t->shape[0];
   c.dims.N = iq.t->shape[1];
   c.dims.H = iq.t->shape[2];
@@ -366,8 +465,9 @@ Call start_call(py::handle q, py::handle v, py::handle mu, int64_t stream) {
   return c;
 }
 
-gmattn::Options make_options(gmattn::DType dtype, bool causal, double eps, double sigma_eps, int num_threads,
-                             int64_t stream, bool deterministic) {
+gmattn::Options make_options(const Call& c, bool causal, double eps, double sigma_eps, int num_threads,
+                             bool deterministic) {
+  const gmattn::DType dtype = c.dtype;
   // The kernels use eps and sigma_eps in the accumulator dtype: inf, NaN or a value that
   // overflows float32 would turn every output into 0 or NaN without a word.
   const gmattn::DType acc = gmattn::accumulator_dtype(dtype);
@@ -384,10 +484,18 @@ gmattn::Options make_options(gmattn::DType dtype, bool causal, double eps, doubl
   o.eps = eps;
   o.sigma_eps = sigma_eps;
   o.num_threads = num_threads;
-  o.stream = reinterpret_cast<void*>(static_cast<intptr_t>(stream));
+  o.stream = reinterpret_cast<void*>(static_cast<intptr_t>(c.stream));
   o.deterministic = deterministic;
+  if (kDevice == kDLCUDA) o.device = c.device_id;
   return o;
 }
+
+#ifndef GMATTN_BACKEND_CUDA
+// The CPU kernels take their scratch memory from the core's own buffer cache.
+void refuse_workspace(py::handle allocate_workspace) {
+  if (!allocate_workspace.is_none()) fail("allocate_workspace", "is for the CUDA module only; give None");
+}
+#endif
 
 // The forward pass's inputs, shared by ForwardArgs and BackwardArgs (same member names).
 template <class Args>
@@ -409,13 +517,13 @@ void import_forward_inputs(Call& c, Args& a, py::handle q, py::handle k, py::han
 void forward(py::handle q, py::handle k, py::handle v, py::handle mu, py::handle omega, py::handle alpha,
              py::handle mask, py::handle S0, py::handle z0, py::handle out, py::handle S_final,
              py::handle z_final, py::handle gq, py::handle gk, py::handle den, bool causal, double eps,
-             double sigma_eps, int num_threads, int64_t stream) {
+             double sigma_eps, int num_threads, int64_t stream, py::handle allocate_workspace) {
   Call c = start_call(q, v, mu, stream);
   const auto& d = c.dims;
   gmattn::ForwardArgs a;
   a.dims = d;
   a.dtype = c.dtype;
-  a.opt = make_options(c.dtype, causal, eps, sigma_eps, num_threads, stream, true);
+  a.opt = make_options(c, causal, eps, sigma_eps, num_threads, true);
   import_forward_inputs(c, a, q, k, v, mu, omega, alpha, mask, S0, z0);
   a.out = c.view(out, {"out", {d.B, d.N, d.H, d.Dv}, Kind::kInput, true, true}, false);
   a.S_final = c.view(S_final, {"S_final", {d.B, d.H, d.K, d.Dv}, Kind::kAccumulator, true, true}, true);
@@ -427,6 +535,11 @@ void forward(py::handle q, py::handle k, py::handle v, py::handle mu, py::handle
   if (a.gq.present() != a.gk.present() || a.gq.present() != a.den.present()) {
     fail("gq", "gk and den (saved for backward) must be given together");
   }
+#ifdef GMATTN_BACKEND_CUDA
+  c.provide_workspace(a.opt, gmattn::cuda::forward_workspace_bytes(a), allocate_workspace);
+#else
+  refuse_workspace(allocate_workspace);
+#endif
   c.check_overlaps();
   py::gil_scoped_release release;
 #ifdef GMATTN_BACKEND_CUDA
@@ -441,13 +554,14 @@ void backward(py::handle q, py::handle k, py::handle v, py::handle mu, py::handl
               py::handle den, py::handle dout, py::handle dS_final, py::handle dz_final, py::handle dq,
               py::handle dk, py::handle dv, py::handle dmu, py::handle domega, py::handle dalpha,
               py::handle dS0, py::handle dz0, bool causal, double eps, double sigma_eps, int num_threads,
-              int64_t stream, bool deterministic, py::handle S_end, py::handle z_end) {
+              int64_t stream, bool deterministic, py::handle S_end, py::handle z_end,
+              py::handle allocate_workspace) {
   Call c = start_call(q, v, mu, stream);
   const auto& d = c.dims;
   gmattn::BackwardArgs a;
   a.dims = d;
   a.dtype = c.dtype;
-  a.opt = make_options(c.dtype, causal, eps, sigma_eps, num_threads, stream, deterministic);
+  a.opt = make_options(c, causal, eps, sigma_eps, num_threads, deterministic);
   import_forward_inputs(c, a, q, k, v, mu, omega, alpha, mask, S0, z0);
   a.out = c.view(out, {"out", {d.B, d.N, d.H, d.Dv}, Kind::kInput, false, false}, false);
   a.gq = c.view(gq, {"gq", {d.B, d.H, d.N, d.K}, Kind::kAccumulator, false, false}, false);
@@ -468,6 +582,11 @@ void backward(py::handle q, py::handle k, py::handle v, py::handle mu, py::handl
   a.dalpha = c.view(dalpha, {"dalpha", {d.H, d.K}, Kind::kAccumulator, true, true}, false);
   a.dS0 = c.view(dS0, {"dS0", {d.B, d.H, d.K, d.Dv}, Kind::kAccumulator, true, true}, true);
   a.dz0 = c.view(dz0, {"dz0", {d.B, d.H, d.K}, Kind::kAccumulator, true, true}, true);
+#ifdef GMATTN_BACKEND_CUDA
+  c.provide_workspace(a.opt, gmattn::cuda::backward_workspace_bytes(a), allocate_workspace);
+#else
+  refuse_workspace(allocate_workspace);
+#endif
   c.check_overlaps();
   py::gil_scoped_release release;
 #ifdef GMATTN_BACKEND_CUDA
@@ -512,16 +631,35 @@ PYBIND11_MODULE(GMATTN_MODULE_NAME, m) {
         py::arg("alpha"), py::arg("mask"), py::arg("S0"), py::arg("z0"), py::arg("out"), py::arg("S_final"),
         py::arg("z_final"), py::arg("gq"), py::arg("gk"), py::arg("den"), py::arg("causal"), py::arg("eps"),
         py::arg("sigma_eps"), py::arg("num_threads") = 0, py::arg("stream") = 0,
-        "Forward pass: writes out (and the optional final state and saved tensors) in place.");
+        py::arg("allocate_workspace") = py::none(),
+        "Forward pass: writes out (and the optional final state and saved tensors) in place. "
+        "CUDA: stream is the caller's cudaStream_t (0 = the default stream), the kernels run on the "
+        "device of q; allocate_workspace(nbytes), when given, returns the device memory for the "
+        "call's temporary buffers (an array of at least nbytes bytes on that device).");
   m.def("backward", &backward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mu"), py::arg("omega"),
         py::arg("alpha"), py::arg("mask"), py::arg("S0"), py::arg("z0"), py::arg("out"), py::arg("gq"),
         py::arg("gk"), py::arg("den"), py::arg("dout"), py::arg("dS_final"), py::arg("dz_final"), py::arg("dq"),
         py::arg("dk"), py::arg("dv"), py::arg("dmu"), py::arg("domega"), py::arg("dalpha"), py::arg("dS0"),
         py::arg("dz0"), py::arg("causal"), py::arg("eps"), py::arg("sigma_eps"), py::arg("num_threads") = 0,
         py::arg("stream") = 0, py::arg("deterministic") = true, py::arg("S_end") = py::none(),
-        py::arg("z_end") = py::none(),
+        py::arg("z_end") = py::none(), py::arg("allocate_workspace") = py::none(),
         "Backward pass: writes dq, dk, dv, dmu, domega, dalpha (and dS0, dz0 when given) in place. "
-        "S_end, z_end (bidirectional, optional): the forward's final state, which spares re-summing it.");
+        "S_end, z_end (bidirectional, optional): the forward's final state, which spares re-summing it. "
+        "stream, allocate_workspace: as for forward.");
+#if defined(GMATTN_CUDA_EMULATION)
+  py::module_ emu = m.def_submodule(
+      "emulation", "The emulated CUDA runtime this module runs on (CPU emulation of the kernels, for tests).");
+  emu.def("set_device", &gma_emu_set_device, py::arg("sm_count"), py::arg("max_smem_optin"),
+          "The emulated GPU's size: streaming multiprocessors and opt-in shared memory per block.");
+  emu.def("set_device_count", &gma_emu_set_device_count, py::arg("count"));
+  emu.def("current_device", &gma_emu_current_device, "The calling thread's current device (cudaGetDevice).");
+  emu.def("set_current_device", &gma_emu_set_current_device, py::arg("device"));
+  emu.def(
+      "set_fault_kernel", [](const std::string& name) { gma_emu_set_fault_kernel(name.c_str()); },
+      py::arg("name"), "Launches of the kernel with this name fault (\"\": none).");
+  emu.def("async_allocations", &gma_emu_async_allocations,
+          "How many workspaces the core has allocated itself (cudaMallocAsync) so far.");
+#endif
 #ifndef GMATTN_BACKEND_CUDA
   py::class_<CpuBuffer>(m, "CpuBuffer", py::buffer_protocol(),
                         "Uninitialised memory from the CPU core's buffer cache (a writable byte buffer).")

@@ -1,5 +1,5 @@
-// Declarations of the per-dtype implementations (defined in gma_kernels.cuh, instantiated in
-// gma_f16.cu, gma_bf16.cu, gma_f32.cu, gma_f64.cu). The extern declarations of those explicit
+// Declarations of the per-dtype implementations (defined in forward.cuh / backward.cuh,
+// instantiated in gma_f16.cu, gma_bf16.cu, gma_f32.cu, gma_f64.cu). The extern declarations of those explicit
 // instantiations keep other translation units from instantiating them again.
 #pragma once
 

@@ -4,20 +4,25 @@
 #   cpp/cuda/emulation/build.sh --sanitize [OUT_DIR]  the same with AddressSanitizer + UBSan (load it
 #                                                     with the runtimes preloaded: tools/sanitize_cuda_emulated.sh)
 #   cpp/cuda/emulation/build.sh --cuda [OUT_DIR]      the real kernels, nvcc -arch=native (needs a GPU)
+#   cpp/cuda/emulation/build.sh --module [OUT_DIR]    also the Python module gmattn._cuda (bindings and
+#                                                     host code as built for a GPU) on the emulated kernels,
+#                                                     as _cuda_emulated<ext> ($PYTHON: the interpreter, python3)
 # GMATTN_BUILD_JOBS limits the parallel compiler runs (default: the number of CPUs).
 set -euo pipefail
 mode=emulated
 sanitize=0
+module=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --cuda) mode=cuda; shift ;;
     --sanitize) sanitize=1; shift ;;
+    --module) module=1; shift ;;
     -*) echo "build.sh: unknown option $1" >&2; exit 2 ;;
     *) break ;;
   esac
 done
-if [[ "$mode" == cuda && "$sanitize" == 1 ]]; then
-  echo "build.sh: --sanitize is for the emulated build only" >&2
+if [[ "$mode" == cuda && ( "$sanitize" == 1 || "$module" == 1 ) ]]; then
+  echo "build.sh: --sanitize and --module are for the emulated build only" >&2
   exit 2
 fi
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -75,6 +80,18 @@ for src in dispatch gma_f16 gma_bf16 gma_f32 gma_f64; do
   objs+=("$out/$src.o")
 done
 compile g++ "${flags[@]}" -c "$here/emulation_api.cpp" -o "$out/emulation_api.o"
+if [[ "$module" == 1 ]]; then
+  python="${PYTHON:-python3}"
+  ext="$("$python" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
+  read -r -a py_includes <<< "$("$python" -m pybind11 --includes)"
+  rm -f "$out/module.o" "$out/_cuda_emulated$ext"
+  compile g++ "${flags[@]}" "${py_includes[@]}" -fvisibility=hidden -DGMATTN_BACKEND_CUDA \
+    -DGMATTN_MODULE_NAME=_cuda_emulated -I"$root/cpp/bindings" -c "$root/cpp/bindings/module.cpp" -o "$out/module.o"
+fi
 finish
 g++ -shared "${ldflags[@]}" -o "$out/libgmattn_cuda_emulated.so" "${objs[@]}" "$out/emulation_api.o"
 echo "$out/libgmattn_cuda_emulated.so"
+if [[ "$module" == 1 ]]; then
+  g++ -shared "${ldflags[@]}" -o "$out/_cuda_emulated$ext" "$out/module.o" "${objs[@]}" "$out/emulation_api.o"
+  echo "$out/_cuda_emulated$ext"
+fi

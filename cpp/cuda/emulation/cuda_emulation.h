@@ -108,6 +108,15 @@ struct DeviceConfig {
   int sm_count = 8;
   int max_smem_optin = 227 * 1024;
   int order = -1;  // 0 ascending, 1 descending, 2 random; -1: from GMATTN_EMU_ORDER
+  // The runtime around the kernels, as far as the host code sees it: the devices (all of this
+  // size), the calling thread's current one, a fault to raise after the launches of one kernel
+  // (reported at the next stream synchronisation, as a real kernel's fault is), and a count of
+  // the workspaces the host code allocated itself (stream-ordered allocations).
+  int device_count = 1;
+  int current_device = 0;
+  std::string fault_kernel;
+  bool fault_pending = false;
+  long async_allocations = 0;
 };
 inline DeviceConfig& device_config() {
   static DeviceConfig c;

@@ -44,6 +44,20 @@ int gma_emu_set_device(int sm_count, int max_smem_optin) {
   return 0;
 #endif
 }
+#if defined(GMATTN_CUDA_EMULATION)
+// The emulated runtime around the kernels (the gmattn._cuda module built on the emulator exposes
+// these to its tests, see module.cpp): the number of devices, the current one, a kernel whose
+// launches fault (reported at the next stream synchronisation), and the workspaces the core
+// allocated itself.
+void gma_emu_set_device_count(int count) { emu::device_config().device_count = count; }
+int gma_emu_current_device() { return emu::device_config().current_device; }
+void gma_emu_set_current_device(int device) { emu::device_config().current_device = device; }
+void gma_emu_set_fault_kernel(const char* name) {
+  emu::device_config().fault_kernel = name ? name : "";
+  emu::device_config().fault_pending = false;
+}
+long gma_emu_async_allocations() { return emu::device_config().async_allocations; }
+#endif
 size_t gma_emu_sizeof_forward_args() { return sizeof(gmattn::ForwardArgs); }
 size_t gma_emu_sizeof_backward_args() { return sizeof(gmattn::BackwardArgs); }
 }

@@ -35,6 +35,9 @@ class Options(ctypes.Structure):
         ("num_threads", ctypes.c_int),
         ("stream", ctypes.c_void_p),
         ("deterministic", ctypes.c_bool),
+        ("device", ctypes.c_int),  # -1: the current device
+        ("workspace", ctypes.c_void_p),  # None: the core allocates its workspace
+        ("workspace_bytes", ctypes.c_size_t),
     ]
 
 
@@ -175,7 +178,7 @@ def run_case(lib, dtype, causal, B, N, H, K, D, Dv, use_mask=False, use_init=Fal
 
     fa = ForwardArgs()
     fa.dims = Dims(B, N, H, K, D, Dv)
-    fa.opt = Options(causal, eps, sigma_eps, 0, stream, deterministic)
+    fa.opt = Options(causal, eps, sigma_eps, 0, stream, deterministic, -1)
     fa.dtype = DTYPE_CODE[dtype]
     # negstride: pass k as a flipped view of k_store (so the kernel sees k)
     k_store = on_dev(k.flip(1).contiguous() if negstride else k)
@@ -297,7 +300,7 @@ def run_error_case(lib, backward, dims_change, view_change, expect):
     lib.gma_emu_set_device(*d["device"])
     args = BackwardArgs() if backward else ForwardArgs()
     args.dims = Dims(*(d[n] for n in ("B", "N", "H", "K", "D", "Dv")))
-    args.opt = Options(True, 1e-6, 1e-4, 0, None, True)
+    args.opt = Options(True, 1e-6, 1e-4, 0, None, True, -1)
     args.dtype = DTYPE_CODE[torch.float64]
     letters = dict(B="B", N="N", H="H", K="K", D="D", V="Dv")
     for name, shape in (BWD_SHAPES if backward else FWD_SHAPES).items():
@@ -341,7 +344,7 @@ def long_sequence_errors(lib, N, sm_count=1):
     fa = ForwardArgs()
     fa.dims = Dims(B, N, H, K, D, Dv)
     stream = torch.cuda.current_stream().cuda_stream if USE_CUDA else None
-    fa.opt = Options(True, 1e-6, 1e-4, 0, stream, True)
+    fa.opt = Options(True, 1e-6, 1e-4, 0, stream, True, -1)
     fa.dtype = DTYPE_CODE[f32]
     fa.q, fa.k, fa.v, fa.mu, fa.omega, fa.alpha = (view_of(t) for t in ins)
     fa.mask, fa.S0, fa.z0 = view_of(None), view_of(None), view_of(None)

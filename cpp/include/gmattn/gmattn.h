@@ -59,6 +59,13 @@ struct Options {
   int num_threads = 0;      // CPU: 0 = OpenMP default
   void* stream = nullptr;   // CUDA: cudaStream_t of the caller; ignored on CPU
   bool deterministic = true;  // CUDA: false allows atomics for parameter gradients
+  // CUDA: the device of the tensors, made current for the call (-1: the current device).
+  int device = -1;
+  // CUDA: device memory for the call's temporary buffers, from the caller's allocator (torch's
+  // caching allocator from the torch front end), at least cuda::*_workspace_bytes() bytes and
+  // usable on `stream`. Null: the core allocates them itself (cudaMallocAsync on `stream`).
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
 };
 
 struct ForwardArgs {
@@ -126,6 +133,24 @@ void scratch_cache_info(size_t& held, size_t& budget);
 namespace cuda {
 void forward(const ForwardArgs& args);
 void backward(const BackwardArgs& args);
+// Bytes of workspace (Options::workspace) a call with these arguments needs; 0 when none. They
+// depend on the sizes, the options and the device (opt.device), not on the tensors' data.
+size_t forward_workspace_bytes(const ForwardArgs& args);
+size_t backward_workspace_bytes(const BackwardArgs& args);
+// Makes `device` the calling thread's current CUDA device until destroyed, then restores the
+// previous one (-1: leaves the current device alone). The bindings hold one while they export
+// the tensors (DLPack producers such as torch export only from the current device) and the
+// kernels hold one for their launches, so tensors on a GPU other than the current one work.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device);
+  ~DeviceGuard();
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+};
 }  // namespace cuda
 
 }  // namespace gmattn

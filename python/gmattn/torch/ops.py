@@ -8,6 +8,7 @@ and passes torch.library.opcheck. CPU tensors go to `gmattn._core`, CUDA tensors
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Tuple
 
@@ -54,11 +55,22 @@ def _sized(shape):
 
 
 def _backend(x: Tensor):
-    """(compiled module, stream handle) for the device of x."""
+    """(compiled module, context that makes x's device current, keyword arguments of the call) for
+    the device of x. CUDA: the kernels run on the caller's current stream of x's device (the
+    module hands the stream to each tensor's __dlpack__, which torch accepts only on the current
+    device), and their workspace comes from torch's caching allocator on that stream, so torch's
+    memory statistics and limits see it."""
     if x.device.type == "cpu":
-        return _ext.core(), 0
+        return _ext.core(), contextlib.nullcontext(), {"num_threads": torch.get_num_threads()}
     if x.device.type == "cuda":
-        return _ext.cuda(), torch.cuda.current_stream(x.device).cuda_stream
+        device = x.device
+
+        def allocate_workspace(nbytes: int) -> Tensor:
+            return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+        return _ext.cuda(), torch.cuda.device(device), {
+            "stream": torch.cuda.current_stream(device).cuda_stream, "allocate_workspace": allocate_workspace,
+        }
     raise ValueError(f"gma_attention: tensors on device '{x.device}' are not supported (CPU and CUDA are)")
 
 
@@ -66,10 +78,6 @@ def _plain(*tensors):
     """Detached views for the compiled module: DLPack refuses tensors that require grad, and the
     kernels only read inputs (or write freshly allocated outputs)."""
     return [None if t is None else t.detach() for t in tensors]
-
-
-def _threads(x: Tensor) -> int:
-    return torch.get_num_threads() if x.device.type == "cpu" else 0
 
 
 @torch.library.custom_op("gmattn::forward", mutates_args=())
@@ -92,12 +100,13 @@ def forward_op(
     """Returns (out, S_final, z_final, gq, gk, den); unrequested ones are empty (size 0)."""
     shapes = _checks.forward_output_shapes(q, v, mu, return_state, save_for_backward)
     outputs = tuple(_empty(_sized(shape), q, dtype) for shape, dtype in zip(shapes, _forward_dtypes(q)))
-    module, stream = _backend(q)
-    module.forward(
-        *_plain(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0),
-        *(None if shape is None else t for shape, t in zip(shapes, outputs)),  # the core skips None
-        causal=causal, eps=eps, sigma_eps=sigma_eps, num_threads=_threads(q), stream=stream,
-    )
+    module, on_device, backend_kw = _backend(q)
+    with on_device:
+        module.forward(
+            *_plain(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0),
+            *(None if shape is None else t for shape, t in zip(shapes, outputs)),  # the core skips None
+            causal=causal, eps=eps, sigma_eps=sigma_eps, **backend_kw,
+        )
     return outputs
 
 
@@ -141,13 +150,15 @@ def backward_op(
     dmu, domega, dalpha = _empty(mu.shape, q, acc), _empty(omega.shape, q, acc), _empty(alpha.shape, q, acc)
     has_state = S0 is not None
     dS0, dz0 = (_empty(_sized(shape), q, acc) for shape in _initial_state_shapes(q, v, mu, has_state))
-    module, stream = _backend(q)
-    module.backward(
-        *_plain(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, out, gq, gk, den, dout, dS_final, dz_final),
-        dq, dk, dv, dmu, domega, dalpha, dS0 if has_state else None, dz0 if has_state else None,
-        causal=causal, eps=eps, sigma_eps=sigma_eps, num_threads=_threads(q), stream=stream,
-        deterministic=True, S_end=_plain(S_end)[0], z_end=_plain(z_end)[0],
-    )
+    module, on_device, backend_kw = _backend(q)
+    with on_device:
+        module.backward(
+            *_plain(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, out, gq, gk, den, dout, dS_final,
+                    dz_final),
+            dq, dk, dv, dmu, domega, dalpha, dS0 if has_state else None, dz0 if has_state else None,
+            causal=causal, eps=eps, sigma_eps=sigma_eps, deterministic=True, S_end=_plain(S_end)[0],
+            z_end=_plain(z_end)[0], **backend_kw,
+        )
     return dq, dk, dv, dmu, domega, dalpha, dS0, dz0
 
 
