@@ -8,6 +8,7 @@ own pieces (its nn namespace, its Linear class) are parameters.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -19,6 +20,18 @@ from .config import MixerConfig
 
 LINEAR_CHUNK = 64
 """Chunk length of the causal linear / performer scan (intra-chunk quadratic, inter-chunk state)."""
+
+SSM_CHUNK = 64
+"""Chunk length of the ssm kind's chunked scan; also the group length of its scan over chunk states."""
+
+SSM_NORM_EPS = 1e-5
+"""Epsilon of the ssm kind's gated RMSNorm (Mamba-2's)."""
+
+SSM_DECAY_RANGE = (1.0, 16.0)
+"""-A (the per-head decay rate) starts uniform in this range (Mamba-2's initialisation)."""
+
+SSM_STEP_RANGE = (1e-3, 1e-1)
+"""The step size softplus(dt_bias) starts log-uniform in this range (Mamba-2's), floored at 1e-4."""
 
 
 def orthogonal_random_features(num_heads: int, num_features: int, dim: int,
@@ -107,6 +120,60 @@ def init_projected_mixer(mixer: Any, linear: Callable[..., Any], config: MixerCo
         setattr(mixer, name, linear(n_in, n_out, bias=config.bias))
 
 
+def ssm_projections(config: MixerConfig) -> Dict[str, Tuple[int, int]]:
+    """(in_features, out_features) of the ssm mixer's projections (nn.Linear), by attribute name, in
+    the order they are created: the gate z and the input x (H P each), B and C (S each, shared by
+    the heads), the step size dt (one per head) and the output."""
+    d, H, P, S = config.d_model, config.num_heads, config.resolved_head_dim, config.state_dim
+    return {"z_proj": (d, H * P), "x_proj": (d, H * P), "B_proj": (d, S), "C_proj": (d, S), "dt_proj": (d, H),
+            "out_proj": (H * P, d)}
+
+
+def ssm_conv_channels(config: MixerConfig) -> int:
+    """Channels of the ssm mixer's short convolution: x, B and C side by side (H P + 2 S)."""
+    return config.num_heads * config.resolved_head_dim + 2 * config.state_dim
+
+
+def ssm_initial_parameters(config: MixerConfig, uniform: Callable[[Tuple[int, ...]], np.ndarray]
+                           ) -> Dict[str, np.ndarray]:
+    """Initial values (float32) of the ssm mixer's parameters besides its projections, by name, in
+    the order they are created; `uniform(shape)` draws U[0, 1) from the framework's generator.
+
+    conv_weight (C, W), conv_bias (C): PyTorch's Conv1d default, U(+-1/sqrt(W)) (absent when W = 0);
+    dt_bias (H): the inverse softplus of a step size log-uniform in SSM_STEP_RANGE; A_log (H): the
+    log of a decay rate uniform in SSM_DECAY_RANGE; D (H): ones (the skip connection); norm_weight
+    (H P): ones.
+    """
+    H, P, W = config.num_heads, config.resolved_head_dim, config.conv_width
+    params: Dict[str, np.ndarray] = {}
+    if W:
+        bound = 1.0 / np.sqrt(W)
+        C = ssm_conv_channels(config)
+        params["conv_weight"] = (2.0 * uniform((C, W)) - 1.0) * bound
+        params["conv_bias"] = (2.0 * uniform((C,)) - 1.0) * bound
+    lo, hi = np.log(SSM_STEP_RANGE[0]), np.log(SSM_STEP_RANGE[1])
+    step = np.maximum(np.exp(lo + (hi - lo) * uniform((H,))), 1e-4)
+    params["dt_bias"] = step + np.log(-np.expm1(-step))  # softplus(dt_bias) = step
+    lo, hi = SSM_DECAY_RANGE
+    params["A_log"] = np.log(lo + (hi - lo) * uniform((H,)))
+    params["D"] = np.ones(H)
+    params["norm_weight"] = np.ones(H * P)
+    return {name: np.asarray(value, dtype=np.float32) for name, value in params.items()}
+
+
+def init_ssm_mixer(mixer: Any, linear: Callable[..., Any], parameter: Callable[[np.ndarray], Any],
+                   config: MixerConfig, uniform: Callable[[Tuple[int, ...]], np.ndarray]) -> None:
+    """Sets the sizes, projections and parameters of an ssm mixer; `linear` is the framework's
+    nn.Linear, `parameter` turns a NumPy array into the framework's trainable parameter."""
+    mixer.config = config
+    mixer.num_heads, mixer.head_dim, mixer.state_dim = config.num_heads, config.resolved_head_dim, config.state_dim
+    mixer.conv_width, mixer.causal = config.conv_width, config.causal
+    for name, (n_in, n_out) in ssm_projections(config).items():
+        setattr(mixer, name, linear(n_in, n_out, bias=config.bias))
+    for name, value in ssm_initial_parameters(config, uniform).items():
+        setattr(mixer, name, parameter(value))
+
+
 def init_block(block: Any, nn: Any, build: Callable[[MixerConfig], Any], config: MixerConfig, mlp_ratio: float,
                dropout: float, norm_eps: float) -> None:
     """Sets the sublayers of a MixerBlock: norm1, mixer, norm2, fc1, fc2, drop, created in this
@@ -123,10 +190,28 @@ def init_block(block: Any, nn: Any, build: Callable[[MixerConfig], Any], config:
     block.drop = nn.Dropout(dropout)
 
 
+_MIXER_INPUT_OBSERVERS: List[Callable[[Any, Any], None]] = []
+
+
+@contextlib.contextmanager
+def observing_mixer_inputs(observe: Callable[[Any, Any], None]):
+    """While the context is open, every MixerBlock (either framework) calls observe(block, u) with its
+    mixer's input u = norm1(x) before running the mixer (gmattn.analysis reads the GMA blocks' routing
+    inputs this way, without re-implementing the models' forward)."""
+    _MIXER_INPUT_OBSERVERS.append(observe)
+    try:
+        yield
+    finally:
+        _MIXER_INPUT_OBSERVERS.remove(observe)
+
+
 def run_block(block: Any, x: Any, key_padding_mask, state, return_state: bool, gelu: Callable[[Any], Any]):
     """MixerBlock's forward: x + drop(mixer(norm1(x))), then x + drop(fc2(gelu(fc1(norm2(x))))),
     returning (x, the mixer's state) with return_state. `gelu` is the framework's (exact, erf)."""
-    h = block.mixer(block.norm1(x), key_padding_mask=key_padding_mask, state=state, return_state=return_state)
+    u = block.norm1(x)
+    for observe in _MIXER_INPUT_OBSERVERS:
+        observe(block, u)
+    h = block.mixer(u, key_padding_mask=key_padding_mask, state=state, return_state=return_state)
     if return_state:
         h, state = h
     x = x + block.drop(h)
