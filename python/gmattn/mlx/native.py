@@ -128,6 +128,60 @@ def exclusive_scan(x: mx.array, reverse: bool = False) -> Tuple[mx.array, mx.arr
 
 
 # ---------------------------------------------------------------------------------------------
+# exp and its relatives, accurate in float64
+#
+# MLX's CPU backend evaluates exp (and so softmax, logaddexp, logsumexp, sigmoid) in float64 with
+# float32-like accuracy (about 1e-8 relative); log and log1p are accurate. For float64 the exp is
+# therefore computed here: exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 (ln 2 split in
+# two so that n ln 2 is exact), exp(r) by its Taylor polynomial of degree 13 (|r| <= ln2 / 2:
+# truncation below 1e-17), 2^n from the exponent bits. Other dtypes use MLX's own functions.
+
+_LN2_HI = 0.6931471803691238  # ln 2 to 32 bits: n * _LN2_HI is exact for |n| < 2^20
+_LN2_LO = 1.9082149292705877e-10  # ln 2 - _LN2_HI
+_EXP_TAYLOR_DEGREE = 13
+
+
+def _exp(x: mx.array) -> mx.array:
+    if x.dtype != mx.float64:
+        return mx.exp(x)
+    x = mx.clip(x, -708.0, 709.0)  # 2^n stays a normal number; exp(-708) ~ 3e-308 is zero enough
+    n = mx.stop_gradient(mx.floor(x * (1.0 / 0.6931471805599453) + 0.5))
+    r = (x - n * _LN2_HI) - n * _LN2_LO
+    poly = mx.ones_like(r)
+    for degree in range(_EXP_TAYLOR_DEGREE, 0, -1):  # Horner: 1 + r/1 (1 + r/2 (1 + ...))
+        poly = 1.0 + poly * r * (1.0 / degree)
+    two_n = mx.stop_gradient(((n.astype(mx.int64) + 1023) << 52).view(mx.float64))
+    return poly * two_n
+
+
+def _softmax(x: mx.array, axis: int = -1) -> mx.array:
+    if x.dtype != mx.float64:
+        return mx.softmax(x, axis=axis)
+    e = _exp(x - mx.stop_gradient(mx.max(x, axis=axis, keepdims=True)))
+    return e / mx.sum(e, axis=axis, keepdims=True)
+
+
+def _log_softmax(x: mx.array, axis: int = -1) -> mx.array:
+    if x.dtype != mx.float64:
+        return x - mx.logsumexp(x, axis=axis, keepdims=True)
+    shifted = x - mx.stop_gradient(mx.max(x, axis=axis, keepdims=True))
+    return shifted - mx.log(mx.sum(_exp(shifted), axis=axis, keepdims=True))
+
+
+def _softplus(x: mx.array) -> mx.array:
+    if x.dtype != mx.float64:
+        return mx.logaddexp(x, mx.zeros_like(x))
+    return mx.maximum(x, 0.0) + mx.log1p(_exp(-mx.abs(x)))
+
+
+def _sigmoid(x: mx.array) -> mx.array:
+    if x.dtype != mx.float64:
+        return mx.sigmoid(x)
+    e = _exp(-mx.abs(x))
+    return mx.where(x >= 0, 1.0, e) / (1.0 + e)
+
+
+# ---------------------------------------------------------------------------------------------
 # the mixture and the responsibilities
 
 class _Mixture:
@@ -137,9 +191,9 @@ class _Mixture:
         self.mu = mu
         self.omega = omega
         self.alpha = alpha
-        sigma2 = mx.logaddexp(omega, mx.zeros_like(omega)) + sigma_eps  # softplus + sigma_eps
+        sigma2 = _softplus(omega) + sigma_eps
         self.lam = 1.0 / sigma2
-        logpi = alpha - mx.logsumexp(alpha, axis=-1, keepdims=True)
+        logpi = _log_softmax(alpha)
         log_norm = logpi - 0.5 * mx.sum(mx.log(sigma2), axis=-1)
         # softmax is shift invariant: drop the largest constant so none rounds differently per component
         self.log_norm = log_norm - mx.stop_gradient(mx.max(log_norm, axis=-1, keepdims=True))
@@ -166,7 +220,7 @@ def _responsibilities(xc: mx.array, chunking: _Chunking, mix: _Mixture) -> mx.ar
     quad = (xp * xp) @ lam.swapaxes(-1, -2) - 2.0 * (xp @ lam_mu.swapaxes(-1, -2))
     quad = quad + mx.expand_dims(mx.sum(lam_mu * mup, axis=-1), 3)
     scores = mix.broadcast(mix.log_norm)[..., None, :] - 0.5 * quad  # log_norm as (1, H, 1, 1, K)
-    return mx.softmax(scores, axis=-1)
+    return _softmax(scores)
 
 
 def _responsibilities_backward(xc: mx.array, gamma: mx.array, dgamma: mx.array, chunking: _Chunking,
@@ -286,9 +340,9 @@ def _backward(q, k, v, mix: _Mixture, mask, state0, out, gq, gk, den, dout, dfin
     dq, (dmu_q, dsig_q, dln_q) = _responsibilities_backward(chunking.split(q), gq, dgq, chunking, mix)
     dk, (dmu_k, dsig_k, dln_k) = _responsibilities_backward(chunking.split(k), gk, dgk, chunking, mix)
     dsigma2 = dsig_q + dsig_k
-    domega = dsigma2 * mx.sigmoid(mix.omega)
+    domega = dsigma2 * _sigmoid(mix.omega)
     dlogpi = dln_q + dln_k  # log_norm = logpi - 0.5 sum log sigma2: that term is in dsigma2
-    dalpha = dlogpi - mx.softmax(mix.alpha, axis=-1) * mx.sum(dlogpi, axis=-1, keepdims=True)
+    dalpha = dlogpi - _softmax(mix.alpha) * mx.sum(dlogpi, axis=-1, keepdims=True)
     dv = chunking.join(dv1[..., :Dv])
     return chunking.join(dq), chunking.join(dk), dv, dmu_q + dmu_k, domega, dalpha, dstate0
 
