@@ -23,6 +23,8 @@ import platform
 import statistics
 import time
 
+import numpy as np
+
 
 def _interleaved(fns: dict, repeats: int, warmup: int) -> dict:
     """Runs every fn `warmup` times, then `repeats` rounds alternating the order; seconds per call."""
@@ -85,6 +87,13 @@ def main():
         "fwd+bwd core": timed(loss_and_grads("core")),
         "fwd+bwd native compiled": timed(mx.compile(loss_and_grads("native"))),
     }
+    # What the native path is made of: MLX's float32 matmul on the default device, against NumPy's
+    # (the native path's speed follows the BLAS that MLX was built with).
+    a = mx.random.normal((1024, 1024))
+    a_np = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
+    mx.eval(a)
+    fns["matmul 1024 MLX"] = lambda: mx.eval(a @ a)
+    fns["matmul 1024 NumPy"] = lambda: a_np @ a_np
     times = _interleaved(fns, args.repeats, args.warmup)
     ms = {n: 1e3 * statistics.median(t) for n, t in times.items()}
     shape = f"B={B} N={N} H={H} D={D} Dv={Dv} K={K} {args.dtype} {'causal' if args.causal else 'bidirectional'}"
@@ -94,9 +103,12 @@ def main():
         native, core, compiled = ms[f"{part} native"], ms[f"{part} core"], ms[f"{part} native compiled"]
         print(f"  {part:8s} native {native:9.2f}   core {core:9.2f}   ratio {native / core:5.2f}   "
               f"native compiled {compiled:9.2f} (ratio {compiled / core:5.2f})")
+    gflops = {n: 2 * 1024 ** 3 / (ms[f"matmul 1024 {n}"] * 1e6) for n in ("MLX", "NumPy")}
+    print(f"  float32 matmul 1024^3: MLX {gflops['MLX']:.1f} GFLOP/s, NumPy {gflops['NumPy']:.1f} GFLOP/s "
+          f"(ratio {gflops['MLX'] / gflops['NumPy']:.2f})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"shape": shape, "device": str(mx.default_device()), "median_ms": ms}, f, indent=2)
+            json.dump({"shape": shape, "device": str(mx.default_device()), "median_ms": ms, "matmul_gflops": gflops}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -298,11 +298,14 @@ def _forward(q, k, v, mix: _Mixture, mask, state0, *, causal: bool, eps: float):
     return chunking.join(out), total, gq, gk, den
 
 
-def _backward(q, k, v, mix: _Mixture, mask, state0, out, gq, gk, den, dout, dfinal, *, causal: bool,
-              eps: float):
+def _backward(q, k, v, mix: _Mixture, mask, state0, out, gq, gk, den, dout, dfinal, dgq_out, dgk_out, dden_out, *,
+              causal: bool, eps: float):
     """Gradients of q, k, v (B, N, H, .), mu, omega, alpha and the initial state [S, z] (or None).
 
-    dfinal: the cotangent of the final state [S, z] (B, H, K, E)."""
+    dfinal: the cotangent of the final state [S, z] (B, H, K, E). dgq_out, dgk_out, dden_out: the
+    cotangents of the forward's responsibilities and denominators. The caller never sees those, so
+    they are zero for a gradient; they are not in a gradient of a gradient, whose vjp reads the
+    forward's outputs."""
     B, N, H, _ = q.shape
     Dv = v.shape[-1]
     chunking = _Chunking(N, q.dtype)
@@ -311,7 +314,7 @@ def _backward(q, k, v, mix: _Mixture, mask, state0, out, gq, gk, den, dout, dfin
     inv = 1.0 / (den + eps)
     g = chunking.split(dout)
     dnum = g * mx.expand_dims(inv, -1)
-    dden = -mx.sum(g * chunking.split(out), axis=-1) * inv
+    dden = -mx.sum(g * chunking.split(out), axis=-1) * inv + dden_out
     dnd = mx.concatenate([dnum, mx.expand_dims(dden, -1)], axis=-1)  # (B, H, NC, C, E)
     dbefore = gq.swapaxes(-1, -2) @ dnd  # cotangent of the state each chunk read (B, H, NC, K, E)
     if causal:
@@ -322,8 +325,8 @@ def _backward(q, k, v, mix: _Mixture, mask, state0, out, gq, gk, den, dout, dfin
         dsums = mx.expand_dims(dstate0, 2)
     dstate0 = dstate0 + dfinal
     dsums = dsums + mx.expand_dims(dfinal, 2)
-    dgq = dnd @ before.swapaxes(-1, -2)
-    dgk = v1 @ dsums.swapaxes(-1, -2)
+    dgq = dnd @ before.swapaxes(-1, -2) + dgq_out
+    dgk = v1 @ dsums.swapaxes(-1, -2) + dgk_out
     dv1 = gk @ dsums
     if causal:
         tril = _causal_mask(chunking.C, q.dtype)
@@ -375,12 +378,10 @@ def build_native_op(*, causal: bool, eps: float, sigma_eps: float, has_mask: boo
     def op_vjp(primals, cotangents, outputs):
         q, k, v, mix, mask, state0 = unpack(primals)
         out, _, _, gq, gk, den = outputs
-        # cotangents of the responsibilities and denominators are zero: the caller never sees them
-        dout, dS, dz = cotangents[:3]
-        dout = dout.astype(q.dtype)
-        dfinal = _join_state(dS.astype(mix.mu.dtype), dz.astype(mix.mu.dtype))
+        dout, dS, dz, dgq_out, dgk_out, dden_out = (c.astype(q.dtype) for c in cotangents)
         dq, dk, dv, dmu, domega, dalpha, dstate0 = _backward(
-            q, k, v, mix, mask, state0, out, gq, gk, den, dout, dfinal, causal=causal, eps=eps
+            q, k, v, mix, mask, state0, out, gq, gk, den, dout, _join_state(dS, dz), dgq_out, dgk_out, dden_out,
+            causal=causal, eps=eps,
         )
         grads = [dq, dk, dv, dmu, domega, dalpha]
         if has_mask:
