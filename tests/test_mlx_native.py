@@ -154,6 +154,22 @@ def test_many_chunks_and_off_centre_data(causal):
     assert_matches(mlx_run(p, causal, True, True, "float32"), want, 1e-4, "float32")
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_far_away_padding_does_not_cost_accuracy(causal):
+    """Masked rows holding values far from the data (padding tokens) are left out of the chunk
+    centres, so the real rows keep float32 accuracy: their outputs and all gradients (the loss
+    reads the real rows' outputs only)."""
+    p = make_problem(seed=18)
+    for name in ("q", "k"):
+        p[name][~p["mask"]] = 1000.0
+    p["g_out"][~p["mask"]] = 0.0
+    want = reference_run(p, causal, True, False)
+    got = mlx_run(p, causal, True, False, "float32")
+    real = p["mask"]
+    want["out"], got["out"] = want["out"][real], got["out"][real]
+    assert_matches(got, want, 2e-5, "float32")
+
+
 @pytest.mark.parametrize("dtype,tol", [("float16", 3e-3), ("bfloat16", 2e-2)])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 def test_low_precision(dtype, tol, causal):

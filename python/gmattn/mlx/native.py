@@ -49,16 +49,31 @@ SCAN_GROUP = 16  # chunks per level of the blocked sums over chunks
 # layout: (B, N, H, F) <-> chunks (B, H, NC, C, F)
 
 class _Chunking:
-    """How a sequence of N rows is cut into NC chunks of C rows (the last one zero-padded)."""
+    """How a sequence of N rows is cut into NC chunks of C rows (the last one zero-padded), and
+    which rows are real: `keep` (B or 1, 1, NC, C, 1) is 1 for rows with mask True that are not
+    padding, None when all rows are."""
 
-    def __init__(self, N: int, dtype):
+    def __init__(self, N: int, dtype, mask: Optional[mx.array]):
         self.N = N
         self.C = min(CHUNK, N)
         self.NC = -(-N // self.C)
         self.pad = self.NC * self.C - N
-        # real rows per chunk, for the chunk means: (1, 1, NC, 1, 1)
-        rows = [self.C] * (self.NC - 1) + [self.C - self.pad]
-        self.rows = mx.array(rows, dtype=dtype).reshape(1, 1, self.NC, 1, 1)
+        self.keep = None
+        if mask is not None or self.pad:
+            keep = mx.ones((1, N), dtype=dtype) if mask is None else mask.astype(dtype)
+            if self.pad:
+                keep = mx.pad(keep, [(0, 0), (0, self.pad)])
+            self.keep = keep.reshape(keep.shape[0], 1, self.NC, self.C, 1)
+            # real rows per chunk (at least 1: a chunk without any has a centre of 0)
+            self.rows = mx.maximum(mx.sum(self.keep, axis=3, keepdims=True), 1.0)
+
+    def centre(self, xc: mx.array) -> mx.array:
+        """Each chunk's mean over its real rows: (B, H, NC, C, D) -> (B, H, NC, 1, D). Padding and
+        masked rows may hold anything (padding tokens far from the data would make their chunk's
+        centre useless for the real rows), so they are left out."""
+        if self.keep is None:
+            return mx.mean(xc, axis=3, keepdims=True)
+        return mx.sum(xc * self.keep, axis=3, keepdims=True) / self.rows
 
     def split(self, x: mx.array) -> mx.array:
         """(B, N, H, F) -> (B, H, NC, C, F), padded rows zero."""
@@ -75,15 +90,6 @@ class _Chunking:
         if self.pad:
             x = x[:, :, : self.N]
         return x.transpose(0, 2, 1, 3)
-
-    def real_keys(self, mask: Optional[mx.array], B: int, dtype) -> Optional[mx.array]:
-        """(B, 1, NC, C, 1) with 1 for real key rows (mask True, not padding), or None if all are."""
-        if mask is None and not self.pad:
-            return None
-        keep = mx.ones((B, self.N), dtype=dtype) if mask is None else mask.astype(dtype)
-        if self.pad:
-            keep = mx.pad(keep, [(0, 0), (0, self.pad)])
-        return keep.reshape(B, 1, self.NC, self.C, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,11 +210,11 @@ class _Mixture:
 
 
 def _centred(xc: mx.array, chunking: _Chunking, mix: _Mixture) -> Tuple[mx.array, mx.array]:
-    """x' = x - c and mu' = mu - c with c each chunk's mean over its real rows.
+    """x' = x - c and mu' = mu - c with c each chunk's mean over its real rows (queries too: the
+    outputs of masked rows are defined but need not be as accurate as the real rows').
 
-    xc (B, H, NC, C, D) -> x' (B, H, NC, C, D) (padded rows stay -c: their results are discarded
-    or masked), mu' (B, H, NC, K, D)."""
-    c = mx.sum(xc, axis=3, keepdims=True) / chunking.rows  # (B, H, NC, 1, D)
+    xc (B, H, NC, C, D) -> x' (B, H, NC, C, D), mu' (B, H, NC, K, D)."""
+    c = chunking.centre(xc)
     return xc - c, mix.broadcast(mix.mu) - c
 
 
@@ -280,14 +286,12 @@ def _states(gk: mx.array, v1: mx.array, state0: Optional[mx.array], causal: bool
 def _forward(q, k, v, mix: _Mixture, mask, state0, *, causal: bool, eps: float):
     """Returns out (B, N, H, Dv), the final state [S, z] (B, H, K, E), gamma of q and of k
     (B, H, NC, C, K; keys masked) and den (B, H, NC, C)."""
-    B, N, H, _ = q.shape
-    Dv = v.shape[-1]
-    chunking = _Chunking(N, q.dtype)
+    N, Dv = q.shape[1], v.shape[-1]
+    chunking = _Chunking(N, q.dtype, mask)
     gq = _responsibilities(chunking.split(q), chunking, mix)
     gk = _responsibilities(chunking.split(k), chunking, mix)
-    keep = chunking.real_keys(mask, B, q.dtype)
-    if keep is not None:
-        gk = gk * keep
+    if chunking.keep is not None:
+        gk = gk * chunking.keep
     v1 = _values_with_ones(chunking.split(v))
     before, total = _states(gk, v1, state0, causal)
     nd = gq @ before  # (B, H, NC, C, E)
@@ -306,9 +310,8 @@ def _backward(q, k, v, mix: _Mixture, mask, state0, out, gq, gk, den, dout, dfin
     cotangents of the forward's responsibilities and denominators. The caller never sees those, so
     they are zero for a gradient; they are not in a gradient of a gradient, whose vjp reads the
     forward's outputs."""
-    B, N, H, _ = q.shape
-    Dv = v.shape[-1]
-    chunking = _Chunking(N, q.dtype)
+    N, Dv = q.shape[1], v.shape[-1]
+    chunking = _Chunking(N, q.dtype, mask)
     v1 = _values_with_ones(chunking.split(v))
     before, _ = _states(gk, v1, state0, causal)
     inv = 1.0 / (den + eps)
@@ -335,11 +338,10 @@ def _backward(q, k, v, mix: _Mixture, mask, state0, out, gq, gk, den, dout, dfin
         dgq = dgq + dscores @ gk
         dgk = dgk + dscores.swapaxes(-1, -2) @ gq
         dv1 = dv1 + scores.swapaxes(-1, -2) @ dnd
-    keep = chunking.real_keys(mask, B, q.dtype)
-    if keep is not None:
-        dgk = dgk * keep
-    # gk was masked after the softmax: its unmasked value is the softmax of the key rows (the
-    # masked rows' gradient is zero, so masking gk here gives the same ds)
+    if chunking.keep is not None:
+        dgk = dgk * chunking.keep
+    # gk is the softmax times keep; the softmax backward needs the softmax itself, but only where
+    # keep is 1 (elsewhere dgk is now zero), and there the two agree
     dq, (dmu_q, dsig_q, dln_q) = _responsibilities_backward(chunking.split(q), gq, dgq, chunking, mix)
     dk, (dmu_k, dsig_k, dln_k) = _responsibilities_backward(chunking.split(k), gk, dgk, chunking, mix)
     dsigma2 = dsig_q + dsig_k
