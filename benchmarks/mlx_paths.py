@@ -21,24 +21,9 @@ import argparse
 import json
 import platform
 import statistics
-import time
 
 import numpy as np
-
-
-def _interleaved(fns: dict, repeats: int, warmup: int) -> dict:
-    """Runs every fn `warmup` times, then `repeats` rounds alternating the order; seconds per call."""
-    names = list(fns)
-    for _ in range(warmup):
-        for n in names:
-            fns[n]()
-    times = {n: [] for n in names}
-    for r in range(repeats):
-        for n in names if r % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
-    return times
+from mlx_overhead import _interleaved  # this directory is on sys.path when run as a script
 
 
 def main():
@@ -50,6 +35,7 @@ def main():
     parser.add_argument("--device", default=None, choices=("cpu", "gpu"), help="MLX default device")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--matmul", type=int, default=1024, help="size of the square matmul timed for reference")
     parser.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
 
@@ -89,11 +75,12 @@ def main():
     }
     # What the native path is made of: MLX's float32 matmul on the default device, against NumPy's
     # (the native path's speed follows the BLAS that MLX was built with).
-    a = mx.random.normal((1024, 1024))
-    a_np = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
+    m = args.matmul
+    a = mx.random.normal((m, m))
+    a_np = np.random.default_rng(0).standard_normal((m, m)).astype(np.float32)
     mx.eval(a)
-    fns["matmul 1024 MLX"] = lambda: mx.eval(a @ a)
-    fns["matmul 1024 NumPy"] = lambda: a_np @ a_np
+    fns["matmul MLX"] = lambda: mx.eval(a @ a)
+    fns["matmul NumPy"] = lambda: a_np @ a_np
     times = _interleaved(fns, args.repeats, args.warmup)
     ms = {n: 1e3 * statistics.median(t) for n, t in times.items()}
     shape = f"B={B} N={N} H={H} D={D} Dv={Dv} K={K} {args.dtype} {'causal' if args.causal else 'bidirectional'}"
@@ -103,12 +90,13 @@ def main():
         native, core, compiled = ms[f"{part} native"], ms[f"{part} core"], ms[f"{part} native compiled"]
         print(f"  {part:8s} native {native:9.2f}   core {core:9.2f}   ratio {native / core:5.2f}   "
               f"native compiled {compiled:9.2f} (ratio {compiled / core:5.2f})")
-    gflops = {n: 2 * 1024 ** 3 / (ms[f"matmul 1024 {n}"] * 1e6) for n in ("MLX", "NumPy")}
-    print(f"  float32 matmul 1024^3: MLX {gflops['MLX']:.1f} GFLOP/s, NumPy {gflops['NumPy']:.1f} GFLOP/s "
+    gflops = {n: 2 * m ** 3 / (ms[f"matmul {n}"] * 1e6) for n in ("MLX", "NumPy")}
+    print(f"  float32 matmul {m}^3: MLX {gflops['MLX']:.1f} GFLOP/s, NumPy {gflops['NumPy']:.1f} GFLOP/s "
           f"(ratio {gflops['MLX'] / gflops['NumPy']:.2f})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"shape": shape, "device": str(mx.default_device()), "median_ms": ms, "matmul_gflops": gflops}, f, indent=2)
+            json.dump({"shape": shape, "device": str(mx.default_device()), "median_ms": ms, "matmul_gflops": gflops},
+                      f, indent=2)
 
 
 if __name__ == "__main__":

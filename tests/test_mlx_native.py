@@ -26,6 +26,7 @@ import gmattn  # noqa: E402
 from gmattn import reference  # noqa: E402
 from gmattn.mlx import GaussianMixtureAttention, gma_attention  # noqa: E402
 from gmattn.mlx import native  # noqa: E402
+from test_mlx import make_problem as make_base_problem  # noqa: E402
 
 PARAMS = ("q", "k", "v", "mu", "omega", "alpha")
 STATE = ("S0", "z0")
@@ -33,27 +34,12 @@ MX_DTYPES = {"float64": mx.float64, "float32": mx.float32, "float16": mx.float16
 
 
 def make_problem(B=2, N=70, H=2, D=5, Dv=4, K=6, seed=0, offset=0.0):
-    """float64 NumPy arrays: inputs (data and means around `offset`), a mask with padded rows at
-    both ends, an initial state and cotangents of out, S and z. N = 70 is a full chunk and a
-    zero-padded one."""
-    rng = np.random.default_rng(seed)
-    p = {
-        "q": rng.standard_normal((B, N, H, D)) * 0.7 + offset,
-        "k": rng.standard_normal((B, N, H, D)) * 0.7 + offset,
-        "v": rng.standard_normal((B, N, H, Dv)),
-        "mu": rng.standard_normal((H, K, D)) * 0.6 + offset,
-        "omega": rng.standard_normal((H, K, D)) * 0.3 + 0.5,
-        "alpha": rng.standard_normal((H, K)) * 0.5,
-        "S0": rng.standard_normal((B, H, K, Dv)),
-        "z0": rng.uniform(0.5, 2.0, (B, H, K)),
-        "g_out": rng.standard_normal((B, N, H, Dv)),
-        "g_S": rng.standard_normal((B, H, K, Dv)),
-        "g_z": rng.standard_normal((B, H, K)),
-    }
-    mask = np.ones((B, N), dtype=bool)
-    mask[0, N - 9:] = False
-    mask[-1, :3] = False
-    p["mask"] = mask
+    """test_mlx's problem in float64 (inputs, a mask with padded rows at both ends, an initial
+    state, cotangents of out, S and z), with the data and the means moved to `offset`. N = 70 is
+    a full chunk and a zero-padded one."""
+    p = make_base_problem(B=B, N=N, H=H, D=D, Dv=Dv, K=K, seed=seed, dtype=np.float64)
+    for name in ("q", "k", "mu"):
+        p[name] = p[name] + offset
     return p
 
 
@@ -481,3 +467,22 @@ def test_layer_compiles_and_matches_core_backend():
     finally:
         gmattn.mlx.set_backend(None)
     np.testing.assert_allclose(np.array(y_compiled), np.array(y_core), rtol=1e-5, atol=1e-6)
+
+
+def test_paths_benchmark_runs(tmp_path):
+    """benchmarks/mlx_paths.py at a tiny size: both backends, compiled and not, and its JSON."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "mlx_paths.py"
+    out = tmp_path / "paths.json"
+    run = subprocess.run([sys.executable, str(script), "--N", "80", "--H", "1", "--D", "4", "--Dv", "4", "--K", "3",
+                          "--repeats", "1", "--warmup", "0", "--matmul", "64", "--causal", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "ratio" in run.stdout
+    result = json.loads(out.read_text())
+    assert {"forward native", "forward core", "fwd+bwd native compiled"} <= set(result["median_ms"])
+    assert all(t > 0 for t in result["median_ms"].values())
