@@ -13,13 +13,15 @@ Backends
   a clear error inside ``mx.compile`` or ``mx.vmap``.
 
 Choosing: ``gma_attention(..., backend="core")`` for one call, ``gmattn.mlx.set_backend("core")``
-for the process, or the environment variable ``GMATTN_MLX_BACKEND=core`` (read when the backend is
-first needed); the argument wins over ``set_backend``, which wins over the variable. The default is
-the native backend on every device: MLX offers no public way to ask whether a function is being
-traced (by ``mx.compile`` or ``mx.vmap``) short of evaluating an argument, which would break
-laziness, so the default cannot switch to the core for "eager" calls without guessing; and the
-native backend's CPU speed is close enough to the core's for the shapes measured
-(``benchmarks/mlx_paths.py``, docs/mlx.md). Both backends compute the same math and agree to
+for the process, or the environment variable ``GMATTN_MLX_BACKEND=core`` (read at each call that
+has neither); the argument wins over ``set_backend``, which wins over the variable. The default is
+the native backend on every device: it is the one that is correct under every transformation and
+on every device, and MLX offers no public way to ask whether a function is being traced (by
+``mx.compile`` or ``mx.vmap``) short of evaluating an argument, which would break laziness, so a
+default that switched to the core for "eager CPU" calls would have to guess. The price is speed on
+Linux CPUs: the ``mlx[cpu]`` wheel links the reference BLAS and the native backend is matmul-bound,
+so there the core is an order of magnitude faster (``benchmarks/mlx_paths.py``, docs/mlx.md) and
+``set_backend("core")`` is worth it for eager use. Both backends compute the same math and agree to
 rounding.
 
 The core backend in detail
