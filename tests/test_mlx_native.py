@@ -65,6 +65,14 @@ def reference_run(p, causal, masked, with_state):
     return {n: a.detach().numpy() for n, a in res.items()}
 
 
+@pytest.fixture(autouse=True)
+def native_by_default(monkeypatch):
+    """These tests are about the native backend: calls without backend= run it (the default
+    "auto" would take the core for eager CPU calls, the native backend under mx.compile / mx.vmap).
+    Tests of the switching itself set the environment themselves."""
+    monkeypatch.setenv(gmattn.mlx.ops.BACKEND_ENV, "native")
+
+
 def mlx_loss(p, causal, masked, with_state, dtype, backend="native"):
     """(loss(*arrays) -> (loss, (out, S, z)), arrays): MLX arrays of the problem (q, k, v in `dtype`,
     the rest float32, float64 for float64) and the loss of reference_run."""
@@ -234,8 +242,17 @@ def test_backend_switches(monkeypatch):
 
     monkeypatch.setattr(gmattn.mlx.ops, "gma_attention_native", spy)
     monkeypatch.delenv(gmattn.mlx.ops.BACKEND_ENV, raising=False)
-    assert gmattn.mlx.get_backend() == "native"
-    gma_attention(*args)
+    assert gmattn.mlx.get_backend() == "auto"
+    gma_attention(*args)                    # auto, eager on the CPU: the core
+    assert len(calls) == 0
+    mx.eval(mx.compile(lambda *a: gma_attention(*a))(*args))   # auto, traced: native
+    assert len(calls) == 1
+    mx.eval(mx.vmap(lambda q: gma_attention(q, *args[1:]))(args[0][None]))
+    assert len(calls) == 2
+    gma_attention(*args, backend="native")
+    assert len(calls) == 3
+    calls.clear()
+    gma_attention(*args, backend="native")
     assert len(calls) == 1
     gma_attention(*args, backend="core")
     assert len(calls) == 1
@@ -263,7 +280,7 @@ def test_backend_switches(monkeypatch):
 def test_bad_backend_names_are_refused(monkeypatch):
     p = make_problem(seed=6)
     args = [mx.array(p[n], dtype=mx.float32) for n in PARAMS]
-    with pytest.raises(ValueError, match="'backend' must be one of 'native', 'core', got 'metal'"):
+    with pytest.raises(ValueError, match="'backend' must be one of 'auto', 'native', 'core', got 'metal'"):
         gma_attention(*args, backend="metal")
     with pytest.raises(ValueError, match="set_backend's 'name'"):
         gmattn.mlx.set_backend("gpu")

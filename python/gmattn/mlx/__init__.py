@@ -1,8 +1,9 @@
 """MLX front end of gmattn: the `gma_attention` op and the `GaussianMixtureAttention` layer.
 
-By default both run the MLX-native implementation (MLX operations with a hand-written vjp: lazy,
-on any device, under mx.compile / mx.vmap / mx.grad); `set_backend("core")` (or
-``backend="core"``, or ``GMATTN_MLX_BACKEND=core``) selects the compiled CPU core instead. See
+Two implementations: the MLX-native one (MLX operations with a hand-written vjp: lazy, on any
+device, under mx.compile / mx.vmap / mx.grad) and the compiled CPU core. The default "auto" takes
+the native one on a GPU and under mx.compile / mx.vmap, the core for eager CPU calls;
+`set_backend(...)`, ``backend=...`` or ``GMATTN_MLX_BACKEND`` force one. See
 gmattn.mlx.ops for what runs where, the dtype policy and the behaviour under MLX transformations.
 """
 

@@ -12,17 +12,18 @@ Backends
   CPU whatever the default device; it works eagerly and under ``mx.grad`` / ``mx.vjp``, and raises
   a clear error inside ``mx.compile`` or ``mx.vmap``.
 
-Choosing: ``gma_attention(..., backend="core")`` for one call, ``gmattn.mlx.set_backend("core")``
-for the process, or the environment variable ``GMATTN_MLX_BACKEND=core`` (read at each call that
-has neither); the argument wins over ``set_backend``, which wins over the variable. The default is
-the native backend on every device: it is the one that is correct under every transformation and
-on every device, and MLX offers no public way to ask whether a function is being traced (by
-``mx.compile`` or ``mx.vmap``) short of evaluating an argument, which would break laziness, so a
-default that switched to the core for "eager CPU" calls would have to guess. The price is speed on
-Linux CPUs: the ``mlx[cpu]`` wheel links the reference BLAS and the native backend is matmul-bound,
-so there the core is an order of magnitude faster (``benchmarks/mlx_paths.py``, docs/mlx.md) and
-``set_backend("core")`` is worth it for eager use. Both backends compute the same math and agree to
-rounding.
+Choosing: the default ``"auto"`` takes the native backend when MLX's default device is a GPU or
+when the call is being traced (``mx.compile``, ``mx.vmap``), and the core otherwise (eager calls on
+the CPU, where the core is an order of magnitude faster on Linux: ``benchmarks/mlx_paths.py``,
+docs/mlx.md). MLX has no public "am I being traced" query; ``auto`` asks by evaluating the inputs,
+which the core needs anyway, and MLX answers a traced input with its "function transformations"
+error, the one signal taken as "traced" (any other error propagates). So an eager CPU call is a
+synchronisation point, as the core always was; under a transformation or on a GPU nothing is
+evaluated. ``gma_attention(..., backend="native" | "core")`` forces one for a call,
+``gmattn.mlx.set_backend(...)`` for the process, the environment variable
+``GMATTN_MLX_BACKEND`` when neither is given; the argument wins over ``set_backend``, which wins
+over the variable. Both backends compute the same math and agree to rounding. The core does not
+support forward-mode or second-order differentiation (a clear error names the native backend).
 
 The core backend in detail
 --------------------------
@@ -120,8 +121,8 @@ def _transform_error(exc: Exception) -> Optional[RuntimeError]:
         return RuntimeError(
             "gmattn: the 'core' backend of gma_attention cannot run inside mx.compile (or mx.vmap): it calls "
             "the compiled gmattn core on evaluated host arrays, and these transformations trace with "
-            "placeholder arrays that cannot be evaluated. Use the 'native' backend (the default; "
-            "gmattn.mlx.set_backend('native') or backend='native'), which composes with every MLX "
+            "placeholder arrays that cannot be evaluated. Use the 'native' backend (the default 'auto' "
+            "picks it there; gmattn.mlx.set_backend('native') or backend='native'), which composes with every MLX "
             "transformation, or call the op outside the compiled function. (MLX said: " + text + ")"
         )
     return None
@@ -277,9 +278,9 @@ def _require_mlx(name: str, x: Any) -> None:
                         f"{type(x).__name__}")
 
 
-BACKENDS = ("native", "core")
+BACKENDS = ("auto", "native", "core")
 BACKEND_ENV = "GMATTN_MLX_BACKEND"
-_backend_choice: Optional[str] = None  # set_backend's; None: the environment variable, else "native"
+_backend_choice: Optional[str] = None  # set_backend's; None: the environment variable, else "auto"
 
 
 def _check_backend(name: Any, where: str) -> str:
@@ -289,9 +290,10 @@ def _check_backend(name: Any, where: str) -> str:
 
 
 def set_backend(name: Optional[str]) -> None:
-    """Chooses the implementation of gmattn.mlx.gma_attention for this process: "native" (MLX
-    operations; every device and transformation) or "core" (the compiled CPU core; eager and
-    mx.grad only). None goes back to the default (the GMATTN_MLX_BACKEND variable, else "native")."""
+    """Chooses the implementation of gmattn.mlx.gma_attention for this process: "auto" (native on a
+    GPU or under mx.compile / mx.vmap, else the core), "native" (MLX operations; every device and
+    transformation) or "core" (the compiled CPU core; eager and mx.grad only). None goes back to
+    the default (the GMATTN_MLX_BACKEND variable, else "auto")."""
     global _backend_choice
     _backend_choice = None if name is None else _check_backend(name, "set_backend's 'name'")
 
@@ -303,7 +305,21 @@ def get_backend() -> str:
     import os
 
     env = os.environ.get(BACKEND_ENV)
-    return "native" if not env else _check_backend(env, f"the environment variable {BACKEND_ENV}")
+    return "auto" if not env else _check_backend(env, f"the environment variable {BACKEND_ENV}")
+
+
+def _auto_backend(arrays: Sequence[Any]) -> str:
+    """"native" on a GPU-default device or when the inputs are traced (mx.compile / mx.vmap),
+    "core" otherwise; see the module docstring."""
+    if _default_device_is_gpu():
+        return "native"
+    try:
+        mx.eval(*[a for a in arrays if a is not None])
+    except ValueError as exc:
+        if _transform_error(exc) is not None:       # MLX's answer for traced inputs
+            return "native"
+        raise
+    return "core"
 
 
 def gma_attention(
@@ -327,8 +343,9 @@ def gma_attention(
     """Gaussian Mixture Attention on MLX arrays; see gmattn.gma_attention and the module docstring.
 
     MLX-only keywords:
-        backend: "native" (MLX operations, lazy, every device and transformation) or "core" (the
-            compiled CPU core); None = get_backend() (default "native").
+        backend: "auto" (native on a GPU or under mx.compile / mx.vmap, else the core), "native"
+            (MLX operations, lazy, every device and transformation) or "core" (the compiled CPU
+            core); None = get_backend() (default "auto").
         save_for_backward (core backend): keep the responsibilities (2 B H N K + B H N floats) from
             the forward for the vjp. When False (default) the forward stores nothing (fastest for
             inference) and a gradient recomputes them with one extra forward pass. The layer sets it
@@ -349,6 +366,8 @@ def gma_attention(
     if int(num_threads) < 0:
         raise ValueError(f"gma_attention: 'num_threads' must be >= 0 (0 = default), got {num_threads}")
     backend = get_backend() if backend is None else _check_backend(backend, "'backend'")
+    if backend == "auto":
+        backend = _auto_backend([q, k, v, mu, omega, alpha, key_padding_mask, S0, z0])
     core = backend == "core"
     if core:
         _warn_if_gpu_default()
