@@ -37,9 +37,12 @@ class GaussianMixtureAttention(nn.Module):
     distribution as torch's default), means from N(0, 1/3), variances from
     ``gmattn._init.initial_variance``, prior logits zero.
 
-    In training mode (``layer.train()``, the default) the op keeps the responsibilities for the
-    backward pass; in ``layer.eval()`` mode it stores nothing (a later gradient recomputes them).
-    The kernels run on the CPU (see gmattn.mlx.ops), whatever the default device.
+    The op runs on gmattn.mlx's backend (see gmattn.mlx.ops): by default the MLX-native one, on
+    the device and stream of the caller's code, so the layer works inside ``mx.compile`` (a
+    compiled training step with ``nn.value_and_grad``), ``mx.vmap`` and on the GPU. With the
+    "core" backend (the compiled CPU core) the op runs on the CPU and, in training mode
+    (``layer.train()``, the default), keeps the responsibilities for the backward pass; in
+    ``layer.eval()`` mode it stores nothing (a later gradient recomputes them).
     """
 
     ROUTING_VARIANCE = _init.ROUTING_VARIANCE
@@ -64,7 +67,7 @@ class GaussianMixtureAttention(nn.Module):
         if device is not None:
             raise ValueError(
                 "GaussianMixtureAttention (MLX): 'device' must be None; MLX arrays have no device "
-                "(use mx.set_default_device or streams). The GMA kernels run on the CPU."
+                "(use mx.set_default_device or streams)."
             )
         H, K, D, Dv = num_heads, num_components, self.routing_dim, self.head_dim
         # q_proj, k_proj, v_proj, out_proj

@@ -1,7 +1,32 @@
-"""MLX front end: the compiled CPU core behind an ``mx.custom_function`` with a vjp.
+"""MLX front end: ``gma_attention`` on MLX arrays, by one of two implementations (backends).
 
-What runs where
----------------
+Backends
+--------
+* ``"native"`` (the default): the forward and backward written as MLX operations
+  (``gmattn.mlx.native``), wrapped in an ``mx.custom_function`` whose vjp is MLX operations too. It
+  is lazy like any MLX op and runs where the caller's MLX code runs: the CPU, the Apple GPU through
+  Metal, MLX's CUDA backend; it composes with ``mx.compile`` (forward and gradients), ``mx.vmap``,
+  ``mx.grad`` / ``mx.vjp`` / ``nn.value_and_grad``, and streams (``with mx.stream(s):``).
+* ``"core"``: the torch-free compiled CPU core ``gmattn._core`` (C++/OpenMP) behind an
+  ``mx.custom_function`` (below). It evaluates its inputs (a synchronisation point) and runs on the
+  CPU whatever the default device; it works eagerly and under ``mx.grad`` / ``mx.vjp``, and raises
+  a clear error inside ``mx.compile`` or ``mx.vmap``.
+
+Choosing: the default ``"auto"`` takes the native backend when MLX's default device is a GPU or
+when the call is being traced (``mx.compile``, ``mx.vmap``), and the core otherwise (eager calls on
+the CPU, where the core is an order of magnitude faster on Linux: ``benchmarks/mlx_paths.py``,
+docs/mlx.md). MLX has no public "am I being traced" query; ``auto`` asks by evaluating the inputs,
+which the core needs anyway, and MLX answers a traced input with its "function transformations"
+error, the one signal taken as "traced" (any other error propagates). So an eager CPU call is a
+synchronisation point, as the core always was; under a transformation or on a GPU nothing is
+evaluated. ``gma_attention(..., backend="native" | "core")`` forces one for a call,
+``gmattn.mlx.set_backend(...)`` for the process, the environment variable
+``GMATTN_MLX_BACKEND`` when neither is given; the argument wins over ``set_backend``, which wins
+over the variable. Both backends compute the same math and agree to rounding. The core does not
+support forward-mode or second-order differentiation (a clear error names the native backend).
+
+The core backend in detail
+--------------------------
 * The kernels are the torch-free compiled core ``gmattn._core`` (C++/OpenMP, CPU). There are no
   Metal kernels yet. MLX arrays live in host-addressable memory (unified memory on Apple
   silicon, ordinary RAM with ``mlx[cpu]`` on Linux), so the core reads them in place.
@@ -54,8 +79,9 @@ from .. import _checks, _ext  # noqa: F401 (tests and benchmarks/mlx_overhead.py
 # under these names, which a test patches.
 from ..numpy_ops import host_backward as _host_backward
 from ..numpy_ops import host_forward as _host_forward
+from .native import gma_attention_native
 
-__all__ = ["gma_attention"]
+__all__ = ["BACKENDS", "get_backend", "gma_attention", "set_backend"]
 
 _LOW_PRECISION = ("float16", "bfloat16")
 
@@ -93,11 +119,11 @@ def _transform_error(exc: Exception) -> Optional[RuntimeError]:
     text = str(exc)
     if "function transformations" in text:
         return RuntimeError(
-            "gmattn: gma_attention cannot run inside mx.compile (or mx.vmap): it calls the compiled gmattn "
-            "core on evaluated host arrays, and these transformations trace with placeholder arrays that "
-            "cannot be evaluated. Call gma_attention (or the GMA layer) outside the compiled function, and "
-            "compile the code before and after it separately. mx.grad, mx.value_and_grad and "
-            "nn.value_and_grad are supported. (MLX said: " + text + ")"
+            "gmattn: the 'core' backend of gma_attention cannot run inside mx.compile (or mx.vmap): it calls "
+            "the compiled gmattn core on evaluated host arrays, and these transformations trace with "
+            "placeholder arrays that cannot be evaluated. Use the 'native' backend (the default 'auto' "
+            "picks it there; gmattn.mlx.set_backend('native') or backend='native'), which composes with every MLX "
+            "transformation, or call the op outside the compiled function. (MLX said: " + text + ")"
         )
     return None
 
@@ -252,6 +278,50 @@ def _require_mlx(name: str, x: Any) -> None:
                         f"{type(x).__name__}")
 
 
+BACKENDS = ("auto", "native", "core")
+BACKEND_ENV = "GMATTN_MLX_BACKEND"
+_backend_choice: Optional[str] = None  # set_backend's; None: the environment variable, else "auto"
+
+
+def _check_backend(name: Any, where: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"gma_attention: {where} must be one of {', '.join(map(repr, BACKENDS))}, got {name!r}")
+    return name
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Chooses the implementation of gmattn.mlx.gma_attention for this process: "auto" (native on a
+    GPU or under mx.compile / mx.vmap, else the core), "native" (MLX operations; every device and
+    transformation) or "core" (the compiled CPU core; eager and mx.grad only). None goes back to
+    the default (the GMATTN_MLX_BACKEND variable, else "auto")."""
+    global _backend_choice
+    _backend_choice = None if name is None else _check_backend(name, "set_backend's 'name'")
+
+
+def get_backend() -> str:
+    """The backend a call without ``backend=`` uses (see set_backend)."""
+    if _backend_choice is not None:
+        return _backend_choice
+    import os
+
+    env = os.environ.get(BACKEND_ENV)
+    return "auto" if not env else _check_backend(env, f"the environment variable {BACKEND_ENV}")
+
+
+def _auto_backend(arrays: Sequence[Any]) -> str:
+    """"native" on a GPU-default device or when the inputs are traced (mx.compile / mx.vmap),
+    "core" otherwise; see the module docstring."""
+    if _default_device_is_gpu():
+        return "native"
+    try:
+        mx.eval(*[a for a in arrays if a is not None])
+    except ValueError as exc:
+        if _transform_error(exc) is not None:       # MLX's answer for traced inputs
+            return "native"
+        raise
+    return "core"
+
+
 def gma_attention(
     q: mx.array,
     k: mx.array,
@@ -266,17 +336,23 @@ def gma_attention(
     output_final_state: bool = False,
     eps: float = 1e-6,
     sigma_eps: float = 1e-4,
+    backend: Optional[str] = None,
     save_for_backward: bool = False,
     num_threads: int = 0,
 ):
     """Gaussian Mixture Attention on MLX arrays; see gmattn.gma_attention and the module docstring.
 
     MLX-only keywords:
-        save_for_backward: keep the responsibilities (2 B H N K + B H N floats) from the forward for
-            the vjp. When False (default) the forward stores nothing (fastest for inference) and a
-            gradient recomputes them with one extra forward pass. The layer sets it to
-            ``self.training``.
-        num_threads: OpenMP threads of the core; 0 = OpenMP's default (OMP_NUM_THREADS, else all cores).
+        backend: "auto" (native on a GPU or under mx.compile / mx.vmap, else the core), "native"
+            (MLX operations, lazy, every device and transformation) or "core" (the compiled CPU
+            core); None = get_backend() (default "auto").
+        save_for_backward (core backend): keep the responsibilities (2 B H N K + B H N floats) from
+            the forward for the vjp. When False (default) the forward stores nothing (fastest for
+            inference) and a gradient recomputes them with one extra forward pass. The layer sets it
+            to ``self.training``. The native backend always hands its responsibilities to the vjp
+            through the MLX graph (kept only while a gradient computation holds the graph).
+        num_threads (core backend): OpenMP threads of the core; 0 = OpenMP's default
+            (OMP_NUM_THREADS, else all cores). The native backend runs on MLX's own threads.
     """
     _require_mlx("q", q)
     for name, x in _checks.array_arguments(k, v, mu, omega, alpha, key_padding_mask):
@@ -289,32 +365,58 @@ def gma_attention(
             _require_mlx(name, x)
     if int(num_threads) < 0:
         raise ValueError(f"gma_attention: 'num_threads' must be >= 0 (0 = default), got {num_threads}")
-    _warn_if_gpu_default()
+    backend = get_backend() if backend is None else _check_backend(backend, "'backend'")
+    if backend == "auto":
+        backend = _auto_backend([q, k, v, mu, omega, alpha, key_padding_mask, S0, z0])
+    core = backend == "core"
+    if core:
+        _warn_if_gpu_default()
 
     acc = getattr(mx, dims.accumulator)
     low_precision = dims.dtype in _LOW_PRECISION
+    # The core's casts run on the CPU stream (its kernels are CPU kernels); the native path's run
+    # wherever the caller's code runs.
+    stream = _STREAM if core else None
+
+    def cast(x):
+        return x if x.dtype == acc else x.astype(acc, stream=stream)
 
     if low_precision:
-        q, k, v = _cast(q, acc), _cast(k, acc), _cast(v, acc)
-    mu, omega, alpha = _cast(mu, acc), _cast(omega, acc), _cast(alpha, acc)
-    primals = [q, k, v, mu, omega, alpha]
+        q, k, v = cast(q), cast(k), cast(v)
+    mu, omega, alpha = cast(mu), cast(omega), cast(alpha)
     if S0 is not None:
-        primals += [_cast(S0, acc), _cast(z0, acc)]
+        S0, z0 = cast(S0), cast(z0)
 
+    if core:
+        out, S_final, z_final = _core_attention(
+            q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, causal=bool(causal), eps=float(eps),
+            sigma_eps=float(sigma_eps), return_state=bool(output_final_state), save=bool(save_for_backward),
+            num_threads=int(num_threads),
+        )
+    else:
+        mask = None if key_padding_mask is None else key_padding_mask.astype(mx.bool_)
+        out, S_final, z_final = gma_attention_native(
+            q, k, v, mu, omega, alpha, mask, S0, z0, causal=bool(causal), eps=float(eps), sigma_eps=float(sigma_eps)
+        )
+    if low_precision:
+        out = out.astype(getattr(mx, dims.dtype), stream=stream)
+    if output_final_state:
+        return out, (S_final, z_final)
+    return out
+
+
+def _core_attention(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, *, causal, eps, sigma_eps, return_state,
+                    save, num_threads):
+    """The core backend on cast arguments; returns (out, S_final, z_final), the state None unless
+    `return_state`."""
     mask = None
     if key_padding_mask is not None:
         _evaluate([key_padding_mask])
         mask = _host(key_padding_mask, "key_padding_mask")
-
-    op = _build_op(mask, has_state=S0 is not None, causal=bool(causal), eps=float(eps), sigma_eps=float(sigma_eps),
-                   return_state=bool(output_final_state), save=bool(save_for_backward), num_threads=int(num_threads))
+    op = _build_op(mask, has_state=S0 is not None, causal=causal, eps=eps, sigma_eps=sigma_eps,
+                   return_state=return_state, save=save, num_threads=num_threads)
+    primals = [q, k, v, mu, omega, alpha] + ([S0, z0] if S0 is not None else [])
     result = op(*primals)
-    if output_final_state:
-        out, S_final, z_final = result
-    else:
-        out = result
-    if low_precision:
-        out = out.astype(getattr(mx, dims.dtype), stream=_STREAM)
-    if output_final_state:
-        return out, (S_final, z_final)
-    return out
+    if return_state:
+        return result
+    return result, None, None
