@@ -211,3 +211,19 @@ def test_context_parallel_refuses_other_mixers_and_states():
     layer.context_parallel = True          # as context_parallel() sets it, without a process group
     with pytest.raises(ValueError, match="takes no state"):
         layer(torch.randn(1, 4, 8), return_state=True)
+
+
+def test_torchrun_example_runs_and_matches_one_process():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "train_context_parallel.py"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                          "--steps", "2", "--length", "96", "--batch-size", "2"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    check = re.search(r"check: context-parallel loss ([\d.]+), one process ([\d.]+)", run.stdout)
+    assert check, run.stdout
+    assert abs(float(check.group(1)) - float(check.group(2))) < 1e-5, check.group(0)
