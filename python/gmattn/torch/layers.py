@@ -61,6 +61,9 @@ class GaussianMixtureAttention(nn.Module):
         self.omega = nn.Parameter(torch.empty(H, K, D, **factory))
         self.alpha = nn.Parameter(torch.empty(H, K, **factory))
         self.reset_mixture_parameters()
+        # Set by gmattn.torch.distributed.context_parallel: this layer's input is one rank's shard.
+        self.context_parallel = False
+        self.context_parallel_group = None
 
     ROUTING_VARIANCE = ROUTING_VARIANCE
 
@@ -83,6 +86,16 @@ class GaussianMixtureAttention(nn.Module):
         q = self.q_proj(x).view(B, N, H, D)
         k = self.k_proj(x).view(B, N, H, D)
         v = self.v_proj(x).view(B, N, H, Dv)
+        if self.context_parallel:
+            if state is not None or return_state:
+                raise ValueError("GaussianMixtureAttention: a context-parallel layer takes no state and returns none "
+                                 "(the ranks' states are combined inside the call)")
+            from .distributed import gma_attention as context_parallel_gma
+
+            out = context_parallel_gma(q, k, v, self.mu, self.omega, self.alpha, causal=self.causal,
+                                       group=self.context_parallel_group, key_padding_mask=key_padding_mask,
+                                       eps=self.eps, sigma_eps=self.sigma_eps)
+            return self.out_proj(out.reshape(B, N, H * Dv))
         result = gma_attention(
             q, k, v, self.mu, self.omega, self.alpha, causal=self.causal, key_padding_mask=key_padding_mask,
             initial_state=state, output_final_state=return_state, eps=self.eps, sigma_eps=self.sigma_eps,
