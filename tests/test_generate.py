@@ -141,3 +141,27 @@ def test_generate_needs_a_causal_lm():
 def test_generate_zero_tokens_returns_the_prompt():
     prompt = torch.as_tensor(_prompt())
     assert torch.equal(_model("softmax").generate(prompt, 0), prompt)
+
+
+def test_decode_benchmark_quick_run(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "decode.py"
+    run = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)], capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = json.loads((tmp_path / "decode.json").read_text())
+    assert set(data["decode"]) == set(KINDS)
+    for kind, per_ctx in data["decode"].items():
+        assert set(per_ctx) == {"256", "1024"}
+        sizes = {c: v["state_bytes"] for c, v in per_ctx.items()}
+        assert all(v["ms_per_token"] > 0 for v in per_ctx.values())
+        if kind == "softmax":            # the KV cache grows with the context, the other states do not
+            assert sizes["1024"] == 4 * sizes["256"]
+        else:
+            assert sizes["1024"] == sizes["256"] > 0
+    assert (tmp_path / "decode.png").stat().st_size > 0
+    assert "softmax / gma per token" in run.stdout
