@@ -247,3 +247,81 @@ def run_blocks(blocks: Sequence[Any], x: Any, key_padding_mask, layer_states: Se
         else:
             x = block(x, key_padding_mask=key_padding_mask, state=s)
     return x, new_states
+
+
+# ----------------------------------------------------------------------------------------------
+# SequenceModel.generate: prompt in one call, then one step per token with the carried state
+# ----------------------------------------------------------------------------------------------
+def check_generate_args(model: Any, tokens_shape, max_new_tokens, temperature, top_k, top_p, eos_token,
+                        vocab_size: int) -> None:
+    if model.head_kind != "lm":
+        raise ValueError("SequenceModel.generate: needs the 'lm' head")
+    if not model.config.causal:
+        raise ValueError("SequenceModel.generate: needs a causal model (config causal=True); a bidirectional "
+                         "mixer lets every position read the tokens after it")
+    if len(tokens_shape) != 2 or tokens_shape[1] < 1:
+        raise ValueError(f"SequenceModel.generate: tokens must have shape (B, N) with N >= 1, got {tuple(tokens_shape)}")
+    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"SequenceModel.generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"SequenceModel.generate: temperature must be a finite number >= 0 (0: greedy), "
+                         f"got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ValueError(f"SequenceModel.generate: top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"SequenceModel.generate: top_p must be None or in (0, 1], got {top_p!r}")
+    if eos_token is not None and not (isinstance(eos_token, (int, np.integer)) and 0 <= eos_token < vocab_size):
+        raise ValueError(f"SequenceModel.generate: eos_token must be None or a token id in [0, {vocab_size}), "
+                         f"got {eos_token!r}")
+
+
+def sample_tokens(logits: np.ndarray, temperature: float, top_k: Optional[int], top_p: Optional[float],
+                  rng: np.random.Generator) -> np.ndarray:
+    """One token per row of logits (B, V): arg-max when temperature is 0, else a draw from
+    softmax(logits / temperature) restricted to the top_k most likely tokens and then to the
+    smallest set whose probability reaches top_p (nucleus sampling)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    z = logits.astype(np.float64) / temperature
+    if top_k is not None and top_k < z.shape[-1]:
+        kth = np.partition(z, -top_k, axis=-1)[:, -top_k, None]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    if top_p is not None and top_p < 1:
+        order = np.argsort(-p, axis=-1, kind="stable")
+        sorted_p = np.take_along_axis(p, order, -1)
+        # keep a token while the probability before it is below top_p (the most likely one always)
+        keep_sorted = (np.cumsum(sorted_p, -1) - sorted_p) < top_p
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, -1)
+        p = np.where(keep, p, 0.0)
+        p /= p.sum(-1, keepdims=True)
+    u = rng.random((p.shape[0], 1))
+    return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1)
+
+
+def generate_tokens(model: Any, tokens: Any, max_new_tokens: int, temperature: float, top_k, top_p, seed,
+                    eos_token, last_logits: Callable[[Any], np.ndarray], as_tokens: Callable[[np.ndarray], Any],
+                    concat: Callable[[List[Any]], Any], vocab_size: int):
+    """SequenceModel.generate for both frameworks: `last_logits` turns the model's logits into a
+    NumPy array (B, V) of the last position, `as_tokens` a NumPy column of token ids into the
+    framework's (B, 1) array, `concat` joins (B, n) arrays along the sequence."""
+    check_generate_args(model, tokens.shape, max_new_tokens, temperature, top_k, top_p, eos_token, vocab_size)
+    if max_new_tokens == 0:
+        return tokens
+    rng = np.random.default_rng(seed)
+    pieces = [tokens]
+    logits, state = model(tokens, return_state=True)            # the prompt in one call
+    done = np.zeros(tokens.shape[0], dtype=bool)
+    for step in range(max_new_tokens):
+        nxt = sample_tokens(last_logits(logits), temperature, top_k, top_p, rng)
+        if eos_token is not None:
+            nxt = np.where(done, eos_token, nxt)                # finished rows repeat eos
+            done |= nxt == eos_token
+        column = as_tokens(nxt.reshape(-1, 1))
+        pieces.append(column)
+        if step == max_new_tokens - 1 or (eos_token is not None and done.all()):
+            break
+        logits, state = model(column, state=state, return_state=True)
+    return concat(pieces)

@@ -8,7 +8,10 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from ._common import Exchange, check_model_args, check_positions, init_block, model_state, run_block, run_blocks
+import numpy as np
+
+from ._common import (Exchange, check_model_args, check_positions, generate_tokens, init_block, model_state, run_block,
+                      run_blocks)
 from .config import MixerConfig
 from .mlx_mixers import build
 
@@ -59,6 +62,18 @@ class SequenceModel(Exchange, nn.Module):
             logits = self.embed.as_linear(x) if self.tie_embeddings else self.head(x)
             return (logits, (offset + N, new_states)) if return_state else logits
         return self.head(pool(x, key_padding_mask, self.pooling))
+
+    def generate(self, tokens: mx.array, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
+                 eos_token: Optional[int] = None) -> mx.array:
+        """Continues `tokens` (B, N) by up to `max_new_tokens`; same arguments and results as
+        gmattn.mixers.blocks_torch.SequenceModel.generate (the same seed draws the same tokens
+        from the same logits)."""
+        return generate_tokens(
+            self, tokens, max_new_tokens, temperature, top_k, top_p, seed, eos_token,
+            last_logits=lambda logits: np.array(logits[:, -1].astype(mx.float32)),
+            as_tokens=lambda ids: mx.array(ids).astype(tokens.dtype),
+            concat=lambda pieces: mx.concatenate(pieces, axis=1), vocab_size=self.embed.weight.shape[0])
 
 
 def pool(x: mx.array, key_padding_mask, pooling: str) -> mx.array:

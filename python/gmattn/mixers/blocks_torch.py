@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import Exchange, check_model_args, check_positions, init_block, model_state, run_block, run_blocks
+from ._common import (Exchange, check_model_args, check_positions, generate_tokens, init_block, model_state, run_block,
+                      run_blocks)
 from .config import MixerConfig
 from .torch_mixers import build
 
@@ -76,6 +77,26 @@ class SequenceModel(Exchange, nn.Module):
             logits = F.linear(x, self.embed.weight) if self.tie_embeddings else self.head(x)
             return (logits, (offset + N, new_states)) if return_state else logits
         return self.head(pool(x, key_padding_mask, self.pooling))
+
+    def generate(self, tokens: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, seed: Optional[int] = None,
+                 eos_token: Optional[int] = None) -> Tensor:
+        """Continues `tokens` (B, N) by up to `max_new_tokens`: (B, N + new) token ids.
+
+        The prompt runs in one call (the chunked kernels), then one call per token carries the
+        state (GMA, linear, performer, ssm: constant size; softmax: its KV cache). temperature=0
+        is greedy (arg-max); otherwise tokens are drawn from softmax(logits / temperature),
+        restricted to the top_k most likely and to the nucleus of probability top_p, with a
+        NumPy generator seeded by `seed`. With eos_token, a row that produced it repeats it, and
+        generation stops once every row has. Runs under torch.inference_mode(); dropout follows
+        the module's mode (call .eval() first for deterministic decoding).
+        """
+        with torch.inference_mode():
+            return generate_tokens(
+                self, tokens, max_new_tokens, temperature, top_k, top_p, seed, eos_token,
+                last_logits=lambda logits: logits[:, -1].float().cpu().numpy(),
+                as_tokens=lambda ids: torch.as_tensor(ids, dtype=tokens.dtype, device=tokens.device),
+                concat=lambda pieces: torch.cat(pieces, dim=1), vocab_size=self.embed.num_embeddings)
 
 
 def pool(x: Tensor, key_padding_mask: Optional[Tensor], pooling: str) -> Tensor:
