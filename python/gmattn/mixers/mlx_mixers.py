@@ -88,7 +88,7 @@ class _ProjectedMixer(Exchange, nn.Module):
         init_projected_mixer(self, nn.Linear, config, qk_dim)
 
     def _qkv(self, x: mx.array, key_padding_mask):
-        B, N = check_call(type(self).__name__, self.config.d_model, x, key_padding_mask)
+        B, N = check_call(type(self).__name__, self.config.d_model, x, key_padding_mask, framework="mlx")
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask.astype(mx.bool_)
         H = self.num_heads

@@ -101,7 +101,7 @@ class _ProjectedMixer(Exchange, nn.Module):
         init_projected_mixer(self, nn.Linear, config, qk_dim)
 
     def _qkv(self, x: Tensor, key_padding_mask: Optional[Tensor]):
-        B, N = check_call(type(self).__name__, self.config.d_model, x, key_padding_mask)
+        B, N = check_call(type(self).__name__, self.config.d_model, x, key_padding_mask, framework="torch")
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask.to(device=x.device, dtype=torch.bool)
         H = self.num_heads

@@ -247,9 +247,8 @@ def _build_op(mask: Optional[np.ndarray], *, has_state: bool, causal: bool, eps:
 
 
 def _require_mlx(name: str, x: Any) -> None:
-    if x is not None and not isinstance(x, mx.array):
-        raise TypeError(f"gma_attention: '{name}' must be an mlx.core.array like q, got {type(x).__module__}."
-                        f"{type(x).__name__}")
+    if x is not None:
+        _checks.require_framework("gma_attention", f"'{name}'", x, "mlx", "like q; convert with mx.array")
 
 
 def gma_attention(

@@ -219,6 +219,7 @@ def gma_attention(
     """Gaussian Mixture Attention on torch tensors (CPU or CUDA); see gmattn.gma_attention."""
     _checks.check_arguments(q, k, v, mu, omega, alpha, key_padding_mask, initial_state, eps, sigma_eps)
     for name, t in _checks.array_arguments(k, v, mu, omega, alpha, key_padding_mask, initial_state):
+        _checks.require_framework("gma_attention", f"'{name}'", t, "torch", "like q; convert with torch.as_tensor")
         if t.device != q.device:
             raise ValueError(f"gma_attention: '{name}' is on {t.device} but q is on {q.device}")
     acc = _ACC[q.dtype]
