@@ -208,12 +208,12 @@ def make_call(impl: str, B, N, H, K, D, Dv, causal: bool, backward: bool) -> Cal
 
 
 def run_cell(calls: Dict[str, Callable[[], None]], repeats: int, progress=None,
-             min_seconds: float = 0.0) -> Dict[str, List[float]]:
+             min_seconds: float = 0.0, warmup: bool = True) -> Dict[str, List[float]]:
     """Round-robin timing of several callables; returns the wall times (s) of each. With
     `min_seconds`, a callable's turn in a round lasts that long: short calls are timed several
-    times back to back, each call a sample."""
+    times back to back, each call a sample. `warmup=False` when the caller already ran each once."""
     times: Dict[str, List[float]] = {name: [] for name in calls}
-    for name, call in calls.items():  # warm-up; a slow first call counts as a repeat
+    for name, call in (calls.items() if warmup else ()):  # warm-up; a slow first call counts as a repeat
         t0 = time.perf_counter()
         call()
         dt = time.perf_counter() - t0
