@@ -1,4 +1,4 @@
-"""Bad input gets a clear error naming the argument and what was expected (DESIGN.md section 3)."""
+"""Bad input gets a clear error naming the argument and what was expected (docs/design.md section 2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-// CPU kernels for Gaussian Mixture Attention (DESIGN.md section 1), compiled once per
+// CPU kernels for Gaussian Mixture Attention (docs/design.md section 1), compiled once per
 // instruction set into namespace gmattn::cpu::GMATTN_ISA; dispatch.cpp picks one at run time.
 //
 // Layout of the work. Each (batch, head) pair walks its sequence in chunks of kChunk rows. A

@@ -23,7 +23,7 @@ float32 and float64 run natively. float16 and bfloat16 inputs are up-cast to flo
 boundary (an MLX ``astype``), the core runs in float32 and the output is cast back to the input
 dtype; the gradients of q, k, v come back in the input dtype through the cast's own vjp. The
 mixture parameters and the state run in float32 (float64 for float64 inputs) whatever the
-input dtype, as in DESIGN.md; the returned final state is float32 (float64).
+input dtype, as in docs/design.md section 1; the returned final state is float32 (float64).
 
 Transformations
 ---------------
