@@ -9,21 +9,9 @@ import torch
 
 import gmattn
 
-from conftest import make_problem
+from test_errors import args32 as arrays, call  # q, k, v, mu, omega, alpha of (B, N, H, K, D, Dv) below
 
 B, N, H, K, D, Dv = 2, 10, 3, 4, 5, 6
-
-
-def arrays(**over):
-    p = make_problem(B, N, H, K, D, Dv, dtype=torch.float32)
-    a = dict(q=p.q.detach(), k=p.k.detach(), v=p.v.detach(), mu=p.mu.detach(), omega=p.omega.detach(),
-             alpha=p.alpha.detach())
-    a.update(over)
-    return a
-
-
-def call(a, **kw):
-    return gmattn.gma_attention(a["q"], a["k"], a["v"], a["mu"], a["omega"], a["alpha"], **kw)
 
 
 @pytest.mark.parametrize("name", ["k", "v", "mu", "omega", "alpha"])
