@@ -14,7 +14,7 @@ attention's time grows as N^2, so it runs up to --n's largest N; GMA and chunked
 longer --long-n lengths.
 
 Time: for each N the implementations run round-robin (A B C A B C ...; a load change on a busy
-machine hits all of them alike), each turn lasting at least 0.2 s (short calls repeat within it,
+machine hits all of them alike), each turn lasting at least 0.1 s (short calls repeat within it,
 each call a sample); the median is reported. forward = one call under torch.no_grad();
 forward+backward = one call and out.backward(g) (gradients of q, k, v and the mixture parameters).
 
@@ -45,7 +45,7 @@ LABELS = {"gma": "GMA (gmattn)", "softmax": "softmax attention (SDPA)", "chunked
 MODES = ("forward", "train")
 MODE_TEXT = {"forward": "forward (inference)", "train": "forward+backward (training)"}
 SHAPE = dict(B=1, H=8, D=64, K=64)
-TURN_SECONDS = 0.2
+TURN_SECONDS = 0.1
 
 
 def measure_point(impls, N: int, repeats: int) -> Dict[str, dict]:
@@ -210,11 +210,14 @@ def main(argv=None) -> int:
     ap.add_argument("--long-n", default="65536",
                     help="longer lengths for gma and chunked only (default 65536; '' for none)")
     ap.add_argument("--repeats", type=int, default=3, help="round-robin rounds per N (default 3)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "compare"))
     args = ap.parse_args(argv)
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the core follows torch's thread count
     t0 = time.perf_counter()
     ns, long_ns = sorted(_csv_ints(args.n)), sorted(_csv_ints(args.long_n))
     shape = (f"causal, B={SHAPE['B']}, H={SHAPE['H']}, D=Dv={SHAPE['D']}, K={SHAPE['K']}, float32, "
