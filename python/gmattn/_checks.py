@@ -73,9 +73,18 @@ def type_name(x: Any) -> str:
     return f"{type(x).__module__}.{type(x).__qualname__}"
 
 
+NATIVE_ARRAY_TYPES: dict = {}
+"""framework -> its array type, registered by each front end when it is imported (gmattn.torch.ops,
+gmattn.mlx.ops, gmattn.numpy_ops). require_framework's isinstance test on it is one torch.compile
+can trace (a string test on the type's module is a graph break)."""
+
+
 def require_framework(owner: str, name: str, x: Any, framework: str, reason: str) -> None:
     """Raises a TypeError naming `name` when x is not an array of `framework`; `reason` says why
     that framework is expected (an op's q, a module built for it)."""
+    native = NATIVE_ARRAY_TYPES.get(framework)
+    if native is not None and isinstance(x, native):
+        return
     if array_framework(x) != framework:
         article = "an" if framework == "mlx" else "a"  # an em-el-ex array
         raise TypeError(f"{owner}: {name} must be {article} {ARRAY_TYPES[framework]} ({reason}), "

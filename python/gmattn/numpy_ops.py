@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from . import _checks, _config, _ext
+_checks.NATIVE_ARRAY_TYPES["numpy"] = np.ndarray
 
 
 def _empty(shape, dtype) -> np.ndarray:

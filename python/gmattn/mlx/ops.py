@@ -50,6 +50,7 @@ import mlx.core as mx
 import numpy as np
 
 from .. import _checks, _ext  # noqa: F401 (tests and benchmarks/mlx_overhead.py patch _ext.core here)
+_checks.NATIVE_ARRAY_TYPES["mlx"] = mx.array
 # The host path is the NumPy front end's: MLX hands the core NumPy views of its arrays. Imported
 # under these names, which a test patches.
 from ..numpy_ops import host_backward as _host_backward

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _config, _ext
+_checks.NATIVE_ARRAY_TYPES["torch"] = Tensor
 
 _ACC = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32,
         torch.float64: torch.float64}
