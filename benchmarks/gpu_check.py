@@ -5,7 +5,7 @@
     python benchmarks/gpu_check.py --skip-tests    # timings only
     python benchmarks/gpu_check.py --out DIR       # also writes DIR/gpu_check.json
 
-Shapes (issue 5): B=1, H=16, D=Dv=64, K=64, bfloat16, N in {1k, 4k, 16k, 64k}, causal and
+Shapes: B=1, H=16, D=Dv=64, K=64, bfloat16, N in {1k, 4k, 16k, 64k}, causal and
 bidirectional. Every figure is a median over repeats measured with CUDA events, side by side
 with SDPA in the same run.
 

@@ -64,7 +64,8 @@ def test_parse_args_defaults_and_quick():
     a = bench.parse_args([])
     assert a.n == list(bench.DEFAULT_N) and a.d_model == 256 and a.causal and a.kinds == list(bench.KIND_ORDER)
     q = bench.parse_args(["--quick", "--no-causal", "--kinds", "gma,linear", "--n", "16,32", "-K", "4"])
-    assert q.n == [16, 32] and q.d_model == 64 and q.repeats == 1 and not q.causal and q.components == 4
+    assert q.n == [16, 32] and q.d_model == 64 and q.repeats == 5 and not q.causal and q.components == 4
+    assert q.min_time == 0.2 and q.warmup_time == 0.3 and a.min_time == 0.5 and a.warmup == 2
     with pytest.raises(SystemExit):
         bench.parse_args(["--kinds", "mamba"])
 

@@ -1,5 +1,5 @@
 """The compiled CPU core through the torch front end, judged against the float64 reference
-(DESIGN.md section 4): outputs, final state and every gradient."""
+(docs/design.md section 5): outputs, final state and every gradient."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 from the origin with tiny variances (the centred form and its guard), state sums over a million
 tokens (compensated accumulation), and the segmented two-pass scan (determinism, final-state-only
 losses). The judge is the float64 reference; float32 errors are bounded relative to what plain
-PyTorch makes of the same float32 inputs (DESIGN.md section 4)."""
+PyTorch makes of the same float32 inputs (docs/design.md section 5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bad input gets a clear error naming the argument and what was expected (DESIGN.md section 3)."""
+"""Bad input gets a clear error naming the argument and what was expected (docs/design.md section 2)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ CASES = [
     ("k shape", dict(k=torch.zeros(2, 10, 3, 4)), ValueError, r"'k' must have shape \(B, N, H, D\) = \(2, 10, 3, 5\)"),
     ("v batch", dict(v=torch.zeros(2, 9, 3, 6)), ValueError, r"'v' must have shape \(B, N, H, Dv\)"),
     ("mu heads", dict(mu=torch.zeros(2, 4, 5)), ValueError, r"'mu' must have shape \(H, K, D\) with H=3, D=5"),
-    ("omega shape", dict(omega=torch.zeros(3, 5, 5)), ValueError, r"'omega' must have shape \(H, K, D\) = \(3, 4, 5\)"),
+    ("omega shape", dict(omega=torch.zeros(3, 4, 4)), ValueError, r"'omega' must have shape \(H, K, D\) = \(3, 4, 5\)"),
+    ("omega K", dict(omega=torch.zeros(3, 5, 5)), ValueError, r"'omega' has K=5 components but mu and alpha have K=4"),
     ("alpha shape", dict(alpha=torch.zeros(3)), ValueError, r"'alpha' must have 2 dimensions \(H, K\)"),
     ("K = 0", dict(mu=torch.zeros(3, 0, 5), omega=torch.zeros(3, 0, 5), alpha=torch.zeros(3, 0)), ValueError,
      r"K \(components\) must be at least 1, got 0"),

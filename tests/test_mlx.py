@@ -329,7 +329,7 @@ def test_bad_input_raises_clear_errors():
         (dict(k=k[:, :-1]), ValueError, r"'k' must have shape"),
         (dict(v=v[:, :, :1]), ValueError, r"'v' must have shape"),
         (dict(mu=mu[:, :, :1]), ValueError, r"'mu' must have shape"),
-        (dict(alpha=alpha[:, :1]), ValueError, r"'alpha' must have shape"),
+        (dict(alpha=alpha[:, :1]), ValueError, r"'alpha' has K=1 components but mu and omega have K="),
         (dict(q=q.astype(mx.int32), k=k.astype(mx.int32), v=v.astype(mx.int32)), TypeError, r"'q' must be a floating"),
         (dict(k=k.astype(mx.float16)), TypeError, r"'k' must have the dtype of q"),
         (dict(k=p["k"]), TypeError, r"'k' must be an mlx.core.array"),

@@ -21,6 +21,9 @@
 #ifndef GMATTN_VERSION
 #define GMATTN_VERSION "0.0.0"
 #endif
+#ifndef GMATTN_BUILD_ID
+#error "GMATTN_BUILD_ID (the hash of the sources, CMakeLists.txt) must be defined by the build"
+#endif
 
 namespace py = pybind11;
 
@@ -614,6 +617,7 @@ struct CpuBuffer {
 PYBIND11_MODULE(GMATTN_MODULE_NAME, m) {
   m.doc() = "gmattn compiled core (torch-free): Gaussian Mixture Attention kernels over DLPack tensors";
   m.attr("__version__") = GMATTN_VERSION;
+  m.attr("__build_id__") = GMATTN_BUILD_ID;  // gmattn/_ext.py compares it with gmattn/_build_info.py
   m.attr("device") = kDeviceName;
 #ifdef GMATTN_BACKEND_CUDA
   m.attr("isa") = "cuda";

@@ -1,4 +1,4 @@
-// The CPU backward (DESIGN.md section 1), compiled once per instruction set into namespace
+// The CPU backward (docs/design.md section 1), compiled once per instruction set into namespace
 // gmattn::cpu::GMATTN_ISA; dispatch.cpp picks one at run time. It recomputes what it needs from
 // the saved responsibilities: causal, with one forward scan (the state before each chunk -> dq) and
 // one reverse scan (the gradient state after each chunk -> dk, dv); bidirectional, with a pass over

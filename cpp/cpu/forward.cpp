@@ -1,4 +1,4 @@
-// The CPU forward (DESIGN.md section 1), compiled once per instruction set into namespace
+// The CPU forward (docs/design.md section 1), compiled once per instruction set into namespace
 // gmattn::cpu::GMATTN_ISA; dispatch.cpp picks one at run time. Per chunk: the keys' and queries'
 // responsibilities (mixture.h), the read of the state before the chunk and, causal, of the chunk
 // itself; the state moves on (plan.h).

@@ -1,4 +1,4 @@
-// gmattn CUDA kernels: Gaussian Mixture Attention forward and backward (DESIGN.md section 1).
+// gmattn CUDA kernels: Gaussian Mixture Attention forward and backward (docs/design.md section 1).
 //
 // Templated on the input dtype S (half, bfloat16, float, double) and the accumulator dtype T
 // (float, or double for double inputs). Each dtype's translation unit instantiates
@@ -23,7 +23,7 @@
 //     seg_state + state_scan forward states as above; the backward states dS, dz (sums of
 //                            Gq^T dnum, Gq^T dden) as suffix sums over segments
 //     backward_chunk         a forward sweep over the segment's chunks for dGq, a reverse sweep
-//                            for dGk and dv (DESIGN.md section 1, chunked)
+//                            for dGk and dv (docs/design.md section 1, chunked)
 //     responsibilities_bwd   softmax backward, dq / dk, per-block partial sums of the
 //                            parameter gradients
 //     finalize_params        fixed-order sum of the partials, chain rule to mu, omega, alpha

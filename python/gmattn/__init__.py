@@ -8,16 +8,19 @@ returns the caller's type. Layers live in `gmattn.torch` and `gmattn.mlx`; the n
 pure-PyTorch implementations used as references live in `gmattn.reference`.
 """
 
-from __future__ import annotations
-
 __version__ = "0.1.0"
 
-from typing import Any
-
+from . import _checks
 from .mixers import MixerConfig, build_block, build_mixer, build_model  # noqa: E402 (imports no framework)
 
 __all__ = ["gma_attention", "MixerConfig", "build_mixer", "build_block", "build_model", "empty_cache",
            "buffer_cache_info", "__version__"]
+
+
+def __dir__():
+    # The public namespace is __all__; submodules (gmattn.torch, gmattn.mlx, gmattn.reference, ...)
+    # are imported by name.
+    return sorted(__all__)
 
 
 def empty_cache() -> int:
@@ -46,17 +49,13 @@ def buffer_cache_info() -> dict:
     return dict(_ext.core().buffer_cache_info())
 
 
-def _framework(x: Any) -> str:
-    module = type(x).__module__
-    if module.startswith("torch"):
-        return "torch"
-    if module.startswith("mlx"):
-        return "mlx"
-    if module.startswith("numpy"):
-        return "numpy"
-    raise TypeError(
-        f"gma_attention: 'q' must be a torch.Tensor, an mlx.core.array or a numpy.ndarray, got {type(x).__name__}"
-    )
+def _framework(x) -> str:
+    framework = _checks.array_framework(x)
+    if framework is None:
+        raise TypeError(
+            f"gma_attention: 'q' must be a torch.Tensor, an mlx.core.array or a numpy.ndarray, got {_checks.type_name(x)}"
+        )
+    return framework
 
 
 def gma_attention(q, k, v, mu, omega, alpha, *, causal=False, key_padding_mask=None, initial_state=None,

@@ -58,6 +58,48 @@ def _fmt(shape: Sequence[int]) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
+ARRAY_TYPES = {"torch": "torch.Tensor", "mlx": "mlx.core.array", "numpy": "numpy.ndarray"}
+"""The array type of each framework, as messages name it."""
+
+
+def array_framework(x: Any) -> Optional[str]:
+    """'torch', 'mlx' or 'numpy' for an array of that library (told by its type's module), else None."""
+    module = type(x).__module__
+    return next((name for name in ARRAY_TYPES if module == name or module.startswith(name + ".")), None)
+
+
+def type_name(x: Any) -> str:
+    """'numpy.ndarray', 'mlx.core.array', 'torch.Tensor', 'builtins.list': what a message calls x's type."""
+    return f"{type(x).__module__}.{type(x).__qualname__}"
+
+
+NATIVE_ARRAY_TYPES: dict = {}
+"""framework -> its array type, registered by each front end when it is imported (gmattn.torch.ops,
+gmattn.mlx.ops, gmattn.numpy_ops). require_framework's isinstance test on it is one torch.compile
+can trace (a string test on the type's module is a graph break)."""
+
+
+def require_framework(owner: str, name: str, x: Any, framework: str, reason: str) -> None:
+    """Raises a TypeError naming `name` when x is not an array of `framework`; `reason` says why
+    that framework is expected (an op's q, a module built for it)."""
+    native = NATIVE_ARRAY_TYPES.get(framework)
+    if native is not None and isinstance(x, native):
+        return
+    if array_framework(x) != framework:
+        article = "an" if framework == "mlx" else "a"  # an em-el-ex array
+        raise TypeError(f"{owner}: {name} must be {article} {ARRAY_TYPES[framework]} ({reason}), "
+                        f"got {type_name(x)}")
+
+
+def require_module_input(owner: str, name: str, x: Any, framework: str) -> None:
+    """A module's input must be an array of the framework the module was built for."""
+    other = "mlx" if framework == "torch" else "torch"
+    convert = {"torch": "torch.as_tensor", "mlx": "mx.array"}[framework]
+    module = {"torch": "a PyTorch", "mlx": "an MLX"}[framework]
+    require_framework(owner, name, x, framework, f"this is {module} module: convert the input with {convert}, "
+                      f"or build the module with framework={other!r} for {ARRAY_TYPES[other]} inputs")
+
+
 def _require_rank(name: str, x: Any, rank: int, layout: str) -> tuple:
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"gma_attention: '{name}' must be an array (torch, MLX or NumPy), got {type(x).__name__}")
@@ -105,9 +147,28 @@ def check_arguments(
         )
     mH, K, mD = _require_rank("mu", mu, 3, "(H, K, D)")
     if mH != H or mD != D:
+        # q in the (B, H, N, D) layout of scaled_dot_product_attention reads as H = its N.
+        layout_hint = (f"; q {_fmt((B, N, H, D))} looks like the (B, H, N, D) layout of "
+                       "scaled_dot_product_attention: gma_attention takes q, k, v as (B, N, H, D), "
+                       "e.g. q.transpose(1, 2)") if mH == N != H and mD == D else ""
         raise ValueError(
             f"gma_attention: 'mu' must have shape (H, K, D) with H={H}, D={D} (from q), got {_fmt((mH, K, mD))}"
+            + layout_hint
         )
+    # mu, omega and alpha each carry K: when they disagree, blame the odd one out, not whichever
+    # is checked against mu.
+    ks = {"mu": K, "omega": _require_rank("omega", omega, 3, "(H, K, D)")[1],
+          "alpha": _require_rank("alpha", alpha, 2, "(H, K)")[1]}
+    odd = [name for name in ks if list(ks.values()).count(ks[name]) == 1]
+    if len(odd) == 1:
+        rest = [name for name in ks if name != odd[0]]
+        raise ValueError(
+            f"gma_attention: '{odd[0]}' has K={ks[odd[0]]} components but {rest[0]} and {rest[1]} have "
+            f"K={ks[rest[0]]} (mu, omega: (H, K, D); alpha: (H, K))"
+        )
+    if len(odd) == 3:
+        raise ValueError("gma_attention: the mixture parameters disagree on K (components): "
+                         + ", ".join(f"'{name}' has K={k}" for name, k in ks.items()))
     _require_shape("omega", omega, (H, K, D), "(H, K, D)")
     _require_shape("alpha", alpha, (H, K), "(H, K)")
     for name, size in (("B (batch)", B), ("N (sequence length)", N), ("H (heads)", H), ("D (routing dim)", D),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+from pathlib import Path
+from typing import Optional
 
 _REBUILD = (
     "Rebuild it from the source checkout with:\n"
@@ -24,16 +27,45 @@ def _load(name: str, what: str):
             f"gmattn: the compiled {what} module 'gmattn.{name}' could not be imported ({exc}). "
             + _REBUILD
         ) from exc
-    from . import __version__
-
-    built = getattr(module, "__version__", None)
-    if built != __version__:
-        raise ImportError(
-            f"gmattn: the compiled module 'gmattn.{name}' is version {built}, but the Python package "
-            f"is {__version__}: the build is stale. " + _REBUILD
-        )
+    problem = stale_build_reason(name, getattr(module, "__build_id__", None))
+    if problem:
+        raise ImportError(f"gmattn: the build is stale: {problem}. " + _REBUILD)
     _cache[name] = module
     return module
+
+
+def source_checkout() -> Optional[Path]:
+    """The source checkout this package runs from (python/gmattn inside it: an editable install or
+    PYTHONPATH=python), else None (an installed package)."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "CMakeLists.txt").is_file() and (root / "cpp").is_dir() else None
+
+
+def stale_build_reason(name: str, module_build_id: Optional[str]) -> Optional[str]:
+    """Why the compiled module `name` with this build id does not belong to this package, or None.
+
+    Each build writes the hash of the C++ sources into the modules and into gmattn/_build_info.py.
+    A module from another build (or one older than build ids) differs from _build_info.BUILD_ID; in
+    a source checkout, sources edited since the build differ from it too.
+    """
+    try:
+        from . import _build_info
+    except ImportError:
+        return ("gmattn/_build_info.py, which the build writes next to the compiled modules, is missing "
+                "(this package was not installed by its build)")
+    if module_build_id != _build_info.BUILD_ID:
+        return (f"the compiled module 'gmattn.{name}' has build id {module_build_id}, but the package was "
+                f"installed by build {_build_info.BUILD_ID}")
+    root = source_checkout()
+    if root is not None:
+        changed = [path for path, digest in _build_info.SOURCES.items() if _file_digest(root / path) != digest]
+        if changed:
+            return f"these sources in {root} changed since the build: {', '.join(changed)}"
+    return None
+
+
+def _file_digest(path: Path) -> Optional[str]:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def core():

@@ -9,7 +9,15 @@ For each (framework, kind, N) a fresh subprocess builds one mixer (B, N, d_model
 * forward: inference forward (torch.no_grad / a plain evaluated MLX call), and
 * train: forward + backward (gradients of every trainable parameter and of the input),
 
-giving the median wall time over `--repeats` runs (after `--warmup` runs) and the peak memory.
+giving the median wall time and the peak memory.
+
+Timing. A fresh process pays once for what later calls reuse: its first call of a torch custom op
+imports torch._dynamo (seconds), thread pools start, and the first calls at a new size fault in
+fresh pages. So the worker warms up first (`--warmup` calls and at least `--warmup-time` seconds,
+small inputs and then the real ones), then times calls until it has `--repeats` of them and
+`--min-time` seconds of them, and reports the median of those calls. `--in-process` runs every
+point in this process instead (no fresh subprocess, memory only where the RSS peak can be reset):
+the two agree within noise when the warm-up is long enough.
 
 Peak memory is the growth of the process's resident set (RSS) during one call, so buffers of
 native code (the compiled core, oneDNN, MLX, BLAS) count, not only Python allocations. On Linux
@@ -237,21 +245,28 @@ def run_point(spec: Dict[str, Any]) -> Dict[str, Any]:
     budget = spec.get("budget_s", 10.0)
     for mode in spec.get("time_modes", modes):
         # A call slower than a second needs no warm-up beyond the memory run it already had.
-        warmup = 0 if first_s.get(mode, 0.0) > 1.0 else spec["warmup"]
-        for _ in range(warmup):
-            fns[mode](x)
-        times: List[float] = []
-        for _ in range(spec["repeats"]):
-            t0 = time.perf_counter()
-            fns[mode](x)
-            times.append((time.perf_counter() - t0) * 1e3)
-            if sum(times) > budget * 1e3:  # slow point: fewer repeats (recorded in *_ms_all)
-                break
+        if first_s.get(mode, 0.0) <= 1.0:
+            _calls_for(fns[mode], x, spec["warmup"], spec.get("warmup_s", 0.0), budget)
+        times = _calls_for(fns[mode], x, spec["repeats"], spec.get("min_time_s", 0.0), budget)
         clear()
         result[f"{mode}_ms"] = statistics.median(times)
         result[f"{mode}_ms_min"] = min(times)
         result[f"{mode}_ms_all"] = times
     return result
+
+
+def _calls_for(fn, x, calls: int, seconds: float, budget_s: float) -> List[float]:
+    """Runs fn(x) until it has run `calls` times and for `seconds`, or `budget_s` has passed (a slow
+    point: fewer calls); returns each call's wall time in ms."""
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < calls or time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() - start > budget_s:
+            break
+    return times
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,6 +308,14 @@ def measure(spec: Dict[str, Any], memory_reset: bool, timeout: float, env) -> Di
             return out
     out.update(_spawn({**spec, "memory": "none"}, timeout, env))
     return out
+
+
+def _measure_here(spec: Dict[str, Any], memory_reset: bool) -> Dict[str, Any]:
+    """One point in this process (--in-process); memory only where the RSS peak can be reset."""
+    try:
+        return run_point({**spec, "memory": "reset" if memory_reset and spec["memory"] != "none" else "none"})
+    except Exception as exc:  # a failing point is recorded like a failed subprocess
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def crossover(results: Sequence[Dict[str, Any]], framework: str, metric: str,
@@ -345,10 +368,10 @@ def plot(results: Sequence[Dict[str, Any]], out_dir: str, title: str) -> List[st
     paths = []
     for metric, ylabel, name in (("ms", "time per call (ms)", "time_vs_n.png"),
                                  ("peak_mib", "peak memory (MiB, RSS growth)", "memory_vs_n.png")):
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+        legend: Dict[str, Any] = {}  # one legend for both panels, below them: it never covers a curve
         for ax, mode in zip(axes, MODES):
             key = f"{mode}_{metric}"
-            drawn = False
             for fw in sorted({r["framework"] for r in results}):
                 for kind in KIND_ORDER:
                     pts = sorted((r["n"], r[key]) for r in results
@@ -356,19 +379,20 @@ def plot(results: Sequence[Dict[str, Any]], out_dir: str, title: str) -> List[st
                     pts = [(n, max(v, 1e-3)) for n, v in pts]
                     if not pts:
                         continue
-                    drawn = True
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], styles.get(fw, ":"),
-                            marker=markers.get(fw, "x"), color=colors.get(kind), label=f"{kind} ({fw})")
+                    (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], styles.get(fw, ":"),
+                                      marker=markers.get(fw, "x"), color=colors.get(kind))
+                    legend.setdefault(f"{kind} ({fw})", line)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("sequence length N")
             ax.set_ylabel(ylabel)
             ax.set_title(_label(mode))
             ax.grid(True, which="both", alpha=0.3)
-            if drawn:
-                ax.legend(fontsize=8)
+        if legend:
+            fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(len(legend), 4),
+                       frameon=False)
         fig.suptitle(title, fontsize=10)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.12 if len(legend) > 4 else 0.07, 1, 1))
         path = os.path.join(out_dir, name)
         fig.savefig(path, dpi=120)
         plt.close(fig)
@@ -416,8 +440,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--features", type=int, default=None, help="performer random features M (default 2*head_dim)")
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,
                    help="causal mixers (default) or --no-causal for bidirectional")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per point; the median is reported (default 3)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed runs before timing (default 1)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed calls per point at least; the median is reported (default 5)")
+    p.add_argument("--min-time", type=float, default=None,
+                   help="seconds of timed calls per point and mode at least (default 0.5; --quick 0.2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 2)")
+    p.add_argument("--warmup-time", type=float, default=None,
+                   help="seconds of untimed calls before timing at least (default 0.5; --quick 0.3)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every point in this process instead of a fresh subprocess each (to compare)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--modes", default="forward,train", help="forward, train or both (default)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
@@ -430,12 +461,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-plots", action="store_true", help="write JSON only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quick", action="store_true",
-                   help="tiny sizes for smoke tests: N=64,128, d_model=64, 2 heads, K=8, 1 repeat")
+                   help="tiny sizes for smoke tests: N=64,128, d_model=64, 2 heads, K=8, shorter timing")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = args.quick
     defaults = dict(batch=1, d_model=64 if quick else 256, heads=2 if quick else 4, components=8 if quick else 32,
-                    repeats=1 if quick else 3, warmup=1)
+                    repeats=5, warmup=2, min_time=0.2 if quick else 0.5, warmup_time=0.3 if quick else 0.5)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -489,8 +520,8 @@ def main(argv=None) -> int:
     threads = args.threads or os.cpu_count()
     base = dict(batch=args.batch, d_model=args.d_model, heads=args.heads, components=args.components,
                 features=args.features, causal=args.causal, repeats=args.repeats, warmup=args.warmup,
-                threads=args.threads, modes=args.modes, memory="none" if args.no_memory else "yes",
-                budget_s=args.budget)
+                warmup_s=args.warmup_time, min_time_s=args.min_time, threads=args.threads, modes=args.modes,
+                memory="none" if args.no_memory else "yes", budget_s=args.budget)
     try:
         from tqdm import tqdm
     except ImportError:  # progress is optional
@@ -508,8 +539,9 @@ def main(argv=None) -> int:
             if failed:
                 record["error"] = f"skipped: {failed}"
             else:
-                record.update(measure({**base, "framework": fw, "kind": kind, "n": n}, memory_reset,
-                                      args.timeout, env))
+                spec = {**base, "framework": fw, "kind": kind, "n": n}
+                record.update(_measure_here(spec, memory_reset) if args.in_process else
+                              measure(spec, memory_reset, args.timeout, env))
                 slowest = max((record.get(f"{m}_ms") or 0.0) for m in args.modes) / 1e3
                 if "error" in record:
                     failed = record["error"]
@@ -533,7 +565,9 @@ def main(argv=None) -> int:
         "shape": shape,
         "args": {k: v for k, v in vars(args).items() if k != "worker"},
         "memory_method": memory_method,
-        "timing": f"median of {args.repeats} runs after {args.warmup} warm-up, wall clock",
+        "timing": (f"median of at least {args.repeats} calls and {args.min_time:g} s of calls, after at least "
+                   f"{args.warmup} warm-up calls and {args.warmup_time:g} s, wall clock, "
+                   + ("all points in one process" if args.in_process else "a fresh subprocess per point")),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),

@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from . import _checks, _config, _ext
+_checks.NATIVE_ARRAY_TYPES["numpy"] = np.ndarray
 
 
 def _empty(shape, dtype) -> np.ndarray:
@@ -72,6 +73,8 @@ def gma_attention(
     (OMP_NUM_THREADS, else all cores).
     """
     dims = _checks.check_arguments(q, k, v, mu, omega, alpha, key_padding_mask, initial_state, eps, sigma_eps)
+    for name, x in _checks.array_arguments(k, v, mu, omega, alpha, key_padding_mask, initial_state):
+        _checks.require_framework("gma_attention", f"'{name}'", x, "numpy", "like q; convert with np.asarray")
     acc = np.dtype(dims.accumulator)
     mu, omega, alpha = (np.asarray(p, dtype=acc) for p in (mu, omega, alpha))
     S0 = z0 = None

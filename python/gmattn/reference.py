@@ -1,7 +1,7 @@
 """Pure-PyTorch references for Gaussian Mixture Attention (GMA).
 
 Everything here is plain, autograd-differentiable PyTorch; nothing imports the compiled
-extension. Layout follows DESIGN.md section 2:
+extension. Layout follows docs/design.md section 2:
 
     q, k  (B, N, H, D)     v (B, N, H, Dv)     mu, omega (H, K, D)     alpha (H, K)
     key_padding_mask (B, N) bool, True = real token
@@ -26,7 +26,7 @@ benchmark with e.g. ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>`` or jem
 this baseline and the compiled op alike.
 
 The state ``(S, z)`` is returned in float32 (float64 for float64 inputs) whatever the input
-dtype, as in DESIGN.md.
+dtype, as in docs/design.md section 1.
 """
 
 from __future__ import annotations

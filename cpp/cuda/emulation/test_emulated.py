@@ -1,4 +1,4 @@
-"""Checks the gmattn CUDA kernels against a float64 torch autograd reference of DESIGN.md
+"""Checks the gmattn CUDA kernels against a float64 torch autograd reference of docs/design.md
 section 1: run on the CPU by the emulator, or (--cuda) the real kernels on a GPU.
 
 usage: python cpp/cuda/emulation/test_emulated.py [--cuda] [path/to/lib.so] [-k FILTER]

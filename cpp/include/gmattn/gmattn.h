@@ -4,7 +4,7 @@
 // strides (in elements), a dtype tag and, for CUDA, a stream. Nothing here knows about torch,
 // MLX or Python; the bindings fill these structs from DLPack tensors after validating them.
 //
-// Layouts (names as in DESIGN.md section 2):
+// Layouts (names as in docs/design.md section 2):
 //   q, k      (B, N, H, D)     input dtype, any strides
 //   v, out    (B, N, H, Dv)    input dtype; out is written
 //   mu, omega (H, K, D)        accumulator dtype (float32, or float64 for float64 inputs)

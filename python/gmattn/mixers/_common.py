@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .. import _layer_spec
-from .._checks import check_input  # noqa: F401 (the mixers' input check; the GMA layers share it)
+from .._checks import check_input, require_module_input  # the GMA layers share these input checks
 from . import weights as _weights
 from .config import MixerConfig
 
@@ -68,8 +68,10 @@ def check_mask(name: str, mask_shape, B: int, N: int) -> None:
         )
 
 
-def check_call(name: str, d_model: int, x: Any, key_padding_mask: Optional[Any]) -> Tuple[Any, Any]:
-    """Checks the shapes of x (B, N, d_model) and key_padding_mask (B, N) of a mixer call; returns (B, N)."""
+def check_call(name: str, d_model: int, x: Any, key_padding_mask: Optional[Any], *, framework: str) -> Tuple[Any, Any]:
+    """Checks the array type and shape of x (B, N, d_model) and key_padding_mask (B, N) of a mixer
+    call; returns (B, N)."""
+    require_module_input(name, "x", x, framework)
     check_input(name, x.shape, d_model)
     B, N = x.shape[0], x.shape[1]
     if key_padding_mask is not None:
@@ -205,9 +207,11 @@ def observing_mixer_inputs(observe: Callable[[Any, Any], None]):
         _MIXER_INPUT_OBSERVERS.remove(observe)
 
 
-def run_block(block: Any, x: Any, key_padding_mask, state, return_state: bool, gelu: Callable[[Any], Any]):
+def run_block(block: Any, framework: str, x: Any, key_padding_mask, state, return_state: bool,
+              gelu: Callable[[Any], Any]):
     """MixerBlock's forward: x + drop(mixer(norm1(x))), then x + drop(fc2(gelu(fc1(norm2(x))))),
     returning (x, the mixer's state) with return_state. `gelu` is the framework's (exact, erf)."""
+    require_module_input(type(block).__name__, "x", x, framework)
     u = block.norm1(x)
     for observe in _MIXER_INPUT_OBSERVERS:
         observe(block, u)
@@ -222,9 +226,11 @@ def run_block(block: Any, x: Any, key_padding_mask, state, return_state: bool, g
 # ----------------------------------------------------------------------------------------------
 # SequenceModel state: (position offset, [state of each block])
 # ----------------------------------------------------------------------------------------------
-def model_state(head_kind: str, state, return_state: bool, num_blocks: int) -> Tuple[int, Sequence]:
-    """(position offset, per-block states) a SequenceModel call starts from; only the "lm" head
-    carries a state."""
+def model_state(model: Any, framework: str, tokens: Any, state, return_state: bool) -> Tuple[int, Sequence]:
+    """Checks a SequenceModel call's tokens; returns the (position offset, per-block states) it
+    starts from (only the "lm" head carries a state)."""
+    require_module_input(type(model).__name__, "tokens", tokens, framework)
+    head_kind, num_blocks = model.head_kind, len(model.blocks)
     if (state is not None or return_state) and head_kind != "lm":
         raise ValueError("SequenceModel: state is only carried with the 'lm' head")
     return (0, [None] * num_blocks) if state is None else state

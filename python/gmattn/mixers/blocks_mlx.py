@@ -24,7 +24,7 @@ class MixerBlock(Exchange, nn.Module):
         init_block(self, nn, build, config, mlp_ratio, dropout, norm_eps)
 
     def __call__(self, x: mx.array, key_padding_mask=None, state=None, return_state: bool = False):
-        return run_block(self, x, key_padding_mask, state, return_state, nn.gelu)
+        return run_block(self, "mlx", x, key_padding_mask, state, return_state, nn.gelu)
 
 
 class SequenceModel(Exchange, nn.Module):
@@ -50,7 +50,7 @@ class SequenceModel(Exchange, nn.Module):
             self.head = nn.Linear(d, vocab_size, bias=False)
 
     def __call__(self, tokens: mx.array, key_padding_mask=None, state=None, return_state: bool = False):
-        offset, layer_states = model_state(self.head_kind, state, return_state, len(self.blocks))
+        offset, layer_states = model_state(self, "mlx", tokens, state, return_state)
         B, N = tokens.shape
         x = self.embed(tokens)
         if self.max_len:

@@ -26,7 +26,7 @@ class MixerBlock(Exchange, nn.Module):
         init_block(self, nn, build, config, mlp_ratio, dropout, norm_eps)
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, state=None, return_state: bool = False):
-        return run_block(self, x, key_padding_mask, state, return_state, F.gelu)
+        return run_block(self, "torch", x, key_padding_mask, state, return_state, F.gelu)
 
 
 class SequenceModel(Exchange, nn.Module):
@@ -65,7 +65,7 @@ class SequenceModel(Exchange, nn.Module):
 
     def forward(self, tokens: Tensor, key_padding_mask: Optional[Tensor] = None, state=None,
                 return_state: bool = False):
-        offset, layer_states = model_state(self.head_kind, state, return_state, len(self.blocks))
+        offset, layer_states = model_state(self, "torch", tokens, state, return_state)
         B, N = tokens.shape
         x = self.embed(tokens)
         if self.pos_embed is not None:

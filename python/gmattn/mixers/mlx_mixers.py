@@ -167,7 +167,7 @@ class _ProjectedMixer(Exchange, nn.Module):
         init_projected_mixer(self, nn.Linear, config, qk_dim)
 
     def _qkv(self, x: mx.array, key_padding_mask):
-        B, N = check_call(type(self).__name__, self.config.d_model, x, key_padding_mask)
+        B, N = check_call(type(self).__name__, self.config.d_model, x, key_padding_mask, framework="mlx")
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask.astype(mx.bool_)
         H = self.num_heads
@@ -286,7 +286,7 @@ class SelectiveSSM(Exchange, nn.Module):
         init_ssm_mixer(self, nn.Linear, mx.array, config, lambda shape: np.array(mx.random.uniform(shape=shape)))
 
     def __call__(self, x: mx.array, key_padding_mask=None, state=None, return_state: bool = False):
-        B, N = check_call(type(self).__name__, self.config.d_model, x, key_padding_mask)
+        B, N = check_call(type(self).__name__, self.config.d_model, x, key_padding_mask, framework="mlx")
         H, P, S = self.num_heads, self.head_dim, self.state_dim
         acc = _acc(x.dtype)
         u = mx.concatenate([self.x_proj(x), self.B_proj(x), self.C_proj(x)], axis=-1).astype(acc)

@@ -215,7 +215,7 @@ class _ProjectedMixer(Exchange, nn.Module):
         init_projected_mixer(self, nn.Linear, config, qk_dim)
 
     def _qkv(self, x: Tensor, key_padding_mask: Optional[Tensor]):
-        B, N = check_call(type(self).__name__, self.config.d_model, x, key_padding_mask)
+        B, N = check_call(type(self).__name__, self.config.d_model, x, key_padding_mask, framework="torch")
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask.to(device=x.device, dtype=torch.bool)
         H = self.num_heads
@@ -363,7 +363,7 @@ class SelectiveSSM(Exchange, nn.Module):
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, state=None,
                 return_state: bool = False):
-        B, N = check_call(type(self).__name__, self.config.d_model, x, key_padding_mask)
+        B, N = check_call(type(self).__name__, self.config.d_model, x, key_padding_mask, framework="torch")
         H, P, S = self.num_heads, self.head_dim, self.state_dim
         acc = _acc(x.dtype)
         u = torch.cat([self.x_proj(x), self.B_proj(x), self.C_proj(x)], dim=-1).to(acc)

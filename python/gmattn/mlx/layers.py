@@ -94,8 +94,7 @@ class GaussianMixtureAttention(nn.Module):
         state: Optional[Tuple[mx.array, mx.array]] = None,
         return_state: bool = False,
     ):
-        if not isinstance(x, mx.array):
-            raise TypeError(f"GaussianMixtureAttention: x must be an mlx.core.array, got {type(x).__name__}")
+        _checks.require_module_input(type(self).__name__, "x", x, "mlx")
         _checks.check_input(_layer_spec.LAYER, x.shape, self.d_model)
         B, N, _ = x.shape
         H, D, Dv = self.num_heads, self.routing_dim, self.head_dim

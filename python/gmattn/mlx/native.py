@@ -6,7 +6,7 @@ op, runs on whatever device and stream the caller's code runs on (the GPU throug
 CUDA backend, as well as the CPU), and composes with ``mx.compile`` (forward and gradients),
 ``mx.vmap``, ``mx.grad`` / ``mx.vjp`` and ``nn.value_and_grad``.
 
-Numerics (the same math as the compiled core, DESIGN.md section 1):
+Numerics (the same math as the compiled core, docs/design.md section 1):
 
 * All arithmetic runs in the accumulator dtype (float32; float64 for float64 inputs, CPU only):
   the caller up-casts float16 / bfloat16 inputs and casts the output back.

@@ -48,7 +48,7 @@ float32 and float64 run natively. float16 and bfloat16 inputs are up-cast to flo
 boundary (an MLX ``astype``), the core runs in float32 and the output is cast back to the input
 dtype; the gradients of q, k, v come back in the input dtype through the cast's own vjp. The
 mixture parameters and the state run in float32 (float64 for float64 inputs) whatever the
-input dtype, as in DESIGN.md; the returned final state is float32 (float64).
+input dtype, as in docs/design.md section 1; the returned final state is float32 (float64).
 
 Transformations
 ---------------
@@ -75,6 +75,7 @@ import mlx.core as mx
 import numpy as np
 
 from .. import _checks, _ext  # noqa: F401 (tests and benchmarks/mlx_overhead.py patch _ext.core here)
+_checks.NATIVE_ARRAY_TYPES["mlx"] = mx.array
 # The host path is the NumPy front end's: MLX hands the core NumPy views of its arrays. Imported
 # under these names, which a test patches.
 from ..numpy_ops import host_backward as _host_backward
@@ -273,9 +274,8 @@ def _build_op(mask: Optional[np.ndarray], *, has_state: bool, causal: bool, eps:
 
 
 def _require_mlx(name: str, x: Any) -> None:
-    if x is not None and not isinstance(x, mx.array):
-        raise TypeError(f"gma_attention: '{name}' must be an mlx.core.array like q, got {type(x).__module__}."
-                        f"{type(x).__name__}")
+    if x is not None:
+        _checks.require_framework("gma_attention", f"'{name}'", x, "mlx", "like q; convert with mx.array")
 
 
 BACKENDS = ("auto", "native", "core")

@@ -80,6 +80,7 @@ class GaussianMixtureAttention(nn.Module):
         state: Optional[Tuple[Tensor, Tensor]] = None,
         return_state: bool = False,
     ):
+        _checks.require_module_input(type(self).__name__, "x", x, "torch")
         _checks.check_input(_layer_spec.LAYER, x.shape, self.d_model)
         B, N, _ = x.shape
         H, D, Dv = self.num_heads, self.routing_dim, self.head_dim

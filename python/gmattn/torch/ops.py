@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _config, _ext
+_checks.NATIVE_ARRAY_TYPES["torch"] = Tensor
 
 _ACC = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32,
         torch.float64: torch.float64}
@@ -230,6 +231,7 @@ def gma_attention(
     """Gaussian Mixture Attention on torch tensors (CPU or CUDA); see gmattn.gma_attention."""
     _checks.check_arguments(q, k, v, mu, omega, alpha, key_padding_mask, initial_state, eps, sigma_eps)
     for name, t in _checks.array_arguments(k, v, mu, omega, alpha, key_padding_mask, initial_state):
+        _checks.require_framework("gma_attention", f"'{name}'", t, "torch", "like q; convert with torch.as_tensor")
         if t.device != q.device:
             raise ValueError(f"gma_attention: '{name}' is on {t.device} but q is on {q.device}")
     acc = _ACC[q.dtype]
