@@ -10,9 +10,9 @@ Given wheels of both kinds, the script installs each into a directory of its own
 same child process for each, alternating (A B B A ...), in both import orders:
 
 * the OpenMP runtimes mapped (from /proc/self/maps) and the threads of the process after the run;
-* the median time of a training step of a GaussianMixtureAttention layer (projections and the
+* the median wall and process CPU time of a training step of a GaussianMixtureAttention layer (projections and the
   output layer run in torch's thread pool, the attention in gmattn's), forward and backward;
-* the median time of a tight alternation of a small torch op and a small gmattn forward, where
+* the same for a tight alternation of a small torch op and a small gmattn forward, where
   the workers of one pool still spin-wait while the other pool starts.
 
     python benchmarks/openmp_runtimes.py --shared DIST/gmattn-...whl --private OTHER/gmattn-...whl
@@ -62,18 +62,27 @@ def alternate():
         (a @ a).relu_()
         gmattn.gma_attention(q, q, v, mu, omega, alpha, causal=True)
 
-def median_ms(fn, repeats):
+def medians_ms(fn, repeats):
+    # (wall, CPU time of the whole process) medians: the spinning idle workers of a second pool
+    # show up as CPU time even when other load on the machine blurs the wall time.
     fn()
-    samples = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter(); fn(); samples.append(time.perf_counter() - t0)
-    samples.sort()
-    return 1e3 * samples[len(samples) // 2]
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - t0); cpu.append(time.process_time() - c0)
+    return [1e3 * sorted(x)[len(x) // 2] for x in (wall, cpu)]
 
-result = {"train_step_ms": median_ms(train_step, 7), "alternate_ms": median_ms(alternate, 7),
-          "runtimes": openmp_runtimes(), "threads": len(os.listdir("/proc/self/task"))}
+result = {"runtimes": openmp_runtimes()}
+for name, fn in (("train_step", train_step), ("alternate", alternate)):
+    result[name + "_ms"], result[name + "_cpu_ms"] = medians_ms(fn, 7)
+result["threads"] = len(os.listdir("/proc/self/task"))
 print(json.dumps(result))
 """
+
+
+TIMES = {"train_step_ms": "train wall", "train_step_cpu_ms": "train CPU", "alternate_ms": "alternate wall",
+         "alternate_cpu_ms": "alternate CPU"}
 
 
 def install(wheel: str, target: str) -> None:
@@ -115,20 +124,18 @@ def main(argv=None) -> int:
                 summary[name] = {
                     "runtimes": sorted({os.path.basename(p) for r in results for p in r["runtimes"]}),
                     "threads": max(r["threads"] for r in results),
-                    "train_step_ms": statistics.median(r["train_step_ms"] for r in results),
-                    "alternate_ms": statistics.median(r["alternate_ms"] for r in results),
                 }
+                summary[name].update({key: statistics.median(r[key] for r in results) for key in TIMES})
             report["orders"][order] = summary
             print(f"\nimport order: {order}, torch.set_num_threads({args.threads}), {args.rounds} runs each "
                   "(medians of medians)")
-            print(f"  {'wheel':8s} {'OpenMP runtimes mapped':48s} {'threads':>7s} {'train step':>11s} "
-                  f"{'alternate':>10s}")
+            print(f"  {'wheel':8s} {'OpenMP runtimes mapped':44s} {'threads':>7s} "
+                  + " ".join(f"{label:>13s}" for label in TIMES.values()))
             for name, s in summary.items():
-                print(f"  {name:8s} {' + '.join(s['runtimes']):48s} {s['threads']:7d} {s['train_step_ms']:9.1f}ms "
-                      f"{s['alternate_ms']:8.1f}ms")
-            ratio = {k: summary["private"][k] / summary["shared"][k] for k in ("train_step_ms", "alternate_ms")}
-            print(f"  private / shared: train step {ratio['train_step_ms']:.2f}x, alternate "
-                  f"{ratio['alternate_ms']:.2f}x")
+                print(f"  {name:8s} {' + '.join(s['runtimes']):44s} {s['threads']:7d} "
+                      + " ".join(f"{s[key]:11.1f}ms" for key in TIMES))
+            print(f"  {'private / shared':60s} "
+                  + " ".join(f"{summary['private'][key] / summary['shared'][key]:12.2f}x" for key in TIMES))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

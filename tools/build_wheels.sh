@@ -90,11 +90,12 @@ step "install into a fresh environment without compiler, CMake or index"
 "$PY" -m venv --system-site-packages "$WORK/check"
 NOBUILD=(env -i HOME="$WORK" PATH="$WORK/check/bin" CC=/bin/false CXX=/bin/false LANG=C.UTF-8)
 for tool in cc c++ gcc g++ cmake ninja nvcc make; do
-  if "${NOBUILD[@]}" sh -c "command -v $tool" >/dev/null 2>&1; then die "'$tool' is reachable in the check environment"; fi
+  if "${NOBUILD[@]}" /bin/sh -c "command -v $tool" >/dev/null 2>&1; then die "'$tool' is reachable in the check environment"; fi
 done
 echo "  PATH=$WORK/check/bin: cc, c++, gcc, g++, cmake, ninja, nvcc, make not reachable"
+# --ignore-installed: a gmattn in the interpreter's own site-packages must not satisfy the install.
 "${NOBUILD[@]}" "$WORK/check/bin/python" -m pip install --no-index --no-deps --only-binary=:all: \
-  --no-cache-dir --disable-pip-version-check "$WHEEL" 2>&1 | tee "$WORK/install.log"
+  --ignore-installed --no-cache-dir --disable-pip-version-check "$WHEEL" 2>&1 | tee "$WORK/install.log"
 if grep -qiE 'building wheel|running setup|cmake' "$WORK/install.log"; then die "pip built something (see above)"; fi
 
 step "smoke test"
