@@ -51,7 +51,9 @@ class Dims:
 
 
 def _shape(x: Any) -> tuple:
-    return tuple(int(s) for s in x.shape)
+    # The sizes as they are, never int(): under torch.export and torch.compile a dynamic size is
+    # symbolic, and int() would pin the traced program to the length it was traced at.
+    return tuple(x.shape)
 
 
 def _fmt(shape: Sequence[int]) -> str:
@@ -176,10 +178,12 @@ def check_arguments(
         if size < 1:
             raise ValueError(f"gma_attention: {name} must be at least 1, got {size}")
     # The kernels count rows, components and (batch, head) pairs in 32 bits: refuse before any
-    # output is allocated (an N = 2^31 output alone is 8 GiB).
+    # output is allocated (an N = 2^31 output alone is 8 GiB). A symbolic size (torch.compile,
+    # torch.export) is not bounded here: the guard would cap every dynamic size of an exported
+    # program at 2^31-1, and the compiled module refuses such sizes itself when the program runs.
     for name, size in (("N (sequence length)", N), ("K (components)", K), ("D (routing dim)", D),
                        ("Dv (value dim)", Dv), ("B * H (batch x heads)", B * H)):
-        if size > 2 ** 31 - 1:
+        if isinstance(size, int) and size > 2 ** 31 - 1:
             raise ValueError(f"gma_attention: {name} = {size} exceeds 2^31-1, which the kernels do not support")
 
     dtype = _require_floating("q", q)
@@ -214,9 +218,11 @@ def check_arguments(
         _require_floating(S_name, S0)
         _require_floating(z_name, z0)
 
-    if not (eps >= 0 and math.isfinite(eps)):
+    # Comparisons only (NaN fails them): torch.compile traces them, also when it makes the
+    # floats symbolic (dynamic=True), where math.isfinite breaks the graph.
+    if not (0 <= eps < math.inf):
         raise ValueError(f"gma_attention: 'eps' must be >= 0 and finite, got {eps}")
-    if not (sigma_eps > 0 and math.isfinite(sigma_eps)):
+    if not (0 < sigma_eps < math.inf):
         raise ValueError(f"gma_attention: 'sigma_eps' must be > 0 and finite, got {sigma_eps}")
     return Dims(B=B, N=N, H=H, K=K, D=D, Dv=Dv, dtype=dtype)
 

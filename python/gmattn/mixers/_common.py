@@ -61,7 +61,8 @@ def orthogonal_random_features(num_heads: int, num_features: int, dim: int,
 
 
 def check_mask(name: str, mask_shape, B: int, N: int) -> None:
-    if tuple(int(s) for s in mask_shape) != (B, N):
+    # No int() on the sizes compared: under torch.export they may be symbolic (int() would pin them).
+    if tuple(mask_shape) != (B, N):
         raise ValueError(
             f"{name}: key_padding_mask must have shape (B, N) = ({B}, {N}) with True = real token, "
             f"got {tuple(int(s) for s in mask_shape)}"
