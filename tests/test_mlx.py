@@ -479,7 +479,15 @@ def test_tiny_model_trains():
         mx.eval(model.parameters(), optimizer.state)
         losses.append(loss.item())
     assert all(np.isfinite(losses))
-    assert losses[-1] < 0.5 * losses[0], f"loss went {losses[0]:.4f} -> {losses[-1]:.4f}"
+    # Without mixing along the sequence the model is a linear map of the current token (the
+    # residual path), so it can do no better than the least-squares fit of the target from the
+    # current token alone (0.091 here; real attention reaches 0.002, zeroed attention 0.092).
+    tokens = np.concatenate([np.array(x).reshape(B * N, d), np.ones((B * N, 1), np.float32)], axis=1)
+    y = np.array(target).reshape(B * N)
+    residual = y - tokens @ np.linalg.lstsq(tokens, y, rcond=None)[0]
+    no_mixing = float(np.mean(residual ** 2))
+    assert losses[-1] < 0.1 * no_mixing, (f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; the best fit from the "
+                                          f"current token alone is {no_mixing:.4f}: tokens did not mix")
     flat = dict(_flatten(model.parameters()))
     assert float(mx.abs(flat["attn.mu"]).sum().item()) > 0  # the mixture parameters moved
     trained = model(x)
