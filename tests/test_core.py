@@ -17,7 +17,7 @@ from gmattn import reference
 from gmattn.testing import poisoned_outputs
 from gmattn.torch.ops import backward_op, forward_op
 
-from conftest import make_problem
+from conftest import make_problem, plain_mixed_precision
 
 TOL64 = dict(rtol=1e-9, atol=1e-11)
 
@@ -179,25 +179,46 @@ def test_float32_close_to_float64():
             assert err < 2e-5, f"{name} (causal={causal}): relative error {err:.2e} in float32"
 
 
+def mixed_precision(p, dtype):
+    """p's q, k, v in `dtype` (16-bit); parameters and state in float32, as a mixed-precision
+    model holds them."""
+    low = p.detached(dtype)
+    for name in ("mu", "omega", "alpha"):
+        setattr(low, name, getattr(p, name).detach().float().requires_grad_())
+    if p.state is not None:
+        low.state = tuple(s.detach().float().requires_grad_() for s in p.state)
+    return low
+
+
+# Low-precision budgets: 2x (outputs) / 3x (gradients) the error of plain PyTorch given the same
+# inputs (16-bit q, k, v; float32 parameters and state: it computes in float32 and rounds its
+# outputs), both measured against float64 on the same values. Measured on the problem below
+# (bf16 and f16, both directions): out, dq, dk, dv and dS0 match plain PyTorch's error (ratio
+# 0.96-1.00: both are the rounding of a float32 result to 16 bits); dmu, domega, dalpha, dz0
+# 0.7-2.35x (they sum terms that carry the 16-bit dout). The final state is float32 in both, its
+# error a few float32 roundoffs (2e-7 of its scale, ratio 0.45-1.7): there the floor of 1e-6 of
+# the state's scale decides, 5x above what is measured and ~1e-4 below a 16-bit error.
+LOW_PRECISION_STATE_FLOOR = 1e-6
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_low_precision_within_pytorch_error(dtype, causal):
-    """Error against float64 at most 2x (3x for gradients) that of plain PyTorch in the same dtype."""
-    p64 = make_problem(2, 150, 2, 8, 8, 8, mask=True, seed=4)
-    ref_outs, ref_grads = run(reference.naive_gma, p64.detached(), causal)
-    # plain PyTorch in low precision: same math, same dtype everywhere (parameters included)
-    torch_outs, torch_grads = run(reference.naive_gma, p64.detached(dtype), causal)
-    # ours: low-precision q, k, v; float32 parameters (mixed precision, as a model would hold them)
-    p_low = p64.detached(dtype)
-    for name in ("mu", "omega", "alpha"):
-        setattr(p_low, name, getattr(p64, name).detach().float().requires_grad_())
-    outs, grads = run(gmattn.gma_attention, p_low, causal)
+    """Every output and gradient against float64, within 2x (3x for gradients) of plain PyTorch's
+    error with the same 16-bit inputs and float32 parameters (LOW_PRECISION_STATE_FLOOR above)."""
+    p = make_problem(2, 150, 2, 8, 8, 8, mask=True, state=True, seed=4)
+    ref_outs, ref_grads = run(reference.naive_gma, mixed_precision(p, dtype).detached(torch.float64), causal)
+    torch_outs, torch_grads = run(plain_mixed_precision(reference.naive_gma), mixed_precision(p, dtype), causal)
+    outs, grads = run(gmattn.gma_attention, mixed_precision(p, dtype), causal)
+    low = ("out", "dq", "dk", "dv")  # in the inputs' dtype; the rest float32
     for a, t, r, name, factor in zip(outs + grads, torch_outs + torch_grads, ref_outs + ref_grads,
-                                     OUT_NAMES + GRAD_NAMES, [2] * 3 + [3] * 6):
-        assert a.dtype == t.dtype or name in ("S_final", "z_final") or name.startswith("d")
+                                     OUT_NAMES + GRAD_NAMES, [2] * 3 + [3] * 8):
+        expected = dtype if name in low else torch.float32
+        assert a.dtype == expected and t.dtype == expected, f"{name}: dtype {a.dtype}, expected {expected}"
         ours = (a.double() - r).abs().max().item()
         theirs = (t.double() - r).abs().max().item()
-        assert ours <= factor * theirs + 1e-6, f"{name}: error {ours:.3e} vs plain PyTorch {theirs:.3e}"
+        floor = LOW_PRECISION_STATE_FLOOR * r.abs().max().item() if name in ("S_final", "z_final") else 0.0
+        assert ours <= factor * theirs + floor, f"{name}: error {ours:.3e} vs plain PyTorch {theirs:.3e}"
 
 
 def test_output_dtypes_follow_inputs():
