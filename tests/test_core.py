@@ -239,17 +239,59 @@ def test_parameter_gradients_deterministic():
             assert torch.equal(a, b), f"{name} differs between identical runs"
 
 
-def test_thread_counts_agree():
-    p = make_problem(2, 200, 3, 8, 8, 8, mask=True, dtype=torch.float64, seed=17)
+# (B, H) and the plan the CPU core makes for it at 2 threads (kernels.cpp, make_plan): fewer
+# pairs than four per thread and not a multiple of the thread count -> each sequence is cut into
+# segments (causal: the scans run as relays between the threads; bidirectional: two passes);
+# a multiple of the thread count -> whole sequences per task.
+THREAD_PLANS = [((1, 1), "segments"), ((1, 3), "segments"), ((2, 3), "whole sequences")]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("BH,plan", THREAD_PLANS, ids=[f"BH{b * h}-{plan}" for (b, h), plan in THREAD_PLANS])
+def test_thread_counts_agree(BH, plan, causal):
+    """1 and 2 threads give the float64 reference's outputs, state and gradients (11 chunks, a
+    mask and an initial state), whichever plan the thread count makes."""
+    B, H = BH
+    p = make_problem(B, 700, H, 8, 8, 8, mask=True, state=True, dtype=torch.float64, seed=17)
+    ref = run(reference.naive_gma, p.detached(), causal)
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one = run(gmattn.gma_attention, p, True)
-        torch.set_num_threads(2)
-        two = run(gmattn.gma_attention, p, True)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got = run(gmattn.gma_attention, p.detached(), causal)
+            assert_close_all(got[0] + got[1], ref[0] + ref[1], OUT_NAMES + GRAD_NAMES, **TOL64)
     finally:
         torch.set_num_threads(before)
-    assert_close_all(one[0] + one[1], two[0] + two[1], OUT_NAMES + GRAD_NAMES, **TOL64)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc/self/task")
+def test_one_pair_causal_runs_as_a_relay_on_two_threads():
+    """The relay path is taken: a causal call with one (batch, head) pair runs on two OpenMP threads
+    when given two (every other causal plan hands a whole sequence to one thread, and the plan
+    then uses one thread for one task). Counted as the threads the process has: OpenMP keeps its
+    pool, so the second thread appears with the first call that used it. A fresh process without
+    torch (whose own pool would blur the count): the NumPy front end."""
+    script = textwrap.dedent(
+        """
+        import os, numpy as np
+        from gmattn.numpy_ops import gma_attention
+        threads = lambda: len(os.listdir("/proc/self/task"))
+        rng = np.random.default_rng(0)
+        q, k, v = (rng.standard_normal((1, 700, 1, 8), dtype=np.float32) for _ in range(3))
+        mu, omega, alpha = rng.standard_normal((1, 8, 8)), rng.standard_normal((1, 8, 8)), rng.standard_normal((1, 8))
+        args = [q, k, v, *(a.astype(np.float32) for a in (mu, omega, alpha))]
+        counts = [threads()]
+        for n in (1, 1, 2, 2):
+            out = gma_attention(*args, causal=True, num_threads=n)
+            counts.append(threads())
+        print(*counts)
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    start, one, one_again, two, two_again = map(int, res.stdout.split())
+    assert start == one == one_again, f"one thread asked, threads {start} -> {one} -> {one_again}"
+    assert two == two_again == one + 1, f"two threads asked for one pair: threads {one} -> {two} -> {two_again}"
 
 
 def test_numpy_forward_matches_torch():
