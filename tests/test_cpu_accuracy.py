@@ -97,28 +97,36 @@ def _long_problem(N, seed=0):
 
 
 def test_causal_float32_over_a_million_tokens():
-    """Causal float32 at N = 2^20 stays within 1e-4 (relative to the largest value) of float64:
-    outputs and final state. Plain float32 running sums drift to ~5e-4 on this problem."""
+    """Causal float32 at N = 2^20 against the chunked PyTorch reference in float64 (an O(N)
+    implementation independent of the core): outputs within 1e-6 of the largest value (measured
+    3.7e-7; 8.8e-7 on the last 4096 tokens, which read the longest sums), final state within
+    2e-7 (measured 5e-8 / 3e-8). Plain float32 running sums drift to ~5e-4 on this problem."""
     xs, _ = _long_problem(1 << 20)
-    out64, (S64, z64) = gmattn.gma_attention(*xs, causal=True, output_final_state=True)
+    out64, (S64, z64) = reference.chunked_gma(*xs, causal=True, output_final_state=True)
     out32, (S32, z32) = gmattn.gma_attention(*(x.float() for x in xs), causal=True, output_final_state=True)
-    assert _rel(out32, out64) < 1e-4
-    assert _rel(out32[:, -4096:], out64[:, -4096:]) < 1e-4  # the last tokens read the longest sums
-    assert _rel(S32, S64) < 1e-5 and _rel(z32, z64) < 1e-5
+    assert _rel(out32, out64) < 1e-6
+    assert _rel(out32[:, -4096:], out64[:, -4096:]) < 2e-6
+    assert _rel(S32, S64) < 2e-7 and _rel(z32, z64) < 2e-7
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_float32_gradients_over_long_sequences(causal):
-    """Gradients at N = 2^18 in float32 are no worse than the chunked PyTorch reference's float32
-    gradients (parameter gradients sum a quarter of a million rows)."""
+    """Outputs and gradients at N = 2^18, judged by the chunked PyTorch reference in float64: the
+    float64 kernels within 1e-11 (measured <= 3e-13), the float32 kernels within 2x of the chunked
+    reference's own float32 error (measured 0.3-1.7x; parameter gradients sum a quarter of a
+    million rows: 1e-5 to 4e-5 of their scale) plus 2e-7 (about 3 float32 roundoffs)."""
     xs, g = _long_problem(1 << 18, seed=1)
-    want_out, want_grads = _outputs_and_grads(gmattn.gma_attention, xs, causal, g)  # float64 kernels
+    want_out, want_grads = _outputs_and_grads(reference.chunked_gma, xs, causal, g)
+    core_out, core_grads = _outputs_and_grads(gmattn.gma_attention, xs, causal, g)
+    assert _rel(core_out, want_out) < 1e-11
+    for name, a, b in zip(GRAD_NAMES, core_grads, want_grads):
+        assert _rel(a, b) < 1e-11, f"float64 {name}: {_rel(a, b):.2e}"
     xs32 = [x.float() for x in xs]
     got_out, got_grads = _outputs_and_grads(gmattn.gma_attention, xs32, causal, g)
     torch_out, torch_grads = _outputs_and_grads(reference.chunked_gma, xs32, causal, g)
-    assert _rel(got_out, want_out) <= 2 * _rel(torch_out, want_out) + 1e-6
+    assert _rel(got_out, want_out) <= 2 * _rel(torch_out, want_out) + 2e-7
     for name, a, t, b in zip(GRAD_NAMES, got_grads, torch_grads, want_grads):
-        assert _rel(a, b) <= 2 * _rel(t, b) + 1e-6, f"{name}: {_rel(a, b):.2e} vs torch {_rel(t, b):.2e}"
+        assert _rel(a, b) <= 2 * _rel(t, b) + 2e-7, f"{name}: {_rel(a, b):.2e} vs torch {_rel(t, b):.2e}"
 
 
 def _with_threads(n, fn):

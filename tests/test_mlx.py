@@ -52,10 +52,12 @@ def make_problem(B=2, N=13, H=3, D=5, Dv=4, K=6, seed=0, dtype=np.float32):
     return p
 
 
-def mlx_run(p, causal, with_extras, dtype=mx.float32, save=False):
-    """Outputs, final state and gradients of all differentiable arguments, through mx.value_and_grad."""
+def mlx_run(p, causal, with_extras, dtype=mx.float32, save=False, param_dtype=None):
+    """Outputs, final state and gradients of all differentiable arguments, through mx.value_and_grad.
+    q, k, v in `dtype`; mu, omega, alpha in `param_dtype` (default: `dtype`)."""
     host = mx.float64 if dtype == mx.float64 else mx.float32  # mx.array(float64 ndarray) alone is float32
-    args = [mx.array(p[n], dtype=host).astype(dtype) for n in ARGNAMES[:6]]
+    param_dtype = dtype if param_dtype is None else param_dtype
+    args = [mx.array(p[n], dtype=host).astype(dtype if n in "qkv" else param_dtype) for n in ARGNAMES[:6]]
     if with_extras:
         args += [mx.array(p["S0"], dtype=host), mx.array(p["z0"], dtype=host)]
     mask = mx.array(p["mask"]) if with_extras else None
@@ -80,27 +82,31 @@ def mlx_run(p, causal, with_extras, dtype=mx.float32, save=False):
     return res
 
 
-def torch_run(p, causal, with_extras, impl="op"):
-    """The same through the torch front end (impl="op") or the float64 naive reference (impl="naive")."""
+def torch_run(p, causal, with_extras, impl="op", low=None):
+    """The same through the torch front end (impl="op"), the float64 naive reference (impl="naive")
+    or plain PyTorch on `low` (16-bit) q, k, v with float32 parameters (impl="plain")."""
     import torch
 
+    from conftest import plain_mixed_precision
     from gmattn import reference
     from gmattn.torch import gma_attention as torch_gma
 
     dtype = torch.float64 if impl == "naive" else torch.float32
     t = {n: torch.tensor(p[n], dtype=dtype, requires_grad=True) for n in ARGNAMES}
+    if impl == "plain":
+        t.update({n: t[n].detach().to(low).requires_grad_() for n in "qkv"})
     mask = torch.tensor(p["mask"]) if with_extras else None
     state = (t["S0"], t["z0"]) if with_extras else None
-    fn = reference.naive_gma if impl == "naive" else torch_gma
+    fn = {"naive": reference.naive_gma, "op": torch_gma, "plain": plain_mixed_precision(reference.naive_gma)}[impl]
     out, (S, z) = fn(t["q"], t["k"], t["v"], t["mu"], t["omega"], t["alpha"], causal=causal, key_padding_mask=mask,
                      initial_state=state, output_final_state=True)
-    loss = ((out * torch.tensor(p["g_out"], dtype=dtype)).sum() + (S * torch.tensor(p["g_S"], dtype=dtype)).sum()
-            + (z * torch.tensor(p["g_z"], dtype=dtype)).sum())
+    loss = ((out.to(dtype) * torch.tensor(p["g_out"], dtype=dtype)).sum()
+            + (S * torch.tensor(p["g_S"], dtype=dtype)).sum() + (z * torch.tensor(p["g_z"], dtype=dtype)).sum())
     loss.backward()
-    res = {"out": out.detach().numpy(), "S": S.detach().numpy(), "z": z.detach().numpy(),
+    res = {"out": out.detach().to(dtype).numpy(), "S": S.detach().numpy(), "z": z.detach().numpy(),
            "loss": float(loss.detach())}
     for n in ARGNAMES[: 8 if with_extras else 6]:
-        res["d" + n] = t[n].grad.numpy()
+        res["d" + n] = t[n].grad.to(dtype).numpy()
     return res
 
 
@@ -222,7 +228,6 @@ def test_low_precision_upcast_and_cast_back(dtype):
     p = make_problem(seed=8)
     low = getattr(mx, dtype)
     got = mlx_run(p, True, True, dtype=low)
-    exact = mlx_run({n: (p[n].astype(np.float32) if n != "mask" else p[n]) for n in p}, True, True)
     # parameters in low precision too: up-cast at the boundary, gradients come back in their dtype
     for name in ("dq", "dk", "dv", "dmu", "domega", "dalpha"):
         assert got[name].dtype == low, name
@@ -231,9 +236,37 @@ def test_low_precision_upcast_and_cast_back(dtype):
     out, (S, z) = gma_attention(q, k, v, *(mx.array(p[n]) for n in ("mu", "omega", "alpha")), causal=True,
                                 output_final_state=True)
     assert out.dtype == low and S.dtype == mx.float32 and z.dtype == mx.float32
-    tol = 2e-2 if dtype == "float16" else 1e-1
-    assert_close(got["out"], exact["out"], tol, "out")
-    assert_close(np.array(got["dv"].astype(mx.float32)), np.array(exact["dv"]), tol, "dv")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_low_precision_within_pytorch_error(dtype, causal):
+    """16-bit q, k, v with float32 parameters and state: every output and gradient against float64
+    on the same values, within 2x (3x for gradients) of plain PyTorch's error given the same inputs
+    (as in tests/test_core.py). Measured: every gradient and out 0.99-1.00x (the rounding of out
+    and of the 16-bit dout dominates both), the float32 state 0.6-2.5x of a float32-level error
+    (2e-7 of its scale), where LOW_PRECISION_STATE_FLOOR decides."""
+    torch = pytest.importorskip("torch")
+    from conftest import LOW_PRECISION_STATE_FLOOR
+
+    p = make_problem(B=2, N=70, H=2, D=8, Dv=8, K=8, seed=15)
+    low = getattr(mx, dtype)
+    got = mlx_run(p, causal, True, dtype=low, param_dtype=mx.float32)
+    # the values the kernel was given: q, k, v rounded to 16 bits
+    exact = {n: (np.array(mx.array(p[n]).astype(low).astype(mx.float32)) if n in "qkv" else p[n]) for n in p}
+    ref = torch_run(exact, causal, True, impl="naive")
+    plain = torch_run(exact, causal, True, impl="plain", low=getattr(torch, dtype))
+    low_names = ("out", "dq", "dk", "dv")
+    for name in ("out", "S", "z") + tuple("d" + n for n in ARGNAMES):
+        a = got[name]
+        if isinstance(a, mx.array):
+            assert a.dtype == (low if name in low_names else mx.float32), f"{name}: dtype {a.dtype}"
+            a = np.array(a.astype(mx.float32))
+        ours = np.max(np.abs(a.astype(np.float64) - ref[name]))
+        theirs = np.max(np.abs(plain[name].astype(np.float64) - ref[name]))
+        factor = 3 if name.startswith("d") else 2
+        floor = LOW_PRECISION_STATE_FLOOR * np.max(np.abs(ref[name])) if name in ("S", "z") else 0.0
+        assert ours <= factor * theirs + floor, f"{name}: error {ours:.3e} vs plain PyTorch {theirs:.3e}"
 
 
 def test_strided_inputs_are_read_in_place(monkeypatch):
@@ -479,7 +512,15 @@ def test_tiny_model_trains():
         mx.eval(model.parameters(), optimizer.state)
         losses.append(loss.item())
     assert all(np.isfinite(losses))
-    assert losses[-1] < 0.5 * losses[0], f"loss went {losses[0]:.4f} -> {losses[-1]:.4f}"
+    # Without mixing along the sequence the model is a linear map of the current token (the
+    # residual path), so it can do no better than the least-squares fit of the target from the
+    # current token alone (0.091 here; real attention reaches 0.002, zeroed attention 0.092).
+    tokens = np.concatenate([np.array(x).reshape(B * N, d), np.ones((B * N, 1), np.float32)], axis=1)
+    y = np.array(target).reshape(B * N)
+    residual = y - tokens @ np.linalg.lstsq(tokens, y, rcond=None)[0]
+    no_mixing = float(np.mean(residual ** 2))
+    assert losses[-1] < 0.1 * no_mixing, (f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; the best fit from the "
+                                          f"current token alone is {no_mixing:.4f}: tokens did not mix")
     flat = dict(_flatten(model.parameters()))
     assert float(mx.abs(flat["attn.mu"]).sum().item()) > 0  # the mixture parameters moved
     trained = model(x)
