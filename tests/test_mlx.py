@@ -302,7 +302,15 @@ def test_strided_inputs_are_read_in_place(monkeypatch):
 # transformations
 # ----------------------------------------------------------------------------------------------
 
-def test_compile_raises_clear_error_and_surrounding_code_compiles():
+@pytest.fixture
+def core_backend(monkeypatch):
+    """The compiled-core backend for every call without backend= (the default "auto" takes the
+    native backend under mx.compile / mx.vmap and on a GPU; these tests are about the core's own
+    behaviour there; tests/test_mlx_native.py covers the native backend and the dispatch)."""
+    monkeypatch.setenv(mlx_ops.BACKEND_ENV, "core")
+
+
+def test_compile_raises_clear_error_and_surrounding_code_compiles(core_backend):
     p = make_problem(seed=10)
     q, k, v, mu, omega, alpha = (mx.array(p[n]) for n in ARGNAMES[:6])
     with pytest.raises(RuntimeError, match="mx.compile"):
@@ -315,7 +323,7 @@ def test_compile_raises_clear_error_and_surrounding_code_compiles():
     assert abs(compiled.item() - eager.item()) <= 1e-5 * abs(eager.item())
 
 
-def test_unsupported_transformations_raise():
+def test_unsupported_transformations_raise(core_backend):
     p = make_problem(seed=11)
     q, k, v, mu, omega, alpha = (mx.array(p[n]) for n in ARGNAMES[:6])
     f = lambda q: gma_attention(q, k, v, mu, omega, alpha)  # noqa: E731
@@ -327,7 +335,7 @@ def test_unsupported_transformations_raise():
         mx.grad(lambda q: mx.grad(lambda x: f(x).sum())(q).sum())(q)
 
 
-def test_gpu_default_device_runs_on_cpu_and_warns_once(monkeypatch):
+def test_gpu_default_device_runs_on_cpu_and_warns_once(monkeypatch, core_backend):
     """Mocked: what happens on a Mac whose MLX default device is the GPU."""
     p = make_problem(seed=12)
     args = [mx.array(p[n]).astype(mx.bfloat16) if n in "qkv" else mx.array(p[n]) for n in ARGNAMES[:6]]
@@ -573,7 +581,7 @@ def test_saved_responsibilities_are_released(monkeypatch):
     assert len(refs) == 2  # eval mode saves nothing
 
 
-def test_layer_inside_mx_compile_raises_clear_error():
+def test_layer_inside_mx_compile_raises_clear_error(core_backend):
     layer = GaussianMixtureAttention(16, 2, 4)
     x = mx.random.normal((2, 12, 16))
     with pytest.raises(RuntimeError, match="outside the compiled function"):
