@@ -76,7 +76,7 @@ import time
 from typing import Callable, Dict, List
 
 SECTIONS = ("speed", "matmul", "scaling", "shapes", "threads", "memory")
-CHUNK = 64  # the core's chunk length (cpp/cpu/kernels.cpp kChunk)
+CHUNK = 64  # the core's chunk length (cpp/cpu/rows.h kChunk)
 
 # ----------------------------------------------------------------------------------------------
 # Flop count of the core's algorithm (see the module docstring)

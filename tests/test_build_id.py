@@ -26,7 +26,7 @@ def test_modules_carry_the_build_id_of_their_sources():
     # The id is the hash of the per-file hashes the build recorded (the same formula as CMakeLists.txt).
     manifest = "".join(f"{path} {digest}\n" for path, digest in sorted(_build_info.SOURCES.items()))
     assert hashlib.sha256(manifest.encode()).hexdigest() == _build_info.BUILD_ID
-    assert "cpp/cpu/kernels.cpp" in _build_info.SOURCES and "cpp/bindings/module.cpp" in _build_info.SOURCES
+    assert "cpp/cpu/forward.cpp" in _build_info.SOURCES and "cpp/bindings/module.cpp" in _build_info.SOURCES
     assert not any(path.startswith("cpp/cuda/emulation/") for path in _build_info.SOURCES)
 
 
@@ -79,8 +79,8 @@ def test_sources_edited_since_the_build_are_refused_in_a_checkout(tmp_path):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, tmp_path / path)
     assert "loaded" in _load_core(tmp_path).stdout  # unchanged sources: the build is current
-    with open(tmp_path / "cpp" / "cpu" / "kernels.cpp", "a") as f:
+    with open(tmp_path / "cpp" / "cpu" / "forward.cpp", "a") as f:
         f.write("\n// edited after the build\n")
     result = _load_core(tmp_path)
     assert result.returncode != 0
-    assert f"these sources in {tmp_path} changed since the build: cpp/cpu/kernels.cpp" in result.stderr
+    assert f"these sources in {tmp_path} changed since the build: cpp/cpu/forward.cpp" in result.stderr

@@ -240,7 +240,7 @@ def test_parameter_gradients_deterministic():
             assert torch.equal(a, b), f"{name} differs between identical runs"
 
 
-# (B, H) and the plan the CPU core makes for it at 2 threads (kernels.cpp, make_plan): fewer
+# (B, H) and the plan the CPU core makes for it at 2 threads (cpp/cpu/plan.h, make_plan): fewer
 # pairs than four per thread and not a multiple of the thread count -> each sequence is cut into
 # segments (causal: the scans run as relays between the threads; bidirectional: two passes);
 # a multiple of the thread count -> whole sequences per task.

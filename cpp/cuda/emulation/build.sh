@@ -86,7 +86,7 @@ if [[ "$module" == 1 ]]; then
   read -r -a py_includes <<< "$("$python" -m pybind11 --includes)"
   rm -f "$out/module.o" "$out/_cuda_emulated$ext"
   compile g++ "${flags[@]}" "${py_includes[@]}" -fvisibility=hidden -DGMATTN_BACKEND_CUDA \
-    -DGMATTN_MODULE_NAME=_cuda_emulated -I"$root/cpp/bindings" -c "$root/cpp/bindings/module.cpp" -o "$out/module.o"
+    -DGMATTN_MODULE_NAME=_cuda_emulated -DGMATTN_BUILD_ID='"emulated"' -I"$root/cpp/bindings" -c "$root/cpp/bindings/module.cpp" -o "$out/module.o"
 fi
 finish
 g++ -shared "${ldflags[@]}" -o "$out/libgmattn_cuda_emulated.so" "${objs[@]}" "$out/emulation_api.o"
