@@ -213,6 +213,7 @@ def test_state_shapes(fw_name, kind):
         "linear": [(2, H, Dh, Dh), (2, H, Dh)],
         "performer": [(2, H, 24, Dh), (2, H, 24)],
         "softmax": [(2, H, 7, Dh), (2, H, 7, Dh), (2, 7)],
+        "ssm": [(2, H, Dh, 64), (2, 3, H * Dh + 2 * 64)],
     }[kind]
     assert shapes == expected
     if kind != "softmax":

@@ -41,7 +41,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-KIND_ORDER = ("gma", "softmax", "linear", "performer")
+KIND_ORDER = ("gma", "softmax", "linear", "performer", "ssm")
 MODES = ("forward", "train")
 DEFAULT_N = (512, 1024, 2048, 4096)
 QUICK_N = (64, 128)
@@ -338,7 +338,8 @@ def plot(results: Sequence[Dict[str, Any]], out_dir: str, title: str) -> List[st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"gma": "tab:red", "softmax": "tab:blue", "linear": "tab:green", "performer": "tab:purple"}
+    colors = {"gma": "tab:red", "softmax": "tab:blue", "linear": "tab:green", "performer": "tab:purple",
+              "ssm": "tab:orange"}
     styles = {"torch": "-", "mlx": "--"}
     markers = {"torch": "o", "mlx": "s"}
     paths = []

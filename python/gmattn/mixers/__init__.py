@@ -10,7 +10,8 @@
     twin = build_mixer(config, framework="mlx").import_weights(mixer.export_weights())
 
 Kinds: "gma" (this library), "softmax" (SDPA), "linear" (elu+1, Katharopoulos et al. 2020),
-"performer" (FAVOR+, Choromanski et al. 2021). Swap the kind by one word; `build_block` and
+"performer" (FAVOR+, Choromanski et al. 2021), "ssm" (a Mamba-2 style selective state-space model).
+Swap the kind by one word; `build_block` and
 `build_model` give a pre-norm residual MixerBlock and a SequenceModel (LM or classification head)
 around any of them. Importing this package imports neither torch nor MLX.
 """

@@ -20,6 +20,18 @@ from .config import MixerConfig
 LINEAR_CHUNK = 64
 """Chunk length of the causal linear / performer scan (intra-chunk quadratic, inter-chunk state)."""
 
+SSM_CHUNK = 64
+"""Chunk length of the ssm kind's chunked scan; also the group length of its scan over chunk states."""
+
+SSM_NORM_EPS = 1e-5
+"""Epsilon of the ssm kind's gated RMSNorm (Mamba-2's)."""
+
+SSM_DECAY_RANGE = (1.0, 16.0)
+"""-A (the per-head decay rate) starts uniform in this range (Mamba-2's initialisation)."""
+
+SSM_STEP_RANGE = (1e-3, 1e-1)
+"""The step size softplus(dt_bias) starts log-uniform in this range (Mamba-2's), floored at 1e-4."""
+
 
 def orthogonal_random_features(num_heads: int, num_features: int, dim: int,
                                seed: Optional[int] = None) -> np.ndarray:
@@ -105,6 +117,60 @@ def init_projected_mixer(mixer: Any, linear: Callable[..., Any], config: MixerCo
     mixer.num_heads, mixer.qk_dim, mixer.head_dim, mixer.causal = H, qk_dim, Dv, config.causal
     for name, (n_in, n_out) in _layer_spec.projections(d, H, qk_dim, Dv).items():
         setattr(mixer, name, linear(n_in, n_out, bias=config.bias))
+
+
+def ssm_projections(config: MixerConfig) -> Dict[str, Tuple[int, int]]:
+    """(in_features, out_features) of the ssm mixer's projections (nn.Linear), by attribute name, in
+    the order they are created: the gate z and the input x (H P each), B and C (S each, shared by
+    the heads), the step size dt (one per head) and the output."""
+    d, H, P, S = config.d_model, config.num_heads, config.resolved_head_dim, config.state_dim
+    return {"z_proj": (d, H * P), "x_proj": (d, H * P), "B_proj": (d, S), "C_proj": (d, S), "dt_proj": (d, H),
+            "out_proj": (H * P, d)}
+
+
+def ssm_conv_channels(config: MixerConfig) -> int:
+    """Channels of the ssm mixer's short convolution: x, B and C side by side (H P + 2 S)."""
+    return config.num_heads * config.resolved_head_dim + 2 * config.state_dim
+
+
+def ssm_initial_parameters(config: MixerConfig, uniform: Callable[[Tuple[int, ...]], np.ndarray]
+                           ) -> Dict[str, np.ndarray]:
+    """Initial values (float32) of the ssm mixer's parameters besides its projections, by name, in
+    the order they are created; `uniform(shape)` draws U[0, 1) from the framework's generator.
+
+    conv_weight (C, W), conv_bias (C): PyTorch's Conv1d default, U(+-1/sqrt(W)) (absent when W = 0);
+    dt_bias (H): the inverse softplus of a step size log-uniform in SSM_STEP_RANGE; A_log (H): the
+    log of a decay rate uniform in SSM_DECAY_RANGE; D (H): ones (the skip connection); norm_weight
+    (H P): ones.
+    """
+    H, P, W = config.num_heads, config.resolved_head_dim, config.conv_width
+    params: Dict[str, np.ndarray] = {}
+    if W:
+        bound = 1.0 / np.sqrt(W)
+        C = ssm_conv_channels(config)
+        params["conv_weight"] = (2.0 * uniform((C, W)) - 1.0) * bound
+        params["conv_bias"] = (2.0 * uniform((C,)) - 1.0) * bound
+    lo, hi = np.log(SSM_STEP_RANGE[0]), np.log(SSM_STEP_RANGE[1])
+    step = np.maximum(np.exp(lo + (hi - lo) * uniform((H,))), 1e-4)
+    params["dt_bias"] = step + np.log(-np.expm1(-step))  # softplus(dt_bias) = step
+    lo, hi = SSM_DECAY_RANGE
+    params["A_log"] = np.log(lo + (hi - lo) * uniform((H,)))
+    params["D"] = np.ones(H)
+    params["norm_weight"] = np.ones(H * P)
+    return {name: np.asarray(value, dtype=np.float32) for name, value in params.items()}
+
+
+def init_ssm_mixer(mixer: Any, linear: Callable[..., Any], parameter: Callable[[np.ndarray], Any],
+                   config: MixerConfig, uniform: Callable[[Tuple[int, ...]], np.ndarray]) -> None:
+    """Sets the sizes, projections and parameters of an ssm mixer; `linear` is the framework's
+    nn.Linear, `parameter` turns a NumPy array into the framework's trainable parameter."""
+    mixer.config = config
+    mixer.num_heads, mixer.head_dim, mixer.state_dim = config.num_heads, config.resolved_head_dim, config.state_dim
+    mixer.conv_width, mixer.causal = config.conv_width, config.causal
+    for name, (n_in, n_out) in ssm_projections(config).items():
+        setattr(mixer, name, linear(n_in, n_out, bias=config.bias))
+    for name, value in ssm_initial_parameters(config, uniform).items():
+        setattr(mixer, name, parameter(value))
 
 
 def init_block(block: Any, nn: Any, build: Callable[[MixerConfig], Any], config: MixerConfig, mlp_ratio: float,

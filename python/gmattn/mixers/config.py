@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-KINDS = ("gma", "softmax", "linear", "performer")
+KINDS = ("gma", "softmax", "linear", "performer", "ssm")
 """Mixer kinds `build_mixer` knows, in both frameworks."""
 
 CAUSAL_STATE = {
@@ -15,6 +15,8 @@ CAUSAL_STATE = {
     "linear": "(S (B, H, D, Dv), z (B, H, D)): running sums of phi(k) v^T and phi(k), float32",
     "performer": "(S (B, H, M, Dv), z (B, H, M)): running sums over the M random features, float32",
     "softmax": "(k (B, H, T, D), v (B, H, T, Dv), mask (B, T) bool): the KV cache of the T tokens seen",
+    "ssm": "(h (B, H, P, S), conv (B, W - 1, H P + 2 S)): the scan's state (P = head_dim, S = state_dim) and the "
+           "last W - 1 inputs of the short convolution (W = conv_width), float32",
 }
 """What `mixer(x, state=..., return_state=True)` carries for each kind."""
 
@@ -26,7 +28,7 @@ class MixerConfig:
     """Framework-neutral configuration of a sequence mixer (x: (B, N, d_model) -> (B, N, d_model)).
 
     Common fields:
-        kind: one of KINDS: "gma", "softmax", "linear", "performer".
+        kind: one of KINDS: "gma", "softmax", "linear", "performer", "ssm".
         d_model: model width.
         num_heads: H.
         head_dim: per-head width (query/key and value); default d_model // num_heads.
@@ -49,6 +51,10 @@ class MixerConfig:
 
     linear (Katharopoulos et al. 2020):
         feature_map: "elu+1" (the paper's) or "relu".
+
+    ssm (a Mamba-2 style selective state-space model; head_dim is its per-head width P):
+        state_dim: S, the state's size per head and channel (the B and C projections' width).
+        conv_width: W, taps of the causal depthwise convolution before the scan (0: none).
     """
 
     kind: str = "gma"
@@ -68,11 +74,14 @@ class MixerConfig:
     seed: Optional[int] = None
     # linear
     feature_map: str = "elu+1"
+    # ssm
+    state_dim: int = 64
+    conv_width: int = 4
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"MixerConfig: kind must be one of {KINDS}, got {self.kind!r}")
-        for name in ("d_model", "num_heads", "num_components"):
+        for name in ("d_model", "num_heads", "num_components", "state_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"MixerConfig: {name} must be a positive int, got {value!r}")
@@ -85,6 +94,8 @@ class MixerConfig:
                 f"MixerConfig: d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
                 "set head_dim explicitly"
             )
+        if not isinstance(self.conv_width, int) or self.conv_width < 0:
+            raise ValueError(f"MixerConfig: conv_width must be an int >= 0 (0: no convolution), got {self.conv_width!r}")
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"MixerConfig: feature_map must be one of {FEATURE_MAPS}, got {self.feature_map!r}")
         if not self.eps > 0 or not self.sigma_eps > 0:

@@ -11,10 +11,11 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..mlx.layers import GaussianMixtureAttention
-from ._common import LINEAR_CHUNK, Exchange, check_call, gma_layer_arguments, init_projected_mixer
-from ._common import orthogonal_random_features
+from ._common import LINEAR_CHUNK, SSM_CHUNK, SSM_NORM_EPS, Exchange, check_call, gma_layer_arguments
+from ._common import init_projected_mixer, init_ssm_mixer, orthogonal_random_features
 from .config import MixerConfig
 
 
@@ -69,6 +70,84 @@ def favor_features(x: mx.array, W: mx.array, is_query: bool) -> mx.array:
     if is_query:
         logits = logits - mx.stop_gradient(logits.max(-1, keepdims=True))
     return mx.exp(logits) * M ** -0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# Selective state-space scan of the "ssm" kind: twins of the torch functions (same math, same chunking)
+# ----------------------------------------------------------------------------------------------
+def segment_sums(a: mx.array) -> mx.array:
+    """MLX twin of gmattn.mixers.torch_mixers.segment_sums."""
+    T = a.shape[-1]
+    i = mx.arange(T)
+    rows = mx.where(i[:, None] > i[None, :], a[..., :, None], mx.zeros((), dtype=a.dtype))
+    return mx.where(i[:, None] >= i[None, :], mx.cumsum(rows, axis=-2), mx.array(-mx.inf, dtype=a.dtype))
+
+
+def decayed_scan(g: mx.array, s: mx.array, h0: mx.array, group: int = SSM_CHUNK) -> mx.array:
+    """MLX twin of gmattn.mixers.torch_mixers.decayed_scan."""
+    n = g.shape[-1]
+    if n <= group:
+        return mx.exp(segment_sums(g)) @ s + mx.exp(mx.cumsum(g, axis=-1))[..., None] * h0[..., None, :]
+    pad = (-n) % group
+    if pad:
+        g = mx.pad(g, [(0, 0)] * (g.ndim - 1) + [(0, pad)])
+        s = mx.pad(s, [(0, 0)] * (s.ndim - 2) + [(0, pad), (0, 0)])
+    m = (n + pad) // group
+    g = g.reshape(*g.shape[:-1], m, group)
+    s = s.reshape(*s.shape[:-2], m, group, s.shape[-1])
+    local = mx.exp(segment_sums(g)) @ s
+    ends = decayed_scan(g.sum(-1), local[..., -1, :], h0, group)
+    entering = mx.concatenate([h0[..., None, :], ends[..., :-1, :]], axis=-2)
+    h = local + mx.exp(mx.cumsum(g, axis=-1))[..., None] * entering[..., None, :]
+    return h.reshape(*h.shape[:-3], m * group, h.shape[-1])[..., :n, :]
+
+
+def selective_scan(x: mx.array, dt: mx.array, A: mx.array, B: mx.array, C: mx.array, initial_state=None,
+                   diagonal: bool = True, chunk: int = SSM_CHUNK):
+    """MLX twin of gmattn.mixers.torch_mixers.selective_scan."""
+    Bt, N, H, P = x.shape
+    S = B.shape[-1]
+    L = max(1, min(chunk, N))
+    pad = (-N) % L
+    if pad:
+        x, B, C, dt = (mx.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2)) for t in (x, B, C, dt))
+    n = (N + pad) // L
+    a = (dt * A).transpose(0, 2, 1).reshape(Bt, H, n, L)
+    xdt = (x * dt[..., None]).transpose(0, 2, 1, 3).reshape(Bt, H, n, L, P)
+    Bc, Cc = B.reshape(Bt, 1, n, L, S), C.reshape(Bt, 1, n, L, S)
+    seg = segment_sums(a)
+    decay = mx.exp(seg)
+    if not diagonal:
+        decay = decay * mx.tril(mx.ones((L, L), dtype=decay.dtype), k=-1)
+    y = ((Cc @ mx.swapaxes(Bc, -1, -2)) * decay) @ xdt
+    writes = mx.swapaxes(xdt * mx.exp(seg[..., -1, :])[..., None], -1, -2) @ Bc
+    if initial_state is None:
+        h0 = mx.zeros((Bt, H, P * S), dtype=x.dtype)
+    else:
+        h0 = initial_state.astype(x.dtype).reshape(Bt, H, P * S)
+    ends = decayed_scan(a.sum(-1), writes.reshape(Bt, H, n, P * S), h0)
+    entering = mx.concatenate([h0[:, :, None], ends[:, :, :-1]], axis=2).reshape(Bt, H, n, P, S)
+    y = y + mx.exp(mx.cumsum(a, axis=-1))[..., None] * (Cc @ mx.swapaxes(entering, -1, -2))
+    y = y.reshape(Bt, H, n * L, P)[:, :, :N].transpose(0, 2, 1, 3)
+    return y, ends[:, :, -1].reshape(Bt, H, P, S)
+
+
+def ssm_scan(x: mx.array, dt: mx.array, A: mx.array, B: mx.array, C: mx.array, causal: bool, initial_state=None):
+    """MLX twin of gmattn.mixers.torch_mixers.ssm_scan (forward scan; bidirectional adds the reverse scan)."""
+    y, h = selective_scan(x, dt, A, B, C, initial_state)
+    if not causal:
+        y_rev, _ = selective_scan(x[:, ::-1], dt[:, ::-1], A, B[:, ::-1], C[:, ::-1], diagonal=False)
+        y = y + y_rev[:, ::-1]
+    return y, h
+
+
+def causal_conv(u: mx.array, tail: mx.array, weight: mx.array, bias: mx.array):
+    """MLX twin of gmattn.mixers.torch_mixers.causal_conv."""
+    W = weight.shape[1]
+    full = mx.concatenate([tail, u], axis=1)
+    N = u.shape[1]
+    out = bias + sum(full[:, w: w + N] * weight[:, w] for w in range(W))
+    return out, full[:, N:]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,7 +278,41 @@ class PerformerAttention(_ProjectedMixer):
         return (y, new_state) if return_state else y
 
 
-MIXERS = {"gma": GMAMixer, "softmax": SoftmaxAttention, "linear": LinearAttention, "performer": PerformerAttention}
+class SelectiveSSM(Exchange, nn.Module):
+    """kind "ssm": MLX twin of gmattn.mixers.torch_mixers.SelectiveSSM (same parameters, state and math)."""
+
+    def __init__(self, config: MixerConfig):
+        super().__init__()
+        init_ssm_mixer(self, nn.Linear, mx.array, config, lambda shape: np.array(mx.random.uniform(shape=shape)))
+
+    def __call__(self, x: mx.array, key_padding_mask=None, state=None, return_state: bool = False):
+        B, N = check_call(type(self).__name__, self.config.d_model, x, key_padding_mask)
+        H, P, S = self.num_heads, self.head_dim, self.state_dim
+        acc = _acc(x.dtype)
+        u = mx.concatenate([self.x_proj(x), self.B_proj(x), self.C_proj(x)], axis=-1).astype(acc)
+        dt = nn.softplus(self.dt_proj(x).astype(acc) + self.dt_bias.astype(acc))
+        if key_padding_mask is not None:
+            real = key_padding_mask.astype(mx.bool_).astype(acc)[..., None]
+            u, dt = u * real, dt * real
+        if state is None:
+            h0, tail = None, mx.zeros((B, max(self.conv_width - 1, 0), u.shape[-1]), dtype=acc)
+        else:
+            h0, tail = state
+        if self.conv_width:
+            u, tail = causal_conv(u, tail.astype(acc), self.conv_weight.astype(acc), self.conv_bias.astype(acc))
+        u = nn.silu(u)
+        xs = u[..., : H * P].reshape(B, N, H, P)
+        Bs, Cs = u[..., H * P: H * P + S], u[..., H * P + S:]
+        y, h = ssm_scan(xs, dt, -mx.exp(self.A_log.astype(acc)), Bs, Cs, self.causal, h0)
+        y = (y + self.D.astype(acc)[:, None] * xs).reshape(B, N, H * P)
+        g = y * nn.silu(self.z_proj(x).astype(acc))
+        g = g * mx.rsqrt((g * g).mean(-1, keepdims=True) + SSM_NORM_EPS) * self.norm_weight.astype(acc)
+        out = self.out_proj(g.astype(x.dtype))
+        return (out, (h, tail)) if return_state else out
+
+
+MIXERS = {"gma": GMAMixer, "softmax": SoftmaxAttention, "linear": LinearAttention, "performer": PerformerAttention,
+          "ssm": SelectiveSSM}
 
 
 def build(config: MixerConfig) -> nn.Module:

@@ -1,4 +1,4 @@
-"""The PyTorch mixers: gma, softmax, linear, performer behind one calling convention.
+"""The PyTorch mixers: gma, softmax, linear, performer, ssm behind one calling convention.
 
     y = mixer(x, key_padding_mask=None)                          # x: (B, N, d_model)
     y, state = mixer(x, key_padding_mask=None, state=state, return_state=True)
@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..torch.layers import GaussianMixtureAttention
-from ._common import LINEAR_CHUNK, Exchange, check_call, gma_layer_arguments, init_projected_mixer
-from ._common import orthogonal_random_features
+from ._common import LINEAR_CHUNK, SSM_CHUNK, SSM_NORM_EPS, Exchange, check_call, gma_layer_arguments
+from ._common import init_projected_mixer, init_ssm_mixer, orthogonal_random_features
 from .config import MixerConfig
 
 
@@ -80,6 +80,120 @@ def favor_features(x: Tensor, W: Tensor, is_query: bool) -> Tensor:
     if is_query:
         logits = logits - logits.amax(-1, keepdim=True).detach()
     return torch.exp(logits) * M ** -0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# Selective state-space scan of the "ssm" kind (Mamba-2's SSD, scalar decay per head)
+# ----------------------------------------------------------------------------------------------
+def segment_sums(a: Tensor) -> Tensor:
+    """a (..., T) -> (..., T, T) with [i, j] = a[j+1] + ... + a[i] for j <= i (0 on the diagonal) and
+    -inf above it, so exp() of it is the decay from position j to i. Each entry is summed directly,
+    not as a difference of two cumulative sums, which would lose the small ones in float32."""
+    T = a.shape[-1]
+    ones = torch.ones(T, T, dtype=torch.bool, device=a.device)
+    rows = a.unsqueeze(-1).expand(*a.shape, T).masked_fill(~ones.tril(-1), 0.0)
+    return rows.cumsum(-2).masked_fill(~ones.tril(0), float("-inf"))
+
+
+def decayed_scan(g: Tensor, s: Tensor, h0: Tensor, group: int = SSM_CHUNK) -> Tensor:
+    """Every h[c] of h[c] = exp(g[c]) h[c-1] + s[c], h[-1] = h0: g (..., n), s (..., n, F), h0 (..., F)
+    -> (..., n, F). Up to `group` steps it is one product with the decay matrix; longer scans run
+    within groups of that length, and the groups' end states scan the same way one level up, so the
+    cost is O(n group F), not O(n^2 F)."""
+    n = g.shape[-1]
+    if n <= group:
+        return torch.exp(segment_sums(g)) @ s + torch.exp(g.cumsum(-1)).unsqueeze(-1) * h0.unsqueeze(-2)
+    pad = (-n) % group  # zero steps at the end: no decay, no input
+    g, s = F.pad(g, (0, pad)), F.pad(s, (0, 0, 0, pad))
+    m = (n + pad) // group
+    g = g.reshape(*g.shape[:-1], m, group)
+    s = s.reshape(*s.shape[:-2], m, group, s.shape[-1])
+    local = torch.exp(segment_sums(g)) @ s  # each group's scan from a zero state
+    ends = decayed_scan(g.sum(-1), local[..., -1, :], h0, group)
+    entering = torch.cat([h0.unsqueeze(-2), ends[..., :-1, :]], dim=-2)
+    h = local + torch.exp(g.cumsum(-1)).unsqueeze(-1) * entering.unsqueeze(-2)
+    return h.flatten(-3, -2)[..., :n, :]
+
+
+def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, initial_state: Optional[Tensor] = None,
+                   diagonal: bool = True, chunk: int = SSM_CHUNK):
+    """The selective state-space recurrence, per batch row and head, as SSD's chunked scan:
+
+        h[t] = exp(dt[t] A) h[t-1] + dt[t] x[t] B[t]^T        (P x S)
+        y[t] = h[t] C[t]                      (diagonal=True)
+        y[t] = exp(dt[t] A) h[t-1] C[t]       (diagonal=False: a token does not read its own write)
+
+    x (Bt, N, H, P); dt (Bt, N, H) >= 0 (dt = 0 leaves the state as it is: masked tokens); A (H,) < 0;
+    B, C (Bt, N, S), shared by the heads; initial_state (Bt, H, P, S) or None (zeros). Inside chunks
+    of `chunk` tokens the output is the quadratic form sum_j (C[i] . B[j]) exp(A dt[j+1..i]) dt[j] x[j];
+    the chunks' states run through `decayed_scan`. Returns y (Bt, N, H, P) and the final state.
+    `selective_scan_sequential` is the step-by-step reference.
+    """
+    Bt, N, H, P = x.shape
+    S = B.shape[-1]
+    L = max(1, min(chunk, N))
+    pad = (-N) % L
+    if pad:
+        x, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, B, C))
+        dt = F.pad(dt, (0, 0, 0, pad))
+    n = (N + pad) // L
+    a = (dt * A).transpose(1, 2).reshape(Bt, H, n, L)  # log decay of each step
+    xdt = (x * dt.unsqueeze(-1)).permute(0, 2, 1, 3).reshape(Bt, H, n, L, P)
+    Bc, Cc = B.reshape(Bt, 1, n, L, S), C.reshape(Bt, 1, n, L, S)
+    seg = segment_sums(a)
+    decay = torch.exp(seg) if diagonal else torch.exp(seg).tril(-1)
+    y = ((Cc @ Bc.transpose(-1, -2)) * decay) @ xdt  # within the chunk
+    writes = (xdt * torch.exp(seg[..., -1, :]).unsqueeze(-1)).transpose(-1, -2) @ Bc  # (Bt, H, n, P, S)
+    h0 = x.new_zeros(Bt, H, P * S) if initial_state is None else initial_state.to(x.dtype).reshape(Bt, H, P * S)
+    ends = decayed_scan(a.sum(-1), writes.flatten(-2), h0)  # state after each chunk
+    entering = torch.cat([h0.unsqueeze(2), ends[:, :, :-1]], dim=2).reshape(Bt, H, n, P, S)
+    y = y + torch.exp(a.cumsum(-1)).unsqueeze(-1) * (Cc @ entering.transpose(-1, -2))  # from earlier chunks
+    y = y.reshape(Bt, H, n * L, P)[:, :, :N].transpose(1, 2)
+    return y, ends[:, :, -1].reshape(Bt, H, P, S)
+
+
+def selective_scan_sequential(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                              initial_state: Optional[Tensor] = None, diagonal: bool = True):
+    """`selective_scan` one step at a time (the reference of the chunked scan; same arguments)."""
+    Bt, N, H, P = x.shape
+    h = x.new_zeros(Bt, H, P, B.shape[-1]) if initial_state is None else initial_state.to(x.dtype)
+    ys = []
+    for t in range(N):
+        decay = torch.exp(dt[:, t] * A)[..., None, None]  # (Bt, H, 1, 1)
+        write = (dt[:, t, :, None] * x[:, t]).unsqueeze(-1) * B[:, t, None, None, :]
+        if diagonal:
+            h = decay * h + write
+            ys.append(h @ C[:, t, None, :, None])
+        else:
+            ys.append((decay * h) @ C[:, t, None, :, None])
+            h = decay * h + write
+    return torch.stack(ys, 1).squeeze(-1), h
+
+
+def ssm_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, causal: bool,
+             initial_state: Optional[Tensor] = None, scan=selective_scan):
+    """Causal: the forward scan. Bidirectional: the forward scan plus a reverse scan (the forward
+    scan of the reversed sequence) in which a token does not read its own write, so every pair
+    (i, j) is counted once: y[i] = sum_j (C[i] . B[j]) exp(A dt between them) dt[j] x[j] over all j,
+    the decay running over the steps after j up to i (j <= i) or from i up to before j (j > i).
+    The state is the forward scan's (the reverse scan starts from zeros). `scan` is
+    selective_scan or selective_scan_sequential."""
+    y, h = scan(x, dt, A, B, C, initial_state)
+    if not causal:
+        y_rev, _ = scan(x.flip(1), dt.flip(1), A, B.flip(1), C.flip(1), diagonal=False)
+        y = y + y_rev.flip(1)
+    return y, h
+
+
+def causal_conv(u: Tensor, tail: Tensor, weight: Tensor, bias: Tensor):
+    """Depthwise causal convolution out[t] = bias + sum_w weight[:, w] u[t - W + 1 + w] (PyTorch
+    Conv1d's weight layout (C, 1, W) without the middle axis), reading `tail` (B, W - 1, C), the
+    inputs before u (B, N, C). Returns out and the new tail (the last W - 1 inputs)."""
+    W = weight.shape[1]
+    full = torch.cat([tail, u], dim=1)
+    N = u.shape[1]
+    out = bias + sum(full[:, w: w + N] * weight[:, w] for w in range(W))
+    return out, full[:, N:]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,7 +340,56 @@ class PerformerAttention(_ProjectedMixer):
         return super().extra_repr() + f", num_features={self.num_features}, redraw={self.redraw}"
 
 
-MIXERS = {"gma": GMAMixer, "softmax": SoftmaxAttention, "linear": LinearAttention, "performer": PerformerAttention}
+class SelectiveSSM(Exchange, nn.Module):
+    """kind "ssm": a Mamba-2 style selective state-space mixer (Dao & Gu 2024).
+
+    Per token: z, x (H P), B, C (S, shared by the heads) and dt (H) are projections of the input;
+    x, B and C pass a causal depthwise convolution of width W (conv_width; 0: none) and SiLU; the
+    step size is dt = softplus(dt + dt_bias), zero on masked tokens (which then neither write nor
+    decay the state; their convolution input is zero too). Each head h scans
+    h[t] = exp(dt[t] A_h) h[t-1] + dt[t] x[t] B[t]^T, y[t] = h[t] C[t] + D_h x[t], with the scalar
+    decay A_h = -exp(A_log_h) (`selective_scan`, SSD's chunked form); bidirectional adds a reverse
+    scan (`ssm_scan`). The output is out_proj(RMSNorm(y * silu(z)) * norm_weight).
+
+    The state is (h (B, H, P, S), conv (B, W - 1, H P + 2 S)): the scan's state and the last W - 1
+    convolution inputs, float32 (float64 for float64 inputs). A bidirectional mixer's forward scan
+    starts from a passed state; its reverse scan always starts from zeros.
+    """
+
+    def __init__(self, config: MixerConfig):
+        super().__init__()
+        init_ssm_mixer(self, nn.Linear, lambda value: nn.Parameter(torch.from_numpy(value)), config,
+                       lambda shape: torch.rand(shape, dtype=torch.float64).numpy())
+
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, state=None,
+                return_state: bool = False):
+        B, N = check_call(type(self).__name__, self.config.d_model, x, key_padding_mask)
+        H, P, S = self.num_heads, self.head_dim, self.state_dim
+        acc = _acc(x.dtype)
+        u = torch.cat([self.x_proj(x), self.B_proj(x), self.C_proj(x)], dim=-1).to(acc)
+        dt = F.softplus(self.dt_proj(x).to(acc) + self.dt_bias.to(acc))
+        if key_padding_mask is not None:
+            real = key_padding_mask.to(device=x.device, dtype=torch.bool).to(acc).unsqueeze(-1)
+            u, dt = u * real, dt * real
+        h0, tail = (None, u.new_zeros(B, max(self.conv_width - 1, 0), u.shape[-1])) if state is None else state
+        if self.conv_width:
+            u, tail = causal_conv(u, tail.to(acc), self.conv_weight.to(acc), self.conv_bias.to(acc))
+        xs, Bs, Cs = F.silu(u).split([H * P, S, S], dim=-1)
+        xs = xs.reshape(B, N, H, P)
+        y, h = ssm_scan(xs, dt, -torch.exp(self.A_log.to(acc)), Bs, Cs, self.causal, h0)
+        y = (y + self.D.to(acc)[:, None] * xs).reshape(B, N, H * P)
+        g = y * F.silu(self.z_proj(x).to(acc))
+        g = g * torch.rsqrt(g.square().mean(-1, keepdim=True) + SSM_NORM_EPS) * self.norm_weight.to(acc)
+        out = self.out_proj(g.to(x.dtype))
+        return (out, (h, tail)) if return_state else out
+
+    def extra_repr(self) -> str:
+        return f"kind='ssm', d_model={self.config.d_model}, num_heads={self.num_heads}, head_dim={self.head_dim}, " \
+               f"state_dim={self.state_dim}, conv_width={self.conv_width}, causal={self.causal}"
+
+
+MIXERS = {"gma": GMAMixer, "softmax": SoftmaxAttention, "linear": LinearAttention, "performer": PerformerAttention,
+          "ssm": SelectiveSSM}
 
 
 def build(config: MixerConfig) -> nn.Module:

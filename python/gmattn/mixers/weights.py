@@ -4,9 +4,11 @@ Names are the dotted parameter paths, identical in torch and MLX because the mix
 models of both frameworks have the same structure and attribute names, and both store linear
 weights as (out_features, in_features):
 
-    q_proj.weight, q_proj.bias, k_proj.*, v_proj.*, out_proj.*       every kind
+    q_proj.weight, q_proj.bias, k_proj.*, v_proj.*, out_proj.*       gma, softmax, linear, performer
     mu, omega, alpha                                                   gma
     features                                                           performer (the random features)
+    z_proj.*, x_proj.*, B_proj.*, C_proj.*, dt_proj.*, out_proj.*,     ssm (conv_weight (C, W) is PyTorch
+      conv_weight, conv_bias, dt_bias, A_log, D, norm_weight              Conv1d's (C, 1, W) without the 1)
     norm1.weight, mixer.q_proj.weight, fc1.weight, ...                 MixerBlock
     embed.weight, pos_embed.weight, blocks.0.mixer.mu, head.weight     SequenceModel
 
