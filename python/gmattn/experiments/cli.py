@@ -11,7 +11,7 @@ from .tasks import MQAR, ByteLM, FashionMNIST, ListOps, Task
 
 BUDGET_FIELDS = ("steps", "batch_size", "seq_len", "d_model", "num_layers", "num_heads", "num_components", "lr",
                  "eval_every", "eval_batches")
-MQAR_PAIRS = (2, 4, 8, 16)
+MQAR_PAIRS = (1, 2, 4, 8)
 MQAR_PAIRS_QUICK = (2, 4)
 MQAR_K_VALUES = (8, 32, 128)
 MQAR_K_VALUES_QUICK = (2, 4)

@@ -151,6 +151,8 @@ def plot_lines(path: str, x: Sequence[float], series: Dict[str, Sequence[Dict[st
                     ms=3.5, lw=1.5, capsize=3)
     if logx:
         ax.set_xscale("log", base=2)
+        ax.set_xticks(list(x))
+        ax.set_xticklabels([f"{v:g}" for v in x])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

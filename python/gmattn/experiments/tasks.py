@@ -108,12 +108,12 @@ class MQAR(Task):
 
     name = "mqar"
     causal = True
-    default_budget = Budget(d_model=64, num_layers=2, num_heads=4, num_components=32, seq_len=64, batch_size=32,
-                            steps=300, lr=3e-3, warmup=30, eval_every=50, eval_batches=2)
+    default_budget = Budget(d_model=64, num_layers=2, num_heads=4, num_components=32, seq_len=32, batch_size=64,
+                            steps=400, lr=3e-3, warmup=40, eval_every=50, eval_batches=2)
     quick_budget = Budget(d_model=16, num_layers=2, num_heads=2, num_components=4, seq_len=24, batch_size=4,
                           steps=6, lr=3e-3, warmup=2, eval_every=3, eval_batches=1)
 
-    def __init__(self, budget: Budget, pair_counts: Sequence[int], num_keys: int = 64, num_values: int = 64):
+    def __init__(self, budget: Budget, pair_counts: Sequence[int], num_keys: int = 16, num_values: int = 16):
         super().__init__(budget)
         self.pair_counts = tuple(int(p) for p in pair_counts)
         self.num_keys, self.num_values = num_keys, num_values
