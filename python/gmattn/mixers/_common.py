@@ -8,6 +8,7 @@ own pieces (its nn namespace, its Linear class) are parameters.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -189,10 +190,28 @@ def init_block(block: Any, nn: Any, build: Callable[[MixerConfig], Any], config:
     block.drop = nn.Dropout(dropout)
 
 
+_MIXER_INPUT_OBSERVERS: List[Callable[[Any, Any], None]] = []
+
+
+@contextlib.contextmanager
+def observing_mixer_inputs(observe: Callable[[Any, Any], None]):
+    """While the context is open, every MixerBlock (either framework) calls observe(block, u) with its
+    mixer's input u = norm1(x) before running the mixer (gmattn.analysis reads the GMA blocks' routing
+    inputs this way, without re-implementing the models' forward)."""
+    _MIXER_INPUT_OBSERVERS.append(observe)
+    try:
+        yield
+    finally:
+        _MIXER_INPUT_OBSERVERS.remove(observe)
+
+
 def run_block(block: Any, x: Any, key_padding_mask, state, return_state: bool, gelu: Callable[[Any], Any]):
     """MixerBlock's forward: x + drop(mixer(norm1(x))), then x + drop(fc2(gelu(fc1(norm2(x))))),
     returning (x, the mixer's state) with return_state. `gelu` is the framework's (exact, erf)."""
-    h = block.mixer(block.norm1(x), key_padding_mask=key_padding_mask, state=state, return_state=return_state)
+    u = block.norm1(x)
+    for observe in _MIXER_INPUT_OBSERVERS:
+        observe(block, u)
+    h = block.mixer(u, key_padding_mask=key_padding_mask, state=state, return_state=return_state)
     if return_state:
         h, state = h
     x = x + block.drop(h)
