@@ -139,6 +139,30 @@ def test_fashion_mnist_quick(tmp_path, fashion):
     check_table(out, "fashion_mnist", experiment_kinds())
 
 
+def test_analysis_quick(tmp_path, plays):
+    out = str(tmp_path / "analysis")
+    assert main(["analysis", "--quick", "--data", plays, "--out", out, "--no-progress", "--seeds", "0", "1"]) == 0
+    record = read_results(out)
+    check_runs(record, ["gma"], [0, 1])
+    K = record["budget"]["num_components"]
+    H = record["budget"]["num_heads"]
+    for run in record["runs"]:
+        for stage in ("initial", "trained"):
+            rows = run["analysis"][stage]
+            assert sorted((r["block"], r["side"]) for r in rows) == [(b, s) for b in range(2) for s in "kq"]
+            for row in rows:
+                assert all(len(row[m]) == H for m in ("usage", "entropy", "nmi", "tv@0.1"))
+                assert all(0 <= u <= 1 for u in row["usage"]) and all(0 <= e <= math.log(K) + 1e-9 for e in row["entropy"])
+                assert all(0 <= v <= 1 for v in row["nmi"] + row["tv@0.01"] + row["tv@0.3"])
+                # Larger perturbations move the responsibilities further.
+                assert all(a <= b + 1e-12 for a, b in zip(row["tv@0.01"], row["tv@0.3"]))
+    text = check_table(out, "analysis", ["initial", "trained"])
+    assert "NMI with byte class" in text
+    for block in range(2):
+        for name in ("responsibilities", "usage", "usage_matrix"):
+            assert os.path.getsize(os.path.join(out, f"{name}_block{block}.png")) > 1000
+
+
 @pytest.mark.parametrize("task", ["lm", "mqar"])
 def test_ablate_quick(tmp_path, plays, task):
     out = str(tmp_path / task)

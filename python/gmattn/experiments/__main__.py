@@ -45,7 +45,8 @@ def parser() -> argparse.ArgumentParser:
     task.add_argument("--k-values", type=parse_ints, default=None, help="mqar: gma's K sweep")
     task.add_argument("--min-length", type=int, default=None, help="listops: shortest expression")
     task.add_argument("--weights", default=None, help="analysis: a trained gma LM's weights (.npz from "
-                                                      "gmattn.mixers.save_weights) instead of training one")
+                                                      "gmattn.mixers.save_weights; {seed} is replaced by each "
+                                                      "seed) instead of training one per seed")
     run = p.add_argument_group("running")
     run.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -6,6 +6,7 @@ from typing import Callable, Dict
 
 from .ablate import run_ablation
 from .commands import run_fashion_mnist, run_listops, run_lm, run_mqar
+from .responsibilities import run_analysis
 from .runner import experiment_kinds
 from .tasks import MQAR, ByteLM, FashionMNIST, ListOps, Task
 
@@ -72,5 +73,9 @@ def ablate(args):
     return run_ablation(task, args.task, args.seeds, args.out, progress(args), names, args.resume)
 
 
+def analysis(args):
+    return run_analysis(lm_task(args), args.seeds, args.out, progress(args), args.weights)
+
+
 EXPERIMENTS: Dict[str, Callable] = {"lm": lm, "mqar": mqar, "listops": listops, "fashion_mnist": fashion_mnist,
-                                    "ablate": ablate}
+                                    "analysis": analysis, "ablate": ablate}
