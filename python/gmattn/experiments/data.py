@@ -166,6 +166,18 @@ OPERATOR_PROBABILITY = 0.25
 digit otherwise."""
 
 
+def apply_operator(op: str, values: Sequence[int]) -> int:
+    """A ListOps operator on its arguments: MIN, MAX, MED (the median, rounded down as LRA's
+    int(np.median)), SM (sum mod 10)."""
+    if op == "[MIN":
+        return min(values)
+    if op == "[MAX":
+        return max(values)
+    if op == "[MED":
+        return int(np.median(values))
+    return sum(values) % 10
+
+
 def listops_tree(rng: np.random.Generator, depth: int, max_depth: int, max_args: int):
     """A random ListOps expression by LRA's grammar: a node below max_depth opens an operator
     (MIN, MAX, MED, SM = sum mod 10) over 2..max_args arguments with probability
@@ -173,15 +185,7 @@ def listops_tree(rng: np.random.Generator, depth: int, max_depth: int, max_args:
     if depth < max_depth and rng.random() < OPERATOR_PROBABILITY:
         op = LISTOPS_OPERATORS[rng.integers(len(LISTOPS_OPERATORS))]
         args = [listops_tree(rng, depth + 1, max_depth, max_args) for _ in range(int(rng.integers(2, max_args + 1)))]
-        values = [v for _, v in args]
-        if op == "[MIN":
-            value = min(values)
-        elif op == "[MAX":
-            value = max(values)
-        elif op == "[MED":
-            value = int(np.median(values))
-        else:
-            value = sum(values) % 10
+        value = apply_operator(op, [v for _, v in args])
         tokens = [op]
         for t, _ in args:
             tokens.extend(t)
@@ -212,15 +216,7 @@ def listops_evaluate(tokens: Sequence[int]) -> int:
             stack.append([t])
         elif t == "]":
             op, *vals = stack.pop()
-            if op == "[MIN":
-                v = min(vals)
-            elif op == "[MAX":
-                v = max(vals)
-            elif op == "[MED":
-                v = int(np.median(vals))
-            else:
-                v = sum(vals) % 10
-            stack[-1].append(v)
+            stack[-1].append(apply_operator(op, vals))
         else:
             stack[-1].append(int(t))
     return stack[0][0]

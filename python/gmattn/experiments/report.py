@@ -98,17 +98,38 @@ def write_text(path: str, text: str) -> None:
         f.write(text)
 
 
-def plot_curves(path: str, runs: Sequence[Dict[str, Any]], key: Callable[[Dict[str, Any]], str],
-                metric: Callable[[Dict[str, Any]], float], ylabel: str, title: str,
-                logy: bool = False) -> Optional[str]:
-    """Learning curves: for each group the mean over its runs (seeds) against the step, shaded
-    between the smallest and largest run. Returns the path, or None without matplotlib."""
+def _pyplot():
+    """matplotlib.pyplot with a file backend, or None without matplotlib (plots are optional)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _finish(plt, fig, ax, path: str, xlabel: str, ylabel: str, title: str) -> str:
+    """Labels, grid and legend; writes the PNG (small: 90 dpi) and closes the figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(path: str, runs: Sequence[Dict[str, Any]], key: Callable[[Dict[str, Any]], str],
+                metric: Callable[[Dict[str, Any]], float], ylabel: str, title: str,
+                logy: bool = False) -> Optional[str]:
+    """Learning curves: for each group the mean over its runs (seeds) against the step, shaded
+    between the smallest and largest run. Returns the path, or None without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
         return None
     groups: Dict[str, List[Dict[str, Any]]] = {}
     for run in runs:
@@ -122,28 +143,16 @@ def plot_curves(path: str, runs: Sequence[Dict[str, Any]], key: Callable[[Dict[s
         line, = ax.plot(x, np.nanmean(values, 0), label=name, lw=1.6)
         if len(rs) > 1:
             ax.fill_between(x, np.nanmin(values, 0), np.nanmax(values, 0), color=line.get_color(), alpha=0.18, lw=0)
-    ax.set_xlabel("training step")
-    ax.set_ylabel(ylabel)
     if logy:
         ax.set_yscale("log")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path, "training step", ylabel, title)
 
 
 def plot_lines(path: str, x: Sequence[float], series: Dict[str, Sequence[Dict[str, float]]], xlabel: str,
                ylabel: str, title: str, logx: bool = False) -> Optional[str]:
     """One line per series: mean over seeds at each x with error bars of the standard deviation."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for name, stats in series.items():
@@ -153,12 +162,4 @@ def plot_lines(path: str, x: Sequence[float], series: Dict[str, Sequence[Dict[st
         ax.set_xscale("log", base=2)
         ax.set_xticks(list(x))
         ax.set_xticklabels([f"{v:g}" for v in x])
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path, xlabel, ylabel, title)

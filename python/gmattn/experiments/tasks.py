@@ -20,6 +20,15 @@ INIT_BATCH_SEED = 123456789
 """Seed of the batch that data-dependent initialisations (GMAOptions.mean_init="data") read."""
 
 
+SMALL = Budget(d_model=64, num_layers=2, num_heads=4, num_components=32, seq_len=128, batch_size=16, steps=400,
+               lr=3e-3, warmup=40, eval_every=50, eval_batches=8)
+"""The default budget (what this 2-core machine could afford for every kind at 3 seeds); tasks
+change the sequence length and batch."""
+QUICK = Budget(d_model=16, num_layers=2, num_heads=2, num_components=4, seq_len=32, batch_size=4, steps=6, lr=3e-3,
+               warmup=2, eval_every=3, eval_batches=2)
+"""--quick: seconds per experiment (tests, smoke checks)."""
+
+
 class Task:
     """Base: a model head, a training stream and an evaluation. Subclasses set the fields."""
 
@@ -68,10 +77,8 @@ class ByteLM(Task):
     name = "lm"
     causal = True
     vocab_size = 256
-    default_budget = Budget(d_model=64, num_layers=2, num_heads=4, num_components=32, seq_len=128, batch_size=16,
-                            steps=400, lr=3e-3, warmup=40, eval_every=50, eval_batches=8)
-    quick_budget = Budget(d_model=16, num_layers=2, num_heads=2, num_components=4, seq_len=32, batch_size=4,
-                          steps=6, lr=3e-3, warmup=2, eval_every=3, eval_batches=2)
+    default_budget = SMALL
+    quick_budget = QUICK
 
     def __init__(self, budget: Budget, data_path: Optional[str] = None):
         super().__init__(budget)
@@ -108,10 +115,8 @@ class MQAR(Task):
 
     name = "mqar"
     causal = True
-    default_budget = Budget(d_model=64, num_layers=2, num_heads=4, num_components=32, seq_len=32, batch_size=64,
-                            steps=400, lr=3e-3, warmup=40, eval_every=50, eval_batches=2)
-    quick_budget = Budget(d_model=16, num_layers=2, num_heads=2, num_components=4, seq_len=24, batch_size=4,
-                          steps=6, lr=3e-3, warmup=2, eval_every=3, eval_batches=1)
+    default_budget = SMALL.replace(seq_len=32, batch_size=64, eval_batches=2)
+    quick_budget = QUICK.replace(seq_len=24, eval_batches=1)
 
     def __init__(self, budget: Budget, pair_counts: Sequence[int], num_keys: int = 16, num_values: int = 16):
         super().__init__(budget)
@@ -144,10 +149,8 @@ class ListOps(Task):
     head = "classification"
     num_classes = 10
     vocab_size = len(data.LISTOPS_TOKENS)
-    default_budget = Budget(d_model=64, num_layers=2, num_heads=4, num_components=32, seq_len=512, batch_size=16,
-                            steps=300, lr=3e-3, warmup=30, eval_every=50, eval_batches=8)
-    quick_budget = Budget(d_model=16, num_layers=2, num_heads=2, num_components=4, seq_len=48, batch_size=4,
-                          steps=6, lr=3e-3, warmup=2, eval_every=3, eval_batches=2)
+    default_budget = SMALL.replace(seq_len=512)
+    quick_budget = QUICK.replace(seq_len=48)
 
     def __init__(self, budget: Budget, min_length: Optional[int] = None):
         super().__init__(budget)
@@ -171,10 +174,8 @@ class FashionMNIST(Task):
     head = "classification"
     num_classes = 10
     vocab_size = 256
-    default_budget = Budget(d_model=64, num_layers=2, num_heads=4, num_components=32, seq_len=784, batch_size=16,
-                            steps=300, lr=3e-3, warmup=30, eval_every=50, eval_batches=8)
-    quick_budget = Budget(d_model=16, num_layers=2, num_heads=2, num_components=4, seq_len=784, batch_size=4,
-                          steps=4, lr=3e-3, warmup=2, eval_every=2, eval_batches=2)
+    default_budget = SMALL.replace(seq_len=784)
+    quick_budget = QUICK.replace(seq_len=784, steps=4, eval_every=2)
 
     def __init__(self, budget: Budget, data_dir: Optional[str] = None):
         super().__init__(budget)
