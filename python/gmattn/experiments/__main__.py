@@ -52,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--resume", action="store_true", help="keep the finished runs of an earlier identical "
                                                            "experiment in --out and run only the missing ones")
+    run.add_argument("--report-only", action="store_true", help="train nothing: write the tables and plots again "
+                                                                "from the runs in --out (missing runs are listed "
+                                                                "as incomplete)")
     return p
 
 
@@ -64,6 +67,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.seeds = [0, 1] if args.quick else [0, 1, 2]
     if args.out is None:
         args.out = f"experiment_results/{args.name}" + (f"_{args.task}" if args.name == "ablate" else "")
+    if args.report_only:
+        args.resume = "report"
     try:
         EXPERIMENTS[args.name](args)
     except (FileNotFoundError, ValueError) as exc:

@@ -74,6 +74,8 @@ def ablate(args):
 
 
 def analysis(args):
+    if args.resume:
+        raise ValueError("analysis trains and analyses in one go: --resume and --report-only do not apply")
     return run_analysis(lm_task(args), args.seeds, args.out, progress(args), args.weights)
 
 

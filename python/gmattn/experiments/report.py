@@ -54,9 +54,12 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def summary_table(summary: Dict[str, Dict[str, Dict[str, float]]], first_column: str,
                   columns: Sequence[Tuple[str, str, int]]) -> str:
-    """A Markdown table of `summary`: one row per group, columns (metric, heading, digits)."""
-    header = [first_column] + [heading for _, heading, _ in columns]
-    rows = [[group] + [fmt(stats[m], d) for m, _, d in columns] for group, stats in summary.items()]
+    """A Markdown table of `summary`: one row per group with its number of runs (seeds), then
+    columns (metric, heading, digits)."""
+    header = [first_column, "seeds"] + [heading for _, heading, _ in columns]
+    first = columns[0][0]
+    rows = [[group, str(stats[first]["n"] + stats[first]["nonfinite"])] + [fmt(stats[m], d) for m, _, d in columns]
+            for group, stats in summary.items()]
     return markdown_table(header, rows)
 
 

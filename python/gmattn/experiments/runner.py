@@ -58,7 +58,10 @@ class Recorder:
     """The experiment's record (results.json in `out`), rewritten after every run."""
 
     def __init__(self, out: str, experiment: str, task: Task, seeds: Sequence[int], variants: Sequence[Variant],
-                 extra: Optional[Dict[str, Any]] = None, resume: bool = False):
+                 extra: Optional[Dict[str, Any]] = None, resume=False):
+        """resume: False (start afresh), True (keep the finished runs of an earlier identical
+        record in `out`, run the rest) or "report" (keep them and run nothing: only the tables
+        and plots are written again)."""
         os.makedirs(out, exist_ok=True)
         self.out = out
         self.record: Dict[str, Any] = {
@@ -66,6 +69,7 @@ class Recorder:
             "task": task.describe(), "seeds": list(seeds), "variants": [v.to_dict() for v in variants],
             **(extra or {}), "complete": False, "runs": [],
         }
+        self.report_only = resume == "report"
         if resume:
             self.record["runs"] = self._finished_runs(variants)
 
@@ -109,9 +113,9 @@ def run_variants(task: Task, variants: Sequence[Variant], seeds: Sequence[int], 
     from .training import iterate
 
     jobs = [(seed, v) for seed in seeds for v in variants if not recorder.done(v, seed)]
-    for seed, variant in iterate(jobs, f"{recorder.record['experiment']}", progress):
+    for seed, variant in iterate([] if recorder.report_only else jobs, f"{recorder.record['experiment']}", progress):
         run, _ = run_one(task, variant, seed, progress)
         recorder.add(run)
-    recorder.record["complete"] = True
+    recorder.record["complete"] = all(recorder.done(v, seed) for seed in seeds for v in variants)
     recorder.save()
     return recorder.runs
