@@ -104,3 +104,35 @@ def test_torch_worker_subprocess_and_failure_skips_larger_n(tmp_path):
                      "--out", str(tmp_path), "--no-progress", "--no-plots"])
     res = json.loads((tmp_path / "results.json").read_text())["results"]
     assert "timed out" in res[0]["error"] and res[1]["error"].startswith("skipped")
+
+
+@pytest.mark.skipif(not HAS_MLX, reason="MLX is not installed")
+@pytest.mark.parametrize("kind", ["gma", "softmax"])
+def test_mlx_compiled_series_times_the_same_computation(kind):
+    """The "mlx-compiled" series runs the forward and the gradient step under mx.compile; both give what
+    the eager series gives, and repeated calls keep the module's weights (a traced call must not leave
+    placeholders in it)."""
+    import mlx.core as mx
+
+    spec = dict(kind=kind, batch=2, d_model=32, heads=2, components=4, features=None, causal=True)
+    eager = bench._mlx_callables({**spec, "framework": "mlx"})
+    compiled = bench._mlx_callables({**spec, "framework": "mlx-compiled"})
+    x = eager[0](24)
+    for _ in range(2):
+        np.testing.assert_allclose(compiled[1](x), eager[1](x), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(compiled[2](x), eager[2](x), rtol=1e-5, atol=1e-7)
+    mx.eval(x)
+
+
+@pytest.mark.skipif(not HAS_MLX, reason="MLX is not installed")
+def test_quick_run_with_compiled_mlx_series(tmp_path, capsys):
+    rc = bench.main(["--quick", "--frameworks", "mlx,mlx-compiled", "--kinds", "gma", "--n", "32",
+                     "--no-memory", "--out", str(tmp_path), "--no-progress", "--no-plots"])
+    assert rc == 0
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert sorted(r["framework"] for r in results) == ["mlx", "mlx-compiled"]
+    for r in results:
+        assert "error" not in r, r
+        assert r["forward_ms"] > 0 and r["train_ms"] > 0
+    assert "[mlx-compiled] forward" in capsys.readouterr().out
+    assert bench.main(["--quick", "--frameworks", "jax", "--out", str(tmp_path)]) == 2

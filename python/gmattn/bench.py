@@ -3,6 +3,7 @@
     gmattn-bench                                   # every kind, every installed framework
     python -m gmattn.bench --kinds gma,softmax --frameworks torch --n 512,1024,2048,4096
     gmattn-bench --quick --out /tmp/bench          # a tiny run (tests, smoke checks)
+    gmattn-bench --frameworks mlx,mlx-compiled     # MLX eager beside MLX under mx.compile
 
 For each (framework, kind, N) a fresh subprocess builds one mixer (B, N, d_model) and measures
 
@@ -88,9 +89,18 @@ def _ru_maxrss_bytes() -> int:
     return value if sys.platform == "darwin" else value * 1024
 
 
+# "mlx-compiled" times the same MLX mixer with its forward and its gradient step under mx.compile,
+# as MLX users run their training step; it is a series of its own beside eager "mlx".
+COMPILED_FRAMEWORKS = {"mlx-compiled": "mlx"}
+
+
+def _base_framework(framework: str) -> str:
+    return COMPILED_FRAMEWORKS.get(framework, framework)
+
+
 def _release_memory(framework: str) -> None:
     gc.collect()
-    if framework == "mlx":
+    if _base_framework(framework) == "mlx":
         import mlx.core as mx
 
         mx.clear_cache()
@@ -191,12 +201,20 @@ def _mlx_callables(spec):
     mx.random.seed(0)
     mixer = build_mixer(_config(spec), framework="mlx")
     mx.eval(mixer.parameters())
+    weights = mixer.trainable_parameters()
+
+    def forward_fn(params, x):
+        mixer.update(params)
+        return mixer(x)
 
     def loss_fn(params, x):
         mixer.update(params)
         return (mixer(x) ** 2).mean()
 
+    forward_step = forward_fn
     grad_fn = mx.value_and_grad(loss_fn, argnums=(0, 1))
+    if spec["framework"] == "mlx-compiled":
+        forward_step, grad_fn = mx.compile(forward_fn), mx.compile(grad_fn)
 
     def make_input(N):
         x = mx.random.normal((spec["batch"], N, spec["d_model"]))
@@ -204,13 +222,14 @@ def _mlx_callables(spec):
         return x
 
     def forward(x):
-        y = mixer(x)
+        y = forward_step(weights, x)
+        mixer.update(weights)  # a traced call leaves placeholders in the module: put the weights back
         mx.eval(y)
         return y[0, -1, 0].item()
 
     def train(x):
-        params = mixer.trainable_parameters()
-        loss, grads = grad_fn(params, x)
+        loss, grads = grad_fn(weights, x)
+        mixer.update(weights)
         mx.eval(loss, grads)
         return loss.item()
 
@@ -363,8 +382,8 @@ def plot(results: Sequence[Dict[str, Any]], out_dir: str, title: str) -> List[st
 
     colors = {"gma": "tab:red", "softmax": "tab:blue", "linear": "tab:green", "performer": "tab:purple",
               "ssm": "tab:orange"}
-    styles = {"torch": "-", "mlx": "--"}
-    markers = {"torch": "o", "mlx": "s"}
+    styles = {"torch": "-", "mlx": "--", "mlx-compiled": "-."}
+    markers = {"torch": "o", "mlx": "s", "mlx-compiled": "^"}
     paths = []
     for metric, ylabel, name in (("ms", "time per call (ms)", "time_vs_n.png"),
                                  ("peak_mib", "peak memory (MiB, RSS growth)", "memory_vs_n.png")):
@@ -404,7 +423,7 @@ def _versions(frameworks) -> Dict[str, str]:
     from importlib import metadata
 
     out = {"python": platform.python_version()}
-    for name in ("gmattn", "numpy", *frameworks):
+    for name in ("gmattn", "numpy", *sorted({_base_framework(fw) for fw in frameworks})):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -431,7 +450,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                "point (see the module docstring of gmattn.bench).",
     )
     p.add_argument("--kinds", default=",".join(KIND_ORDER), help="comma-separated mixer kinds (default: all)")
-    p.add_argument("--frameworks", default=None, help="comma-separated frameworks (default: all installed)")
+    p.add_argument("--frameworks", default=None,
+                   help="comma-separated frameworks: torch, mlx, and mlx-compiled (MLX's forward and gradient "
+                        "step under mx.compile) (default: torch and mlx where installed)")
     p.add_argument("--n", default=None, help=f"comma-separated sequence lengths (default: {','.join(map(str, DEFAULT_N))})")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 1)")
     p.add_argument("--d-model", type=int, default=None, help="model width (default 256)")
@@ -492,13 +513,17 @@ def main(argv=None) -> int:
     installed = available_frameworks()
     frameworks = _csv(args.frameworks) if args.frameworks else list(installed)
     notes = []
+    unknown = [fw for fw in frameworks if _base_framework(fw) not in ("torch", "mlx")]
+    if unknown:
+        print(f"gmattn-bench: unknown frameworks {unknown}; choose from torch, mlx, mlx-compiled", file=sys.stderr)
+        return 2
     for fw in list(frameworks):
-        if fw not in installed:
-            notes.append(f"framework {fw} is not installed: skipped")
+        if _base_framework(fw) not in installed:
+            notes.append(f"framework {_base_framework(fw)} is not installed: {fw} skipped")
             frameworks.remove(fw)
     plan = []
     for fw in frameworks:
-        kinds_here = available_kinds(fw)
+        kinds_here = available_kinds(_base_framework(fw))
         for kind in args.kinds:
             if kind not in kinds_here:
                 notes.append(f"{kind} is not available for {fw}: skipped")
