@@ -239,6 +239,16 @@ def test_read_idx_matches_written_file(tmp_path):
         data.read_idx(str(tmp_path / "short"))
 
 
+@pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_DIR), reason="Debian package dataset-fashion-mnist not installed")
+def test_fashion_mnist_from_the_debian_package():
+    """The default location holds what the package ships: 60000 + 10000 images of 784 pixels,
+    ten balanced classes."""
+    (train_x, train_y), (test_x, test_y) = data.load_fashion_mnist()
+    assert train_x.shape == (60000, 784) and test_x.shape == (10000, 784) and train_x.dtype == np.uint8
+    assert np.array_equal(np.bincount(train_y), [6000] * 10) and np.array_equal(np.bincount(test_y), [1000] * 10)
+    assert train_x.max() == 255 and 0 < train_x.mean() < 255
+
+
 def test_mqar_examples_recall_their_pairs():
     rng = np.random.default_rng(3)
     for pairs in (1, 4, 16):
