@@ -73,11 +73,8 @@ struct Head {
     // log_norm in double, shifted by its maximum (softmax is shift invariant): s = ln0 - Q / 2
     // then carries no large constant whose rounding would differ between components (with tiny
     // variances sum_d log sigma2 is ~ -10 D).
-    double amax = -INFINITY;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, static_cast<double>(*at<const Acc>(alpha_v, h, k)));
-    double asum = 0;
-    for (int64_t k = 0; k < K; ++k) asum += std::exp(static_cast<double>(*at<const Acc>(alpha_v, h, k)) - amax);
-    const double log_z = amax + std::log(asum);
+    const double log_z =
+        math::log_sum_exp([&](int64_t k) { return static_cast<double>(*at<const Acc>(alpha_v, h, k)); }, K);
     // A row of omega at a time: softplus and sigmoid a vector at a time (the transcendentals
     // dominate the set-up), padding lanes zero.
     constexpr int W = Simd<Acc>::W;
@@ -103,7 +100,7 @@ struct Head {
         dsigma2_domega[k * D + d] = sig[d];
         lm = std::max(lm, l);
       }
-      ln0d[k] = logpi - 0.5 * sum_log(sigma2.data(), D);
+      ln0d[k] = math::log_norm(logpi, sum_log(sigma2.data(), D));
       lmax[k] = lm;
       lmax_all = std::max(lmax_all, lm);
     }
@@ -123,12 +120,10 @@ struct Head {
     for (int64_t k = 0; k < K; ++k) {
       for (int64_t e = 0; e < D; ++e) {
         const int64_t i = k * Dp + e;
-        const Acc l = lam[i];
-        *at<Acc>(dmu, h, k, e) = l * t1[i];
-        const Acc dsigma2 = Acc(-0.5) * (l * ds_sum[k] - l * l * t2[i]);
-        *at<Acc>(domega, h, k, e) = dsigma2 * dsigma2_domega[k * D + e];
+        *at<Acc>(dmu, h, k, e) = math::dmu_from_sums(lam[i], t1[i]);
+        *at<Acc>(domega, h, k, e) = math::domega_from_sums(lam[i], ds_sum[k], t2[i], dsigma2_domega[k * D + e]);
       }
-      *at<Acc>(dalpha, h, k) = ds_sum[k] - pi[k] * ds_all;
+      *at<Acc>(dalpha, h, k) = math::dalpha_from_sums(ds_sum[k], pi[k], ds_all);
     }
   }
 };
@@ -169,10 +164,7 @@ inline void quad_micro(int64_t D, const Acc* x, int64_t ldx, const Acc* aT, cons
     for (int r = 0; r < MR; ++r) {
       const V xb = splat(x[r * ldx + d]);
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) {
-        const V t = av[v] * xb - bv[v];
-        acc[r][v] += t * t;
-      }
+      for (int v = 0; v < NV; ++v) acc[r][v] += math::centred_term(av[v], xb, bv[v]);
     }
   }
 #pragma GCC unroll 8
@@ -229,17 +221,6 @@ void quad(int64_t rows, int64_t nvec, int64_t D, const Acc* x, int64_t ldx, cons
   }
 }
 
-template <class Acc>
-struct GuardConst;
-template <>
-struct GuardConst<float> {
-  static constexpr float kHuge = 1e14f;  // Q * B beyond this: error ~ eps * sqrt(Q B) > 1
-};
-template <>
-struct GuardConst<double> {
-  static constexpr double kHuge = 1e30;
-};
-
 // In place over R rows (stride ld): Q (Kp) -> gamma = softmax(ln0 - 0.5 Q). The rows run
 // interleaved: each row is a short chain of dependent steps (max, exp, sum, scale) whose
 // latency, not its arithmetic, would bound a row at a time. With `check`, first verifies the
@@ -264,7 +245,6 @@ unsigned softmax_rows(Acc* rows, int64_t ld, const Acc* ln0, const Acc* lmax, co
   for (int r = 0; r < R; ++r) smax[r] = hmax<Acc>(mv[r]);
   unsigned failed = 0;
   if (check) {
-    const V huge = splat<Acc>(GuardConst<Acc>::kHuge);
     I bad[R] = {};
     for (int64_t v = 0; v < nvec; ++v) {
       const V l0 = loadu(ln0 + v * W), lm = loadu(lmax + v * W), m4 = Acc(4) * loadu(mk + v * W);
@@ -273,7 +253,7 @@ unsigned softmax_rows(Acc* rows, int64_t ld, const Acc* ln0, const Acc* lmax, co
         const V q = loadu(rows + r * ld + v * W);
         const V s = l0 - Acc(0.5) * q;
         const V bnd = xn[r] * lm + m4;
-        bad[r] |= (bnd > Acc(4) * (q + Dd)) & ((s > smax[r] - Acc(64)) | (q * bnd > huge));
+        bad[r] |= math::centred_form_inaccurate<Acc>(q, bnd, s, smax[r], Dd);
       }
     }
 #pragma GCC unroll 8
@@ -320,8 +300,9 @@ void direct_row(const Head<Acc>& hd, const Acc* x, Acc* Q) {
     const Acc* l = hd.lamT.data() + d * Kp;
 #pragma omp simd
     for (int64_t k = 0; k < Kp; ++k) {
-      const Acc e0 = x0 - m[k], e1 = x1 - m[Kp + k], e2 = x2 - m[2 * Kp + k], e3 = x3 - m[3 * Kp + k];
-      Q[k] += (l[k] * e0 * e0 + l[Kp + k] * e1 * e1) + (l[2 * Kp + k] * e2 * e2 + l[3 * Kp + k] * e3 * e3);
+      using math::direct_term;
+      Q[k] += (direct_term(l[k], x0, m[k]) + direct_term(l[Kp + k], x1, m[Kp + k])) +
+              (direct_term(l[2 * Kp + k], x2, m[2 * Kp + k]) + direct_term(l[3 * Kp + k], x3, m[3 * Kp + k]));
     }
   }
   for (; d < D; ++d) {
@@ -330,8 +311,7 @@ void direct_row(const Head<Acc>& hd, const Acc* x, Acc* Q) {
     const Acc* l = hd.lamT.data() + d * Kp;
 #pragma omp simd
     for (int64_t k = 0; k < Kp; ++k) {
-      const Acc e = xd - m[k];
-      Q[k] += l[k] * e * e;
+      Q[k] += math::direct_term(l[k], xd, m[k]);
     }
   }
 }
@@ -499,13 +479,11 @@ void softmax_backward_rows(const Acc* gamma, Acc* dgamma, int64_t K, int64_t Kp)
   }
 }
 
-// ds = gamma * (dgamma - sum_k gamma dgamma), in place over dgamma (rows x Kp), in a form that
-// does not lean on gamma near 1: with a the row's largest responsibility, the mean is
-// dgamma_a + sum_{l != a} gamma_l (dgamma_l - dgamma_a), ds_l = gamma_l (dgamma_l - mean) for
-// l != a, and ds_a = -sum_{l != a} ds_l (rows of ds sum to zero). For peaked routing (tiny
-// variances) the rounded gamma_a ~ 1 leaves 1 - gamma_a, hence ds_a, poorly determined; the
-// small responsibilities carry their full relative precision. Rows with gamma = 0 (masked keys)
-// give ds = 0. Four rows at a time, interleaved (each row is a chain of dependent reductions).
+// ds = gamma * (dgamma - sum_k gamma dgamma), in place over dgamma (rows x Kp), pivoted on the
+// row's largest responsibility: the steps of gma_math.h's softmax_backward_pivoted (which the
+// CUDA kernels run a row per thread) on SIMD vectors of components. Rows with gamma = 0 (masked
+// keys) give ds = 0. Four rows at a time, interleaved (each row is a chain of dependent
+// reductions).
 template <class Acc>
 void softmax_backward(const Acc* gamma, Acc* dgamma, int64_t rows, int64_t K, int64_t Kp) {
   int64_t r = 0;

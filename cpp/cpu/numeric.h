@@ -1,6 +1,6 @@
-// Scalar helpers shared by the CPU kernels: storage conversions for 16-bit floats, sums of
-// logarithms, compensated addition (vectorised exp and softplus are in simd.h). Header-only so
-// every ISA build inlines them.
+// Scalar helpers of the CPU kernels: storage conversions for 16-bit floats, and the shared math
+// of gma_math.h (sums of logarithms, compensated addition) on arrays (vectorised exp and softplus
+// are in simd.h). Header-only so every ISA build inlines them.
 #pragma once
 
 #ifndef GMATTN_ISA
@@ -10,6 +10,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+
+#include "../common/gma_math.h"
 
 namespace gmattn {
 namespace cpu_detail {
@@ -96,40 +98,24 @@ inline bf16_t store_as<bf16_t, float>(float x) { return to_bf16(x); }
 template <>
 inline f16_t store_as<f16_t, float>(float x) { return to_f16(x); }
 
-// sum_i log(x[i]) in double, for x > 0: one logarithm per product of up to eight values (the
-// product rounded like one more addition would be), per value where a product leaves [1e-300,
-// 1e300] (or is NaN or infinite).
+// sum_i log(x[i]) in double, for x > 0 (gma_math.h: sum_log).
 template <class Acc>
 inline double sum_log(const Acc* x, int64_t n) {
-  double total = 0;
-  for (int64_t i = 0; i < n; i += 8) {
-    const int64_t m = n - i < 8 ? n - i : 8;
-    double p = 1;
-    for (int64_t j = 0; j < m; ++j) p *= static_cast<double>(x[i + j]);
-    if (p > 1e-300 && p < 1e300) {
-      total += std::log(p);
-    } else {
-      for (int64_t j = 0; j < m; ++j) total += std::log(static_cast<double>(x[i + j]));
-    }
-  }
-  return total;
+  return math::sum_log([x](int64_t i) { return static_cast<double>(x[i]); }, n);
 }
 
-// sum[i] += x[i] for i < n, compensated (Kahan): comp[i] holds the rounding error of the
-// additions so far (negated) and feeds it back into the next one. A running sum over N / C chunk
-// contributions then keeps an error of a few ulp whatever N, where plain float32 addition drifts
-// like sqrt(N / C) ulp, or N / C ulp when the terms share a sign. Needs IEEE arithmetic (no
-// -ffast-math, which would simplify the compensation away).
+// sum[i] += x[i] for i < n, compensated (gma_math.h: compensated_add): comp[i] holds the
+// rounding error of the additions so far (negated) and feeds it back into the next one.
 // The same into another sum: (sum_out, comp_out) = (sum_in, comp_in) + x; the pairs may be one.
 template <class Acc>
 inline void add_compensated(const Acc* sum_in, const Acc* comp_in, const Acc* x, Acc* sum_out, Acc* comp_out,
                             int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const Acc y = x[i] - comp_in[i];
-    const Acc t = sum_in[i] + y;
-    comp_out[i] = (t - sum_in[i]) - y;
-    sum_out[i] = t;
+    Acc sum = sum_in[i], comp = comp_in[i];
+    math::compensated_add(sum, comp, x[i]);
+    comp_out[i] = comp;
+    sum_out[i] = sum;
   }
 }
 template <class Acc>

@@ -65,10 +65,12 @@ struct BwdChunkParams {
 
 template <class T>
 struct BwdChunkSmem {
-  T *S, *z, *Gq, *Gk, *dG, *V, *Dn, *dV, *A, *Bm, *dd;
+  T *S, *Sc, *z, *zc, *Gq, *Gk, *dG, *V, *Dn, *dV, *A, *Bm, *dd;
   __host__ __device__ BwdChunkSmem(Carver& c, const ChunkGeometry& g) {
     S = c.take<T>((size_t)g.Kp * padded_ld(g.DvT));
+    Sc = c.take<T>((size_t)g.Kp * padded_ld(g.DvT));
     z = c.take<T>(g.Kp);
+    zc = c.take<T>(g.Kp);
     Gq = c.take<T>((size_t)g.C * padded_ld(g.Kp));
     Gk = c.take<T>((size_t)g.C * padded_ld(g.Kp));
     dG = c.take<T>((size_t)g.C * padded_ld(g.Kp));
@@ -116,6 +118,7 @@ __global__ void __launch_bounds__(kThreads) backward_chunk_kernel(const BwdChunk
 
   // ---- forward sweep: dGq ----
   load_state(sm.S, ldS, sm.z, p.fwd_init, bc.b, bc.h, bc.seg, K, Kp, DvT, bc.e0, bc.ev);
+  clear_compensation(sm.Sc, ldS, sm.zc, Kp, DvT);
   __syncthreads();
   for (int64_t c0 = bc.n_begin; c0 < bc.n_end; c0 += C) {
     const int rows = chunk_rows(g, bc, c0);
@@ -141,12 +144,14 @@ __global__ void __launch_bounds__(kThreads) backward_chunk_kernel(const BwdChunk
       __syncthreads();
     }
     store_dG(dGq, c0, rows);
-    if (CAUSAL) add_chunk_to_state<TC>(sm.S, ldS, sm.z, sm.Gk, ldK, sm.V, static_cast<const T*>(nullptr), g);
+    if (CAUSAL)
+      add_chunk_to_state<TC>(sm.S, sm.Sc, ldS, sm.z, sm.zc, sm.Gk, ldK, sm.V, static_cast<const T*>(nullptr), g);
     __syncthreads();
   }
 
   // ---- reverse sweep: dGk, dv ----
   load_state(sm.S, ldS, sm.z, p.bwd_init, bc.b, bc.h, bc.seg, K, Kp, DvT, bc.e0, bc.ev);
+  clear_compensation(sm.Sc, ldS, sm.zc, Kp, DvT);
   __syncthreads();
   const int64_t nchunks = (bc.n_end - bc.n_begin + C - 1) / C;
   for (int64_t ci = nchunks - 1; ci >= 0; --ci) {
@@ -184,7 +189,7 @@ __global__ void __launch_bounds__(kThreads) backward_chunk_kernel(const BwdChunk
       const int r = idx / DvT, c = idx % DvT;
       if (r < rows && c < bc.ev) store_as(p.dv(bc.b, c0 + r, bc.h, bc.e0 + c), sm.dV[r * ldS + c]);
     }
-    if (CAUSAL) add_chunk_to_state<TC>(sm.S, ldS, sm.z, sm.Gq, ldK, sm.Dn, sm.dd, g);  // dS += Gq^T dnum
+    if (CAUSAL) add_chunk_to_state<TC>(sm.S, sm.Sc, ldS, sm.z, sm.zc, sm.Gq, ldK, sm.Dn, sm.dd, g);  // dS += Gq^T dnum
     __syncthreads();
   }
   if (CAUSAL && p.write_final)
@@ -255,7 +260,8 @@ BackwardPlan<T> plan_backward(const BackwardArgs& a, const DeviceInfo& dev) {
   p.slice_stride = d.B * d.H * d.N * d.K;
   p.o_dGq = ws.reserve<T>(p.g.nslices * p.slice_stride);
   p.o_dGk = ws.reserve<T>(p.g.nslices * p.slice_stride);
-  p.slots_elems = d.H * p.slots_per_head * p.slot_size;
+  // Deterministic slots are followed by their compensation terms (responsibilities_bwd).
+  p.slots_elems = d.H * p.slots_per_head * p.slot_size * (a.opt.deterministic ? 2 : 1);
   p.o_slots = ws.reserve<T>(p.slots_elems);
   return p;
 }
@@ -353,6 +359,7 @@ void backward_impl(const BackwardArgs& a) {
   rb.lam = lam;
   rb.mu_c = mu_c;
   rb.slots = slots;
+  rb.slot_comp_offset = a.opt.deterministic ? slots_elems / 2 : 0;
   rb.slot_size = slot_size;
   rb.groups = groups;
   rb.deterministic = a.opt.deterministic;

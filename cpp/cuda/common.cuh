@@ -12,6 +12,7 @@
 #include <string>
 #include <type_traits>
 
+#include "../common/gma_math.h"
 #include "gma_platform.cuh"
 
 namespace gmattn {
@@ -26,25 +27,8 @@ constexpr int kMaxD = 1024;
 constexpr int kMaxDv = 1024;
 
 // --------------------------------------------------------------------------------------------
-// Numeric helpers
+// Numeric helpers (the math shared with the CPU kernels is in ../common/gma_math.h)
 // --------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ float gexp(float x) { return expf(x); }
-__device__ __forceinline__ double gexp(double x) { return exp(x); }
-__device__ __forceinline__ float glog(float x) { return logf(x); }
-__device__ __forceinline__ double glog(double x) { return log(x); }
-__device__ __forceinline__ float glog1p(float x) { return log1pf(x); }
-__device__ __forceinline__ double glog1p(double x) { return log1p(x); }
-
-// softplus(x) = log(1 + e^x) without overflow for large x or loss for very negative x.
-template <class T>
-__device__ __forceinline__ T softplus(T x) {
-  return x > T(0) ? x + glog1p(gexp(-x)) : glog1p(gexp(x));
-}
-template <class T>
-__device__ __forceinline__ T sigmoid(T x) {
-  return T(1) / (T(1) + gexp(-x));
-}
 
 template <class T>
 __device__ __forceinline__ T to_acc(__half v) { return T(__half2float(v)); }
@@ -117,8 +101,10 @@ __host__ __device__ __forceinline__ int padded_ld(int width) { return width + 4;
 // --------------------------------------------------------------------------------------------
 // Block-wide GEMM on shared-memory tiles: C[M x N] (row-major, ldc) = (ACCUM ? C : 0) + A * B.
 // A is M x Kd, B is Kd x N, each row- or column-major with its leading dimension. M, N are
-// multiples of 16 and Kd a multiple of 8. All threads of the block must call it; it does not
-// synchronise (callers __syncthreads() before reading C).
+// multiples of 16 and Kd a multiple of 8. With comp (ACCUM only; same layout as C), the product
+// is added to C with compensation (math::compensated_add), comp holding C's rounding error: a
+// running state then keeps a few ulp of accuracy over any number of chunks. All threads of the
+// block must call it; it does not synchronise (callers __syncthreads() before reading C).
 // --------------------------------------------------------------------------------------------
 
 struct RowMajor {};
@@ -132,7 +118,7 @@ __device__ __forceinline__ int elem_offset(int row, int col, int ld) {
 // FMA path: each thread owns 4 x 4 outputs (rows m0..m0+3, columns strided by N/4 so that
 // neighbouring threads read neighbouring B elements).
 template <bool ACCUM, class LA, class LB, class T>
-__device__ void gemm_fma(T* C, int ldc, const T* A, int lda, const T* B, int ldb, int M, int N, int Kd) {
+__device__ void gemm_fma(T* C, int ldc, const T* A, int lda, const T* B, int ldb, int M, int N, int Kd, T* comp) {
   const int tiles_n = N / 4;
   const int tiles = (M / 4) * tiles_n;
   for (int t = threadIdx.x; t < tiles; t += kThreads) {
@@ -160,8 +146,11 @@ __device__ void gemm_fma(T* C, int ldc, const T* A, int lda, const T* B, int ldb
     for (int i = 0; i < 4; ++i)
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        T& c = C[(m0 + i) * ldc + nq + j * tiles_n];
-        c = ACCUM ? c + acc[i][j] : acc[i][j];
+        const int at = (m0 + i) * ldc + nq + j * tiles_n;
+        if (ACCUM && comp != nullptr)
+          math::compensated_add(C[at], comp[at], acc[i][j]);
+        else
+          C[at] = ACCUM ? C[at] + acc[i][j] : acc[i][j];
       }
   }
 }
@@ -170,7 +159,7 @@ __device__ void gemm_fma(T* C, int ldc, const T* A, int lda, const T* B, int ldb
 // Tensor-core path: one 16 x 16 output tile per warp at a time, tf32 inputs, fp32 accumulate.
 template <bool ACCUM, class LA, class LB>
 __device__ void gemm_tf32(float* C, int ldc, const float* A, int lda, const float* B, int ldb, int M, int N,
-                          int Kd) {
+                          int Kd, float* comp) {
   namespace wmma = nvcuda::wmma;
   using WA = typename std::conditional<std::is_same<LA, RowMajor>::value, wmma::row_major, wmma::col_major>::type;
   using WB = typename std::conditional<std::is_same<LB, RowMajor>::value, wmma::row_major, wmma::col_major>::type;
@@ -194,6 +183,16 @@ __device__ void gemm_tf32(float* C, int ldc, const float* A, int lda, const floa
       for (int i = 0; i < b.num_elements; ++i) b.x[i] = wmma::__float_to_tf32(b.x[i]);
       wmma::mma_sync(acc, a, b, acc);
     }
+    if (ACCUM && comp != nullptr) {
+      wmma::fragment<wmma::accumulator, 16, 16, 8, float> sum, err;  // same type: same element layout
+      wmma::load_matrix_sync(sum, C + m0 * ldc + n0, ldc, wmma::mem_row_major);
+      wmma::load_matrix_sync(err, comp + m0 * ldc + n0, ldc, wmma::mem_row_major);
+#pragma unroll
+      for (int i = 0; i < acc.num_elements; ++i) math::compensated_add(sum.x[i], err.x[i], acc.x[i]);
+      wmma::store_matrix_sync(comp + m0 * ldc + n0, err, ldc, wmma::mem_row_major);
+      wmma::store_matrix_sync(C + m0 * ldc + n0, sum, ldc, wmma::mem_row_major);
+      continue;
+    }
     if (ACCUM) {
       wmma::fragment<wmma::accumulator, 16, 16, 8, float> prev;  // same type: same element layout
       wmma::load_matrix_sync(prev, C + m0 * ldc + n0, ldc, wmma::mem_row_major);
@@ -207,14 +206,14 @@ __device__ void gemm_tf32(float* C, int ldc, const float* A, int lda, const floa
 
 template <bool TC, bool ACCUM, class LA, class LB, class T>
 __device__ __forceinline__ void block_gemm(T* C, int ldc, const T* A, int lda, const T* B, int ldb, int M,
-                                           int N, int Kd) {
+                                           int N, int Kd, T* comp = nullptr) {
 #if GMA_DEVICE_COMPILE_TC
   if constexpr (TC && std::is_same<T, float>::value) {
-    gemm_tf32<ACCUM, LA, LB>(C, ldc, A, lda, B, ldb, M, N, Kd);
+    gemm_tf32<ACCUM, LA, LB>(C, ldc, A, lda, B, ldb, M, N, Kd, comp);
     return;
   }
 #endif
-  gemm_fma<ACCUM, LA, LB>(C, ldc, A, lda, B, ldb, M, N, Kd);
+  gemm_fma<ACCUM, LA, LB>(C, ldc, A, lda, B, ldb, M, N, Kd, comp);
 }
 
 // ============================================================================================

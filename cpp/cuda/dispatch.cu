@@ -29,47 +29,56 @@ namespace {
 [[noreturn]] void unknown_dtype(DType t) {
   throw std::invalid_argument("gmattn CUDA: unknown dtype " + std::to_string(static_cast<int>(t)));
 }
+
+template <class S>
+struct StorageTag {
+  using type = S;
+};
+
+// Every entry point's prologue: makes the tensors' device current, validates the arguments, then
+// returns run(StorageTag<S>{}) for the input dtype's storage type S.
+template <class Args, class Run>
+auto dispatch(const Args& args, Run&& run) {
+  DeviceGuard guard(args.opt.device);
+  cuda_impl::validate(args);
+  switch (args.dtype) {
+    case DType::kFloat16: return run(StorageTag<__half>{});
+    case DType::kBFloat16: return run(StorageTag<__nv_bfloat16>{});
+    case DType::kFloat32: return run(StorageTag<float>{});
+    case DType::kFloat64: return run(StorageTag<double>{});
+  }
+  unknown_dtype(args.dtype);
+}
+
+// The workspace of a plan: it depends on the accumulator dtype only (float for every input dtype
+// but float64).
+template <class Args, class Plan>
+size_t workspace_bytes(const Args& args, Plan&& plan) {
+  return dispatch(args, [&](auto tag) {
+    using T = typename cuda_impl::AccumulatorOf<typename decltype(tag)::type>::type;
+    return plan(T{}, cuda_impl::device_info()).ws.bytes_needed();
+  });
+}
 }  // namespace
 
 void forward(const ForwardArgs& args) {
-  DeviceGuard guard(args.opt.device);
-  cuda_impl::validate(args);
-  switch (args.dtype) {
-    case DType::kFloat16: return cuda_impl::forward_impl<__half>(args);
-    case DType::kBFloat16: return cuda_impl::forward_impl<__nv_bfloat16>(args);
-    case DType::kFloat32: return cuda_impl::forward_impl<float>(args);
-    case DType::kFloat64: return cuda_impl::forward_impl<double>(args);
-  }
-  unknown_dtype(args.dtype);
+  dispatch(args, [&](auto tag) { cuda_impl::forward_impl<typename decltype(tag)::type>(args); });
 }
 
 void backward(const BackwardArgs& args) {
-  DeviceGuard guard(args.opt.device);
-  cuda_impl::validate(args);
-  switch (args.dtype) {
-    case DType::kFloat16: return cuda_impl::backward_impl<__half>(args);
-    case DType::kBFloat16: return cuda_impl::backward_impl<__nv_bfloat16>(args);
-    case DType::kFloat32: return cuda_impl::backward_impl<float>(args);
-    case DType::kFloat64: return cuda_impl::backward_impl<double>(args);
-  }
-  unknown_dtype(args.dtype);
+  dispatch(args, [&](auto tag) { cuda_impl::backward_impl<typename decltype(tag)::type>(args); });
 }
 
-// The plans depend on the accumulator dtype only: float for every input dtype but float64.
 size_t forward_workspace_bytes(const ForwardArgs& args) {
-  DeviceGuard guard(args.opt.device);
-  cuda_impl::validate(args);
-  const cuda_impl::DeviceInfo dev = cuda_impl::device_info();
-  if (args.dtype == DType::kFloat64) return cuda_impl::plan_forward<double>(args, dev).ws.bytes_needed();
-  return cuda_impl::plan_forward<float>(args, dev).ws.bytes_needed();
+  return workspace_bytes(args, [&](auto acc, const cuda_impl::DeviceInfo& dev) {
+    return cuda_impl::plan_forward<decltype(acc)>(args, dev);
+  });
 }
 
 size_t backward_workspace_bytes(const BackwardArgs& args) {
-  DeviceGuard guard(args.opt.device);
-  cuda_impl::validate(args);
-  const cuda_impl::DeviceInfo dev = cuda_impl::device_info();
-  if (args.dtype == DType::kFloat64) return cuda_impl::plan_backward<double>(args, dev).ws.bytes_needed();
-  return cuda_impl::plan_backward<float>(args, dev).ws.bytes_needed();
+  return workspace_bytes(args, [&](auto acc, const cuda_impl::DeviceInfo& dev) {
+    return cuda_impl::plan_backward<decltype(acc)>(args, dev);
+  });
 }
 
 }  // namespace cuda

@@ -30,11 +30,13 @@ struct FwdChunkParams {
 
 template <class T>
 struct FwdChunkSmem {
-  T *S, *z, *Gq, *Gk, *V, *A, *O, *den;
+  T *S, *Sc, *z, *zc, *Gq, *Gk, *V, *A, *O, *den;
   RespScratch<T> resp;  // g.own_responsibilities only
   __host__ __device__ FwdChunkSmem(Carver& c, const ChunkGeometry& g) {
     S = c.take<T>((size_t)g.Kp * padded_ld(g.DvT));
+    Sc = c.take<T>((size_t)g.Kp * padded_ld(g.DvT));
     z = c.take<T>(g.Kp);
+    zc = c.take<T>(g.Kp);
     Gq = c.take<T>((size_t)g.C * padded_ld(g.Kp));
     Gk = c.take<T>((size_t)g.C * padded_ld(g.Kp));
     V = c.take<T>((size_t)g.C * padded_ld(g.DvT));
@@ -58,6 +60,7 @@ __global__ void __launch_bounds__(kThreads) forward_chunk_kernel(const FwdChunkP
   const int ldK = blk.ldK, ldS = blk.ldS, ldC = blk.ldC;
 
   load_state(sm.S, ldS, sm.z, p.init, bc.b, bc.h, bc.seg, K, Kp, DvT, bc.e0, bc.ev);
+  clear_compensation(sm.Sc, ldS, sm.zc, Kp, DvT);
   __syncthreads();
   for (int64_t c0 = bc.n_begin; c0 < bc.n_end; c0 += C) {
     const int rows = chunk_rows(g, bc, c0);
@@ -93,7 +96,8 @@ __global__ void __launch_bounds__(kThreads) forward_chunk_kernel(const FwdChunkP
     }
     if (bc.slice == 0 && p.den.p != nullptr)
       for (int r = tid; r < rows; r += kThreads) p.den(bc.b, bc.h, c0 + r) = sm.den[r];
-    if (CAUSAL) add_chunk_to_state<TC>(sm.S, ldS, sm.z, sm.Gk, ldK, sm.V, static_cast<const T*>(nullptr), g);
+    if (CAUSAL)
+      add_chunk_to_state<TC>(sm.S, sm.Sc, ldS, sm.z, sm.zc, sm.Gk, ldK, sm.V, static_cast<const T*>(nullptr), g);
     __syncthreads();
   }
   if (CAUSAL && p.write_final)

@@ -11,8 +11,10 @@ namespace gmattn {
 namespace cuda_impl {
 
 // --------------------------------------------------------------------------------------------
-// prep_params: per head, lam = 1 / (softplus(omega) + sigma_eps), a contiguous copy of mu, and
-// logc[k] = log_softmax(alpha)[k] - 0.5 * sum_d log sigma2[k, d]. One block per head.
+// prep_params: per head, lam = 1 / sigma2 (math::variance), a contiguous copy of mu, and
+// logc[k] = log_softmax(alpha)[k] - 0.5 * sum_d log sigma2[k, d] (math::log_norm), formed in
+// double and shifted by the head's largest before its rounding to T, as on the CPU. One block
+// per head; shared memory: K + 1 doubles.
 // --------------------------------------------------------------------------------------------
 
 template <class T>
@@ -28,28 +30,25 @@ struct PrepParams {
 template <class T>
 __global__ void __launch_bounds__(kThreads) prep_params_kernel(const PrepParams<T> p) {
   GMA_DYNAMIC_SMEM(smem_raw);
-  T* log_norm = reinterpret_cast<T*>(smem_raw);  // log sum_k exp(alpha_k)
+  double* log_norm = reinterpret_cast<double*>(smem_raw);  // [K] before the shift, then log_z
   const int64_t h = blockIdx.x;
   const int K = p.K, D = p.D;
   for (int idx = threadIdx.x; idx < K * D; idx += kThreads) {
     const int k = idx / D, d = idx % D;
-    const T sigma2 = softplus(p.omega(h, k, d)) + p.sigma_eps;
-    p.lam[(h * K + k) * D + d] = T(1) / sigma2;
+    p.lam[(h * K + k) * D + d] = T(1) / math::variance(p.omega(h, k, d), p.sigma_eps);
     p.mu_c[(h * K + k) * D + d] = p.mu(h, k, d);
   }
-  if (threadIdx.x == 0) {
-    T m = p.alpha(h, 0);
-    for (int k = 1; k < K; ++k) m = p.alpha(h, k) > m ? p.alpha(h, k) : m;
-    T s = T(0);
-    for (int k = 0; k < K; ++k) s += gexp(p.alpha(h, k) - m);
-    log_norm[0] = m + glog(s);
-  }
+  if (threadIdx.x == 0) log_norm[K] = math::log_sum_exp([&](int64_t k) { return double(p.alpha(h, k)); }, K);
   __syncthreads();
   for (int k = threadIdx.x; k < K; k += kThreads) {
-    T sum_log = T(0);
-    for (int d = 0; d < D; ++d) sum_log += glog(softplus(p.omega(h, k, d)) + p.sigma_eps);
-    p.logc[h * K + k] = p.alpha(h, k) - log_norm[0] - T(0.5) * sum_log;
+    const double sum_log =
+        math::sum_log([&](int64_t d) { return double(math::variance(p.omega(h, k, d), p.sigma_eps)); }, D);
+    log_norm[k] = math::log_norm(double(p.alpha(h, k)) - log_norm[K], sum_log);
   }
+  __syncthreads();
+  double shift = log_norm[0];
+  for (int k = 1; k < K; ++k) shift = shift < log_norm[k] ? log_norm[k] : shift;
+  for (int k = threadIdx.x; k < K; k += kThreads) p.logc[h * K + k] = T(log_norm[k] - shift);
 }
 
 // --------------------------------------------------------------------------------------------
@@ -150,10 +149,7 @@ __device__ void compute_responsibilities(const RespSource<S, T>& src, int64_t b,
 #pragma unroll
           for (int i = 0; i < kMicro; ++i)
 #pragma unroll
-            for (int j = 0; j < kMicro; ++j) {
-              const T diff = xv[i] - mv[j];
-              acc[u][i][j] += lv[j] * diff * diff;
-            }
+            for (int j = 0; j < kMicro; ++j) acc[u][i][j] += math::direct_term(lv[j], xv[i], mv[j]);
         }
       }
     }
@@ -181,7 +177,7 @@ __device__ void compute_responsibilities(const RespSource<S, T>& src, int64_t b,
     for (int k = 1; k < K; ++k) m = sr[k] > m ? sr[k] : m;
     T sum = T(0);
     for (int k = 0; k < K; ++k) {
-      const T e = gexp(sr[k] - m);
+      const T e = math::exp_of(sr[k] - m);
       sr[k] = e;
       sum += e;
     }
@@ -233,7 +229,8 @@ __global__ void __launch_bounds__(kThreads) responsibilities_kernel(const RespPa
 
 // --------------------------------------------------------------------------------------------
 // responsibilities_bwd: for the query (path 0) and key (path 1) responsibilities,
-//   ds = gamma * (dgamma - sum_k gamma dgamma),  dx = -sum_k ds lam (x - mu)
+//   ds = gamma * (dgamma - sum_k gamma dgamma) (pivoted: math::softmax_backward_pivoted),
+//   dx = -sum_k ds lam (x - mu)
 // and partial sums, per block, of
 //   T0[k] = sum ds[., k],  T1[k, d] = sum ds (x_d - mu_kd),  T2[k, d] = sum ds (x_d - mu_kd)^2
 // from which finalize_params forms the parameter gradients. Deterministic mode: each block
@@ -250,7 +247,8 @@ struct RespBwdParams {
   int64_t slice_stride;
   const T* lam;
   const T* mu_c;
-  T* slots;                  // [H][slots_per_head][slot_size]
+  T* slots;                  // [H][slots_per_head][slot_size], then (deterministic) as many compensations
+  int64_t slot_comp_offset;  // deterministic: from a slot value to its compensation
   int64_t slot_size;         // K + 2 K D
   int groups;                // blocks per (h, path)
   bool deterministic;
@@ -262,21 +260,22 @@ struct RespBwdParams {
 
 template <class T>
 struct RespBwdSmem {
-  T *gam, *ds, *x, *lam, *mu, *rowdot;
+  T *gam, *ds, *x, *lam, *mu;
   __host__ __device__ RespBwdSmem(Carver& c, int Kp, int R, int DT) {
     gam = c.take<T>((size_t)R * (Kp + 1));
     ds = c.take<T>((size_t)R * (Kp + 1));
     x = c.take<T>((size_t)R * DT);
     lam = c.take<T>((size_t)Kp * DT);
     mu = c.take<T>((size_t)Kp * DT);
-    rowdot = c.take<T>(R);
   }
 };
 
+// Deterministic: the slot belongs to this block alone and takes one addition per item, with
+// compensation (dst[comp_offset]) as the CPU adds its parameter sums.
 template <class T>
-__device__ __forceinline__ void add_to_slot(T* dst, T v, bool deterministic) {
+__device__ __forceinline__ void add_to_slot(T* dst, T v, bool deterministic, int64_t comp_offset) {
   if (deterministic)
-    *dst += v;  // the slot belongs to this block alone
+    math::compensated_add(*dst, dst[comp_offset], v);
   else
     atomicAdd(dst, v);
 }
@@ -324,21 +323,13 @@ __global__ void __launch_bounds__(kThreads) responsibilities_bwd_kernel(const Re
       sm.ds[r * GLD + k] = dg;
     }
     __syncthreads();
-    for (int r = tid; r < R; r += kThreads) {
-      T dot = T(0);
-      for (int k = 0; k < K; ++k) dot += sm.gam[r * GLD + k] * sm.ds[r * GLD + k];
-      sm.rowdot[r] = dot;
-    }
-    __syncthreads();
-    for (int idx = tid; idx < R * Kp; idx += kThreads) {
-      const int r = idx / Kp, k = idx % Kp;
-      sm.ds[r * GLD + k] = sm.gam[r * GLD + k] * (sm.ds[r * GLD + k] - sm.rowdot[r]);  // padding stays 0
-    }
+    // One thread per row, in place (padding columns stay 0; padding rows are all zero).
+    for (int r = tid; r < R; r += kThreads) math::softmax_backward_pivoted(sm.gam + r * GLD, sm.ds + r * GLD, K);
     __syncthreads();
     for (int k = tid; k < K; k += kThreads) {
       T t0 = T(0);
       for (int r = 0; r < rows; ++r) t0 += sm.ds[r * GLD + k];
-      add_to_slot(T0 + k, t0, p.deterministic);
+      add_to_slot(T0 + k, t0, p.deterministic, p.slot_comp_offset);
     }
     for (int d0 = 0; d0 < D; d0 += DT) {
       const int dcols = D - d0 < DT ? D - d0 : DT;
@@ -423,8 +414,8 @@ __global__ void __launch_bounds__(kThreads) responsibilities_bwd_kernel(const Re
             for (int j = 0; j < kMicro; ++j) {
               const int k = k0 + i, c = cq + j * tiles_d;
               if (k < K && c < dcols) {
-                add_to_slot(T1 + (int64_t)k * D + d0 + c, t1[i][j], p.deterministic);
-                add_to_slot(T2 + (int64_t)k * D + d0 + c, t2[i][j], p.deterministic);
+                add_to_slot(T1 + (int64_t)k * D + d0 + c, t1[i][j], p.deterministic, p.slot_comp_offset);
+                add_to_slot(T2 + (int64_t)k * D + d0 + c, t2[i][j], p.deterministic, p.slot_comp_offset);
               }
             }
         }
@@ -435,9 +426,8 @@ __global__ void __launch_bounds__(kThreads) responsibilities_bwd_kernel(const Re
 }
 
 // --------------------------------------------------------------------------------------------
-// finalize_params: one block per head; sums the slots in a fixed order and applies
-//   dmu = lam T1,  dsigma2 = -0.5 (lam T0 - lam^2 T2),  domega = dsigma2 sigmoid(omega),
-//   dalpha = T0 - softmax(alpha) sum_k T0.
+// finalize_params: one block per head; sums the slots in a fixed order, compensated, and applies
+// the chain rule (math::dmu_from_sums, domega_from_sums, dalpha_from_sums) with T0 = ds_sum.
 // --------------------------------------------------------------------------------------------
 
 template <class T>
@@ -454,45 +444,38 @@ struct FinalizeParams {
 template <class T>
 __global__ void __launch_bounds__(kThreads) finalize_params_kernel(const FinalizeParams<T> p) {
   GMA_DYNAMIC_SMEM(smem_raw);
-  T* T0 = reinterpret_cast<T*>(smem_raw);  // [K]
-  T* stats = T0 + p.K;                     // max alpha, sum exp, total T0
+  double* log_z = reinterpret_cast<double*>(smem_raw);     // log sum_k exp(alpha_k)
+  T* T0 = reinterpret_cast<T*>(smem_raw + sizeof(double));  // [K]
+  T* T0_all = T0 + p.K;                                     // sum_k T0
   const int64_t h = blockIdx.x;
   const int K = p.K, D = p.D;
   const T* head_slots = p.slots + h * p.slots_per_head * p.slot_size;
-  for (int k = threadIdx.x; k < K; k += kThreads) {
-    T t0 = T(0);
-    for (int s = 0; s < p.slots_per_head; ++s) t0 += head_slots[s * p.slot_size + k];
-    T0[k] = t0;
-  }
+  // The sum over a head's slots, in slot order.
+  auto slot_sum = [&](int64_t at) {
+    T sum = T(0), comp = T(0);
+    for (int s = 0; s < p.slots_per_head; ++s) math::compensated_add(sum, comp, head_slots[s * p.slot_size + at]);
+    return sum;
+  };
+  for (int k = threadIdx.x; k < K; k += kThreads) T0[k] = slot_sum(k);
   __syncthreads();
   if (threadIdx.x == 0) {
-    T m = p.alpha(h, 0);
-    for (int k = 1; k < K; ++k) m = p.alpha(h, k) > m ? p.alpha(h, k) : m;
-    T sum = T(0), total = T(0);
-    for (int k = 0; k < K; ++k) {
-      sum += gexp(p.alpha(h, k) - m);
-      total += T0[k];
-    }
-    stats[0] = m;
-    stats[1] = sum;
-    stats[2] = total;
+    T total = T(0);
+    for (int k = 0; k < K; ++k) total += T0[k];
+    T0_all[0] = total;
+    log_z[0] = math::log_sum_exp([&](int64_t k) { return double(p.alpha(h, k)); }, K);
   }
   __syncthreads();
-  for (int k = threadIdx.x; k < K; k += kThreads)
-    p.dalpha(h, k) = T0[k] - gexp(p.alpha(h, k) - stats[0]) / stats[1] * stats[2];
+  for (int k = threadIdx.x; k < K; k += kThreads) {
+    const T pi = T(math::exp_of(double(p.alpha(h, k)) - log_z[0]));
+    p.dalpha(h, k) = math::dalpha_from_sums(T0[k], pi, T0_all[0]);
+  }
   const int64_t KD = (int64_t)K * D;
   for (int idx = threadIdx.x; idx < K * D; idx += kThreads) {
     const int k = idx / D, d = idx % D;
-    T t1 = T(0), t2 = T(0);
-    for (int s = 0; s < p.slots_per_head; ++s) {
-      t1 += head_slots[s * p.slot_size + K + idx];
-      t2 += head_slots[s * p.slot_size + K + KD + idx];
-    }
     const T om = p.omega(h, k, d);
-    const T lam = T(1) / (softplus(om) + p.sigma_eps);
-    p.dmu(h, k, d) = lam * t1;
-    const T dsigma2 = T(-0.5) * lam * (T0[k] - lam * t2);
-    p.domega(h, k, d) = dsigma2 * sigmoid(om);
+    const T lam = T(1) / math::variance(om, p.sigma_eps);
+    p.dmu(h, k, d) = math::dmu_from_sums(lam, slot_sum(K + idx));
+    p.domega(h, k, d) = math::domega_from_sums(lam, T0[k], slot_sum(K + KD + idx), math::sigmoid(om));
   }
 }
 
@@ -514,8 +497,8 @@ inline void launch_prep(const View& mu, const View& omega, const View& alpha, co
   pp.K = (int)d.K;
   pp.D = (int)d.D;
   pp.sigma_eps = sigma_eps;
-  launch("gmattn prep_params", prep_params_kernel<T>, grid_size(d.H, "prep_params"), kThreads, 128 + sizeof(T),
-         stream, pp);
+  launch("gmattn prep_params", prep_params_kernel<T>, grid_size(d.H, "prep_params"), kThreads,
+         (d.K + 1) * sizeof(double), stream, pp);
 }
 
 template <class S, class T>

@@ -77,6 +77,14 @@ __device__ void load_state(T* S, int ldS, T* z, const StateRef<T>& ref, int64_t 
   }
 }
 
+// Zeroes the compensation terms of a running state (see add_chunk_to_state): a state just loaded
+// or zeroed carries no rounding error yet.
+template <class T>
+__device__ void clear_compensation(T* Sc, int ldS, T* zc, int Kp, int DvT) {
+  for (int idx = threadIdx.x; idx < Kp * DvT; idx += kThreads) Sc[(idx / DvT) * ldS + idx % DvT] = T(0);
+  for (int k = threadIdx.x; k < Kp; k += kThreads) zc[k] = T(0);
+}
+
 // Writes a shared (K x DvT) state slice and (slice 0 only) its normaliser to caller tensors.
 template <class T>
 __device__ void store_state(DView<T> S_out, DView<T> z_out, const T* S, int ldS, const T* z, int64_t b,
@@ -179,18 +187,20 @@ __device__ void stage_values(T* tile, int ldS, const DView<const S>& Y, const DV
 }
 
 // S += G^T Y and z += G^T w (w == nullptr: ones) for a staged chunk. The product is summed from
-// zero and added once (block_gemm ACCUM). Callers synchronise before reading S or z.
+// zero and added once, with compensation (Sc, zc: the running state's rounding errors, same
+// layouts as S and z), as the CPU adds its chunks: float32 over a million tokens stays as
+// accurate as over one chunk. Callers synchronise before reading S or z.
 template <bool TC, class T>
-__device__ void add_chunk_to_state(T* S, int ldS, T* z, const T* G, int ldK, const T* Y, const T* w,
+__device__ void add_chunk_to_state(T* S, T* Sc, int ldS, T* z, T* zc, const T* G, int ldK, const T* Y, const T* w,
                                    const ChunkGeometry& g) {
-  block_gemm<TC, true, ColMajor, RowMajor>(S, ldS, G, ldK, Y, ldS, g.Kp, g.DvT, g.C);
+  block_gemm<TC, true, ColMajor, RowMajor>(S, ldS, G, ldK, Y, ldS, g.Kp, g.DvT, g.C, Sc);
   for (int k = threadIdx.x; k < g.Kp; k += kThreads) {
     T s = T(0);
     if (w != nullptr)
       for (int r = 0; r < g.C; ++r) s += G[r * ldK + k] * w[r];
     else
       for (int r = 0; r < g.C; ++r) s += G[r * ldK + k];
-    z[k] += s;
+    math::compensated_add(z[k], zc[k], s);
   }
 }
 
@@ -215,11 +225,13 @@ struct SegStateParams {
 
 template <class T>
 struct SegStateSmem {
-  T *S, *z, *G, *Y, *w;
+  T *S, *Sc, *z, *zc, *G, *Y, *w;
   RespScratch<T> resp;  // g.own_responsibilities only
   __host__ __device__ SegStateSmem(Carver& c, const ChunkGeometry& g) {
     S = c.take<T>((size_t)g.Kp * padded_ld(g.DvT));
+    Sc = c.take<T>((size_t)g.Kp * padded_ld(g.DvT));
     z = c.take<T>(g.Kp);
+    zc = c.take<T>(g.Kp);
     G = c.take<T>((size_t)g.C * padded_ld(g.Kp));
     Y = c.take<T>((size_t)g.C * padded_ld(g.DvT));
     w = c.take<T>(g.C);
@@ -241,6 +253,7 @@ __global__ void __launch_bounds__(kThreads) seg_state_kernel(const SegStateParam
 
   for (int idx = tid; idx < Kp * DvT; idx += kThreads) sm.S[(idx / DvT) * ldS + idx % DvT] = T(0);
   for (int k = tid; k < Kp; k += kThreads) sm.z[k] = T(0);
+  clear_compensation(sm.Sc, ldS, sm.zc, Kp, DvT);
   for (int64_t c0 = bc.n_begin; c0 < bc.n_end; c0 += C) {
     const int rows = chunk_rows(g, bc, c0);
     stage_responsibilities(sm.G, ldK, p.G, p.src, sm.resp, g, bc, c0, rows);
@@ -248,7 +261,7 @@ __global__ void __launch_bounds__(kThreads) seg_state_kernel(const SegStateParam
     for (int r = tid; r < C; r += kThreads)
       sm.w[r] = r < rows ? (p.w != nullptr ? p.w[bc.bh * g.N + c0 + r] : T(1)) : T(0);
     __syncthreads();
-    add_chunk_to_state<TC>(sm.S, ldS, sm.z, sm.G, ldK, sm.Y, sm.w, g);
+    add_chunk_to_state<TC>(sm.S, sm.Sc, ldS, sm.z, sm.zc, sm.G, ldK, sm.Y, sm.w, g);
     __syncthreads();
   }
   T* S_out = p.S_seg + (bc.bh * g.P + bc.seg) * g.K * g.Dv;
@@ -291,7 +304,7 @@ __global__ void __launch_bounds__(kThreads) state_scan_kernel(const ScanParams<T
   const int64_t KDv = (int64_t)p.K * p.Dv;
   T* slot;
   int64_t stride;
-  T acc = T(0);
+  T acc = T(0), comp = T(0);  // compensated running sum over the segments
   if (e < KDv) {
     const int k = (int)(e / p.Dv), c = (int)(e % p.Dv);
     slot = p.S_seg + bh * p.P * KDv + e;
@@ -307,16 +320,16 @@ __global__ void __launch_bounds__(kThreads) state_scan_kernel(const ScanParams<T
     for (int q = 0; q < p.P; ++q) {
       const T local = slot[q * stride];
       slot[q * stride] = acc;
-      acc += local;
+      math::compensated_add(acc, comp, local);
     }
   } else if (p.mode == kExclusiveSuffix) {
     for (int q = p.P - 1; q >= 0; --q) {
       const T local = slot[q * stride];
       slot[q * stride] = acc;
-      acc += local;
+      math::compensated_add(acc, comp, local);
     }
   } else {
-    for (int q = 0; q < p.P; ++q) acc += slot[q * stride];
+    for (int q = 0; q < p.P; ++q) math::compensated_add(acc, comp, slot[q * stride]);
     slot[0] = acc;
   }
   if (e < KDv) {
