@@ -365,8 +365,11 @@ class Bench:
     def _fixed_cost(self, H, D, K, reps, turn) -> dict:
         """An N = 1 causal call taken apart, every piece timed in one round-robin: the argument
         checks, the front end (no grad; and forward+backward), the custom op, the compiled core
-        called directly with outputs allocated beforehand (at this shape, and at H = K = D = 1,
-        where the kernel has next to nothing to do: the binding's own cost), and the core's backward."""
+        called directly on NumPy views with outputs allocated beforehand (at this shape, and at
+        H = K = D = 1, where the kernel has next to nothing to do: the binding's own cost), and the
+        core's backward."""
+        import numpy as np
+
         torch = self.torch
         from gmattn import _checks, _ext
         from gmattn.torch import ops
@@ -376,9 +379,12 @@ class Bench:
         tiny = gma_inputs(1, 1, 1, 1, 1, 1, False)
 
         def core_forward(q, k, v, mu, omega, alpha):
-            out = torch.empty_like(v)
-            return lambda: core.forward(q, k, v, mu, omega, alpha, None, None, None, out, None, None, None, None,
-                                        None, causal=True, eps=1e-6, sigma_eps=1e-4, num_threads=nt)
+            # NumPy views, every argument by position: the module's own cost, without torch's
+            # export of its tensors or pybind11's matching of keywords
+            arrays = [t.numpy() for t in (q, k, v, mu, omega, alpha)]
+            out = np.empty_like(arrays[2])
+            return lambda: core.forward(*arrays, None, None, None, out, None, None, None, None, None, True, 1e-6,
+                                        1e-4, nt, 0, None)
 
         # What the backward reads: the forward's saved responsibilities and denominators.
         B_, N_ = 1, 1
@@ -389,9 +395,11 @@ class Bench:
         dout = torch.randn_like(v)
         grads = [torch.empty_like(t) for t in (q, k, v, mu, omega, alpha)]
 
+        saved = [t.numpy() for t in (q, k, v, mu, omega, alpha, out, gq, gk, den, dout, *grads)]
+
         def core_backward():
-            core.backward(q, k, v, mu, omega, alpha, None, None, None, out, gq, gk, den, dout, None, None, *grads,
-                          None, None, causal=True, eps=1e-6, sigma_eps=1e-4, num_threads=nt)
+            core.backward(*saved[:6], None, None, None, *saved[6:11], None, None, *saved[11:], None, None, True, 1e-6,
+                          1e-4, nt, 0, True, None, None, None)
 
         def front_end():
             with torch.no_grad():
@@ -405,9 +413,9 @@ class Bench:
             "argument checks": lambda: _checks.check_arguments(q, k, v, mu, omega, alpha, None, None, 1e-6, 1e-4),
             "front end, forward": front_end,
             "custom op, forward": custom_op,
-            "core forward, direct": core_forward(q, k, v, mu, omega, alpha),
-            "core forward, direct, H=K=D=1": core_forward(*tiny),
-            "core backward, direct": core_backward,
+            "core forward, NumPy arrays": core_forward(q, k, v, mu, omega, alpha),
+            "core forward, NumPy arrays, H=K=D=1": core_forward(*tiny),
+            "core backward, NumPy arrays": core_backward,
             "front end, forward+backward": make_call("core", 1, 1, H, K, D, D, True, True),
         }
         p = self._progress(len(calls) * (reps + 1), "fixed cost")

@@ -35,7 +35,7 @@ _CACHED_OUTPUT_BYTES = 1 << 20
 
 def _empty(shape, like: Tensor, dtype: torch.dtype) -> Tensor:
     numel = math.prod(shape)
-    if like.device.type == "cpu" and not _config.poison_outputs and numel * dtype.itemsize >= _CACHED_OUTPUT_BYTES:
+    if like.is_cpu and not _config.poison_outputs and numel * dtype.itemsize >= _CACHED_OUTPUT_BYTES:
         block = _ext.core().cpu_buffer(numel * dtype.itemsize)
         return torch.frombuffer(block, dtype=dtype, count=numel).view(shape)  # keeps `block` alive
     return _config.new_output(torch.empty, torch.full, shape, dtype=dtype, device=like.device)
@@ -55,6 +55,9 @@ def _sized(shape):
     return _NOT_REQUESTED if shape is None else shape
 
 
+_NO_CONTEXT = contextlib.nullcontext()  # (reusable: nullcontext keeps no state)
+
+
 def _backend(x: Tensor):
     """(compiled module, context that makes x's device current, (num_threads, stream,
     allocate_workspace) of the call) for the device of x. (The front end passes every argument of
@@ -63,8 +66,8 @@ def _backend(x: Tensor):
     module hands the stream to each tensor's __dlpack__, which torch accepts only on the current
     device), and their workspace comes from torch's caching allocator on that stream, so torch's
     memory statistics and limits see it."""
-    if x.device.type == "cpu":
-        return _ext.core(), contextlib.nullcontext(), (torch.get_num_threads(), 0, None)
+    if x.is_cpu:
+        return _ext.core(), _NO_CONTEXT, (torch.get_num_threads(), 0, None)
     if x.device.type == "cuda":
         device = x.device
 
@@ -87,8 +90,8 @@ def _plain(*tensors):
     """The tensors as the compiled module takes them: CPU tensors as DLPack capsules (the kernels
     only read inputs, or write freshly allocated outputs, so a capsule of a tensor that requires
     grad is fine), others as detached views (their __dlpack__ refuses tensors that require grad)."""
-    return [None if t is None else _to_dlpack(t) if _to_dlpack is not None and t.device.type == "cpu"
-            else t.detach() for t in tensors]
+    return [None if t is None else _to_dlpack(t) if _to_dlpack is not None and t.is_cpu else t.detach()
+            for t in tensors]
 
 
 def _run_forward(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, causal, eps, sigma_eps, return_state,
@@ -121,7 +124,7 @@ def _direct_call_allowed(*tensors) -> bool:
     DLPack does not carry and the op's dispatcher resolves first."""
     return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._is_torch_function_mode_enabled()
-            and all(t is None or (type(t) in _PLAIN_TENSOR_TYPES and t.device.type == "cpu" and not t.is_neg()
+            and all(t is None or (type(t) in _PLAIN_TENSOR_TYPES and t.is_cpu and not t.is_neg()
                                   and not t._is_zerotensor()) for t in tensors))
 
 
@@ -267,7 +270,7 @@ def gma_attention(
     _checks.check_arguments(q, k, v, mu, omega, alpha, key_padding_mask, initial_state, eps, sigma_eps)
     for name, t in _checks.array_arguments(k, v, mu, omega, alpha, key_padding_mask, initial_state):
         _checks.require_framework("gma_attention", f"'{name}'", t, "torch", "like q; convert with torch.as_tensor")
-        if t.device != q.device:
+        if not (t.is_cpu and q.is_cpu) and t.device != q.device:  # (is_cpu: no device objects made)
             raise ValueError(f"gma_attention: '{name}' is on {t.device} but q is on {q.device}")
     acc = _ACC[q.dtype]
     # The core keeps parameters and state in the accumulator dtype; casting here keeps autograd
