@@ -75,7 +75,7 @@ import sys
 import time
 from typing import Callable, Dict, List
 
-SECTIONS = ("speed", "matmul", "scaling", "shapes", "threads", "memory")
+SECTIONS = ("short", "speed", "matmul", "scaling", "shapes", "threads", "memory")
 CHUNK = 64  # the core's chunk length (cpp/cpu/rows.h kChunk)
 
 # ----------------------------------------------------------------------------------------------
@@ -334,6 +334,125 @@ class Bench:
     def _close(p):
         if p is not None:
             p.close()
+
+    # -- short sequences: the fixed cost of a call ------------------------------------------------
+    def short(self):
+        """Short sequences and the one-token step, where the fixed cost of a call decides: GMA
+        against causal SDPA at N = 1 ... 512 (B=1, H=8, D=Dv=K=64, float32), the fixed cost of an
+        N = 1 call taken apart, a small byte-LM training step with GMA and with softmax, and the
+        one-token decoding step (benchmarks/decode.py's measurement)."""
+        import decode  # benchmarks/decode.py, next to this file
+
+        H, D, K = 8, 64, 64  # the shape the targets are stated for, also with --quick
+        Ns = (1, 64) if self.quick else (1, 64, 256, 512)
+        reps, turn = (2, 0.05) if self.quick else (7, 0.3)
+        rows = []
+        p = self._progress(len(Ns) * 2 * (reps + 1), "short sequences")
+        for N in Ns:
+            for bwd in (False, True):
+                calls = {impl: make_call(impl, 1, N, H, K, D, D, True, bwd) for impl in ("core", "sdpa")}
+                times = run_cell(calls, reps, p, min_seconds=turn)
+                rows.append({"N": N, "mode": "fwd+bwd" if bwd else "fwd", "core_s": med(times["core"]),
+                             "sdpa_s": med(times["sdpa"]), "core_over_sdpa": med(times["core"]) / med(times["sdpa"])})
+        self._close(p)
+        fixed = self._fixed_cost(H, D, K, reps, turn)
+        lm = self._byte_lm_step(2 if self.quick else 5, 0.0 if self.quick else 1.0)
+        step = decode.op_step_times(2 if self.quick else 7, 20 if self.quick else 100)
+        self.results["short"] = {"B": 1, "H": H, "D": D, "Dv": D, "K": K, "dtype": "float32", "causal": True,
+                                 "threads": self.nthreads, "rows": rows, "fixed_cost": fixed, "byte_lm": lm,
+                                 "step": step}
+
+    def _fixed_cost(self, H, D, K, reps, turn) -> dict:
+        """An N = 1 causal call taken apart, every piece timed in one round-robin: the argument
+        checks, the front end (no grad; and forward+backward), the custom op, the compiled core
+        called directly on NumPy views with outputs allocated beforehand (at this shape, and at
+        H = K = D = 1, where the kernel has next to nothing to do: the binding's own cost), and the
+        core's backward."""
+        import numpy as np
+
+        torch = self.torch
+        from gmattn import _checks, _ext
+        from gmattn.torch import ops
+
+        core, nt = _ext.core(), self.nthreads
+        q, k, v, mu, omega, alpha = gma_inputs(1, 1, H, K, D, D, False)
+        tiny = gma_inputs(1, 1, 1, 1, 1, 1, False)
+
+        def core_forward(q, k, v, mu, omega, alpha):
+            # NumPy views, every argument by position: the module's own cost, without torch's
+            # export of its tensors or pybind11's matching of keywords
+            arrays = [t.numpy() for t in (q, k, v, mu, omega, alpha)]
+            out = np.empty_like(arrays[2])
+            return lambda: core.forward(*arrays, None, None, None, out, None, None, None, None, None, True, 1e-6,
+                                        1e-4, nt, 0, None)
+
+        # What the backward reads: the forward's saved responsibilities and denominators.
+        B_, N_ = 1, 1
+        gq, gk = torch.empty(B_, H, N_, K), torch.empty(B_, H, N_, K)
+        den, out = torch.empty(B_, H, N_), torch.empty_like(v)
+        core.forward(q, k, v, mu, omega, alpha, None, None, None, out, None, None, gq, gk, den, causal=True,
+                     eps=1e-6, sigma_eps=1e-4, num_threads=nt)
+        dout = torch.randn_like(v)
+        grads = [torch.empty_like(t) for t in (q, k, v, mu, omega, alpha)]
+
+        saved = [t.numpy() for t in (q, k, v, mu, omega, alpha, out, gq, gk, den, dout, *grads)]
+
+        def core_backward():
+            core.backward(*saved[:6], None, None, None, *saved[6:11], None, None, *saved[11:], None, None, True, 1e-6,
+                          1e-4, nt, 0, True, None, None, None)
+
+        def front_end():
+            with torch.no_grad():
+                ops.gma_attention(q, k, v, mu, omega, alpha, causal=True)
+
+        def custom_op():
+            with torch.no_grad():
+                torch.ops.gmattn.forward(q, k, v, mu, omega, alpha, None, None, None, True, 1e-6, 1e-4, False, False)
+
+        calls = {
+            "argument checks": lambda: _checks.check_arguments(q, k, v, mu, omega, alpha, None, None, 1e-6, 1e-4),
+            "front end, forward": front_end,
+            "custom op, forward": custom_op,
+            "core forward, NumPy arrays": core_forward(q, k, v, mu, omega, alpha),
+            "core forward, NumPy arrays, H=K=D=1": core_forward(*tiny),
+            "core backward, NumPy arrays": core_backward,
+            "front end, forward+backward": make_call("core", 1, 1, H, K, D, D, True, True),
+        }
+        p = self._progress(len(calls) * (reps + 1), "fixed cost")
+        times = run_cell(calls, reps, p, min_seconds=turn)
+        self._close(p)
+        return {name: med(ts) for name, ts in times.items()}
+
+    def _byte_lm_step(self, reps, turn) -> dict:
+        """A training step (forward, cross-entropy, backward, AdamW) of a small byte LM built by
+        gmattn.build_model (d_model 128, 4 heads, 2 layers, causal; GMA with K = 32) on B = 16
+        sequences of N = 256 bytes, GMA against softmax attention, round-robin."""
+        torch = self.torch
+        import gmattn
+
+        B, N = (4, 64) if self.quick else (16, 256)
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, 256, (B, N + 1), generator=g)
+        calls = {}
+        for kind in ("gma", "softmax"):
+            torch.manual_seed(0)
+            model = gmattn.build_model({"kind": kind, "d_model": 128, "num_heads": 4, "causal": True, "seed": 0,
+                                        "num_components": 32}, vocab_size=256, num_layers=2)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+            def step(model=model, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                logits = model(tokens[:, :-1])
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), tokens[:, 1:].reshape(-1))
+                loss.backward()
+                opt.step()
+
+            calls[kind] = step
+        p = self._progress(len(calls) * (reps + 1), "byte-LM step")
+        times = run_cell(calls, reps, p, min_seconds=turn)
+        self._close(p)
+        return {"B": B, "N": N, "d_model": 128, "num_layers": 2, "num_heads": 4, "num_components": 32,
+                **{f"{kind}_s": med(ts) for kind, ts in times.items()}}
 
     # -- speed: the core, chunked PyTorch and SDPA side by side -----------------------------------
     def speed(self):
@@ -599,6 +718,8 @@ class Bench:
         lines.append(f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, flags {','.join(m['cpu_flags'])}; "
                      f"torch {m['torch']} with {m['torch_threads']} threads; core ISA {m['core_isa']}; "
                      f"load average at start {tuple(round(x, 2) for x in m['loadavg_start'])}.")
+        if "short" in r:
+            lines += short_tables(r["short"])
         if "matmul" in r:
             mm = r["matmul"]
             lines.append(f"float32 torch.matmul {mm['n']}x{mm['n']}: {mm['gflops']:.1f} GFLOP/s "
@@ -738,6 +859,59 @@ class Bench:
                 fig.tight_layout()
                 fig.savefig(os.path.join(self.out, "memory_vs_n.png"), dpi=120)
                 plt.close(fig)
+
+
+SHORT_TARGETS = {  # the short-sequence targets: name -> limit
+    "N=1 forward, us": 40.0,
+    "N=1 forward+backward, us": 150.0,
+    "N=256 forward, GMA / SDPA": 1.0,
+    "N=256 forward+backward, GMA / SDPA": 1.0,
+    "byte-LM training step, GMA / softmax": 1.0,
+    "one-token step, torch front end / plain PyTorch": 0.2,
+    "one-token step, NumPy front end, us": 30.0,
+}
+
+
+def short_tables(sh: dict) -> List[str]:
+    """The short-sequence section as Markdown lines: the tables and each target, PASS or MISS."""
+    lines = ["", f"**Short sequences** (causal, B=1, H={sh['H']}, D=Dv={sh['D']}, K={sh['K']}, float32, "
+                 f"{sh['threads']} threads; medians in us; GMA = gmattn.gma_attention on torch tensors)"]
+    lines += ["", "| N | mode | GMA | SDPA | GMA / SDPA |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {x['N']} | {x['mode']} | {x['core_s']*1e6:.0f} | {x['sdpa_s']*1e6:.0f} | {x['core_over_sdpa']:.2f} |"
+              for x in sh["rows"]]
+    fc = sh["fixed_cost"]
+    lines += ["", "Fixed cost of an N = 1 call, every piece in one round-robin (us):", "",
+              "| piece | us |", "|---|---:|"]
+    lines += [f"| {name} | {t*1e6:.1f} |" for name, t in fc.items()]
+    lm = sh["byte_lm"]
+    lines += ["", f"Byte-LM training step (d_model {lm['d_model']}, {lm['num_layers']} layers, {lm['num_heads']} heads, "
+                  f"K = {lm['num_components']}, B = {lm['B']}, N = {lm['N']}, AdamW): GMA {lm['gma_s']*1e3:.1f} ms, "
+                  f"softmax {lm['softmax_s']*1e3:.1f} ms, GMA / softmax {lm['gma_s'] / lm['softmax_s']:.2f}."]
+    st = sh["step"]
+    plain = st["us"]["plain PyTorch step"]
+    lines += ["", "One-token decoding step (B=1, H=8, K=64, D=Dv=64, float32, 1 thread, carried state):", "",
+              "| call | us | / plain PyTorch step |", "|---|---:|---:|"]
+    lines += [f"| {name} | {us:.1f} | {us / plain:.3f} |" for name, us in st["us"].items()]
+    lines.append(f"| arithmetic bound ({st['flops'] / 1e6:.2f} MFLOP at the matmul's {st['matmul_gflops']:.0f} GFLOP/s) "
+                 f"| {st['arithmetic_bound_us']:.2f} | {st['arithmetic_bound_us'] / plain:.3f} |")
+    by = {(x["N"], x["mode"]): x for x in sh["rows"]}
+    measured = {
+        "N=1 forward, us": by[1, "fwd"]["core_s"] * 1e6,
+        "N=1 forward+backward, us": by[1, "fwd+bwd"]["core_s"] * 1e6,
+        "N=256 forward, GMA / SDPA": by.get((256, "fwd"), {}).get("core_over_sdpa"),
+        "N=256 forward+backward, GMA / SDPA": by.get((256, "fwd+bwd"), {}).get("core_over_sdpa"),
+        "byte-LM training step, GMA / softmax": lm["gma_s"] / lm["softmax_s"],
+        "one-token step, torch front end / plain PyTorch": st["us"]["gmattn.gma_attention (torch)"] / plain,
+        "one-token step, NumPy front end, us": st["us"]["gmattn.gma_attention (NumPy)"],
+    }
+    lines += ["", "Targets:", ""]
+    for name, limit in SHORT_TARGETS.items():
+        value = measured[name]
+        if value is None:  # --quick measures no N = 256
+            continue
+        lines.append(f"- [{'PASS' if value <= limit else 'MISS'}] {name} <= {limit:g}: {value:.3g}"
+                     + ("" if value <= limit else f" ({value / limit:.2f}x the limit)"))
+    return lines
 
 
 def main(argv=None) -> int:

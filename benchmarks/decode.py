@@ -105,8 +105,20 @@ def plain_torch_step(q, k, v, mu, omega, alpha, S, z, eps=1e-6, sigma_eps=1e-4):
     return out.unsqueeze(1), (S, z)
 
 
-def step_section(args) -> dict:
+def op_step_times(rounds: int, steps: int) -> dict:
+    """One decoding step of the op (B = 1, one new token, H = 8, K = 64, D = Dv = 64, float32,
+    1 thread, carried state) through gmattn.gma_attention on torch tensors and on NumPy arrays,
+    against plain_torch_step and the arithmetic bound, all timed in one round-robin: `rounds`
+    rounds of `steps` calls each. Returns {"us": median us per call, "arithmetic_bound_us", ...}."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return _op_step_times(rounds, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _op_step_times(rounds: int, steps: int) -> dict:
     H, K, D = 8, 64, 64
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 1, H, D, generator=g) for _ in range(3))
@@ -129,9 +141,9 @@ def step_section(args) -> dict:
     calls["float32 matmul 1024^3"] = lambda: a @ a
     samples = {name: [] for name in calls}
     with torch.inference_mode():
-        for _ in range(args.rounds):
+        for _ in range(rounds):
             for name, fn in calls.items():
-                for _ in range(args.steps):
+                for _ in range(steps):
                     t0 = time.perf_counter()
                     fn()
                     samples[name].append(time.perf_counter() - t0)
@@ -198,7 +210,7 @@ def main() -> None:
             r = results["softmax"][c]["ms_per_token"] / results["gma"][c]["ms_per_token"]
             print(f"softmax / gma per token at {c} tokens of context: {r:.2f}x")
 
-    step = step_section(args)
+    step = op_step_times(args.rounds, args.steps)
     print(f"\nOne decoding step of the op (B=1, H=8, K=64, D=Dv=64, float32, 1 thread), median us:")
     base = step["us"]["plain PyTorch step"]
     for name, us in step["us"].items():

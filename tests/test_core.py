@@ -253,7 +253,9 @@ def test_thread_counts_agree(BH, plan, causal):
     """1 and 2 threads give the float64 reference's outputs, state and gradients (11 chunks, a
     mask and an initial state), whichever plan the thread count makes."""
     B, H = BH
-    p = make_problem(B, 700, H, 8, 8, 8, mask=True, state=True, dtype=torch.float64, seed=17)
+    # K = D = Dv = 16: enough work per call that the core uses the threads it is given (a call with
+    # very little work runs on one thread; plan.h threads_for).
+    p = make_problem(B, 700, H, 16, 16, 16, mask=True, state=True, dtype=torch.float64, seed=17)
     ref = run(reference.naive_gma, p.detached(), causal)
     before = torch.get_num_threads()
     try:
@@ -278,8 +280,9 @@ def test_one_pair_causal_runs_as_a_relay_on_two_threads():
         from gmattn.numpy_ops import gma_attention
         threads = lambda: len(os.listdir("/proc/self/task"))
         rng = np.random.default_rng(0)
-        q, k, v = (rng.standard_normal((1, 700, 1, 8), dtype=np.float32) for _ in range(3))
-        mu, omega, alpha = rng.standard_normal((1, 8, 8)), rng.standard_normal((1, 8, 8)), rng.standard_normal((1, 8))
+        q, k, v = (rng.standard_normal((1, 700, 1, 16), dtype=np.float32) for _ in range(3))
+        mu, omega = rng.standard_normal((1, 16, 16)), rng.standard_normal((1, 16, 16))
+        alpha = rng.standard_normal((1, 16))
         args = [q, k, v, *(a.astype(np.float32) for a in (mu, omega, alpha))]
         counts = [threads()]
         for n in (1, 1, 2, 2):

@@ -128,19 +128,34 @@ struct DLDeviceOf {
   int id = -1;
 };
 
+// The protocol's attribute names and the CPU module's __dlpack__ keywords, made once: a call
+// looks them up for a dozen arrays, and names made from C strings each time (decoded, hashed)
+// cost as much as a short call's kernel. Never freed (they live as long as the module).
+struct DLPackNames {
+  PyObject* dlpack = PyUnicode_InternFromString("__dlpack__");
+  PyObject* dlpack_device = PyUnicode_InternFromString("__dlpack_device__");
+  PyObject* no_args = PyTuple_New(0);
+  PyObject* v1_keywords = py::dict(py::arg("max_version") = py::make_tuple(1, 0)).release().ptr();
+};
+const DLPackNames& dlpack_names() {
+  static const DLPackNames* names = new DLPackNames;
+  return *names;
+}
+
 // Asks the producer where the data lives (__dlpack_device__), before exporting: a stream argument
 // means nothing to a CPU producer (NumPy rejects it), a tensor on the wrong device should say so
 // plainly, and a CUDA tensor's device must be current when it is exported (torch refuses others).
 // Returns type -1 when the producer has no __dlpack_device__.
 DLDeviceOf query_device(py::handle obj, const std::string& arg) {
-  if (!py::hasattr(obj, "__dlpack__")) {
+  const DLPackNames& names = dlpack_names();
+  if (!py::hasattr(obj, py::handle(names.dlpack))) {
     fail(arg, "must be an array that supports DLPack (torch.Tensor, numpy.ndarray, mx.array), got " +
                   std::string(py::str(py::type::of(obj).attr("__name__"))));
   }
   DLDeviceOf dev;
-  if (!py::hasattr(obj, "__dlpack_device__")) return dev;
+  if (!py::hasattr(obj, py::handle(names.dlpack_device))) return dev;
   try {
-    py::object answer = obj.attr("__dlpack_device__")();
+    py::object answer = obj.attr(py::handle(names.dlpack_device))();
     if (!py::isinstance<py::tuple>(answer) && !py::isinstance<py::list>(answer)) throw py::cast_error();
     py::sequence pair = answer;
     if (py::len(pair) != 2) throw py::cast_error();
@@ -164,23 +179,54 @@ DLDeviceOf query_device(py::handle obj, const std::string& arg) {
 // default stream's handle is 0 (what torch reports for it) or cudaStreamLegacy (1).
 int64_t dlpack_stream(int64_t handle) { return handle == 0 ? 1 : handle; }
 
+// The tensor of a DLPack capsule (versioned or legacy), kept alive by `im`; `not_dlpack`: the
+// message for a capsule of another kind.
+void open_capsule(Imported& im, const std::string& arg, const char* not_dlpack) {
+  PyObject* c = im.capsule.ptr();
+  if (PyCapsule_IsValid(c, "dltensor_versioned")) {
+    auto* m = static_cast<DLManagedTensorVersioned*>(PyCapsule_GetPointer(c, "dltensor_versioned"));
+    if (m->version.major > 1) fail(arg, "was exported with an unsupported DLPack major version");
+    im.t = &m->dl_tensor;
+    im.read_only = (m->flags & DLPACK_FLAG_BITMASK_READ_ONLY) != 0;
+  } else if (PyCapsule_IsValid(c, "dltensor")) {
+    auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(c, "dltensor"));
+    im.t = &m->dl_tensor;
+  } else {
+    fail(arg, not_dlpack);
+  }
+}
+
 // Exports `obj` through DLPack. `device_id` >= 0: the CUDA device the call runs on (made current
-// by the caller), which the array must be on.
+// by the caller), which the array must be on. The CPU module also takes a DLPack capsule itself
+// (the torch front end passes torch's, exported without the Python-level __dlpack__, which costs
+// more than a short call's kernel); its device is checked with the rest of the tensor (make_view).
 Imported import_dlpack(py::handle obj, const std::string& arg, int64_t stream, int device_id) {
+  if (kDevice == kDLCPU && PyCapsule_CheckExact(obj.ptr())) {
+    Imported im;
+    im.capsule = py::reinterpret_borrow<py::object>(obj);
+    open_capsule(im, arg, "is a capsule but not an unused DLPack tensor (a DLPack capsule is consumed once)");
+    return im;
+  }
   const DLDeviceOf dev = query_device(obj, arg);
   if (kDevice == kDLCUDA && dev.type == kDLCUDA && device_id >= 0 && dev.id != device_id) {
     fail(arg, "is on CUDA device " + std::to_string(dev.id) + ", expected device " + std::to_string(device_id) +
                   " like q");
   }
-  py::object fn = obj.attr("__dlpack__");
+  const DLPackNames& names = dlpack_names();
+  py::object fn = obj.attr(py::handle(names.dlpack));
   py::object cap;
   // DLPack >= 1.0 carries a read-only flag; older producers only speak the legacy protocol.
-  py::dict kw;
-  kw["max_version"] = py::make_tuple(1, 0);
-  if (kDevice == kDLCUDA) kw["stream"] = py::int_(dlpack_stream(stream));
   try {
     try {
-      cap = fn(**kw);
+      if (kDevice == kDLCUDA) {
+        py::dict kw;
+        kw["max_version"] = py::make_tuple(1, 0);
+        kw["stream"] = py::int_(dlpack_stream(stream));
+        cap = fn(**kw);
+      } else {
+        cap = py::reinterpret_steal<py::object>(PyObject_Call(fn.ptr(), names.no_args, names.v1_keywords));
+        if (!cap) throw py::error_already_set();
+      }
     } catch (py::error_already_set& e) {
       if (!e.matches(PyExc_TypeError)) throw;  // a producer without max_version (DLPack < 1.0)
       py::dict legacy;
@@ -192,18 +238,7 @@ Imported import_dlpack(py::handle obj, const std::string& arg, int64_t stream, i
   }
   Imported im;
   im.capsule = cap;
-  PyObject* c = cap.ptr();
-  if (PyCapsule_IsValid(c, "dltensor_versioned")) {
-    auto* m = static_cast<DLManagedTensorVersioned*>(PyCapsule_GetPointer(c, "dltensor_versioned"));
-    if (m->version.major > 1) fail(arg, "was exported with an unsupported DLPack major version");
-    im.t = &m->dl_tensor;
-    im.read_only = (m->flags & DLPACK_FLAG_BITMASK_READ_ONLY) != 0;
-  } else if (PyCapsule_IsValid(c, "dltensor")) {
-    auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(c, "dltensor"));
-    im.t = &m->dl_tensor;
-  } else {
-    fail(arg, "__dlpack__() did not return a DLPack capsule");
-  }
+  open_capsule(im, arg, "__dlpack__() did not return a DLPack capsule");
   return im;
 }
 

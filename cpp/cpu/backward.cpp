@@ -20,9 +20,8 @@ template <class T, class Acc>
 class Backward {
  public:
   explicit Backward(const BackwardArgs& args)
-      : a(args), s(Shape::make<Acc>(args.dims)), pl(make_plan(s.B, s.H, s.nchunks, args.opt.num_threads)),
+      : a(args), s(Shape::make<Acc>(args.dims)), pl(make_plan(s.B, s.H, s.nchunks, threads_for(s, args.opt.num_threads))),
         causal(args.opt.causal), state_given(!causal && args.S_end.present()) {
-    build_heads(heads, a.mu, a.omega, a.alpha, s, a.opt.sigma_eps, pl.nt);
     ws.reserve(pl.nt);
     for (int t = 0; t < pl.nt; ++t) ws.emplace_back(s, G);
   }
@@ -50,7 +49,9 @@ class Backward {
   // Bidirectional with the forward's final state: the state every query read is given, not summed.
   const bool state_given;
 
-  std::vector<Head<Acc>> heads = std::vector<Head<Acc>>(s.H);
+  const std::shared_ptr<const std::vector<Head<Acc>>> prepared =
+      prepared_heads<Acc>(a.mu, a.omega, a.alpha, s, a.opt.sigma_eps, pl.nt);
+  const std::vector<Head<Acc>>& heads = *prepared;
   std::vector<Workspace<Acc>> ws;
   // One slot of parameter sums per lane (with compensation), reduced in a fixed order at the end.
   const int64_t slot = ParamSums<Acc>::size(s);
@@ -177,7 +178,7 @@ class Backward {
       run_passes(pl, true, sum_keys, key_totals, nothing);
     }
     // Each task's heads' states, transposed, in the workspace (lST: S^T; ldST: dS^T).
-    auto transposed = [&](Buffer<Acc>& x, Buffer<Acc>& xT, int64_t task) {
+    auto transposed = [&](Buffer<Acc>& x, UnclearedBuffer<Acc>& xT, int64_t task) {
       int64_t b, h0, sg;
       pl.task(task, b, h0, sg);
       for (int64_t l = 0; l < G; ++l) transpose(Kp, Dvp, pair_state(x, b, h0 + l), Dvp, xT.data() + l * SS, Kp);

@@ -17,13 +17,13 @@ void forward_typed(const ForwardArgs& a) {
   const Shape s = Shape::make<Acc>(a.dims);
   const int64_t N = s.N, K = s.K, D = s.D, Dv = s.Dv, Kp = s.Kp, Dp = s.Dp, Dvp = s.Dvp, C = s.C;
   const int64_t SS = Kp * Dvp, SZ = SS + Kp;  // a state: S (Kp x Dvp), then z (Kp)
-  const Plan pl = make_plan(s.B, s.H, s.nchunks, a.opt.num_threads);
+  const Plan pl = make_plan(s.B, s.H, s.nchunks, threads_for(s, a.opt.num_threads));
   const int64_t G = pl.group;
   const bool causal = a.opt.causal, save = a.gq.present();
   const Acc eps = static_cast<Acc>(a.opt.eps);
 
-  std::vector<Head<Acc>> heads(s.H);
-  build_heads(heads, a.mu, a.omega, a.alpha, s, a.opt.sigma_eps, pl.nt);
+  const auto prepared = prepared_heads<Acc>(a.mu, a.omega, a.alpha, s, a.opt.sigma_eps, pl.nt);
+  const std::vector<Head<Acc>>& heads = *prepared;
   std::vector<Workspace<Acc>> ws;
   ws.reserve(pl.nt);
   for (int t = 0; t < pl.nt; ++t) ws.emplace_back(s, G);
@@ -103,7 +103,7 @@ void forward_typed(const ForwardArgs& a) {
   };
   // The starting state of every lane of pair (b, h): the initial state, plus bidirectionally all
   // the sums (what every query reads).
-  Buffer<Acc> start(pl.lanes * SZ);
+  UnclearedBuffer<Acc> start(pl.lanes * SZ);  // (each lane's set by `starts` before pass 2 reads it)
   // Formed in the first lane's start, copied to the others.
   auto starts = [&](int64_t b, int64_t h) {
     Acc* run = start.data() + pl.lane(b, h, 0) * SZ;

@@ -17,7 +17,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "rows.h"
@@ -118,10 +121,20 @@ struct Head {
     Acc ds_all = 0;
     for (int64_t k = 0; k < K; ++k) ds_all += ds_sum[k];
     for (int64_t k = 0; k < K; ++k) {
+      // A row at a time through pointers and one stride each (a vector loop where the rows are
+      // contiguous, the usual case): an N = 1 backward spent a third of its time here otherwise.
+      Acc* dmu_row = at<Acc>(dmu, h, k);
+      Acc* domega_row = at<Acc>(domega, h, k);
+      const int64_t sm = dmu.stride[2], so = domega.stride[2];
+      const Acc* l_row = lam.data() + k * Dp;
+      const Acc* t1_row = t1 + k * Dp;
+      const Acc* t2_row = t2 + k * Dp;
+      const Acc* ds_row = dsigma2_domega.data() + k * D;
+      const Acc dsk = ds_sum[k];
+#pragma omp simd
       for (int64_t e = 0; e < D; ++e) {
-        const int64_t i = k * Dp + e;
-        *at<Acc>(dmu, h, k, e) = math::dmu_from_sums(lam[i], t1[i]);
-        *at<Acc>(domega, h, k, e) = math::domega_from_sums(lam[i], ds_sum[k], t2[i], dsigma2_domega[k * D + e]);
+        dmu_row[e * sm] = math::dmu_from_sums(l_row[e], t1_row[e]);
+        domega_row[e * so] = math::domega_from_sums(l_row[e], dsk, t2_row[e], ds_row[e]);
       }
       *at<Acc>(dalpha, h, k) = math::dalpha_from_sums(ds_sum[k], pi[k], ds_all);
     }
@@ -134,8 +147,137 @@ void build_heads(std::vector<Head<Acc>>& heads, const View& mu, const View& omeg
                  double sigma_eps, int nt) {
   const int64_t H = static_cast<int64_t>(heads.size());
   for (Head<Acc>& head : heads) head.allocate(s);
-#pragma omp parallel for num_threads(static_cast<int>(std::min<int64_t>(nt, H))) schedule(static, 1)
+#pragma omp parallel for num_threads(static_cast<int>(std::min<int64_t>(nt, H))) schedule(static, 1) if (nt > 1)
   for (int64_t h = 0; h < H; ++h) heads[h].build(mu, omega, alpha, h, sigma_eps);
+}
+
+// Prepared mixtures, kept for later calls with the same parameters. Preparing the heads costs
+// transcendentals for every (h, k, d) (about 0.6 ms for H = 8, K = D = 64 on one core): more than
+// the whole work of a short call, and a decoding loop, or a backward after its forward, calls
+// again with unchanged parameters. An entry keeps the parameters' values it was built from and is
+// reused only when a call's mu, omega, alpha and sigma_eps are bit for bit the same (compared
+// in full: a few microseconds, where the parameters were read anyway); where they live and how
+// they were changed (in place or not) does not matter. At most kMixtureCacheEntries entries and
+// kMixtureCacheBytes in all, the least recently used dropped first; a mixture larger than a
+// quarter of that is built for its call only.
+constexpr size_t kMixtureCacheEntries = 16;
+constexpr size_t kMixtureCacheBytes = size_t(64) << 20;
+
+template <class Acc>
+struct PreparedMixture {
+  int64_t H = 0, K = 0, D = 0;
+  double sigma_eps = 0;
+  Buffer<Acc> values;  // mu (H K D), omega (H K D), alpha (H K), in that order
+  std::vector<Head<Acc>> heads;
+  size_t bytes = 0;
+
+  // Whether mu, omega, alpha (views of the call's shape) hold exactly `values`.
+  bool holds(const View& mu, const View& omega, const View& alpha, const Shape& s, double eps) const {
+    if (H != s.H || K != s.K || D != s.D || sigma_eps != eps) return false;
+    const Acc* p = values.data();
+    for (const View* x : {&mu, &omega}) {
+      for (int64_t h = 0; h < H; ++h) {
+        for (int64_t k = 0; k < K; ++k, p += D) {
+          const Acc* row = at<const Acc>(*x, h, k);
+          if (x->stride[2] == 1) {
+            if (std::memcmp(row, p, D * sizeof(Acc)) != 0) return false;
+          } else {
+            for (int64_t d = 0; d < D; ++d) {
+              const Acc value = row[d * x->stride[2]];
+              if (std::memcmp(&value, p + d, sizeof(Acc)) != 0) return false;
+            }
+          }
+        }
+      }
+    }
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t k = 0; k < K; ++k, ++p) {
+        const Acc value = *at<const Acc>(alpha, h, k);
+        if (std::memcmp(&value, p, sizeof(Acc)) != 0) return false;
+      }
+    }
+    return true;
+  }
+};
+
+template <class Acc>
+struct MixtureCache {
+  std::mutex mu;
+  std::vector<std::shared_ptr<const PreparedMixture<Acc>>> entries;  // least recently used first
+};
+
+template <class Acc>
+MixtureCache<Acc>& mixture_cache() {
+  static MixtureCache<Acc>* cache = new MixtureCache<Acc>;  // never destroyed: no order-of-exit issues
+  return *cache;
+}
+
+// The heads of the mixture (mu, omega, alpha, sigma_eps): from the cache when it holds them, else
+// built (on up to nt threads) and kept.
+template <class Acc>
+std::shared_ptr<const std::vector<Head<Acc>>> prepared_heads(const View& mu, const View& omega, const View& alpha,
+                                                             const Shape& s, double sigma_eps, int nt) {
+  using Entry = PreparedMixture<Acc>;
+  MixtureCache<Acc>& cache = mixture_cache<Acc>();
+  std::vector<std::shared_ptr<const Entry>> entries;
+  {
+    std::lock_guard<std::mutex> lock(cache.mu);
+    entries = cache.entries;
+  }
+  for (auto it = entries.rbegin(); it != entries.rend(); ++it) {  // the most recently used first
+    if ((*it)->holds(mu, omega, alpha, s, sigma_eps)) {
+      std::lock_guard<std::mutex> lock(cache.mu);
+      auto& kept = cache.entries;
+      const auto at_ = std::find(kept.begin(), kept.end(), *it);
+      if (at_ != kept.end()) std::rotate(at_, at_ + 1, kept.end());  // now the most recently used
+      return std::shared_ptr<const std::vector<Head<Acc>>>(*it, &(*it)->heads);
+    }
+  }
+  auto entry = std::make_shared<Entry>();
+  entry->heads.resize(s.H);
+  build_heads(entry->heads, mu, omega, alpha, s, sigma_eps, nt);
+  const int64_t per_head = 3 * s.Dp * s.Kp + 2 * s.K * s.Dp + s.K * s.D + 3 * s.Kp + s.K + 3 * s.Dp + s.K;
+  const size_t values = static_cast<size_t>(s.H * s.K * (2 * s.D + 1));
+  entry->bytes = (values + static_cast<size_t>(s.H * per_head)) * sizeof(Acc);
+  if (entry->bytes <= kMixtureCacheBytes / 4) {
+    entry->H = s.H;
+    entry->K = s.K;
+    entry->D = s.D;
+    entry->sigma_eps = sigma_eps;
+    entry->values.resize(values);
+    Acc* p = entry->values.data();
+    for (const View* x : {&mu, &omega}) {
+      for (int64_t h = 0; h < s.H; ++h) {
+        for (int64_t k = 0; k < s.K; ++k) {
+          for (int64_t d = 0; d < s.D; ++d) *p++ = *at<const Acc>(*x, h, k, d);
+        }
+      }
+    }
+    for (int64_t h = 0; h < s.H; ++h) {
+      for (int64_t k = 0; k < s.K; ++k) *p++ = *at<const Acc>(alpha, h, k);
+    }
+    std::lock_guard<std::mutex> lock(cache.mu);
+    auto& kept = cache.entries;
+    kept.push_back(entry);
+    size_t total = 0;
+    for (const auto& e : kept) total += e->bytes;
+    while (kept.size() > kMixtureCacheEntries || total > kMixtureCacheBytes) {
+      total -= kept.front()->bytes;
+      kept.erase(kept.begin());
+    }
+  }
+  return std::shared_ptr<const std::vector<Head<Acc>>>(entry, &entry->heads);
+}
+
+// Drops every kept mixture; returns the bytes they held.
+template <class Acc>
+size_t empty_mixture_cache() {
+  MixtureCache<Acc>& cache = mixture_cache<Acc>();
+  std::lock_guard<std::mutex> lock(cache.mu);
+  size_t bytes = 0;
+  for (const auto& e : cache.entries) bytes += e->bytes;
+  cache.entries.clear();
+  return bytes;
 }
 
 // ---------------------------------------------------------------------------------------------

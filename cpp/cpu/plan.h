@@ -48,6 +48,17 @@ struct Plan {
   int64_t lane(int64_t b, int64_t h, int64_t sg) const { return (b * H + h) * segs + sg; }
 };
 
+// The threads a call of this shape gets: one when its work is tiny (a decoding step, a few
+// tokens), where starting the other threads costs more than they could save (on an oversubscribed
+// machine a parallel region waits for a descheduled thread: milliseconds), else `requested`
+// (0: OpenMP's default). The work counts rows x components x (D + Dv): about 80 ps each on one
+// core, so the limit is about 20 us of work.
+constexpr int64_t kTinyWork = int64_t(1) << 18;
+inline int threads_for(const Shape& s, int requested) {
+  const double work = static_cast<double>(s.B) * s.H * s.N * s.K * (s.D + s.Dv);  // (no overflow)
+  return work < static_cast<double>(kTinyWork) ? 1 : requested;
+}
+
 inline Plan make_plan(int64_t B, int64_t H, int64_t nchunks, int requested) {
   Plan p;
   // 64-bit: a caller may ask for up to INT_MAX threads, and the products below must not overflow.
@@ -109,7 +120,7 @@ void for_each_chunk(const Plan& pl, const Shape& s, int64_t task, Fn&& fn) {
 template <class Pass1, class Starts, class Pass2>
 void run_passes(const Plan& pl, bool two_pass, Pass1& pass1, Starts& starts, Pass2& pass2) {
   if (pl.segs == 1) {
-#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
+#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1) if (pl.nt > 1)
     for (int64_t task = 0; task < pl.tasks; ++task) {
       if (two_pass) pass1(task);
       int64_t b, h0, sg;
@@ -119,7 +130,7 @@ void run_passes(const Plan& pl, bool two_pass, Pass1& pass1, Starts& starts, Pas
       stream_fence();  // outputs written with streaming stores (stream_copy) are visible
     }
   } else {
-#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
+#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1) if (pl.nt > 1)
     for (int64_t task = 0; task < pl.tasks; ++task) {
       pass1(task);
       stream_fence();
@@ -127,7 +138,7 @@ void run_passes(const Plan& pl, bool two_pass, Pass1& pass1, Starts& starts, Pas
     for (int64_t b = 0; b < pl.B; ++b) {
       for (int64_t h = 0; h < pl.H; ++h) starts(b, h);
     }
-#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
+#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1) if (pl.nt > 1)
     for (int64_t task = 0; task < pl.tasks; ++task) {
       pass2(task);
       stream_fence();

@@ -272,6 +272,10 @@ struct Shape {
     s.Dp = round_up(d.D, W);
     s.Dvp = round_up(d.Dv, W);
     s.nchunks = (d.N + kChunk - 1) / kChunk;
+    // A sequence shorter than a chunk is one chunk of its own length (whole vectors): the
+    // per-thread buffers (Workspace, C x C products) shrink with it, so a one-token step does not
+    // allocate and clear buffers for 64 rows.
+    s.C = std::min(kChunk, round_up(d.N, W));
     return s;
   }
   // Where chunk c of (batch, head) pair `pair` (= b * H + h) lies: b, h, its first row, its rows.
@@ -294,15 +298,14 @@ struct Workspace {
   uint8_t keep[kChunk];
   Buffer<Acc> storage;
   // Per-lane running states of the task being run, each with its compensation (see
-  // accumulate_state): group x 2 (Kp x Dvp + Kp); transposed states, group x Dvp x Kp.
-  Buffer<Acc> lstate, ldstate, lST, ldST;
+  // accumulate_state): group x 2 (Kp x Dvp + Kp); transposed states, group x Dvp x Kp. Set in
+  // full by each task before use (set_state, read_state, transpose).
+  UnclearedBuffer<Acc> lstate, ldstate, lST, ldST;
 
-  Workspace(const Shape& s, int64_t group) {
+  Workspace(const Shape& s, int64_t group)
+      : lstate(group * 2 * (s.Kp * s.Dvp + s.Kp)), ldstate(group * 2 * (s.Kp * s.Dvp + s.Kp)),
+        lST(group * s.Kp * s.Dvp), ldST(group * s.Kp * s.Dvp) {
     const int64_t SS = s.Kp * s.Dvp;
-    lstate.assign(group * 2 * (SS + s.Kp), Acc(0));
-    ldstate.assign(group * 2 * (SS + s.Kp), Acc(0));
-    lST.assign(group * SS, Acc(0));
-    ldST.assign(group * SS, Acc(0));
     const int64_t C = s.C, Kp = s.Kp, Dp = s.Dp, Dvp = s.Dvp;
     const int64_t sizes[] = {C * Dp,  C * Dp,  C * Dp,  C,       Dp,      Dp * Kp,      Kp,       C * Dvp,
                              C * Dvp, C * Dvp, C * Dvp, C * Dvp, Dvp * C, C * Kp,       C * Kp,   Kp * C,

@@ -73,6 +73,30 @@ struct WorkingMemory {
 template <class T>
 using Buffer = std::vector<T, WorkingMemory<T>>;
 
+// Working memory left uncleared, for buffers that every use writes before it reads: a short call
+// (a decoding step) would otherwise spend more time clearing its per-thread states than working.
+template <class T>
+class UnclearedBuffer {
+ public:
+  UnclearedBuffer() = default;
+  explicit UnclearedBuffer(size_t n) : p_(n > 0 ? WorkingMemory<T>().allocate(n) : nullptr), n_(n) {}
+  UnclearedBuffer(UnclearedBuffer&& o) noexcept : p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)) {}
+  UnclearedBuffer& operator=(UnclearedBuffer&& o) noexcept {
+    std::swap(p_, o.p_);
+    std::swap(n_, o.n_);
+    return *this;
+  }
+  UnclearedBuffer(const UnclearedBuffer&) = delete;
+  UnclearedBuffer& operator=(const UnclearedBuffer&) = delete;
+  ~UnclearedBuffer() { WorkingMemory<T>().deallocate(p_, n_); }
+  T* data() const { return p_; }
+  size_t size() const { return n_; }
+
+ private:
+  T* p_ = nullptr;
+  size_t n_ = 0;
+};
+
 }  // namespace GMATTN_ISA
 }  // namespace cpu_detail
 }  // namespace gmattn

@@ -49,6 +49,21 @@ def buffer_cache_info() -> dict:
     return dict(_ext.core().buffer_cache_info())
 
 
+_FRONT_ENDS: dict = {}
+"""array type -> the gma_attention of its front end, for the types met so far (a call does not
+repeat the type test and the import: a one-token step is a few tens of microseconds)."""
+
+
+def _front_end(kind: str):
+    if kind == "torch":
+        from .torch.ops import gma_attention as impl
+    elif kind == "mlx":
+        from .mlx.ops import gma_attention as impl
+    else:
+        from .numpy_ops import gma_attention as impl
+    return impl
+
+
 def _framework(x) -> str:
     framework = _checks.array_framework(x)
     if framework is None:
@@ -76,12 +91,9 @@ def gma_attention(q, k, v, mu, omega, alpha, *, causal=False, key_padding_mask=N
         out (B, N, H, Dv) in the caller's array type and device, or (out, (S, z)) when
         output_final_state. The state is float32 (float64 for float64 inputs).
     """
-    kind = _framework(q)
-    if kind == "torch":
-        from .torch.ops import gma_attention as impl
-    elif kind == "mlx":
-        from .mlx.ops import gma_attention as impl
-    else:
-        from .numpy_ops import gma_attention as impl
+    impl = _FRONT_ENDS.get(type(q))
+    if impl is None:
+        impl = _front_end(_framework(q))
+        _FRONT_ENDS[type(q)] = impl
     return impl(q, k, v, mu, omega, alpha, causal=causal, key_padding_mask=key_padding_mask,
                 initial_state=initial_state, output_final_state=output_final_state, eps=eps, sigma_eps=sigma_eps)

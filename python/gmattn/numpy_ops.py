@@ -25,10 +25,10 @@ def host_forward(q, k, v, mu, omega, alpha, mask, S0, z0, *, causal, eps, sigma_
     shapes = _checks.forward_output_shapes(q, v, mu, return_state, save)
     dtypes = (q.dtype,) + (mu.dtype,) * 5
     outputs = tuple(None if shape is None else _empty(shape, dtype) for shape, dtype in zip(shapes, dtypes))
-    _ext.core().forward(
-        q, k, v, mu, omega, alpha, mask, S0, z0, *outputs,
-        causal=causal, eps=eps, sigma_eps=sigma_eps, num_threads=num_threads, stream=0,
-    )
+    # (every argument by position: pybind11 matches keywords string by string, at a cost next to a
+    # one-token call's kernel)
+    _ext.core().forward(q, k, v, mu, omega, alpha, mask, S0, z0, *outputs, causal, eps, sigma_eps, num_threads, 0,
+                        None)
     return outputs
 
 
@@ -44,10 +44,8 @@ def host_backward(q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, dou
     dz0 = _empty(z0.shape, acc) if z0 is not None else None
     _ext.core().backward(
         q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, dout, dS_final, dz_final,
-        dq, dk, dv, dmu, domega, dalpha, dS0, dz0,
-        causal=causal, eps=eps, sigma_eps=sigma_eps, num_threads=num_threads, stream=0, deterministic=True,
-        S_end=S_end, z_end=z_end,
-    )
+        dq, dk, dv, dmu, domega, dalpha, dS0, dz0, causal, eps, sigma_eps, num_threads, 0, True, S_end, z_end, None,
+    )  # (by position, see host_forward; True: deterministic)
     return dq, dk, dv, dmu, domega, dalpha, dS0, dz0
 
 

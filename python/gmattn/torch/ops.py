@@ -35,7 +35,7 @@ _CACHED_OUTPUT_BYTES = 1 << 20
 
 def _empty(shape, like: Tensor, dtype: torch.dtype) -> Tensor:
     numel = math.prod(shape)
-    if like.device.type == "cpu" and not _config.poison_outputs and numel * dtype.itemsize >= _CACHED_OUTPUT_BYTES:
+    if like.is_cpu and not _config.poison_outputs and numel * dtype.itemsize >= _CACHED_OUTPUT_BYTES:
         block = _ext.core().cpu_buffer(numel * dtype.itemsize)
         return torch.frombuffer(block, dtype=dtype, count=numel).view(shape)  # keeps `block` alive
     return _config.new_output(torch.empty, torch.full, shape, dtype=dtype, device=like.device)
@@ -55,30 +55,77 @@ def _sized(shape):
     return _NOT_REQUESTED if shape is None else shape
 
 
+_NO_CONTEXT = contextlib.nullcontext()  # (reusable: nullcontext keeps no state)
+
+
 def _backend(x: Tensor):
-    """(compiled module, context that makes x's device current, keyword arguments of the call) for
-    the device of x. CUDA: the kernels run on the caller's current stream of x's device (the
+    """(compiled module, context that makes x's device current, (num_threads, stream,
+    allocate_workspace) of the call) for the device of x. (The front end passes every argument of
+    the module's functions by position: pybind11 matches keywords by name, string by string, which
+    costs more than a short call's kernel.) CUDA: the kernels run on the caller's current stream of x's device (the
     module hands the stream to each tensor's __dlpack__, which torch accepts only on the current
     device), and their workspace comes from torch's caching allocator on that stream, so torch's
     memory statistics and limits see it."""
-    if x.device.type == "cpu":
-        return _ext.core(), contextlib.nullcontext(), {"num_threads": torch.get_num_threads()}
+    if x.is_cpu:
+        return _ext.core(), _NO_CONTEXT, (torch.get_num_threads(), 0, None)
     if x.device.type == "cuda":
         device = x.device
 
         def allocate_workspace(nbytes: int) -> Tensor:
             return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
-        return _ext.cuda(), torch.cuda.device(device), {
-            "stream": torch.cuda.current_stream(device).cuda_stream, "allocate_workspace": allocate_workspace,
-        }
+        return _ext.cuda(), torch.cuda.device(device), (0, torch.cuda.current_stream(device).cuda_stream,
+                                                        allocate_workspace)
     raise ValueError(f"gma_attention: tensors on device '{x.device}' are not supported (CPU and CUDA are)")
 
 
+# torch's C-level export of a tensor as a DLPack capsule: about 0.5 us a tensor, where
+# Tensor.__dlpack__ (Python-level checks) and the __dlpack_device__ query the compiled module
+# makes cost about 4 us, 45 us for the dozen tensors of a call: more than the kernel of a short
+# call. The CPU module takes such capsules directly; absent in some torch, the tensors are passed.
+_to_dlpack = getattr(torch._C, "_to_dlpack", None)
+
+
 def _plain(*tensors):
-    """Detached views for the compiled module: DLPack refuses tensors that require grad, and the
-    kernels only read inputs (or write freshly allocated outputs)."""
-    return [None if t is None else t.detach() for t in tensors]
+    """The tensors as the compiled module takes them: CPU tensors as DLPack capsules (the kernels
+    only read inputs, or write freshly allocated outputs, so a capsule of a tensor that requires
+    grad is fine), others as detached views (their __dlpack__ refuses tensors that require grad)."""
+    return [None if t is None else _to_dlpack(t) if _to_dlpack is not None and t.is_cpu else t.detach()
+            for t in tensors]
+
+
+def _run_forward(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, causal, eps, sigma_eps, return_state,
+                 save_for_backward, unrequested=_NOT_REQUESTED):
+    """The compiled forward on checked tensors: (out, S_final, z_final, gq, gk, den), unrequested
+    ones empty (size 0), or None with `unrequested=None`. forward_op runs it; so does gma_attention
+    directly for eager CPU calls that need no gradient (the custom op's dispatch costs more than a
+    short call's kernel)."""
+    shapes = _checks.forward_output_shapes(q, v, mu, return_state, save_for_backward)
+    outputs = tuple(None if shape is None and unrequested is None else _empty(_sized(shape), q, dtype)
+                    for shape, dtype in zip(shapes, _forward_dtypes(q)))
+    module, on_device, (num_threads, stream, allocate_workspace) = _backend(q)
+    with on_device:
+        module.forward(
+            *_plain(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0),
+            *_plain(*(None if shape is None else t for shape, t in zip(shapes, outputs))),  # the core skips None
+            causal, eps, sigma_eps, num_threads, stream, allocate_workspace,
+        )
+    return outputs
+
+
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _direct_call_allowed(*tensors) -> bool:
+    """Whether gma_attention may call the core without the custom op: eager (not traced by
+    torch.compile or torch.export), no torch function or dispatch mode active (it would expect to
+    see the op), and plain CPU tensors: no tensor subclass (FakeTensor, DTensor, ...) and no lazy
+    negation bit (x._neg_view(), `.imag` of a conjugate view) or efficient zero tensor, which
+    DLPack does not carry and the op's dispatcher resolves first."""
+    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._is_torch_function_mode_enabled()
+            and all(t is None or (type(t) in _PLAIN_TENSOR_TYPES and t.is_cpu and not t.is_neg()
+                                  and not t._is_zerotensor()) for t in tensors))
 
 
 @torch.library.custom_op("gmattn::forward", mutates_args=())
@@ -99,16 +146,8 @@ def forward_op(
     save_for_backward: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out, S_final, z_final, gq, gk, den); unrequested ones are empty (size 0)."""
-    shapes = _checks.forward_output_shapes(q, v, mu, return_state, save_for_backward)
-    outputs = tuple(_empty(_sized(shape), q, dtype) for shape, dtype in zip(shapes, _forward_dtypes(q)))
-    module, on_device, backend_kw = _backend(q)
-    with on_device:
-        module.forward(
-            *_plain(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0),
-            *(None if shape is None else t for shape, t in zip(shapes, outputs)),  # the core skips None
-            causal=causal, eps=eps, sigma_eps=sigma_eps, **backend_kw,
-        )
-    return outputs
+    return _run_forward(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, causal, eps, sigma_eps, return_state,
+                        save_for_backward)
 
 
 @forward_op.register_fake
@@ -151,15 +190,14 @@ def backward_op(
     dmu, domega, dalpha = _empty(mu.shape, q, acc), _empty(omega.shape, q, acc), _empty(alpha.shape, q, acc)
     has_state = S0 is not None
     dS0, dz0 = (_empty(_sized(shape), q, acc) for shape in _initial_state_shapes(q, v, mu, has_state))
-    module, on_device, backend_kw = _backend(q)
+    module, on_device, (num_threads, stream, allocate_workspace) = _backend(q)
     with on_device:
         module.backward(
             *_plain(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, out, gq, gk, den, dout, dS_final,
                     dz_final),
-            dq, dk, dv, dmu, domega, dalpha, dS0 if has_state else None, dz0 if has_state else None,
-            causal=causal, eps=eps, sigma_eps=sigma_eps, deterministic=True, S_end=_plain(S_end)[0],
-            z_end=_plain(z_end)[0], **backend_kw,
-        )
+            *_plain(dq, dk, dv, dmu, domega, dalpha, dS0 if has_state else None, dz0 if has_state else None),
+            causal, eps, sigma_eps, num_threads, stream, True, *_plain(S_end, z_end), allocate_workspace,
+        )  # (True: deterministic)
     return dq, dk, dv, dmu, domega, dalpha, dS0, dz0
 
 
@@ -232,7 +270,7 @@ def gma_attention(
     _checks.check_arguments(q, k, v, mu, omega, alpha, key_padding_mask, initial_state, eps, sigma_eps)
     for name, t in _checks.array_arguments(k, v, mu, omega, alpha, key_padding_mask, initial_state):
         _checks.require_framework("gma_attention", f"'{name}'", t, "torch", "like q; convert with torch.as_tensor")
-        if t.device != q.device:
+        if not (t.is_cpu and q.is_cpu) and t.device != q.device:  # (is_cpu: no device objects made)
             raise ValueError(f"gma_attention: '{name}' is on {t.device} but q is on {q.device}")
     acc = _ACC[q.dtype]
     # The core keeps parameters and state in the accumulator dtype; casting here keeps autograd
@@ -244,10 +282,14 @@ def gma_attention(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, mu, omega, alpha, S0, z0)
     )
-    out, S_final, z_final, _, _, _ = forward_op(
-        q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, bool(causal), float(eps), float(sigma_eps),
-        bool(output_final_state or _checks.backward_reuses_state(causal, needs_grad)), bool(needs_grad),
-    )
+    # Without gradients, an eager CPU call runs the core directly (the same computation as the op;
+    # tests check both routes agree bit for bit); otherwise the custom op, for autograd and tracing.
+    args = (q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, bool(causal), float(eps), float(sigma_eps),
+            bool(output_final_state or _checks.backward_reuses_state(causal, needs_grad)), bool(needs_grad))
+    if not needs_grad and _direct_call_allowed(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0):
+        out, S_final, z_final, _, _, _ = _run_forward(*args, unrequested=None)
+    else:
+        out, S_final, z_final, _, _, _ = forward_op(*args)
     if output_final_state:
         return out, (S_final, z_final)
     return out
