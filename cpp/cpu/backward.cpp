@@ -20,7 +20,7 @@ template <class T, class Acc>
 class Backward {
  public:
   explicit Backward(const BackwardArgs& args)
-      : a(args), s(Shape::make<Acc>(args.dims)), pl(make_plan(s.B, s.H, s.nchunks, args.opt.num_threads)),
+      : a(args), s(Shape::make<Acc>(args.dims, args.cu_seqlens)), pl(make_plan(s.seqs, s.H, s.nchunks, args.opt.num_threads)),
         causal(args.opt.causal), state_given(!causal && args.S_end.present()) {
     build_heads(heads, a.mu, a.omega, a.alpha, s, a.opt.sigma_eps, pl.nt);
     ws.reserve(pl.nt);
@@ -150,7 +150,7 @@ class Backward {
   // given, else the keys are summed in a pass of their own first. Each input is read once, except
   // Gk and v without the final state.
   void bidirectional() {
-    Buffer<Acc> state(s.B * s.H * SZ), dstate(s.B * s.H * SZ);  // per pair (b, h)
+    Buffer<Acc> state(s.seqs * s.H * SZ), dstate(s.seqs * s.H * SZ);  // per pair (b, h), b the sequence
     auto pair_state = [&](Buffer<Acc>& x, int64_t b, int64_t h) { return x.data() + (b * s.H + h) * SZ; };
     Buffer<Acc> seg(state_given ? 0 : pl.lanes * 2 * SZ), seg_d(pl.lanes * 2 * SZ);
     // (S, z), or (dS, dz), of pair (b, h): `from` (absent: zero) plus the sums of its lanes (if any).
@@ -161,13 +161,13 @@ class Backward {
       for (int64_t sg = 0; sg < pl.segs && !sums.empty(); ++sg) add_lane_state(s, sums, pl.lane(b, h, sg), t);
     };
     if (state_given) {
-      for (int64_t b = 0; b < s.B; ++b) {
+      for (int64_t b = 0; b < s.seqs; ++b) {
         for (int64_t h = 0; h < s.H; ++h) total(state, a.S_end, a.z_end, seg, b, h);
       }
     } else {
       auto sum_keys = [&](int64_t task) {
         Workspace<Acc>& w = ws[omp_get_thread_num()];
-        for_each_chunk(pl, s, task, [&](int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
+        for_each_chunk(pl, s, task, [&](int64_t, int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
           load_keys(keys_in(w), b, h, row0, n);
           accumulate_state(s, w.gk, w.v, n, seg.data() + ln * 2 * SZ, w.delta);
         });
@@ -192,11 +192,11 @@ class Backward {
     auto query_pass = [&](int64_t task) {
       Workspace<Acc>& w = ws[omp_get_thread_num()];
       const int64_t h0 = transposed(state, w.lST, task);
-      for_each_chunk(pl, s, task, [&](int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
+      for_each_chunk(pl, s, task, [&](int64_t q, int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
         load_grads(w, grads_in(w), b, h, row0, n, false);
         state_grad_update(w, n, seg_d.data() + ln * 2 * SZ);
         gemm(n, Kp / W, Dvp, w.dnum, Dvp, 1, w.lST.data() + (h - h0) * SS, Kp, w.dgq, Kp, false);  // dnum S^T
-        add_dden_z(w, n, pair_state(state, b, h) + SS);
+        add_dden_z(w, n, pair_state(state, q, h) + SS);
         finish(w, heads[h], a.q, a.dq, w.gq, w.dgq, w.xq, b, h, row0, n, zeroed_sums(w),
                Ahead::of<T>({{&a.dout, Dv}, {&a.out, Dv}, {&a.q, D}}, b, h, row0 + C, N, C));
         sums_of(ln).add(s, w.psum);
@@ -210,9 +210,9 @@ class Backward {
     auto key_pass = [&](int64_t task) {
       Workspace<Acc>& w = ws[omp_get_thread_num()];
       const int64_t h0 = transposed(dstate, w.ldST, task);
-      for_each_chunk(pl, s, task, [&](int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
+      for_each_chunk(pl, s, task, [&](int64_t q, int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
         load_keys(keys_in(w), b, h, row0, n);
-        key_grads(w, pair_state(dstate, b, h), w.ldST.data() + (h - h0) * SS, n);
+        key_grads(w, pair_state(dstate, q, h), w.ldST.data() + (h - h0) * SS, n);
         scatter_rows<T>(a.dv, b, h, row0, n, Dv, w.num, Dvp);
         finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, zeroed_sums(w),
                Ahead::of<T>({{&a.v, Dv}, {&a.k, D}}, b, h, row0 + C, N, C));  // masked: gk = 0, ds = 0
@@ -297,8 +297,9 @@ class Backward {
     // (place p in scan order), added to the lane after its last.
     Buffer<Acc> scan_blocks(pl.nt * G * slot);
     auto scans = [&](int64_t task) {
-      int64_t b, h0, sg;
-      pl.task(task, b, h0, sg);
+      int64_t q, h0, sg;  // (q: the sequence)
+      pl.task(task, q, h0, sg);
+      const int64_t nc = s.chunks(q);
       Workspace<Acc>& w = ws[omp_get_thread_num()];
       Acc* blocks = scan_blocks.data() + omp_get_thread_num() * G * slot;
       auto block_sums = [&](int64_t l, int64_t p) {
@@ -307,20 +308,20 @@ class Backward {
         return block;
       };
       auto block_done = [&](int64_t l, int64_t p) {
-        if (p % kRelayChunks == kRelayChunks - 1 || p == s.nchunks - 1) {
-          sums_of(pl.lane(b, h0 + l, sg)).add(s, blocks + l * slot);
+        if (p % kRelayChunks == kRelayChunks - 1 || p == nc - 1) {
+          sums_of(pl.lane(q, h0 + l, sg)).add(s, blocks + l * slot);
         }
       };
       for (int64_t l = 0; l < G; ++l) {
         Acc* S = w.lstate.data() + l * 2 * SZ;
         Acc* dS = w.ldstate.data() + l * 2 * SZ;
-        read_state(a.S0, a.z0, b, h0 + l, K, Dv, Kp, Dvp, S, S + SS);
-        read_state(a.dS_final, a.dz_final, b, h0 + l, K, Dv, Kp, Dvp, dS, dS + SS);
+        read_state(a.S0, a.z0, q, h0 + l, K, Dv, Kp, Dvp, S, S + SS);
+        read_state(a.dS_final, a.dz_final, q, h0 + l, K, Dv, Kp, Dvp, dS, dS + SS);
         std::fill(S + SZ, S + 2 * SZ, Acc(0));  // no compensation yet
         std::fill(dS + SZ, dS + 2 * SZ, Acc(0));
       }
-      for (int64_t c = 0; c < s.nchunks; ++c) {
-        const int64_t row0 = c * C, n = std::min(C, N - row0);
+      for (int64_t c = 0; c < nc; ++c) {
+        const auto [b, h, row0, n] = s.chunk_at(q * s.H, c);
         for (int64_t l = 0; l < G; ++l) {
           Acc* S = w.lstate.data() + l * 2 * SZ;
           load_keys(keys_in(w), b, h0 + l, row0, n);
@@ -329,19 +330,19 @@ class Backward {
           accumulate_state(s, w.gk, w.v, n, S, w.delta);
         }
       }
-      for (int64_t c = s.nchunks - 1; c >= 0; --c) {
-        const int64_t row0 = c * C, n = std::min(C, N - row0);
+      for (int64_t c = nc - 1; c >= 0; --c) {
+        const auto [b, h, row0, n] = s.chunk_at(q * s.H, c);
         for (int64_t l = 0; l < G; ++l) {
           Acc* dS = w.ldstate.data() + l * 2 * SZ;
           load_grads(w, grads_in(w), b, h0 + l, row0, n, true);
-          key_chunk(w, grads_in(w), b, h0 + l, row0, n, dS, block_sums(l, s.nchunks - 1 - c));
-          block_done(l, s.nchunks - 1 - c);
+          key_chunk(w, grads_in(w), b, h0 + l, row0, n, dS, block_sums(l, nc - 1 - c));
+          block_done(l, nc - 1 - c);
           state_grad_update(w, n, dS);
         }
       }
       for (int64_t l = 0; l < G; ++l) {
         const Acc* dS = w.ldstate.data() + l * 2 * SZ;
-        write_state(a.dS0, a.dz0, b, h0 + l, K, Dv, Dvp, dS, dS + SS);
+        write_state(a.dS0, a.dz0, q, h0 + l, K, Dv, Dvp, dS, dS + SS);
       }
     };
     auto nothing = [](int64_t) {};
@@ -354,7 +355,7 @@ class Backward {
     Buffer<Acc> total(slot);
     for (int64_t h = 0; h < s.H; ++h) {
       std::fill(total.begin(), total.end(), Acc(0));
-      for (int64_t b = 0; b < s.B; ++b) {
+      for (int64_t b = 0; b < pl.B; ++b) {  // (the sequences)
         for (int64_t sg = 0; sg < pl.segs; ++sg) {
           const Acc* src = partial.data() + pl.lane(b, h, sg) * 2 * slot;
           for (int64_t i = 0; i < slot; ++i) total[i] += src[i];

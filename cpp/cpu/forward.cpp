@@ -14,10 +14,10 @@ namespace GMATTN_ISA {  // (rows.h: the ISA name, and cpu_detail in scope)
 template <class T, class Acc>
 void forward_typed(const ForwardArgs& a) {
   constexpr int W = Simd<Acc>::W;
-  const Shape s = Shape::make<Acc>(a.dims);
+  const Shape s = Shape::make<Acc>(a.dims, a.cu_seqlens);
   const int64_t N = s.N, K = s.K, D = s.D, Dv = s.Dv, Kp = s.Kp, Dp = s.Dp, Dvp = s.Dvp, C = s.C;
   const int64_t SS = Kp * Dvp, SZ = SS + Kp;  // a state: S (Kp x Dvp), then z (Kp)
-  const Plan pl = make_plan(s.B, s.H, s.nchunks, a.opt.num_threads);
+  const Plan pl = make_plan(s.seqs, s.H, s.nchunks, a.opt.num_threads);
   const int64_t G = pl.group;
   const bool causal = a.opt.causal, save = a.gq.present();
   const Acc eps = static_cast<Acc>(a.opt.eps);
@@ -96,13 +96,13 @@ void forward_typed(const ForwardArgs& a) {
   Buffer<Acc> seg(two_pass ? pl.lanes * 2 * SZ : 0);  // each lane's sums, compensated
   auto pass1 = [&](int64_t task) {
     Workspace<Acc>& w = ws[omp_get_thread_num()];
-    for_each_chunk(pl, s, task, [&](int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
+    for_each_chunk(pl, s, task, [&](int64_t, int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
       route_keys(w, heads[h], b, h, row0, n, w.gk, w.v);
       accumulate_state(s, w.gk, w.v, n, seg.data() + ln * 2 * SZ, w.delta);
     });
   };
-  // The starting state of every lane of pair (b, h): the initial state, plus bidirectionally all
-  // the sums (what every query reads).
+  // The starting state of every lane of pair (b, h) (b: the sequence): the initial state, plus
+  // bidirectionally all the sums (what every query reads).
   Buffer<Acc> start(pl.lanes * SZ);
   // Formed in the first lane's start, copied to the others.
   auto starts = [&](int64_t b, int64_t h) {
@@ -122,7 +122,7 @@ void forward_typed(const ForwardArgs& a) {
     for (int64_t l = 0; l < G; ++l) {
       set_state(s, start.data() + pl.lane(b, h0 + l, sg) * SZ, w.lstate.data() + l * 2 * SZ);
     }
-    for_each_chunk(pl, s, task, [&](int64_t bb, int64_t h, int64_t, int64_t row0, int64_t n) {
+    for_each_chunk(pl, s, task, [&](int64_t, int64_t bb, int64_t h, int64_t, int64_t row0, int64_t n) {
       Acc* S = w.lstate.data() + (h - h0) * 2 * SZ;
       if (causal) route_keys(w, heads[h], bb, h, row0, n, w.gk, w.v);
       read_out(w, heads[h], bb, h, row0, n, S, w.gk, w.v);

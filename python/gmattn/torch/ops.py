@@ -46,9 +46,9 @@ def _forward_dtypes(q: Tensor):
     return (q.dtype,) + (_ACC[q.dtype],) * 5
 
 
-def _initial_state_shapes(q: Tensor, v: Tensor, mu: Tensor, has_state: bool):
+def _initial_state_shapes(q: Tensor, v: Tensor, mu: Tensor, has_state: bool, cu_seqlens: Optional[Tensor]):
     """Shapes of backward_op's dS0 and dz0, for the op and its fake alike; None without a state."""
-    return _checks.state_shapes(q, v, mu) if has_state else (None, None)
+    return _checks.state_shapes(q, v, mu, cu_seqlens) if has_state else (None, None)
 
 
 def _sized(shape):
@@ -97,24 +97,26 @@ def forward_op(
     sigma_eps: float,
     return_state: bool,
     save_for_backward: bool,
+    cu_seqlens: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (out, S_final, z_final, gq, gk, den); unrequested ones are empty (size 0)."""
-    shapes = _checks.forward_output_shapes(q, v, mu, return_state, save_for_backward)
+    """Returns (out, S_final, z_final, gq, gk, den); unrequested ones are empty (size 0).
+    cu_seqlens: packed sequences (int64 offsets on q's device)."""
+    shapes = _checks.forward_output_shapes(q, v, mu, return_state, save_for_backward, cu_seqlens)
     outputs = tuple(_empty(_sized(shape), q, dtype) for shape, dtype in zip(shapes, _forward_dtypes(q)))
     module, on_device, backend_kw = _backend(q)
     with on_device:
         module.forward(
             *_plain(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0),
             *(None if shape is None else t for shape, t in zip(shapes, outputs)),  # the core skips None
-            causal=causal, eps=eps, sigma_eps=sigma_eps, **backend_kw,
+            causal=causal, eps=eps, sigma_eps=sigma_eps, cu_seqlens=_plain(cu_seqlens)[0], **backend_kw,
         )
     return outputs
 
 
 @forward_op.register_fake
 def _forward_fake(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, causal, eps, sigma_eps, return_state,
-                  save_for_backward):
-    shapes = _checks.forward_output_shapes(q, v, mu, return_state, save_for_backward)
+                  save_for_backward, cu_seqlens=None):
+    shapes = _checks.forward_output_shapes(q, v, mu, return_state, save_for_backward, cu_seqlens)
     return tuple(q.new_empty(_sized(shape), dtype=dtype) for shape, dtype in zip(shapes, _forward_dtypes(q)))
 
 
@@ -141,6 +143,7 @@ def backward_op(
     causal: bool,
     eps: float,
     sigma_eps: float,
+    cu_seqlens: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dmu, domega, dalpha, dS0, dz0); dS0/dz0 are empty without S0.
     S_end, z_end (bidirectional, optional): the forward's final state, which the CPU core then does
@@ -150,7 +153,7 @@ def backward_op(
     dv = _empty(v.shape, q, q.dtype)
     dmu, domega, dalpha = _empty(mu.shape, q, acc), _empty(omega.shape, q, acc), _empty(alpha.shape, q, acc)
     has_state = S0 is not None
-    dS0, dz0 = (_empty(_sized(shape), q, acc) for shape in _initial_state_shapes(q, v, mu, has_state))
+    dS0, dz0 = (_empty(_sized(shape), q, acc) for shape in _initial_state_shapes(q, v, mu, has_state, cu_seqlens))
     module, on_device, backend_kw = _backend(q)
     with on_device:
         module.backward(
@@ -158,15 +161,15 @@ def backward_op(
                     dz_final),
             dq, dk, dv, dmu, domega, dalpha, dS0 if has_state else None, dz0 if has_state else None,
             causal=causal, eps=eps, sigma_eps=sigma_eps, deterministic=True, S_end=_plain(S_end)[0],
-            z_end=_plain(z_end)[0], **backend_kw,
+            z_end=_plain(z_end)[0], cu_seqlens=_plain(cu_seqlens)[0], **backend_kw,
         )
     return dq, dk, dv, dmu, domega, dalpha, dS0, dz0
 
 
 @backward_op.register_fake
 def _backward_fake(dout, dS_final, dz_final, q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, out, gq, gk, den,
-                   S_end, z_end, causal, eps, sigma_eps):
-    dS0, dz0 = (mu.new_empty(_sized(shape)) for shape in _initial_state_shapes(q, v, mu, S0 is not None))
+                   S_end, z_end, causal, eps, sigma_eps, cu_seqlens=None):
+    dS0, dz0 = (mu.new_empty(_sized(shape)) for shape in _initial_state_shapes(q, v, mu, S0 is not None, cu_seqlens))
     return (
         torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
         torch.empty_like(mu), torch.empty_like(omega), torch.empty_like(alpha),
@@ -175,12 +178,13 @@ def _backward_fake(dout, dS_final, dz_final, q, k, v, mu, omega, alpha, key_padd
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, mu, omega, alpha, mask, S0, z0, causal, eps, sigma_eps, return_state, save_for_backward) = inputs
+    (q, k, v, mu, omega, alpha, mask, S0, z0, causal, eps, sigma_eps, return_state, save_for_backward,
+     cu_seqlens) = inputs
     out, S_final, z_final, gq, gk, den = output
     # gma_attention asks the forward for the final state whenever the backward reuses it.
     reuse = return_state and _checks.backward_reuses_state(causal, save_for_backward)
     S_end, z_end = (S_final, z_final) if reuse else (None, None)
-    ctx.save_for_backward(q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, S_end, z_end)
+    ctx.save_for_backward(q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, S_end, z_end, cu_seqlens)
     ctx.causal, ctx.eps, ctx.sigma_eps, ctx.return_state = causal, eps, sigma_eps, return_state
     ctx.saved_responsibilities = save_for_backward
     # Gq, Gk and den are outputs only so backward can use them; without this autograd would hand
@@ -189,12 +193,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, dS_final, dz_final, _dgq, _dgk, _dden):
-    q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, S_end, z_end = ctx.saved_tensors
+    q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, S_end, z_end, cu_seqlens = ctx.saved_tensors
     if not ctx.saved_responsibilities:
         # The forward ran without saving (no input required grad when it was traced); recompute.
         reuse = _checks.backward_reuses_state(ctx.causal, True)
         out, S_end, z_end, gq, gk, den = forward_op(q, k, v, mu, omega, alpha, mask, S0, z0, ctx.causal, ctx.eps,
-                                                    ctx.sigma_eps, reuse, True)
+                                                    ctx.sigma_eps, reuse, True, cu_seqlens)
         if not reuse:
             S_end = z_end = None
     if not ctx.return_state:
@@ -203,11 +207,11 @@ def _backward(ctx, dout, dS_final, dz_final, _dgq, _dgk, _dden):
         dout = torch.zeros_like(out)
     dq, dk, dv, dmu, domega, dalpha, dS0, dz0 = backward_op(
         dout, dS_final, dz_final, q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, S_end, z_end,
-        ctx.causal, ctx.eps, ctx.sigma_eps,
+        ctx.causal, ctx.eps, ctx.sigma_eps, cu_seqlens,
     )
     if S0 is None:
         dS0 = dz0 = None
-    return dq, dk, dv, dmu, domega, dalpha, None, dS0, dz0, None, None, None, None, None
+    return dq, dk, dv, dmu, domega, dalpha, None, dS0, dz0, None, None, None, None, None, None
 
 
 forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -227,10 +231,11 @@ def gma_attention(
     output_final_state: bool = False,
     eps: float = 1e-6,
     sigma_eps: float = 1e-4,
+    cu_seqlens: Optional[Tensor] = None,
 ):
     """Gaussian Mixture Attention on torch tensors (CPU or CUDA); see gmattn.gma_attention."""
-    _checks.check_arguments(q, k, v, mu, omega, alpha, key_padding_mask, initial_state, eps, sigma_eps)
-    for name, t in _checks.array_arguments(k, v, mu, omega, alpha, key_padding_mask, initial_state):
+    _checks.check_arguments(q, k, v, mu, omega, alpha, key_padding_mask, initial_state, eps, sigma_eps, cu_seqlens)
+    for name, t in _checks.array_arguments(k, v, mu, omega, alpha, key_padding_mask, initial_state, cu_seqlens):
         _checks.require_framework("gma_attention", f"'{name}'", t, "torch", "like q; convert with torch.as_tensor")
         if t.device != q.device:
             raise ValueError(f"gma_attention: '{name}' is on {t.device} but q is on {q.device}")
@@ -241,12 +246,14 @@ def gma_attention(
     S0 = z0 = None
     if initial_state is not None:
         S0, z0 = (s.to(acc) for s in initial_state)
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(torch.int64)  # the core reads int64 offsets
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, mu, omega, alpha, S0, z0)
     )
     out, S_final, z_final, _, _, _ = forward_op(
         q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, bool(causal), float(eps), float(sigma_eps),
-        bool(output_final_state or _checks.backward_reuses_state(causal, needs_grad)), bool(needs_grad),
+        bool(output_final_state or _checks.backward_reuses_state(causal, needs_grad)), bool(needs_grad), cu_seqlens,
     )
     if output_final_state:
         return out, (S_final, z_final)
