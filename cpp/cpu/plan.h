@@ -31,15 +31,23 @@ namespace GMATTN_ISA {  // (rows.h: the ISA name, and cpu_detail in scope)
 
 constexpr int64_t kRelayChunks = 4;  // chunks per task of a relay (see Relay)
 
-// The work plan. A task is (sequence b, heads [h0, h0 + group), segment of chunks); its heads run
+// The work plan. A task is (unit b, heads [h0, h0 + group), segment of chunks); its heads run
 // in lockstep, chunk by chunk, so one task reads and writes each token's rows of all its heads
 // together (contiguous in the (B, N, H, D) layout: fewer pages and streams than one head at a
-// time). A lane (b, h, segment) owns its state sums and parameter-gradient slot. (B counts the
-// sequences: the batch rows, or the packed sequences.)
+// time). A lane (b, h, segment) owns its state sums and parameter-gradient slot. A unit is one
+// sequence (a batch row, or a packed sequence), or, with many packed sequences, a run of
+// consecutive ones of about equal tokens, which its task runs one after another (the lane's
+// buffers reused): memory and set-up then grow with the units (a few per thread), not with the
+// sequences. B counts the units.
 struct Plan {
   int nt = 1;
   int64_t B = 1, H = 1, group = 1, segs = 1;
   int64_t tasks = 1, lanes = 1;
+  // Runs of sequences: the first sequence of each unit, then the number of sequences; empty: unit
+  // u is sequence u. (Only with one segment: a segment cuts one sequence.)
+  std::vector<int64_t> unit_first;
+  int64_t seq_begin(int64_t u) const { return unit_first.empty() ? u : unit_first[u]; }
+  int64_t seq_end(int64_t u) const { return unit_first.empty() ? u + 1 : unit_first[u + 1]; }
   // Chunks [first, last) of segment sg of a sequence of nc chunks (a segment may be empty).
   int64_t first(int64_t sg, int64_t nc) const { return sg * nc / segs; }
   int64_t last(int64_t sg, int64_t nc) const { return (sg + 1) * nc / segs; }
@@ -52,11 +60,27 @@ struct Plan {
   int64_t lane(int64_t b, int64_t h, int64_t sg) const { return (b * H + h) * segs + sg; }
 };
 
-inline Plan make_plan(int64_t B, int64_t H, int64_t nchunks, int requested) {
+constexpr int64_t kUnitsPerThread = 8;  // packed: runs of sequences per thread (see Plan)
+
+inline Plan make_plan(const Shape& s, int requested) {
   Plan p;
   // 64-bit: a caller may ask for up to INT_MAX threads, and the products below must not overflow.
   int64_t nt = requested > 0 ? requested : omp_get_max_threads();
   if (nt < 1) nt = 1;
+  const int64_t H = s.H, nchunks = s.nchunks;
+  int64_t B = s.seqs;
+  if (!s.starts.empty() && B > kUnitsPerThread * nt) {
+    // Many packed sequences: kUnitsPerThread * nt runs of consecutive sequences, cut where the
+    // tokens before a sequence reach the next share of N (a run holds at least one sequence).
+    const int64_t units = kUnitsPerThread * nt;
+    p.unit_first.push_back(0);
+    for (int64_t q = 1; q < B; ++q) {
+      const int64_t cuts = static_cast<int64_t>(p.unit_first.size());
+      if (cuts < units && s.starts[q] * units >= cuts * s.N) p.unit_first.push_back(q);
+    }
+    p.unit_first.push_back(B);
+    B = static_cast<int64_t>(p.unit_first.size()) - 1;
+  }
   p.B = B;
   p.H = H;
   const int64_t pairs = B * H;
@@ -94,46 +118,50 @@ inline Plan make_plan(int64_t B, int64_t H, int64_t nchunks, int requested) {
   return p;
 }
 
-// Calls fn(q, b, h, lane, row0, n) for every chunk of a task's segment (sequence q, in batch row
+// Calls fn(q, b, h, lane, row0, n) for every chunk of sequence q in a task's segment (in batch row
 // b, rows [row0, row0 + n)), chunk by chunk, the task's heads in lockstep within each chunk.
 template <class Fn>
-void for_each_chunk(const Plan& pl, const Shape& s, int64_t task, Fn&& fn) {
-  int64_t q, h0, sg;
-  pl.task(task, q, h0, sg);
+void for_each_chunk(const Plan& pl, const Shape& s, int64_t task, int64_t q, Fn&& fn) {
+  int64_t u, h0, sg;
+  pl.task(task, u, h0, sg);
   const int64_t nc = s.chunks(q);
   for (int64_t c = pl.first(sg, nc); c < pl.last(sg, nc); ++c) {
     const Shape::ChunkAt at = s.chunk_at(q * s.H, c);
-    for (int64_t h = h0; h < h0 + pl.group; ++h) fn(q, at.b, h, pl.lane(q, h, sg), at.row0, at.n);
+    for (int64_t h = h0; h < h0 + pl.group; ++h) fn(q, at.b, h, pl.lane(u, h, sg), at.row0, at.n);
   }
 }
 
-// Runs a kernel's passes over the plan: pass 1 (segment sums; skipped when !two_pass), the
-// starting state of every (b, h) (`starts`), then pass 2 from those states. With one segment per
-// sequence a task owns whole sequences: all three run inside one parallel region, no barrier.
+// Runs a kernel's passes over the plan: pass1(task, q) (segment sums of sequence q; skipped when
+// !two_pass), the starting state of every (unit, sequence, head) (`starts(u, q, h)`), then
+// pass2(task, q) from those states. With one segment per sequence a task owns whole sequences:
+// all three run for each sequence of its unit in turn inside one parallel region, no barrier.
+// (With segments a unit is one sequence: q = u.)
 template <class Pass1, class Starts, class Pass2>
 void run_passes(const Plan& pl, bool two_pass, Pass1& pass1, Starts& starts, Pass2& pass2) {
   if (pl.segs == 1) {
 #pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
     for (int64_t task = 0; task < pl.tasks; ++task) {
-      if (two_pass) pass1(task);
-      int64_t b, h0, sg;
-      pl.task(task, b, h0, sg);
-      for (int64_t h = h0; h < h0 + pl.group; ++h) starts(b, h);
-      pass2(task);
+      int64_t u, h0, sg;
+      pl.task(task, u, h0, sg);
+      for (int64_t q = pl.seq_begin(u); q < pl.seq_end(u); ++q) {
+        if (two_pass) pass1(task, q);
+        for (int64_t h = h0; h < h0 + pl.group; ++h) starts(u, q, h);
+        pass2(task, q);
+      }
       stream_fence();  // outputs written with streaming stores (stream_copy) are visible
     }
   } else {
 #pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
     for (int64_t task = 0; task < pl.tasks; ++task) {
-      pass1(task);
+      pass1(task, task / (pl.segs * (pl.H / pl.group)));
       stream_fence();
     }
     for (int64_t b = 0; b < pl.B; ++b) {
-      for (int64_t h = 0; h < pl.H; ++h) starts(b, h);
+      for (int64_t h = 0; h < pl.H; ++h) starts(b, b, h);
     }
 #pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
     for (int64_t task = 0; task < pl.tasks; ++task) {
-      pass2(task);
+      pass2(task, task / (pl.segs * (pl.H / pl.group)));
       stream_fence();
     }
   }
@@ -343,6 +371,18 @@ void write_relay_ends(const Shape& s, Relay<Acc>& relay, const View& S, const Vi
   for (int64_t pair = 0; pair < s.seqs * s.H; ++pair) {
     const Acc* st = relay.end(pair);
     write_state(S, z, pair / s.H, pair % s.H, s.K, s.Dv, s.Dvp, st, st + s.Kp * s.Dvp);
+  }
+}
+
+// Zeroes the running states (2 (SS + Kp) values per lane) of a task's lanes in `sums`.
+template <class Acc>
+void zero_lane_states(const Plan& pl, const Shape& s, int64_t task, Buffer<Acc>& sums) {
+  int64_t u, h0, sg;
+  pl.task(task, u, h0, sg);
+  const int64_t SZ2 = 2 * (s.Kp * s.Dvp + s.Kp);
+  for (int64_t h = h0; h < h0 + pl.group; ++h) {
+    Acc* lane = sums.data() + pl.lane(u, h, sg) * SZ2;
+    std::fill(lane, lane + SZ2, Acc(0));
   }
 }
 
