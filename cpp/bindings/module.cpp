@@ -50,7 +50,7 @@ constexpr int32_t kDevice = kDLCPU;
 constexpr const char* kDeviceName = "CPU";
 #endif
 
-enum class Kind { kInput, kAccumulator, kMask };
+enum class Kind { kInput, kAccumulator, kMask, kOffsets };
 
 std::string shape_str(const int64_t* shape, int ndim) {
   std::ostringstream s;
@@ -278,6 +278,9 @@ gmattn::View make_view(const Imported& im, const Spec& spec, gmattn::DType input
   if (spec.kind == Kind::kMask) {
     const bool ok = t->dtype.lanes == 1 && t->dtype.bits == 8 && (t->dtype.code == kDLBool || t->dtype.code == kDLUInt);
     if (!ok) fail(arg, "must be bool (or uint8), got " + dl_dtype_str(t->dtype));
+  } else if (spec.kind == Kind::kOffsets) {
+    const bool ok = t->dtype.lanes == 1 && t->dtype.bits == 64 && t->dtype.code == kDLInt;
+    if (!ok) fail(arg, "must be int64, got " + dl_dtype_str(t->dtype));
   } else {
     gmattn::DType dt;
     if (!dl_to_dtype(t->dtype, &dt)) {
@@ -357,6 +360,44 @@ struct Call {
       return gmattn::View{};
     }
     keep.push_back(import_dlpack(obj, spec.name, stream, device_id));
+    return adopt(spec);
+  }
+
+  // Packed sequences: `obj` (None: each batch row is one sequence) must be S + 1 int64 offsets
+  // that run from 0 to N and never decrease, with B = 1 and no mask. Sets `seqs` to the number of
+  // sequences, S (B without offsets): the state tensors have it in place of B.
+  gmattn::View sequences(py::handle obj, bool has_mask, int64_t& seqs) {
+    seqs = dims.B;
+    if (obj.is_none()) return gmattn::View{};
+    const char* arg = "cu_seqlens";
+    keep.push_back(import_dlpack(obj, arg, stream, device_id));
+    const DLTensor* t = keep.back().t;
+    if (t->ndim != 1 || t->shape[0] < 2) {
+      fail(arg, "must be a 1-D array of S + 1 >= 2 offsets (S sequences), got shape " + shape_str(t->shape, t->ndim));
+    }
+    const gmattn::View v = adopt({arg, {t->shape[0]}, Kind::kOffsets, false, false});
+    if (dims.B != 1) {
+      fail(arg, "packs the sequences into one row: q, k, v must have B = 1, got B = " + std::to_string(dims.B));
+    }
+    if (has_mask) fail(arg, "and key_padding_mask cannot be combined: pack only the real tokens");
+    seqs = t->shape[0] - 1;
+    if (kDevice != kDLCPU) fail(arg, "(packed sequences) is not supported by the CUDA module");
+    const auto offset = [&](int64_t i) { return static_cast<const int64_t*>(v.data)[i * v.stride[0]]; };
+    if (offset(0) != 0) fail(arg, "must start at 0, got " + std::to_string(offset(0)));
+    if (offset(seqs) != dims.N) {
+      fail(arg, "must end at N = " + std::to_string(dims.N) + " (the tokens of q), got " + std::to_string(offset(seqs)));
+    }
+    for (int64_t i = 0; i < seqs; ++i) {
+      if (offset(i + 1) < offset(i)) {
+        fail(arg, "must not decrease, got " + std::to_string(offset(i)) + " then " + std::to_string(offset(i + 1)) +
+                      " at " + std::to_string(i));
+      }
+    }
+    return v;
+  }
+
+  // Validates the tensor imported last (keep.back()) against `spec`; returns its View.
+  gmattn::View adopt(const Spec& spec) {
     gmattn::View v = make_view(keep.back(), spec, dtype, device_id);
     if (v.data == nullptr) {
       v.data = reinterpret_cast<void*>(alignof(std::max_align_t));  // present but empty
@@ -535,10 +576,12 @@ void refuse_workspace(py::handle allocate_workspace) {
 }
 #endif
 
-// The forward pass's inputs, shared by ForwardArgs and BackwardArgs (same member names).
+// The forward pass's inputs, shared by ForwardArgs and BackwardArgs (same member names). Returns
+// the number of sequences (B, or S with packed sequences), which the state tensors have first.
 template <class Args>
-void import_forward_inputs(Call& c, Args& a, py::handle q, py::handle k, py::handle v, py::handle mu,
-                           py::handle omega, py::handle alpha, py::handle mask, py::handle S0, py::handle z0) {
+int64_t import_forward_inputs(Call& c, Args& a, py::handle q, py::handle k, py::handle v, py::handle mu,
+                              py::handle omega, py::handle alpha, py::handle mask, py::handle S0, py::handle z0,
+                              py::handle cu_seqlens) {
   const gmattn::Dims& d = c.dims;
   a.q = c.view(q, {"q", {d.B, d.N, d.H, d.D}, Kind::kInput, false, false}, false);
   a.k = c.view(k, {"k", {d.B, d.N, d.H, d.D}, Kind::kInput, false, false}, false);
@@ -547,25 +590,28 @@ void import_forward_inputs(Call& c, Args& a, py::handle q, py::handle k, py::han
   a.omega = c.view(omega, {"omega", {d.H, d.K, d.D}, Kind::kAccumulator, false, false}, false);
   a.alpha = c.view(alpha, {"alpha", {d.H, d.K}, Kind::kAccumulator, false, false}, false);
   a.mask = c.view(mask, {"key_padding_mask", {d.B, d.N}, Kind::kMask, false, false}, true);
-  a.S0 = c.view(S0, {"initial_state[0] (S)", {d.B, d.H, d.K, d.Dv}, Kind::kAccumulator, false, false}, true);
-  a.z0 = c.view(z0, {"initial_state[1] (z)", {d.B, d.H, d.K}, Kind::kAccumulator, false, false}, true);
+  int64_t seqs = 0;
+  a.cu_seqlens = c.sequences(cu_seqlens, a.mask.present(), seqs);
+  a.S0 = c.view(S0, {"initial_state[0] (S)", {seqs, d.H, d.K, d.Dv}, Kind::kAccumulator, false, false}, true);
+  a.z0 = c.view(z0, {"initial_state[1] (z)", {seqs, d.H, d.K}, Kind::kAccumulator, false, false}, true);
   if (a.S0.present() != a.z0.present()) fail("initial_state", "must give both S and z, or neither");
+  return seqs;
 }
 
 void forward(py::handle q, py::handle k, py::handle v, py::handle mu, py::handle omega, py::handle alpha,
              py::handle mask, py::handle S0, py::handle z0, py::handle out, py::handle S_final,
              py::handle z_final, py::handle gq, py::handle gk, py::handle den, bool causal, double eps,
-             double sigma_eps, int num_threads, int64_t stream, py::handle allocate_workspace) {
+             double sigma_eps, int num_threads, int64_t stream, py::handle allocate_workspace, py::handle cu_seqlens) {
   Call c = start_call(q, v, mu, stream);
   const auto& d = c.dims;
   gmattn::ForwardArgs a;
   a.dims = d;
   a.dtype = c.dtype;
   a.opt = make_options(c, causal, eps, sigma_eps, num_threads, true);
-  import_forward_inputs(c, a, q, k, v, mu, omega, alpha, mask, S0, z0);
+  const int64_t seqs = import_forward_inputs(c, a, q, k, v, mu, omega, alpha, mask, S0, z0, cu_seqlens);
   a.out = c.view(out, {"out", {d.B, d.N, d.H, d.Dv}, Kind::kInput, true, true}, false);
-  a.S_final = c.view(S_final, {"S_final", {d.B, d.H, d.K, d.Dv}, Kind::kAccumulator, true, true}, true);
-  a.z_final = c.view(z_final, {"z_final", {d.B, d.H, d.K}, Kind::kAccumulator, true, true}, true);
+  a.S_final = c.view(S_final, {"S_final", {seqs, d.H, d.K, d.Dv}, Kind::kAccumulator, true, true}, true);
+  a.z_final = c.view(z_final, {"z_final", {seqs, d.H, d.K}, Kind::kAccumulator, true, true}, true);
   if (a.S_final.present() != a.z_final.present()) fail("S_final", "and z_final must be given together");
   a.gq = c.view(gq, {"gq", {d.B, d.H, d.N, d.K}, Kind::kAccumulator, true, true}, true);
   a.gk = c.view(gk, {"gk", {d.B, d.H, d.N, d.K}, Kind::kAccumulator, true, true}, true);
@@ -593,33 +639,33 @@ void backward(py::handle q, py::handle k, py::handle v, py::handle mu, py::handl
               py::handle dk, py::handle dv, py::handle dmu, py::handle domega, py::handle dalpha,
               py::handle dS0, py::handle dz0, bool causal, double eps, double sigma_eps, int num_threads,
               int64_t stream, bool deterministic, py::handle S_end, py::handle z_end,
-              py::handle allocate_workspace) {
+              py::handle allocate_workspace, py::handle cu_seqlens) {
   Call c = start_call(q, v, mu, stream);
   const auto& d = c.dims;
   gmattn::BackwardArgs a;
   a.dims = d;
   a.dtype = c.dtype;
   a.opt = make_options(c, causal, eps, sigma_eps, num_threads, deterministic);
-  import_forward_inputs(c, a, q, k, v, mu, omega, alpha, mask, S0, z0);
+  const int64_t seqs = import_forward_inputs(c, a, q, k, v, mu, omega, alpha, mask, S0, z0, cu_seqlens);
   a.out = c.view(out, {"out", {d.B, d.N, d.H, d.Dv}, Kind::kInput, false, false}, false);
   a.gq = c.view(gq, {"gq", {d.B, d.H, d.N, d.K}, Kind::kAccumulator, false, false}, false);
   a.gk = c.view(gk, {"gk", {d.B, d.H, d.N, d.K}, Kind::kAccumulator, false, false}, false);
   a.den = c.view(den, {"den", {d.B, d.H, d.N}, Kind::kAccumulator, false, false}, false);
-  a.S_end = c.view(S_end, {"S_end", {d.B, d.H, d.K, d.Dv}, Kind::kAccumulator, false, false}, true);
-  a.z_end = c.view(z_end, {"z_end", {d.B, d.H, d.K}, Kind::kAccumulator, false, false}, true);
+  a.S_end = c.view(S_end, {"S_end", {seqs, d.H, d.K, d.Dv}, Kind::kAccumulator, false, false}, true);
+  a.z_end = c.view(z_end, {"z_end", {seqs, d.H, d.K}, Kind::kAccumulator, false, false}, true);
   if (a.S_end.present() != a.z_end.present()) fail("S_end", "and z_end must be given together");
   if (causal && a.S_end.present()) fail("S_end", "is for the bidirectional backward only (causal=False)");
   a.dout = c.view(dout, {"dout", {d.B, d.N, d.H, d.Dv}, Kind::kInput, false, false}, false);
-  a.dS_final = c.view(dS_final, {"dS_final", {d.B, d.H, d.K, d.Dv}, Kind::kAccumulator, false, false}, true);
-  a.dz_final = c.view(dz_final, {"dz_final", {d.B, d.H, d.K}, Kind::kAccumulator, false, false}, true);
+  a.dS_final = c.view(dS_final, {"dS_final", {seqs, d.H, d.K, d.Dv}, Kind::kAccumulator, false, false}, true);
+  a.dz_final = c.view(dz_final, {"dz_final", {seqs, d.H, d.K}, Kind::kAccumulator, false, false}, true);
   a.dq = c.view(dq, {"dq", {d.B, d.N, d.H, d.D}, Kind::kInput, true, true}, false);
   a.dk = c.view(dk, {"dk", {d.B, d.N, d.H, d.D}, Kind::kInput, true, true}, false);
   a.dv = c.view(dv, {"dv", {d.B, d.N, d.H, d.Dv}, Kind::kInput, true, true}, false);
   a.dmu = c.view(dmu, {"dmu", {d.H, d.K, d.D}, Kind::kAccumulator, true, true}, false);
   a.domega = c.view(domega, {"domega", {d.H, d.K, d.D}, Kind::kAccumulator, true, true}, false);
   a.dalpha = c.view(dalpha, {"dalpha", {d.H, d.K}, Kind::kAccumulator, true, true}, false);
-  a.dS0 = c.view(dS0, {"dS0", {d.B, d.H, d.K, d.Dv}, Kind::kAccumulator, true, true}, true);
-  a.dz0 = c.view(dz0, {"dz0", {d.B, d.H, d.K}, Kind::kAccumulator, true, true}, true);
+  a.dS0 = c.view(dS0, {"dS0", {seqs, d.H, d.K, d.Dv}, Kind::kAccumulator, true, true}, true);
+  a.dz0 = c.view(dz0, {"dz0", {seqs, d.H, d.K}, Kind::kAccumulator, true, true}, true);
 #ifdef GMATTN_BACKEND_CUDA
   c.provide_workspace(a.opt, gmattn::cuda::backward_workspace_bytes(a), allocate_workspace);
 #else
@@ -670,11 +716,12 @@ PYBIND11_MODULE(GMATTN_MODULE_NAME, m) {
         py::arg("alpha"), py::arg("mask"), py::arg("S0"), py::arg("z0"), py::arg("out"), py::arg("S_final"),
         py::arg("z_final"), py::arg("gq"), py::arg("gk"), py::arg("den"), py::arg("causal"), py::arg("eps"),
         py::arg("sigma_eps"), py::arg("num_threads") = 0, py::arg("stream") = 0,
-        py::arg("allocate_workspace") = py::none(),
+        py::arg("allocate_workspace") = py::none(), py::arg("cu_seqlens") = py::none(),
         "Forward pass: writes out (and the optional final state and saved tensors) in place. "
         "CUDA: stream is the caller's cudaStream_t (0 = the default stream), the kernels run on the "
         "device of q; allocate_workspace(nbytes), when given, returns the device memory for the "
-        "call's temporary buffers (an array of at least nbytes bytes on that device).");
+        "call's temporary buffers (an array of at least nbytes bytes on that device). cu_seqlens (int64, "
+        "S + 1 offsets from 0 to N): packed sequences in one row (B = 1); the states then have S in place of B.");
   m.def("backward", &backward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mu"), py::arg("omega"),
         py::arg("alpha"), py::arg("mask"), py::arg("S0"), py::arg("z0"), py::arg("out"), py::arg("gq"),
         py::arg("gk"), py::arg("den"), py::arg("dout"), py::arg("dS_final"), py::arg("dz_final"), py::arg("dq"),
@@ -682,6 +729,7 @@ PYBIND11_MODULE(GMATTN_MODULE_NAME, m) {
         py::arg("dz0"), py::arg("causal"), py::arg("eps"), py::arg("sigma_eps"), py::arg("num_threads") = 0,
         py::arg("stream") = 0, py::arg("deterministic") = true, py::arg("S_end") = py::none(),
         py::arg("z_end") = py::none(), py::arg("allocate_workspace") = py::none(),
+        py::arg("cu_seqlens") = py::none(),
         "Backward pass: writes dq, dk, dv, dmu, domega, dalpha (and dS0, dz0 when given) in place. "
         "S_end, z_end (bidirectional, optional): the forward's final state, which spares re-summing it. "
         "stream, allocate_workspace: as for forward.");

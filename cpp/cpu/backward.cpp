@@ -20,7 +20,7 @@ template <class T, class Acc>
 class Backward {
  public:
   explicit Backward(const BackwardArgs& args)
-      : a(args), s(Shape::make<Acc>(args.dims)), pl(make_plan(s.B, s.H, s.nchunks, threads_for(s, args.opt.num_threads))),
+      : a(args), s(Shape::make<Acc>(args.dims, args.cu_seqlens)), pl(make_plan(s, threads_for(s, args.opt.num_threads))),
         causal(args.opt.causal), state_given(!causal && args.S_end.present()) {
     ws.reserve(pl.nt);
     for (int t = 0; t < pl.nt; ++t) ws.emplace_back(s, G);
@@ -151,38 +151,40 @@ class Backward {
   // given, else the keys are summed in a pass of their own first. Each input is read once, except
   // Gk and v without the final state.
   void bidirectional() {
-    Buffer<Acc> state(s.B * s.H * SZ), dstate(s.B * s.H * SZ);  // per pair (b, h)
-    auto pair_state = [&](Buffer<Acc>& x, int64_t b, int64_t h) { return x.data() + (b * s.H + h) * SZ; };
+    // Per (unit, head): the state of the unit's sequence being run (S, z and dS, dz).
+    Buffer<Acc> state(pl.B * s.H * SZ), dstate(pl.B * s.H * SZ);
+    auto pair_state = [&](Buffer<Acc>& x, int64_t u, int64_t h) { return x.data() + (u * s.H + h) * SZ; };
     Buffer<Acc> seg(state_given ? 0 : pl.lanes * 2 * SZ), seg_d(pl.lanes * 2 * SZ);
-    // (S, z), or (dS, dz), of pair (b, h): `from` (absent: zero) plus the sums of its lanes (if any).
-    auto total = [&](Buffer<Acc>& to, const View& S_from, const View& z_from, const Buffer<Acc>& sums, int64_t b,
-                     int64_t h) {
-      Acc* t = pair_state(to, b, h);
-      read_state(S_from, z_from, b, h, K, Dv, Kp, Dvp, t, t + SS);
-      for (int64_t sg = 0; sg < pl.segs && !sums.empty(); ++sg) add_lane_state(s, sums, pl.lane(b, h, sg), t);
+    // (S, z), or (dS, dz), of sequence q of unit u, head h: `from` (absent: zero) plus the sums of
+    // its lanes (if any).
+    auto total = [&](Buffer<Acc>& to, const View& S_from, const View& z_from, const Buffer<Acc>& sums, int64_t u,
+                     int64_t q, int64_t h) {
+      Acc* t = pair_state(to, u, h);
+      read_state(S_from, z_from, q, h, K, Dv, Kp, Dvp, t, t + SS);
+      for (int64_t sg = 0; sg < pl.segs && !sums.empty(); ++sg) add_lane_state(s, sums, pl.lane(u, h, sg), t);
     };
-    if (state_given) {
-      for (int64_t b = 0; b < s.B; ++b) {
-        for (int64_t h = 0; h < s.H; ++h) total(state, a.S_end, a.z_end, seg, b, h);
+    auto sum_keys = [&](int64_t task, int64_t q) {
+      Workspace<Acc>& w = ws[omp_get_thread_num()];
+      zero_lane_states(pl, s, task, seg);  // (a unit's sequences reuse its lanes)
+      for_each_chunk(pl, s, task, q, [&](int64_t, int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
+        load_keys(keys_in(w), b, h, row0, n);
+        accumulate_state(s, w.gk, w.v, n, seg.data() + ln * 2 * SZ, w.delta);
+      });
+    };
+    // The state every query of the sequence read: the forward's final state, or S0 + the key sums.
+    auto key_totals = [&](int64_t u, int64_t q, int64_t h) {
+      if (state_given) {
+        total(state, a.S_end, a.z_end, seg, u, q, h);
+      } else {
+        total(state, a.S0, a.z0, seg, u, q, h);
       }
-    } else {
-      auto sum_keys = [&](int64_t task) {
-        Workspace<Acc>& w = ws[omp_get_thread_num()];
-        for_each_chunk(pl, s, task, [&](int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
-          load_keys(keys_in(w), b, h, row0, n);
-          accumulate_state(s, w.gk, w.v, n, seg.data() + ln * 2 * SZ, w.delta);
-        });
-      };
-      auto key_totals = [&](int64_t b, int64_t h) { total(state, a.S0, a.z0, seg, b, h); };
-      auto nothing = [](int64_t) {};
-      run_passes(pl, true, sum_keys, key_totals, nothing);
-    }
+    };
     // Each task's heads' states, transposed, in the workspace (lST: S^T; ldST: dS^T).
     auto transposed = [&](Buffer<Acc>& x, UnclearedBuffer<Acc>& xT, int64_t task) {
-      int64_t b, h0, sg;
-      pl.task(task, b, h0, sg);
-      for (int64_t l = 0; l < G; ++l) transpose(Kp, Dvp, pair_state(x, b, h0 + l), Dvp, xT.data() + l * SS, Kp);
-      return h0;
+      int64_t u, h0, sg;
+      pl.task(task, u, h0, sg);
+      for (int64_t l = 0; l < G; ++l) transpose(Kp, Dvp, pair_state(x, u, h0 + l), Dvp, xT.data() + l * SS, Kp);
+      return u;
     };
     // Each chunk's parameter sums are a block of their own: formed from zero in the workspace, then
     // added to the lane.
@@ -190,36 +192,58 @@ class Backward {
       std::fill(w.psum, w.psum + slot, Acc(0));
       return w.psum;
     };
-    auto query_pass = [&](int64_t task) {
+    auto query_pass = [&](int64_t task, int64_t q) {
       Workspace<Acc>& w = ws[omp_get_thread_num()];
-      const int64_t h0 = transposed(state, w.lST, task);
-      for_each_chunk(pl, s, task, [&](int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
+      zero_lane_states(pl, s, task, seg_d);
+      const int64_t u = transposed(state, w.lST, task);
+      for_each_chunk(pl, s, task, q, [&](int64_t, int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
         load_grads(w, grads_in(w), b, h, row0, n, false);
         state_grad_update(w, n, seg_d.data() + ln * 2 * SZ);
-        gemm(n, Kp / W, Dvp, w.dnum, Dvp, 1, w.lST.data() + (h - h0) * SS, Kp, w.dgq, Kp, false);  // dnum S^T
-        add_dden_z(w, n, pair_state(state, b, h) + SS);
+        gemm(n, Kp / W, Dvp, w.dnum, Dvp, 1, w.lST.data() + (h % G) * SS, Kp, w.dgq, Kp, false);  // dnum S^T
+        add_dden_z(w, n, pair_state(state, u, h) + SS);
         finish(w, heads[h], a.q, a.dq, w.gq, w.dgq, w.xq, b, h, row0, n, zeroed_sums(w),
                Ahead::of<T>({{&a.dout, Dv}, {&a.out, Dv}, {&a.q, D}}, b, h, row0 + C, N, C));
         sums_of(ln).add(s, w.psum);
       });
     };
-    auto grad_totals = [&](int64_t b, int64_t h) {
-      total(dstate, a.dS_final, a.dz_final, seg_d, b, h);
-      const Acc* t = pair_state(dstate, b, h);
-      write_state(a.dS0, a.dz0, b, h, K, Dv, Dvp, t, t + SS);  // every query read S0
+    auto grad_totals = [&](int64_t u, int64_t q, int64_t h) {
+      total(dstate, a.dS_final, a.dz_final, seg_d, u, q, h);
+      const Acc* t = pair_state(dstate, u, h);
+      write_state(a.dS0, a.dz0, q, h, K, Dv, Dvp, t, t + SS);  // every query read S0
     };
-    auto key_pass = [&](int64_t task) {
+    auto key_pass = [&](int64_t task, int64_t q) {
       Workspace<Acc>& w = ws[omp_get_thread_num()];
-      const int64_t h0 = transposed(dstate, w.ldST, task);
-      for_each_chunk(pl, s, task, [&](int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
+      const int64_t u = transposed(dstate, w.ldST, task);
+      for_each_chunk(pl, s, task, q, [&](int64_t, int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
         load_keys(keys_in(w), b, h, row0, n);
-        key_grads(w, pair_state(dstate, b, h), w.ldST.data() + (h - h0) * SS, n);
+        key_grads(w, pair_state(dstate, u, h), w.ldST.data() + (h % G) * SS, n);
         scatter_rows<T>(a.dv, b, h, row0, n, Dv, w.num, Dvp);
         finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, zeroed_sums(w),
                Ahead::of<T>({{&a.v, Dv}, {&a.k, D}}, b, h, row0 + C, N, C));  // masked: gk = 0, ds = 0
         sums_of(ln).add(s, w.psum);
       });
     };
+    if (pl.segs == 1) {
+      // A task owns whole sequences: for each in turn, its key totals, then both passes.
+      auto keys_then_queries = [&](int64_t task, int64_t q) {
+        int64_t u, h0, sg;
+        pl.task(task, u, h0, sg);
+        if (!state_given) sum_keys(task, q);
+        for (int64_t h = h0; h < h0 + G; ++h) key_totals(u, q, h);
+        query_pass(task, q);
+      };
+      run_passes(pl, true, keys_then_queries, grad_totals, key_pass);
+      return;
+    }
+    // Segments (a unit is one sequence): the key totals need every segment's sums first.
+    if (state_given) {
+      for (int64_t u = 0; u < pl.B; ++u) {
+        for (int64_t h = 0; h < s.H; ++h) key_totals(u, u, h);
+      }
+    } else {
+      auto nothing = [](int64_t, int64_t) {};
+      run_passes(pl, true, sum_keys, key_totals, nothing);
+    }
     run_passes(pl, true, query_pass, grad_totals, key_pass);
   }
 
@@ -297,9 +321,10 @@ class Backward {
     // Each lane's block of parameter sums (G per thread): zeroed at the block's first chunk
     // (place p in scan order), added to the lane after its last.
     Buffer<Acc> scan_blocks(pl.nt * G * slot);
-    auto scans = [&](int64_t task) {
-      int64_t b, h0, sg;
-      pl.task(task, b, h0, sg);
+    auto scans = [&](int64_t task, int64_t q) {
+      int64_t u, h0, sg;
+      pl.task(task, u, h0, sg);
+      const int64_t nc = s.chunks(q);
       Workspace<Acc>& w = ws[omp_get_thread_num()];
       Acc* blocks = scan_blocks.data() + omp_get_thread_num() * G * slot;
       auto block_sums = [&](int64_t l, int64_t p) {
@@ -308,20 +333,20 @@ class Backward {
         return block;
       };
       auto block_done = [&](int64_t l, int64_t p) {
-        if (p % kRelayChunks == kRelayChunks - 1 || p == s.nchunks - 1) {
-          sums_of(pl.lane(b, h0 + l, sg)).add(s, blocks + l * slot);
+        if (p % kRelayChunks == kRelayChunks - 1 || p == nc - 1) {
+          sums_of(pl.lane(u, h0 + l, sg)).add(s, blocks + l * slot);
         }
       };
       for (int64_t l = 0; l < G; ++l) {
         Acc* S = w.lstate.data() + l * 2 * SZ;
         Acc* dS = w.ldstate.data() + l * 2 * SZ;
-        read_state(a.S0, a.z0, b, h0 + l, K, Dv, Kp, Dvp, S, S + SS);
-        read_state(a.dS_final, a.dz_final, b, h0 + l, K, Dv, Kp, Dvp, dS, dS + SS);
+        read_state(a.S0, a.z0, q, h0 + l, K, Dv, Kp, Dvp, S, S + SS);
+        read_state(a.dS_final, a.dz_final, q, h0 + l, K, Dv, Kp, Dvp, dS, dS + SS);
         std::fill(S + SZ, S + 2 * SZ, Acc(0));  // no compensation yet
         std::fill(dS + SZ, dS + 2 * SZ, Acc(0));
       }
-      for (int64_t c = 0; c < s.nchunks; ++c) {
-        const int64_t row0 = c * C, n = std::min(C, N - row0);
+      for (int64_t c = 0; c < nc; ++c) {
+        const auto [b, h, row0, n] = s.chunk_at(q * s.H, c);
         for (int64_t l = 0; l < G; ++l) {
           Acc* S = w.lstate.data() + l * 2 * SZ;
           load_keys(keys_in(w), b, h0 + l, row0, n);
@@ -330,23 +355,23 @@ class Backward {
           accumulate_state(s, w.gk, w.v, n, S, w.delta);
         }
       }
-      for (int64_t c = s.nchunks - 1; c >= 0; --c) {
-        const int64_t row0 = c * C, n = std::min(C, N - row0);
+      for (int64_t c = nc - 1; c >= 0; --c) {
+        const auto [b, h, row0, n] = s.chunk_at(q * s.H, c);
         for (int64_t l = 0; l < G; ++l) {
           Acc* dS = w.ldstate.data() + l * 2 * SZ;
           load_grads(w, grads_in(w), b, h0 + l, row0, n, true);
-          key_chunk(w, grads_in(w), b, h0 + l, row0, n, dS, block_sums(l, s.nchunks - 1 - c));
-          block_done(l, s.nchunks - 1 - c);
+          key_chunk(w, grads_in(w), b, h0 + l, row0, n, dS, block_sums(l, nc - 1 - c));
+          block_done(l, nc - 1 - c);
           state_grad_update(w, n, dS);
         }
       }
       for (int64_t l = 0; l < G; ++l) {
         const Acc* dS = w.ldstate.data() + l * 2 * SZ;
-        write_state(a.dS0, a.dz0, b, h0 + l, K, Dv, Dvp, dS, dS + SS);
+        write_state(a.dS0, a.dz0, q, h0 + l, K, Dv, Dvp, dS, dS + SS);
       }
     };
-    auto nothing = [](int64_t) {};
-    auto no_starts = [](int64_t, int64_t) {};  // each task sets its own
+    auto nothing = [](int64_t, int64_t) {};
+    auto no_starts = [](int64_t, int64_t, int64_t) {};  // each task sets its own
     run_passes(pl, false, nothing, no_starts, scans);
   }
 
@@ -355,7 +380,7 @@ class Backward {
     Buffer<Acc> total(slot);
     for (int64_t h = 0; h < s.H; ++h) {
       std::fill(total.begin(), total.end(), Acc(0));
-      for (int64_t b = 0; b < s.B; ++b) {
+      for (int64_t b = 0; b < pl.B; ++b) {  // (the units)
         for (int64_t sg = 0; sg < pl.segs; ++sg) {
           const Acc* src = partial.data() + pl.lane(b, h, sg) * 2 * slot;
           for (int64_t i = 0; i < slot; ++i) total[i] += src[i];

@@ -106,6 +106,18 @@ void check_dims(const Dims& d) {
           "all of B, N, H, K, D, Dv must be >= 1");
 }
 
+// Packed sequences: B = 1, no mask, offsets from 0 to N that never decrease (the bindings check
+// the same with messages naming the argument).
+void check_sequences(const Dims& d, const View& cu_seqlens, const View& mask) {
+  if (!cu_seqlens.present()) return;
+  require(d.B == 1 && !mask.present(), "packed sequences (cu_seqlens) need B = 1 and no mask");
+  const int64_t S = cu_seqlens.shape[0] - 1;
+  require(S >= 1, "cu_seqlens needs at least two offsets");
+  const auto at = [&](int64_t i) { return static_cast<const int64_t*>(cu_seqlens.data)[i * cu_seqlens.stride[0]]; };
+  require(at(0) == 0 && at(S) == d.N, "cu_seqlens must run from 0 to N");
+  for (int64_t i = 0; i < S; ++i) require(at(i) <= at(i + 1), "cu_seqlens must not decrease");
+}
+
 bool huge_pages_enabled() {
   static const bool enabled = [] {
     const char* env = std::getenv("GMATTN_HUGEPAGES");
@@ -301,6 +313,7 @@ void forward(const ForwardArgs& a) {
   require(a.S0.present() == a.z0.present(), "initial state needs both S and z");
   require(a.S_final.present() == a.z_final.present(), "final state needs both S and z");
   require(a.gq.present() == a.gk.present() && a.gq.present() == a.den.present(), "gq, gk, den go together");
+  check_sequences(a.dims, a.cu_seqlens, a.mask);
   const Isa isa = selected();
   run_kernel("forward", a, [&] {
     switch (isa) {
@@ -324,6 +337,7 @@ void backward(const BackwardArgs& a) {
   require(a.S0.present() == a.z0.present(), "initial state needs both S and z");
   require(a.dS0.present() == a.dz0.present(), "dS0 and dz0 go together");
   require(a.S_end.present() == a.z_end.present(), "S_end and z_end go together");
+  check_sequences(a.dims, a.cu_seqlens, a.mask);
   const Isa isa = selected();
   run_kernel("backward", a, [&] {
     switch (isa) {

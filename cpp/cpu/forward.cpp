@@ -14,10 +14,10 @@ namespace GMATTN_ISA {  // (rows.h: the ISA name, and cpu_detail in scope)
 template <class T, class Acc>
 void forward_typed(const ForwardArgs& a) {
   constexpr int W = Simd<Acc>::W;
-  const Shape s = Shape::make<Acc>(a.dims);
+  const Shape s = Shape::make<Acc>(a.dims, a.cu_seqlens);
   const int64_t N = s.N, K = s.K, D = s.D, Dv = s.Dv, Kp = s.Kp, Dp = s.Dp, Dvp = s.Dvp, C = s.C;
   const int64_t SS = Kp * Dvp, SZ = SS + Kp;  // a state: S (Kp x Dvp), then z (Kp)
-  const Plan pl = make_plan(s.B, s.H, s.nchunks, threads_for(s, a.opt.num_threads));
+  const Plan pl = make_plan(s, threads_for(s, a.opt.num_threads));
   const int64_t G = pl.group;
   const bool causal = a.opt.causal, save = a.gq.present();
   const Acc eps = static_cast<Acc>(a.opt.eps);
@@ -94,44 +94,45 @@ void forward_typed(const ForwardArgs& a) {
   // pass 2 reads the total.
   const bool two_pass = !causal;
   Buffer<Acc> seg(two_pass ? pl.lanes * 2 * SZ : 0);  // each lane's sums, compensated
-  auto pass1 = [&](int64_t task) {
+  auto pass1 = [&](int64_t task, int64_t q) {
     Workspace<Acc>& w = ws[omp_get_thread_num()];
-    for_each_chunk(pl, s, task, [&](int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
+    zero_lane_states(pl, s, task, seg);  // (a unit's sequences reuse its lanes)
+    for_each_chunk(pl, s, task, q, [&](int64_t, int64_t b, int64_t h, int64_t ln, int64_t row0, int64_t n) {
       route_keys(w, heads[h], b, h, row0, n, w.gk, w.v);
       accumulate_state(s, w.gk, w.v, n, seg.data() + ln * 2 * SZ, w.delta);
     });
   };
-  // The starting state of every lane of pair (b, h): the initial state, plus bidirectionally all
-  // the sums (what every query reads).
+  // The starting state of sequence q's lanes of unit u, head h: the initial state, plus
+  // bidirectionally all the sums (what every query reads).
   UnclearedBuffer<Acc> start(pl.lanes * SZ);  // (each lane's set by `starts` before pass 2 reads it)
   // Formed in the first lane's start, copied to the others.
-  auto starts = [&](int64_t b, int64_t h) {
-    Acc* run = start.data() + pl.lane(b, h, 0) * SZ;
-    read_state(a.S0, a.z0, b, h, K, Dv, Kp, Dvp, run, run + SS);
+  auto starts = [&](int64_t u, int64_t q, int64_t h) {
+    Acc* run = start.data() + pl.lane(u, h, 0) * SZ;
+    read_state(a.S0, a.z0, q, h, K, Dv, Kp, Dvp, run, run + SS);
     if (!causal) {
-      for (int64_t sg = 0; sg < pl.segs; ++sg) add_lane_state(s, seg, pl.lane(b, h, sg), run);
-      write_state(a.S_final, a.z_final, b, h, K, Dv, Dvp, run, run + SS);
+      for (int64_t sg = 0; sg < pl.segs; ++sg) add_lane_state(s, seg, pl.lane(u, h, sg), run);
+      write_state(a.S_final, a.z_final, q, h, K, Dv, Dvp, run, run + SS);
     }
-    for (int64_t sg = 1; sg < pl.segs; ++sg) std::copy(run, run + SZ, start.data() + pl.lane(b, h, sg) * SZ);
+    for (int64_t sg = 1; sg < pl.segs; ++sg) std::copy(run, run + SZ, start.data() + pl.lane(u, h, sg) * SZ);
   };
   // Pass 2: the queries read the state (causal: and the chunk itself), the state moves on.
-  auto pass2 = [&](int64_t task) {
+  auto pass2 = [&](int64_t task, int64_t q) {
     int64_t b, h0, sg;
     pl.task(task, b, h0, sg);
     Workspace<Acc>& w = ws[omp_get_thread_num()];
     for (int64_t l = 0; l < G; ++l) {
       set_state(s, start.data() + pl.lane(b, h0 + l, sg) * SZ, w.lstate.data() + l * 2 * SZ);
     }
-    for_each_chunk(pl, s, task, [&](int64_t bb, int64_t h, int64_t, int64_t row0, int64_t n) {
+    for_each_chunk(pl, s, task, q, [&](int64_t, int64_t bb, int64_t h, int64_t, int64_t row0, int64_t n) {
       Acc* S = w.lstate.data() + (h - h0) * 2 * SZ;
       if (causal) route_keys(w, heads[h], bb, h, row0, n, w.gk, w.v);
       read_out(w, heads[h], bb, h, row0, n, S, w.gk, w.v);
       if (causal) accumulate_state(s, w.gk, w.v, n, S, w.delta);
     });
-    if (causal) {  // the task's whole sequences: their final states
+    if (causal) {  // the task's whole sequence: its final states
       for (int64_t l = 0; l < G; ++l) {
         const Acc* S = w.lstate.data() + l * 2 * SZ;
-        write_state(a.S_final, a.z_final, b, h0 + l, K, Dv, Dvp, S, S + SS);
+        write_state(a.S_final, a.z_final, q, h0 + l, K, Dv, Dvp, S, S + SS);
       }
     }
   };

@@ -2,7 +2,9 @@
 // run them (run_passes), the causal relays between threads (Relay), and the running states
 // (S, z) with their compensated sums.
 //
-// Parallelism. A task is (batch, group of heads, segment of chunks). The heads of a group run in
+// Parallelism. A task is (sequence, group of heads, segment of chunks); a sequence is a batch row,
+// or one of the packed sequences of cu_seqlens (many short ones are many tasks, so they spread over
+// the threads like batch rows). The heads of a group run in
 // lockstep, chunk by chunk, so a task reads and writes each token's rows of all its heads together
 // (contiguous in the (B, N, H, D) layout: fewer pages and streams than one head at a time). With
 // enough (batch, head) pairs for the threads, a segment is the whole sequence. With fewer pairs
@@ -29,16 +31,26 @@ namespace GMATTN_ISA {  // (rows.h: the ISA name, and cpu_detail in scope)
 
 constexpr int64_t kRelayChunks = 4;  // chunks per task of a relay (see Relay)
 
-// The work plan. A task is (batch b, heads [h0, h0 + group), segment of chunks); its heads run in
-// lockstep, chunk by chunk, so one task reads and writes each token's rows of all its heads
+// The work plan. A task is (unit b, heads [h0, h0 + group), segment of chunks); its heads run
+// in lockstep, chunk by chunk, so one task reads and writes each token's rows of all its heads
 // together (contiguous in the (B, N, H, D) layout: fewer pages and streams than one head at a
-// time). A lane (b, h, segment) owns its state sums and parameter-gradient slot.
+// time). A lane (b, h, segment) owns its state sums and parameter-gradient slot. A unit is one
+// sequence (a batch row, or a packed sequence), or, with many packed sequences, a run of
+// consecutive ones of about equal tokens, which its task runs one after another (the lane's
+// buffers reused): memory and set-up then grow with the units (a few per thread), not with the
+// sequences. B counts the units.
 struct Plan {
   int nt = 1;
-  int64_t B = 1, H = 1, group = 1, segs = 1, nchunks = 1;
+  int64_t B = 1, H = 1, group = 1, segs = 1;
   int64_t tasks = 1, lanes = 1;
-  int64_t first(int64_t sg) const { return sg * nchunks / segs; }  // chunks [first, last) of a segment
-  int64_t last(int64_t sg) const { return (sg + 1) * nchunks / segs; }
+  // Runs of sequences: the first sequence of each unit, then the number of sequences; empty: unit
+  // u is sequence u. (Only with one segment: a segment cuts one sequence.)
+  std::vector<int64_t> unit_first;
+  int64_t seq_begin(int64_t u) const { return unit_first.empty() ? u : unit_first[u]; }
+  int64_t seq_end(int64_t u) const { return unit_first.empty() ? u + 1 : unit_first[u + 1]; }
+  // Chunks [first, last) of segment sg of a sequence of nc chunks (a segment may be empty).
+  int64_t first(int64_t sg, int64_t nc) const { return sg * nc / segs; }
+  int64_t last(int64_t sg, int64_t nc) const { return (sg + 1) * nc / segs; }
   void task(int64_t t, int64_t& b, int64_t& h0, int64_t& sg) const {
     sg = t % segs;
     const int64_t r = t / segs, gpb = H / group;
@@ -59,14 +71,29 @@ inline int threads_for(const Shape& s, int requested) {
   return work < static_cast<double>(kTinyWork) ? 1 : requested;
 }
 
-inline Plan make_plan(int64_t B, int64_t H, int64_t nchunks, int requested) {
+constexpr int64_t kUnitsPerThread = 8;  // packed: runs of sequences per thread (see Plan)
+
+inline Plan make_plan(const Shape& s, int requested) {
   Plan p;
   // 64-bit: a caller may ask for up to INT_MAX threads, and the products below must not overflow.
   int64_t nt = requested > 0 ? requested : omp_get_max_threads();
   if (nt < 1) nt = 1;
+  const int64_t H = s.H, nchunks = s.nchunks;
+  int64_t B = s.seqs;
+  if (!s.starts.empty() && B > kUnitsPerThread * nt) {
+    // Many packed sequences: kUnitsPerThread * nt runs of consecutive sequences, cut where the
+    // tokens before a sequence reach the next share of N (a run holds at least one sequence).
+    const int64_t units = kUnitsPerThread * nt;
+    p.unit_first.push_back(0);
+    for (int64_t q = 1; q < B; ++q) {
+      const int64_t cuts = static_cast<int64_t>(p.unit_first.size());
+      if (cuts < units && s.starts[q] * units >= cuts * s.N) p.unit_first.push_back(q);
+    }
+    p.unit_first.push_back(B);
+    B = static_cast<int64_t>(p.unit_first.size()) - 1;
+  }
   p.B = B;
   p.H = H;
-  p.nchunks = nchunks;
   const int64_t pairs = B * H;
   // At least two tasks per thread where possible: on a shared machine a descheduled thread's
   // work can then move to the other threads (dynamic schedule).
@@ -102,45 +129,50 @@ inline Plan make_plan(int64_t B, int64_t H, int64_t nchunks, int requested) {
   return p;
 }
 
-// Calls fn(b, h, lane, row0, n) for every chunk of a task's segment, chunk by chunk, the task's
-// heads in lockstep within each chunk.
+// Calls fn(q, b, h, lane, row0, n) for every chunk of sequence q in a task's segment (in batch row
+// b, rows [row0, row0 + n)), chunk by chunk, the task's heads in lockstep within each chunk.
 template <class Fn>
-void for_each_chunk(const Plan& pl, const Shape& s, int64_t task, Fn&& fn) {
-  int64_t b, h0, sg;
-  pl.task(task, b, h0, sg);
-  for (int64_t c = pl.first(sg); c < pl.last(sg); ++c) {
-    const int64_t row0 = c * s.C, n = std::min(s.C, s.N - row0);
-    for (int64_t h = h0; h < h0 + pl.group; ++h) fn(b, h, pl.lane(b, h, sg), row0, n);
+void for_each_chunk(const Plan& pl, const Shape& s, int64_t task, int64_t q, Fn&& fn) {
+  int64_t u, h0, sg;
+  pl.task(task, u, h0, sg);
+  const int64_t nc = s.chunks(q);
+  for (int64_t c = pl.first(sg, nc); c < pl.last(sg, nc); ++c) {
+    const Shape::ChunkAt at = s.chunk_at(q * s.H, c);
+    for (int64_t h = h0; h < h0 + pl.group; ++h) fn(q, at.b, h, pl.lane(u, h, sg), at.row0, at.n);
   }
 }
 
-// Runs a kernel's passes over the plan: pass 1 (segment sums; skipped when !two_pass), the
-// starting state of every (b, h) (`starts`), then pass 2 from those states. With one segment per
-// sequence a task owns whole sequences: all three run inside one parallel region, no barrier.
+// Runs a kernel's passes over the plan: pass1(task, q) (segment sums of sequence q; skipped when
+// !two_pass), the starting state of every (unit, sequence, head) (`starts(u, q, h)`), then
+// pass2(task, q) from those states. With one segment per sequence a task owns whole sequences:
+// all three run for each sequence of its unit in turn inside one parallel region, no barrier.
+// (With segments a unit is one sequence: q = u.)
 template <class Pass1, class Starts, class Pass2>
 void run_passes(const Plan& pl, bool two_pass, Pass1& pass1, Starts& starts, Pass2& pass2) {
   if (pl.segs == 1) {
 #pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1) if (pl.nt > 1)
     for (int64_t task = 0; task < pl.tasks; ++task) {
-      if (two_pass) pass1(task);
-      int64_t b, h0, sg;
-      pl.task(task, b, h0, sg);
-      for (int64_t h = h0; h < h0 + pl.group; ++h) starts(b, h);
-      pass2(task);
+      int64_t u, h0, sg;
+      pl.task(task, u, h0, sg);
+      for (int64_t q = pl.seq_begin(u); q < pl.seq_end(u); ++q) {
+        if (two_pass) pass1(task, q);
+        for (int64_t h = h0; h < h0 + pl.group; ++h) starts(u, q, h);
+        pass2(task, q);
+      }
       stream_fence();  // outputs written with streaming stores (stream_copy) are visible
     }
   } else {
 #pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1) if (pl.nt > 1)
     for (int64_t task = 0; task < pl.tasks; ++task) {
-      pass1(task);
+      pass1(task, task / (pl.segs * (pl.H / pl.group)));
       stream_fence();
     }
     for (int64_t b = 0; b < pl.B; ++b) {
-      for (int64_t h = 0; h < pl.H; ++h) starts(b, h);
+      for (int64_t h = 0; h < pl.H; ++h) starts(b, b, h);
     }
 #pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1) if (pl.nt > 1)
     for (int64_t task = 0; task < pl.tasks; ++task) {
-      pass2(task);
+      pass2(task, task / (pl.segs * (pl.H / pl.group)));
       stream_fence();
     }
   }
@@ -216,7 +248,7 @@ struct NoCombine {  // a relay without partials (Relay::run)
   void operator()(int64_t, const P*) const {}
 };
 
-// A causal scan over fewer (batch, head) pairs than threads, run as a relay: the threads take the
+// A causal scan over fewer (sequence, head) pairs than threads, run as a relay: the threads take the
 // work in order from one counter, a task being a block of kRelayChunks chunks of one pair (the
 // pairs interleaved). A task first forms what each of its chunks adds to the running state
 // (`sums`: needs no state), then waits for its pair's state before the block, keeps the state
@@ -239,7 +271,7 @@ template <class Acc>
 class Relay {
  public:
   Relay(const Shape& s, int nt, bool reverse, int64_t partial_size, int64_t rows_size)
-      : s_(s), nt_(nt), reverse_(reverse), pairs_(s.B * s.H), nblocks_((s.nchunks + kRelayChunks - 1) / kRelayChunks),
+      : s_(s), nt_(nt), reverse_(reverse), pairs_(s.seqs * s.H), nblocks_(blocks(s.nchunks)),
         size_(2 * (s.Kp * s.Dvp + s.Kp)), partial_size_(partial_size),
         ring_(std::min<int64_t>(nblocks_, 2 * static_cast<int64_t>(nt) + 2)), rows_stride_(round_up(rows_size, kLine<Acc>)),
         slots_(pairs_ * 2 * size_, Acc(0)), sync_(new PairSync[pairs_]),
@@ -254,7 +286,7 @@ class Relay {
   // The state before the scan (value: SS + Kp values) of a pair, to be set before run(); after
   // run(), the state after the scan.
   Acc* start(int64_t pair) { return slot(pair, 0); }
-  const Acc* end(int64_t pair) { return slot(pair, nblocks_); }
+  const Acc* end(int64_t pair) { return slot(pair, blocks_of(pair)); }
   // The rows_size values thread `thread` keeps for the chunk at place j of its block (64-byte aligned).
   Acc* rows(int thread, int64_t j) {
     return align64(rows_.data()) + (thread * kRelayChunks + j) * rows_stride_;
@@ -271,11 +303,14 @@ class Relay {
     for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < tasks;
          t = next.fetch_add(1, std::memory_order_relaxed)) {
       const int64_t pair = t % pairs_, blk = t / pairs_, thread = omp_get_thread_num();
-      const int64_t p0 = blk * kRelayChunks, p1 = std::min(s_.nchunks, p0 + kRelayChunks);
+      // (Packed sequences of different lengths: a pair's blocks end at its own sequence's end.)
+      const int64_t nc = s_.chunks(pair / s_.H);
+      if (blk >= blocks(nc)) continue;
+      const int64_t p0 = blk * kRelayChunks, p1 = std::min(nc, p0 + kRelayChunks);
       Acc* delta = kept_[thread].data();        // per chunk: its sums (SZ)
       Acc* before = delta + kRelayChunks * SZ;  // per chunk: the state before it (SZ)
       Acc* run = before + kRelayChunks * SZ;    // the running state (2 SZ)
-      for (int64_t p = p0; p < p1; ++p) sums(thread, pair, chunk(p), p - p0, delta + (p - p0) * SZ);
+      for (int64_t p = p0; p < p1; ++p) sums(thread, pair, chunk(p, nc), p - p0, delta + (p - p0) * SZ);
       PairSync& sync = sync_[pair];
       wait_at_least(sync.handed, blk);
       std::copy(slot(pair, blk), slot(pair, blk) + size_, run);  // (the slot is rewritten two blocks on)
@@ -291,12 +326,12 @@ class Relay {
         parked = parked_of(pair, blk);
         std::fill(parked, parked + partial_size_, Acc(0));
       }
-      for (int64_t p = p0; p < p1; ++p) work(thread, pair, chunk(p), p - p0, before + (p - p0) * SZ, parked);
+      for (int64_t p = p0; p < p1; ++p) work(thread, pair, chunk(p, nc), p - p0, before + (p - p0) * SZ, parked);
       if (combine) {
         parked_block_[pair * ring_ + blk % ring_].store(blk, std::memory_order_release);
         std::lock_guard<std::mutex> hold(sync.lock);
         for (int64_t b = sync.combined.load(std::memory_order_relaxed);
-             b < nblocks_ && parked_block_[pair * ring_ + b % ring_].load(std::memory_order_acquire) == b; ++b) {
+             b < blocks(nc) && parked_block_[pair * ring_ + b % ring_].load(std::memory_order_acquire) == b; ++b) {
           (*combine)(pair, parked_of(pair, b));
           sync.combined.store(b + 1, std::memory_order_release);
         }
@@ -311,7 +346,9 @@ class Relay {
     alignas(64) std::atomic<int64_t> combined{0};  // blocks whose partials are combined
     std::mutex lock;                               // held to combine
   };
-  int64_t chunk(int64_t p) const { return reverse_ ? s_.nchunks - 1 - p : p; }
+  static int64_t blocks(int64_t nchunks) { return (nchunks + kRelayChunks - 1) / kRelayChunks; }
+  int64_t blocks_of(int64_t pair) const { return blocks(s_.chunks(pair / s_.H)); }
+  int64_t chunk(int64_t p, int64_t nc) const { return reverse_ ? nc - 1 - p : p; }  // place p of nc in scan order
   Acc* slot(int64_t pair, int64_t blk) { return slots_.data() + (pair * 2 + blk % 2) * size_; }
   Acc* parked_of(int64_t pair, int64_t blk) {
     return parked_.data() + (pair * ring_ + blk % ring_) * partial_size_;
@@ -334,7 +371,7 @@ template <class Acc>
 Relay<Acc> relay_from(const Shape& s, int nt, bool reverse, int64_t partial_size, int64_t rows_size, const View& S,
                       const View& z) {
   Relay<Acc> relay(s, nt, reverse, partial_size, rows_size);
-  for (int64_t pair = 0; pair < s.B * s.H; ++pair) {
+  for (int64_t pair = 0; pair < s.seqs * s.H; ++pair) {
     Acc* st = relay.start(pair);
     read_state(S, z, pair / s.H, pair % s.H, s.K, s.Dv, s.Kp, s.Dvp, st, st + s.Kp * s.Dvp);
   }
@@ -342,9 +379,21 @@ Relay<Acc> relay_from(const Shape& s, int nt, bool reverse, int64_t partial_size
 }
 template <class Acc>
 void write_relay_ends(const Shape& s, Relay<Acc>& relay, const View& S, const View& z) {
-  for (int64_t pair = 0; pair < s.B * s.H; ++pair) {
+  for (int64_t pair = 0; pair < s.seqs * s.H; ++pair) {
     const Acc* st = relay.end(pair);
     write_state(S, z, pair / s.H, pair % s.H, s.K, s.Dv, s.Dvp, st, st + s.Kp * s.Dvp);
+  }
+}
+
+// Zeroes the running states (2 (SS + Kp) values per lane) of a task's lanes in `sums`.
+template <class Acc>
+void zero_lane_states(const Plan& pl, const Shape& s, int64_t task, Buffer<Acc>& sums) {
+  int64_t u, h0, sg;
+  pl.task(task, u, h0, sg);
+  const int64_t SZ2 = 2 * (s.Kp * s.Dvp + s.Kp);
+  for (int64_t h = h0; h < h0 + pl.group; ++h) {
+    Acc* lane = sums.data() + pl.lane(u, h, sg) * SZ2;
+    std::fill(lane, lane + SZ2, Acc(0));
   }
 }
 

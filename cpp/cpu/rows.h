@@ -23,6 +23,7 @@
 #include <initializer_list>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "gmattn/gmattn.h"
 #include "numeric.h"
@@ -262,27 +263,53 @@ struct Shape {
   int64_t B, N, H, K, D, Dv;
   int64_t Kp, Dp, Dvp;  // padded to whole vectors
   int64_t C = kChunk;
-  int64_t nchunks;
+  // Sequences: each batch row is one (seqs = B), or, packed (cu_seqlens), batch row 0 holds seqs
+  // of them, sequence q its rows [starts[q], starts[q + 1]). Chunks never straddle a sequence's
+  // boundary: a sequence's chunks start at its first row, its last one may be short.
+  int64_t seqs;
+  std::vector<int64_t> starts;  // packed only: seqs + 1 row offsets
+  int64_t nchunks;              // chunks of the longest sequence
   template <class Acc>
-  static Shape make(const Dims& d) {
+  static Shape make(const Dims& d, const View& cu_seqlens) {
     constexpr int W = Simd<Acc>::W;
     Shape s;
     s.B = d.B; s.N = d.N; s.H = d.H; s.K = d.K; s.D = d.D; s.Dv = d.Dv;
     s.Kp = round_up(d.K, W);
     s.Dp = round_up(d.D, W);
     s.Dvp = round_up(d.Dv, W);
-    s.nchunks = (d.N + kChunk - 1) / kChunk;
+    s.seqs = d.B;
     // A sequence shorter than a chunk is one chunk of its own length (whole vectors): the
     // per-thread buffers (Workspace, C x C products) shrink with it, so a one-token step does not
-    // allocate and clear buffers for 64 rows.
-    s.C = std::min(kChunk, round_up(d.N, W));
+    // allocate and clear buffers for 64 rows. Packed: the longest sequence sets it.
+    int64_t longest = d.N;
+    if (cu_seqlens.present()) {
+      s.seqs = cu_seqlens.shape[0] - 1;
+      s.starts.resize(s.seqs + 1);
+      longest = 0;
+      for (int64_t q = 0; q <= s.seqs; ++q) {
+        s.starts[q] = *at<const int64_t>(cu_seqlens, q, 0);
+        if (q > 0) longest = std::max(longest, s.starts[q] - s.starts[q - 1]);
+      }
+    }
+    s.C = std::max<int64_t>(W, std::min(kChunk, round_up(longest, W)));
+    s.nchunks = (longest + s.C - 1) / s.C;
     return s;
   }
-  // Where chunk c of (batch, head) pair `pair` (= b * H + h) lies: b, h, its first row, its rows.
+  // Sequence q: its batch row, first row and length.
+  struct SeqAt {
+    int64_t b, row0, len;
+  };
+  SeqAt seq_at(int64_t q) const { return starts.empty() ? SeqAt{q, 0, N} : SeqAt{0, starts[q], starts[q + 1] - starts[q]}; }
+  int64_t chunks(int64_t q) const { return (seq_at(q).len + C - 1) / C; }
+  // Where chunk c of (sequence, head) pair `pair` (= q * H + h) lies: its batch row b, h, its
+  // first row, its rows.
   struct ChunkAt {
     int64_t b, h, row0, n;
   };
-  ChunkAt chunk_at(int64_t pair, int64_t c) const { return {pair / H, pair % H, c * C, std::min(C, N - c * C)}; }
+  ChunkAt chunk_at(int64_t pair, int64_t c) const {
+    const SeqAt sq = seq_at(pair / H);
+    return {sq.b, pair % H, sq.row0 + c * C, std::min(C, sq.len - c * C)};
+  }
 };
 
 template <class Acc>

@@ -74,7 +74,7 @@ def _framework(x) -> str:
 
 
 def gma_attention(q, k, v, mu, omega, alpha, *, causal=False, key_padding_mask=None, initial_state=None,
-                  output_final_state=False, eps=1e-6, sigma_eps=1e-4):
+                  output_final_state=False, eps=1e-6, sigma_eps=1e-4, cu_seqlens=None):
     """Gaussian Mixture Attention.
 
     Args:
@@ -86,6 +86,11 @@ def gma_attention(q, k, v, mu, omega, alpha, *, causal=False, key_padding_mask=N
         initial_state: optional (S (B, H, K, Dv), z (B, H, K)) memory to start from.
         output_final_state: also return the state (S, z) after the last token.
         eps: added to the read denominator. sigma_eps: floor of the variances.
+        cu_seqlens: packed sequences: a 1-D int32/int64 array of S + 1 offsets, 0 = cu_seqlens[0]
+            <= ... <= cu_seqlens[S] = N (empty sequences allowed), for q, k, v of B = 1 holding the
+            S sequences one after another. Each sequence is attended on its own (causal reads
+            restart at its first token); initial_state and the final state have S in place of B.
+            Not with key_padding_mask.
 
     Returns:
         out (B, N, H, Dv) in the caller's array type and device, or (out, (S, z)) when
@@ -96,4 +101,5 @@ def gma_attention(q, k, v, mu, omega, alpha, *, causal=False, key_padding_mask=N
         impl = _front_end(_framework(q))
         _FRONT_ENDS[type(q)] = impl
     return impl(q, k, v, mu, omega, alpha, causal=causal, key_padding_mask=key_padding_mask,
-                initial_state=initial_state, output_final_state=output_final_state, eps=eps, sigma_eps=sigma_eps)
+                initial_state=initial_state, output_final_state=output_final_state, eps=eps, sigma_eps=sigma_eps,
+                cu_seqlens=cu_seqlens)

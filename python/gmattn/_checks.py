@@ -44,6 +44,7 @@ class Dims:
     D: int
     Dv: int
     dtype: str  # dtype of q, k, v and out
+    sequences: Any = None  # packed: S, the rows of the state tensors (None: B)
 
     @property
     def accumulator(self) -> str:
@@ -178,11 +179,15 @@ def check_arguments(
     initial_state: Optional[Any],
     eps: float,
     sigma_eps: float,
+    cu_seqlens: Optional[Any] = None,
 ) -> Dims:
-    """Validates shapes, dtypes and scalars; returns the problem's dimensions."""
-    dims = _plainly_valid(q, k, v, mu, omega, alpha, key_padding_mask, initial_state, eps, sigma_eps)
-    if dims is not None:
-        return dims
+    """Validates shapes, dtypes and scalars; returns the problem's dimensions. With `cu_seqlens`
+    (packed sequences) its shape and dtype; its values are checked by the compiled core, which
+    reads them anyway (here they would be a device sync, and a graph break under torch.compile)."""
+    if cu_seqlens is None:  # (packed calls take the full checks: their states have S rows, not B)
+        dims = _plainly_valid(q, k, v, mu, omega, alpha, key_padding_mask, initial_state, eps, sigma_eps)
+        if dims is not None:
+            return dims
     B, N, H, D = _require_rank("q", q, 4, "(B, N, H, D)")
     _require_shape("k", k, (B, N, H, D), "(B, N, H, D)")
     vB, vN, vH, Dv = _require_rank("v", v, 4, "(B, N, H, Dv)")
@@ -252,13 +257,16 @@ def check_arguments(
         if mdtype not in ("bool", "bool_"):
             raise TypeError(f"gma_attention: 'key_padding_mask' must be a bool array (True = real token), got {mdtype}")
 
+    sequences = None if cu_seqlens is None else check_sequences(cu_seqlens, B, key_padding_mask)
     if initial_state is not None:
+        rows, row_name = (B, "B") if sequences is None else (sequences, "S")
         if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
-            raise TypeError("gma_attention: 'initial_state' must be a pair (S, z) with S (B, H, K, Dv), z (B, H, K)")
+            raise TypeError(f"gma_attention: 'initial_state' must be a pair (S, z) with S ({row_name}, H, K, Dv), "
+                            f"z ({row_name}, H, K)")
         S0, z0 = initial_state
         S_name, z_name = STATE_NAMES
-        _require_shape(S_name, S0, (B, H, K, Dv), "(B, H, K, Dv)")
-        _require_shape(z_name, z0, (B, H, K), "(B, H, K)")
+        _require_shape(S_name, S0, (rows, H, K, Dv), f"({row_name}, H, K, Dv)")
+        _require_shape(z_name, z0, (rows, H, K), f"({row_name}, H, K)")
         _require_floating(S_name, S0)
         _require_floating(z_name, z0)
 
@@ -268,11 +276,33 @@ def check_arguments(
         raise ValueError(f"gma_attention: 'eps' must be >= 0 and finite, got {eps}")
     if not (0 < sigma_eps < math.inf):
         raise ValueError(f"gma_attention: 'sigma_eps' must be > 0 and finite, got {sigma_eps}")
-    return Dims(B=B, N=N, H=H, K=K, D=D, Dv=Dv, dtype=dtype)
+    return Dims(B=B, N=N, H=H, K=K, D=D, Dv=Dv, dtype=dtype, sequences=sequences)
+
+
+OFFSET_DTYPES = ("int32", "int64")
+
+
+def check_sequences(cu_seqlens: Any, B: Any, key_padding_mask: Optional[Any]) -> Any:
+    """Packed sequences: `cu_seqlens` must be a 1-D int32/int64 array of S + 1 offsets (S >= 1)
+    for q, k, v with B = 1 and no key_padding_mask. Returns S."""
+    shape = _require_rank("cu_seqlens", cu_seqlens, 1, "(S + 1,)")
+    odtype = dtype_name(cu_seqlens.dtype)
+    if odtype not in OFFSET_DTYPES:
+        raise TypeError(f"gma_attention: 'cu_seqlens' must be an int32 or int64 array of offsets, got {odtype}")
+    if shape[0] < 2:
+        raise ValueError(f"gma_attention: 'cu_seqlens' must hold S + 1 >= 2 offsets (0, the end of each of S "
+                         f"sequences), got shape {_fmt(shape)}")
+    if B != 1:
+        raise ValueError(f"gma_attention: with 'cu_seqlens' the sequences are packed into one row: q, k, v must "
+                         f"have B = 1, got B = {B}")
+    if key_padding_mask is not None:
+        raise ValueError("gma_attention: 'key_padding_mask' cannot be combined with 'cu_seqlens': pack only the "
+                         "real tokens (padding is what packing removes)")
+    return shape[0] - 1
 
 
 def array_arguments(k: Any, v: Any, mu: Any, omega: Any, alpha: Any, key_padding_mask: Optional[Any],
-                    initial_state: Optional[Any] = None) -> List[Tuple[str, Any]]:
+                    initial_state: Optional[Any] = None, cu_seqlens: Optional[Any] = None) -> List[Tuple[str, Any]]:
     """(name, array) for every array argument after q that is given, in the order of the signature.
 
     Front ends check what check_arguments cannot (the array type, the device) against q with it.
@@ -281,12 +311,16 @@ def array_arguments(k: Any, v: Any, mu: Any, omega: Any, alpha: Any, key_padding
     pairs = [("k", k), ("v", v), ("mu", mu), ("omega", omega), ("alpha", alpha), ("key_padding_mask", key_padding_mask)]
     if initial_state is not None:
         pairs += zip(STATE_NAMES, initial_state)
+    pairs.append(("cu_seqlens", cu_seqlens))
     return [(name, x) for name, x in pairs if x is not None]
 
 
-def state_shapes(q: Any, v: Any, mu: Any) -> Tuple[tuple, tuple]:
-    """Shapes of the state (S (B, H, K, Dv), z (B, H, K)) for inputs q (B, N, H, D), v, mu."""
+def state_shapes(q: Any, v: Any, mu: Any, cu_seqlens: Optional[Any] = None) -> Tuple[tuple, tuple]:
+    """Shapes of the state (S (B, H, K, Dv), z (B, H, K)) for inputs q (B, N, H, D), v, mu; with
+    packed sequences (cu_seqlens of S + 1 offsets) S in place of B."""
     B, _, H, _ = q.shape
+    if cu_seqlens is not None:
+        B = cu_seqlens.shape[0] - 1
     K, Dv = mu.shape[1], v.shape[3]
     return (B, H, K, Dv), (B, H, K)
 
@@ -298,14 +332,14 @@ def backward_reuses_state(causal: bool, save_for_backward: bool) -> bool:
     return save_for_backward and not causal
 
 
-def forward_output_shapes(q: Any, v: Any, mu: Any, return_state: bool,
-                          save_for_backward: bool) -> Tuple[Optional[tuple], ...]:
+def forward_output_shapes(q: Any, v: Any, mu: Any, return_state: bool, save_for_backward: bool,
+                          cu_seqlens: Optional[Any] = None) -> Tuple[Optional[tuple], ...]:
     """Shapes of the forward kernel's outputs (out, S_final, z_final, gq, gk, den); None for an
     output not requested (the state without `return_state`, the responsibilities gq, gk and the
     denominators den without `save_for_backward`). Sizes are q.shape's own (symbolic under torch.compile)."""
     B, N, H, _ = q.shape
     K, Dv = mu.shape[1], v.shape[3]
-    S, z = state_shapes(q, v, mu) if return_state else (None, None)
+    S, z = state_shapes(q, v, mu, cu_seqlens) if return_state else (None, None)
     g, den = ((B, H, N, K), (B, H, N)) if save_for_backward else (None, None)
     return (B, N, H, Dv), S, z, g, g, den
 

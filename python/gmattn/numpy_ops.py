@@ -19,21 +19,22 @@ def _empty(shape, dtype) -> np.ndarray:
 
 
 def host_forward(q, k, v, mu, omega, alpha, mask, S0, z0, *, causal, eps, sigma_eps, return_state, save,
-                 num_threads):
+                 num_threads, cu_seqlens=None):
     """Runs the core's forward on NumPy arrays; returns (out, S_final, z_final, gq, gk, den), None
-    for an output not requested. mu, omega, alpha, S0 and z0 are already in the accumulator dtype."""
-    shapes = _checks.forward_output_shapes(q, v, mu, return_state, save)
+    for an output not requested. mu, omega, alpha, S0 and z0 are already in the accumulator dtype;
+    cu_seqlens (packed sequences), if given, is int64."""
+    shapes = _checks.forward_output_shapes(q, v, mu, return_state, save, cu_seqlens)
     dtypes = (q.dtype,) + (mu.dtype,) * 5
     outputs = tuple(None if shape is None else _empty(shape, dtype) for shape, dtype in zip(shapes, dtypes))
     # (every argument by position: pybind11 matches keywords string by string, at a cost next to a
     # one-token call's kernel)
     _ext.core().forward(q, k, v, mu, omega, alpha, mask, S0, z0, *outputs, causal, eps, sigma_eps, num_threads, 0,
-                        None)
+                        None, cu_seqlens)
     return outputs
 
 
 def host_backward(q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, dout, dS_final, dz_final, *,
-                  causal, eps, sigma_eps, num_threads, S_end=None, z_end=None):
+                  causal, eps, sigma_eps, num_threads, S_end=None, z_end=None, cu_seqlens=None):
     """Runs the core's backward on NumPy arrays; returns (dq, dk, dv, dmu, domega, dalpha, dS0, dz0).
     S_end, z_end (bidirectional, optional): the forward's final state, which the core then does not
     sum again."""
@@ -45,6 +46,7 @@ def host_backward(q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, dou
     _ext.core().backward(
         q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, dout, dS_final, dz_final,
         dq, dk, dv, dmu, domega, dalpha, dS0, dz0, causal, eps, sigma_eps, num_threads, 0, True, S_end, z_end, None,
+        cu_seqlens,
     )  # (by position, see host_forward; True: deterministic)
     return dq, dk, dv, dmu, domega, dalpha, dS0, dz0
 
@@ -64,23 +66,28 @@ def gma_attention(
     eps: float = 1e-6,
     sigma_eps: float = 1e-4,
     num_threads: int = 0,
+    cu_seqlens: Optional[np.ndarray] = None,
 ):
     """Gaussian Mixture Attention on NumPy arrays; see gmattn.gma_attention.
 
     float32 and float64 (NumPy has no bfloat16). `num_threads=0` uses OpenMP's default
     (OMP_NUM_THREADS, else all cores).
     """
-    dims = _checks.check_arguments(q, k, v, mu, omega, alpha, key_padding_mask, initial_state, eps, sigma_eps)
-    for name, x in _checks.array_arguments(k, v, mu, omega, alpha, key_padding_mask, initial_state):
+    dims = _checks.check_arguments(q, k, v, mu, omega, alpha, key_padding_mask, initial_state, eps, sigma_eps,
+                                   cu_seqlens)
+    for name, x in _checks.array_arguments(k, v, mu, omega, alpha, key_padding_mask, initial_state, cu_seqlens):
         _checks.require_framework("gma_attention", f"'{name}'", x, "numpy", "like q; convert with np.asarray")
     acc = np.dtype(dims.accumulator)
     mu, omega, alpha = (np.asarray(p, dtype=acc) for p in (mu, omega, alpha))
     S0 = z0 = None
     if initial_state is not None:
         S0, z0 = (np.asarray(s, dtype=acc) for s in initial_state)
+    if cu_seqlens is not None:
+        cu_seqlens = np.asarray(cu_seqlens, dtype=np.int64)
     out, S_final, z_final, _, _, _ = host_forward(
         q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, causal=bool(causal), eps=float(eps),
         sigma_eps=float(sigma_eps), return_state=bool(output_final_state), save=False, num_threads=int(num_threads),
+        cu_seqlens=cu_seqlens,
     )
     if output_final_state:
         return out, (S_final, z_final)

@@ -7,12 +7,14 @@ extension. Layout follows docs/design.md section 2:
     key_padding_mask (B, N) bool, True = real token
     state (S, z): S (B, H, K, Dv), z (B, H, K)
 
-Three public functions:
+Four public functions:
 
 * :func:`responsibilities` -- gamma = softmax_k of the Gaussian log-densities, direct
   ``(x - mu)^2`` form (accurate).
 * :func:`naive_gma` -- the float64 judge. Builds the N x N affinity ``Gq Gk^T`` explicitly,
   so use it only for small N. Computes in the dtype it is given.
+* :func:`packed_gma` -- packed sequences (``cu_seqlens``): :func:`naive_gma` on each sequence
+  in turn, the judge for the packed kernels.
 * :func:`chunked_gma` -- the same math the way the best plain-PyTorch implementation would
   compute it (the speed baseline for the compiled kernels): responsibilities through the
   expanded quadratic form as batched matmuls, bidirectional as ``Gq (Gk^T V)``, causal as
@@ -36,7 +38,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["responsibilities", "naive_gma", "chunked_gma"]
+__all__ = ["responsibilities", "naive_gma", "packed_gma", "chunked_gma"]
 
 State = Tuple[torch.Tensor, torch.Tensor]
 
@@ -206,6 +208,44 @@ def naive_gma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if output_final_state:
         sd = _state_dtype(dt)
         return out, (Sk.to(sd), zk.to(sd))
+    return out
+
+
+def packed_gma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mu: torch.Tensor, omega: torch.Tensor, alpha: torch.Tensor, cu_seqlens, *,
+               causal: bool = False,
+               initial_state: Optional[State] = None,
+               output_final_state: bool = False,
+               eps: float = 1e-6, sigma_eps: float = 1e-4):
+    """Packed sequences: q, k, v (1, N, H, .) hold S sequences one after another, sequence s the
+    rows ``cu_seqlens[s]:cu_seqlens[s + 1]`` (S + 1 offsets from 0 to N; empty sequences allowed).
+    :func:`naive_gma` on each sequence alone, in a loop; ``initial_state`` and the final state
+    have S in place of B (an empty sequence's final state is its initial state).
+
+    Returns out (1, N, H, Dv), or (out, (S, z)) when ``output_final_state``.
+    """
+    offsets = [int(o) for o in cu_seqlens]
+    if q.shape[0] != 1 or offsets[0] != 0 or offsets[-1] != q.shape[1] or len(offsets) < 2 or any(
+            a > b for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"packed_gma: cu_seqlens must run from 0 to N = {q.shape[1]} without decreasing, for q "
+                         f"of B = 1; got {offsets} for q {_shape(q)}")
+    H, K, Dv = q.shape[2], mu.shape[1], v.shape[3]
+    sd = _state_dtype(q.dtype)
+    outs, states = [], []
+    for s, (lo, hi) in enumerate(zip(offsets, offsets[1:])):
+        state = None if initial_state is None else (initial_state[0][s:s + 1], initial_state[1][s:s + 1])
+        if hi == lo:  # nothing to read or write: the state passes through
+            outs.append(v.new_zeros(1, 0, H, Dv))
+            states.append(state if state is not None else (q.new_zeros(1, H, K, Dv, dtype=sd),
+                                                          q.new_zeros(1, H, K, dtype=sd)))
+            continue
+        out, state = naive_gma(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], mu, omega, alpha, causal=causal,
+                               initial_state=state, output_final_state=True, eps=eps, sigma_eps=sigma_eps)
+        outs.append(out)
+        states.append(state)
+    out = torch.cat(outs, dim=1)
+    if output_final_state:
+        return out, (torch.cat([st[0].to(sd) for st in states]), torch.cat([st[1].to(sd) for st in states]))
     return out
 
 

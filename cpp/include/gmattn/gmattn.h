@@ -15,7 +15,13 @@
 //   gq, gk    (B, H, N, K)     accumulator dtype, responsibilities saved for backward
 //                              (gk already multiplied by the mask)
 //   den       (B, H, N)        accumulator dtype, read denominators saved for backward
+//   cu_seqlens (S + 1,)        int64, optional: packed sequences (below)
 // Any optional tensor is absent when its data pointer is null.
+//
+// Packed sequences: with cu_seqlens, B = 1 and the N rows hold S independent sequences, sequence
+// s the rows [cu_seqlens[s], cu_seqlens[s + 1]) (0 = cu_seqlens[0] <= ... <= cu_seqlens[S] = N;
+// an empty sequence is allowed). Each reads only its own keys (causal: those before it in its own
+// sequence), and the state tensors (S, z, their gradients) have S in place of B. No mask then.
 #pragma once
 
 #include <cstddef>
@@ -77,6 +83,7 @@ struct ForwardArgs {
   View mu, omega, alpha;
   View mask;
   View S0, z0;
+  View cu_seqlens;  // packed sequences (in the memory of the kernels' device); absent: B sequences
   // outputs
   View out;
   View S_final, z_final;  // optional
@@ -92,6 +99,7 @@ struct BackwardArgs {
   View mu, omega, alpha;
   View mask;
   View S0, z0;
+  View cu_seqlens;  // as for ForwardArgs
   // saved by forward
   View out, gq, gk, den;
   // Optional, bidirectional only: the forward's final state (S_final, z_final), which is what every

@@ -173,10 +173,11 @@ _PRIMAL_NAMES = ("q", "k", "v", "mu", "omega", "alpha", *_checks.STATE_NAMES)
 
 
 def _build_op(mask: Optional[np.ndarray], *, has_state: bool, causal: bool, eps: float, sigma_eps: float,
-              return_state: bool, save: bool, num_threads: int):
-    """One custom_function per call: the mask and the options are constants of the closure, and
-    the responsibilities saved by the forward (when `save`) live in it until the vjp takes them."""
-    options = dict(causal=causal, eps=eps, sigma_eps=sigma_eps)
+              return_state: bool, save: bool, num_threads: int, cu_seqlens: Optional[np.ndarray] = None):
+    """One custom_function per call: the mask, the packed sequences' offsets and the options are
+    constants of the closure, and the responsibilities saved by the forward (when `save`) live in it
+    until the vjp takes them."""
+    options = dict(causal=causal, eps=eps, sigma_eps=sigma_eps, cu_seqlens=cu_seqlens)
     saved: dict = {}
 
     def host_primals(primals):
@@ -339,6 +340,7 @@ def gma_attention(
     backend: Optional[str] = None,
     save_for_backward: bool = False,
     num_threads: int = 0,
+    cu_seqlens: Optional[mx.array] = None,
 ):
     """Gaussian Mixture Attention on MLX arrays; see gmattn.gma_attention and the module docstring.
 
@@ -353,11 +355,16 @@ def gma_attention(
             through the MLX graph (kept only while a gradient computation holds the graph).
         num_threads (core backend): OpenMP threads of the core; 0 = OpenMP's default
             (OMP_NUM_THREADS, else all cores). The native backend runs on MLX's own threads.
+        cu_seqlens: packed sequences, as for gmattn.gma_attention. Both backends read the offsets
+            on the host (an evaluation: not inside mx.compile / mx.vmap); the native backend then
+            runs each sequence as its own call (a loop whose cost grows with the number of
+            sequences), the core backend all of them in one call.
     """
     _require_mlx("q", q)
-    for name, x in _checks.array_arguments(k, v, mu, omega, alpha, key_padding_mask):
+    for name, x in _checks.array_arguments(k, v, mu, omega, alpha, key_padding_mask, None, cu_seqlens):
         _require_mlx(name, x)
-    dims = _checks.check_arguments(q, k, v, mu, omega, alpha, key_padding_mask, initial_state, eps, sigma_eps)
+    dims = _checks.check_arguments(q, k, v, mu, omega, alpha, key_padding_mask, initial_state, eps, sigma_eps,
+                                   cu_seqlens)
     S0 = z0 = None
     if initial_state is not None:
         S0, z0 = initial_state
@@ -386,13 +393,17 @@ def gma_attention(
     mu, omega, alpha = cast(mu), cast(omega), cast(alpha)
     if S0 is not None:
         S0, z0 = cast(S0), cast(z0)
+    offsets = None if cu_seqlens is None else _host_offsets(cu_seqlens)
 
     if core:
         out, S_final, z_final = _core_attention(
             q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, causal=bool(causal), eps=float(eps),
             sigma_eps=float(sigma_eps), return_state=bool(output_final_state), save=bool(save_for_backward),
-            num_threads=int(num_threads),
+            num_threads=int(num_threads), cu_seqlens=offsets,
         )
+    elif offsets is not None:
+        out, S_final, z_final = _native_packed(q, k, v, mu, omega, alpha, S0, z0, offsets, causal=bool(causal),
+                                               eps=float(eps), sigma_eps=float(sigma_eps))
     else:
         mask = None if key_padding_mask is None else key_padding_mask.astype(mx.bool_)
         out, S_final, z_final = gma_attention_native(
@@ -405,8 +416,44 @@ def gma_attention(
     return out
 
 
+def _host_offsets(cu_seqlens: mx.array) -> np.ndarray:
+    """The packed sequences' offsets as an int64 NumPy array (evaluates them: both backends plan on
+    the host). Their values are checked by the core (core backend) or _native_packed."""
+    try:
+        _evaluate([cu_seqlens])
+    except RuntimeError as exc:
+        raise RuntimeError("gma_attention: 'cu_seqlens' (packed sequences) is read on the host, which is not "
+                           "possible inside mx.compile / mx.vmap; call gma_attention with packed sequences "
+                           "outside the compiled function") from exc
+    return np.asarray(_host(cu_seqlens, "cu_seqlens"), dtype=np.int64)
+
+
+def _native_packed(q, k, v, mu, omega, alpha, S0, z0, offsets: np.ndarray, *, causal, eps, sigma_eps):
+    """The native backend on packed sequences: each sequence on its own, its outputs and states
+    concatenated (the core backend runs them all in one call instead)."""
+    N = q.shape[1]
+    if offsets[0] != 0 or offsets[-1] != N or np.any(np.diff(offsets) < 0):
+        raise ValueError(f"gma_attention: 'cu_seqlens' must run from 0 to N = {N} without decreasing, "
+                         f"got {offsets.tolist()}")
+    H, K, Dv = q.shape[2], mu.shape[1], v.shape[3]
+    outs, S_ends, z_ends = [], [], []
+    for s, (lo, hi) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        S_s = None if S0 is None else S0[s:s + 1]
+        z_s = None if z0 is None else z0[s:s + 1]
+        if hi == lo:  # an empty sequence: its state passes through
+            S_ends.append(mx.zeros((1, H, K, Dv), dtype=mu.dtype) if S_s is None else S_s)
+            z_ends.append(mx.zeros((1, H, K), dtype=mu.dtype) if z_s is None else z_s)
+            continue
+        out, S_end, z_end = gma_attention_native(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], mu, omega, alpha, None, S_s,
+                                                 z_s, causal=causal, eps=eps, sigma_eps=sigma_eps)
+        outs.append(out)
+        S_ends.append(S_end)
+        z_ends.append(z_end)
+    return mx.concatenate(outs, axis=1), mx.concatenate(S_ends, axis=0), mx.concatenate(z_ends, axis=0)
+
+
 def _core_attention(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, *, causal, eps, sigma_eps, return_state,
-                    save, num_threads):
+                    save, num_threads, cu_seqlens=None):
     """The core backend on cast arguments; returns (out, S_final, z_final), the state None unless
     `return_state`."""
     mask = None
@@ -414,7 +461,7 @@ def _core_attention(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, *, caus
         _evaluate([key_padding_mask])
         mask = _host(key_padding_mask, "key_padding_mask")
     op = _build_op(mask, has_state=S0 is not None, causal=causal, eps=eps, sigma_eps=sigma_eps,
-                   return_state=return_state, save=save, num_threads=num_threads)
+                   return_state=return_state, save=save, num_threads=num_threads, cu_seqlens=cu_seqlens)
     primals = [q, k, v, mu, omega, alpha] + ([S0, z0] if S0 is not None else [])
     result = op(*primals)
     if return_state:

@@ -46,9 +46,9 @@ def _forward_dtypes(q: Tensor):
     return (q.dtype,) + (_ACC[q.dtype],) * 5
 
 
-def _initial_state_shapes(q: Tensor, v: Tensor, mu: Tensor, has_state: bool):
+def _initial_state_shapes(q: Tensor, v: Tensor, mu: Tensor, has_state: bool, cu_seqlens: Optional[Tensor]):
     """Shapes of backward_op's dS0 and dz0, for the op and its fake alike; None without a state."""
-    return _checks.state_shapes(q, v, mu) if has_state else (None, None)
+    return _checks.state_shapes(q, v, mu, cu_seqlens) if has_state else (None, None)
 
 
 def _sized(shape):
@@ -95,12 +95,12 @@ def _plain(*tensors):
 
 
 def _run_forward(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, causal, eps, sigma_eps, return_state,
-                 save_for_backward, unrequested=_NOT_REQUESTED):
+                 save_for_backward, cu_seqlens=None, unrequested=_NOT_REQUESTED):
     """The compiled forward on checked tensors: (out, S_final, z_final, gq, gk, den), unrequested
     ones empty (size 0), or None with `unrequested=None`. forward_op runs it; so does gma_attention
     directly for eager CPU calls that need no gradient (the custom op's dispatch costs more than a
     short call's kernel)."""
-    shapes = _checks.forward_output_shapes(q, v, mu, return_state, save_for_backward)
+    shapes = _checks.forward_output_shapes(q, v, mu, return_state, save_for_backward, cu_seqlens)
     outputs = tuple(None if shape is None and unrequested is None else _empty(_sized(shape), q, dtype)
                     for shape, dtype in zip(shapes, _forward_dtypes(q)))
     module, on_device, (num_threads, stream, allocate_workspace) = _backend(q)
@@ -108,7 +108,7 @@ def _run_forward(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, causal, ep
         module.forward(
             *_plain(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0),
             *_plain(*(None if shape is None else t for shape, t in zip(shapes, outputs))),  # the core skips None
-            causal, eps, sigma_eps, num_threads, stream, allocate_workspace,
+            causal, eps, sigma_eps, num_threads, stream, allocate_workspace, *_plain(cu_seqlens),
         )
     return outputs
 
@@ -144,16 +144,18 @@ def forward_op(
     sigma_eps: float,
     return_state: bool,
     save_for_backward: bool,
+    cu_seqlens: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (out, S_final, z_final, gq, gk, den); unrequested ones are empty (size 0)."""
+    """Returns (out, S_final, z_final, gq, gk, den); unrequested ones are empty (size 0).
+    cu_seqlens: packed sequences (int64 offsets on q's device)."""
     return _run_forward(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, causal, eps, sigma_eps, return_state,
-                        save_for_backward)
+                        save_for_backward, cu_seqlens)
 
 
 @forward_op.register_fake
 def _forward_fake(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, causal, eps, sigma_eps, return_state,
-                  save_for_backward):
-    shapes = _checks.forward_output_shapes(q, v, mu, return_state, save_for_backward)
+                  save_for_backward, cu_seqlens=None):
+    shapes = _checks.forward_output_shapes(q, v, mu, return_state, save_for_backward, cu_seqlens)
     return tuple(q.new_empty(_sized(shape), dtype=dtype) for shape, dtype in zip(shapes, _forward_dtypes(q)))
 
 
@@ -180,6 +182,7 @@ def backward_op(
     causal: bool,
     eps: float,
     sigma_eps: float,
+    cu_seqlens: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dmu, domega, dalpha, dS0, dz0); dS0/dz0 are empty without S0.
     S_end, z_end (bidirectional, optional): the forward's final state, which the CPU core then does
@@ -189,7 +192,7 @@ def backward_op(
     dv = _empty(v.shape, q, q.dtype)
     dmu, domega, dalpha = _empty(mu.shape, q, acc), _empty(omega.shape, q, acc), _empty(alpha.shape, q, acc)
     has_state = S0 is not None
-    dS0, dz0 = (_empty(_sized(shape), q, acc) for shape in _initial_state_shapes(q, v, mu, has_state))
+    dS0, dz0 = (_empty(_sized(shape), q, acc) for shape in _initial_state_shapes(q, v, mu, has_state, cu_seqlens))
     module, on_device, (num_threads, stream, allocate_workspace) = _backend(q)
     with on_device:
         module.backward(
@@ -197,14 +200,15 @@ def backward_op(
                     dz_final),
             *_plain(dq, dk, dv, dmu, domega, dalpha, dS0 if has_state else None, dz0 if has_state else None),
             causal, eps, sigma_eps, num_threads, stream, True, *_plain(S_end, z_end), allocate_workspace,
+            *_plain(cu_seqlens),
         )  # (True: deterministic)
     return dq, dk, dv, dmu, domega, dalpha, dS0, dz0
 
 
 @backward_op.register_fake
 def _backward_fake(dout, dS_final, dz_final, q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, out, gq, gk, den,
-                   S_end, z_end, causal, eps, sigma_eps):
-    dS0, dz0 = (mu.new_empty(_sized(shape)) for shape in _initial_state_shapes(q, v, mu, S0 is not None))
+                   S_end, z_end, causal, eps, sigma_eps, cu_seqlens=None):
+    dS0, dz0 = (mu.new_empty(_sized(shape)) for shape in _initial_state_shapes(q, v, mu, S0 is not None, cu_seqlens))
     return (
         torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
         torch.empty_like(mu), torch.empty_like(omega), torch.empty_like(alpha),
@@ -213,12 +217,13 @@ def _backward_fake(dout, dS_final, dz_final, q, k, v, mu, omega, alpha, key_padd
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, mu, omega, alpha, mask, S0, z0, causal, eps, sigma_eps, return_state, save_for_backward) = inputs
+    (q, k, v, mu, omega, alpha, mask, S0, z0, causal, eps, sigma_eps, return_state, save_for_backward,
+     cu_seqlens) = inputs
     out, S_final, z_final, gq, gk, den = output
     # gma_attention asks the forward for the final state whenever the backward reuses it.
     reuse = return_state and _checks.backward_reuses_state(causal, save_for_backward)
     S_end, z_end = (S_final, z_final) if reuse else (None, None)
-    ctx.save_for_backward(q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, S_end, z_end)
+    ctx.save_for_backward(q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, S_end, z_end, cu_seqlens)
     ctx.causal, ctx.eps, ctx.sigma_eps, ctx.return_state = causal, eps, sigma_eps, return_state
     ctx.saved_responsibilities = save_for_backward
     # Gq, Gk and den are outputs only so backward can use them; without this autograd would hand
@@ -227,12 +232,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, dS_final, dz_final, _dgq, _dgk, _dden):
-    q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, S_end, z_end = ctx.saved_tensors
+    q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, S_end, z_end, cu_seqlens = ctx.saved_tensors
     if not ctx.saved_responsibilities:
         # The forward ran without saving (no input required grad when it was traced); recompute.
         reuse = _checks.backward_reuses_state(ctx.causal, True)
         out, S_end, z_end, gq, gk, den = forward_op(q, k, v, mu, omega, alpha, mask, S0, z0, ctx.causal, ctx.eps,
-                                                    ctx.sigma_eps, reuse, True)
+                                                    ctx.sigma_eps, reuse, True, cu_seqlens)
         if not reuse:
             S_end = z_end = None
     if not ctx.return_state:
@@ -241,11 +246,11 @@ def _backward(ctx, dout, dS_final, dz_final, _dgq, _dgk, _dden):
         dout = torch.zeros_like(out)
     dq, dk, dv, dmu, domega, dalpha, dS0, dz0 = backward_op(
         dout, dS_final, dz_final, q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, S_end, z_end,
-        ctx.causal, ctx.eps, ctx.sigma_eps,
+        ctx.causal, ctx.eps, ctx.sigma_eps, cu_seqlens,
     )
     if S0 is None:
         dS0 = dz0 = None
-    return dq, dk, dv, dmu, domega, dalpha, None, dS0, dz0, None, None, None, None, None
+    return dq, dk, dv, dmu, domega, dalpha, None, dS0, dz0, None, None, None, None, None, None
 
 
 forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -265,10 +270,11 @@ def gma_attention(
     output_final_state: bool = False,
     eps: float = 1e-6,
     sigma_eps: float = 1e-4,
+    cu_seqlens: Optional[Tensor] = None,
 ):
     """Gaussian Mixture Attention on torch tensors (CPU or CUDA); see gmattn.gma_attention."""
-    _checks.check_arguments(q, k, v, mu, omega, alpha, key_padding_mask, initial_state, eps, sigma_eps)
-    for name, t in _checks.array_arguments(k, v, mu, omega, alpha, key_padding_mask, initial_state):
+    _checks.check_arguments(q, k, v, mu, omega, alpha, key_padding_mask, initial_state, eps, sigma_eps, cu_seqlens)
+    for name, t in _checks.array_arguments(k, v, mu, omega, alpha, key_padding_mask, initial_state, cu_seqlens):
         _checks.require_framework("gma_attention", f"'{name}'", t, "torch", "like q; convert with torch.as_tensor")
         if not (t.is_cpu and q.is_cpu) and t.device != q.device:  # (is_cpu: no device objects made)
             raise ValueError(f"gma_attention: '{name}' is on {t.device} but q is on {q.device}")
@@ -279,14 +285,17 @@ def gma_attention(
     S0 = z0 = None
     if initial_state is not None:
         S0, z0 = (s.to(acc) for s in initial_state)
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(torch.int64)  # the core reads int64 offsets
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, mu, omega, alpha, S0, z0)
     )
     # Without gradients, an eager CPU call runs the core directly (the same computation as the op;
     # tests check both routes agree bit for bit); otherwise the custom op, for autograd and tracing.
     args = (q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, bool(causal), float(eps), float(sigma_eps),
-            bool(output_final_state or _checks.backward_reuses_state(causal, needs_grad)), bool(needs_grad))
-    if not needs_grad and _direct_call_allowed(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0):
+            bool(output_final_state or _checks.backward_reuses_state(causal, needs_grad)), bool(needs_grad),
+            cu_seqlens)
+    if not needs_grad and _direct_call_allowed(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, cu_seqlens):
         out, S_final, z_final, _, _, _ = _run_forward(*args, unrequested=None)
     else:
         out, S_final, z_final, _, _, _ = forward_op(*args)
