@@ -42,9 +42,11 @@ class Options(ctypes.Structure):
     ]
 
 
-FWD_VIEWS = ["q", "k", "v", "mu", "omega", "alpha", "mask", "S0", "z0", "out", "S_final", "z_final", "gq", "gk", "den"]
-BWD_VIEWS = ["q", "k", "v", "mu", "omega", "alpha", "mask", "S0", "z0", "out", "gq", "gk", "den", "S_end", "z_end",
-             "dout", "dS_final", "dz_final", "dq", "dk", "dv", "dmu", "domega", "dalpha", "dS0", "dz0"]
+# (in the order of the structs' fields in gmattn.h)
+FWD_VIEWS = ["q", "k", "v", "mu", "omega", "alpha", "mask", "S0", "z0", "cu_seqlens", "out", "S_final", "z_final",
+             "gq", "gk", "den"]
+BWD_VIEWS = ["q", "k", "v", "mu", "omega", "alpha", "mask", "S0", "z0", "cu_seqlens", "out", "gq", "gk", "den",
+             "S_end", "z_end", "dout", "dS_final", "dz_final", "dq", "dk", "dv", "dmu", "domega", "dalpha", "dS0", "dz0"]
 
 
 class ForwardArgs(ctypes.Structure):
