@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from gmattn.reference import naive_gma
+from gmattn.reference import naive_gma, packed_gma
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD = REPO / "cpp" / "cuda" / "emulation" / "build.sh"
@@ -330,3 +330,55 @@ def test_a_forward_without_saving_keeps_nothing_per_token_and_component(cuda_mod
         for name in ("out", "S_final", "z_final"):
             np.testing.assert_array_equal(fwd[name], saving[name], err_msg=f"N={n} {name}")
     assert sizes[256] == sizes[2048], sizes
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_packed_sequences(cuda_module, runtime, causal):
+    """cu_seqlens through the CUDA module: the offsets are exported on the caller's stream like
+    every array (never read on the host), the states have one row per sequence, and every output
+    and gradient equals each sequence run alone (gmattn.reference.packed_gma), with the workspace
+    from the caller's allocator."""
+    lengths = [0, 37, 5, 64, 0, 1]
+    offsets = np.cumsum([0] + lengths).astype(np.int64)
+    S, n = len(lengths), int(offsets[-1])
+    g = torch.Generator().manual_seed(3)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    p = dict(q=rand(1, n, H, D), k=rand(1, n, H, D), v=rand(1, n, H, DV), mu=rand(H, K, D),
+             omega=rand(H, K, D) * 0.5, alpha=rand(H, K), S0=rand(S, H, K, DV).abs(), z0=rand(S, H, K).abs() + 0.5)
+    cot = dict(dout=rand(1, n, H, DV), dS=rand(S, H, K, DV), dz=rand(S, H, K))
+    c = Caller(cuda_module, runtime)
+
+    def arg(name):
+        return c.wrap(name, {**p, **cot}[name].numpy())
+
+    fwd = dict(out=c.output("out", (1, n, H, DV)), S_final=c.output("S_final", (S, H, K, DV)),
+               z_final=c.output("z_final", (S, H, K)), gq=c.output("gq", (1, H, n, K)),
+               gk=c.output("gk", (1, H, n, K)), den=c.output("den", (1, H, n)))
+    inputs = [arg(name) for name in ("q", "k", "v", "mu", "omega", "alpha")]
+    cuda_module.forward(*inputs, None, arg("S0"), arg("z0"), *fwd.values(), causal=causal, eps=1e-6,
+                        sigma_eps=1e-4, stream=0, allocate_workspace=c.allocator(),
+                        cu_seqlens=c.wrap("cu_seqlens", offsets))
+    assert ("cu_seqlens", 1, 0) in c.log
+    fwd = {name: a.array for name, a in fwd.items()}
+    grads = dict(dq=c.output("dq", (1, n, H, D)), dk=c.output("dk", (1, n, H, D)), dv=c.output("dv", (1, n, H, DV)),
+                 dmu=c.output("dmu", (H, K, D)), domega=c.output("domega", (H, K, D)),
+                 dalpha=c.output("dalpha", (H, K)), dS0=c.output("dS0", (S, H, K, DV)),
+                 dz0=c.output("dz0", (S, H, K)))
+    cuda_module.backward(*inputs, None, arg("S0"), arg("z0"),
+                         *(c.wrap(name, fwd[name]) for name in ("out", "gq", "gk", "den")), arg("dout"), arg("dS"),
+                         arg("dz"), *grads.values(), causal=causal, eps=1e-6, sigma_eps=1e-4, stream=0,
+                         allocate_workspace=c.allocator(), cu_seqlens=c.wrap("cu_seqlens", offsets))
+    grads = {name: a.array for name, a in grads.items()}
+
+    x = {name: t.clone().requires_grad_(True) for name, t in p.items()}
+    out, (S_f, z_f) = packed_gma(*(x[name] for name in ("q", "k", "v", "mu", "omega", "alpha")), offsets.tolist(),
+                                 causal=causal, initial_state=(x["S0"], x["z0"]), output_final_state=True)
+    loss = (out * cot["dout"]).sum() + (S_f * cot["dS"]).sum() + (z_f * cot["dz"]).sum()
+    want = dict(out=out, S_final=S_f, z_final=z_f)
+    want.update({"d" + name: gr for name, gr in zip(x, torch.autograd.grad(loss, list(x.values())))})
+    for name, w in want.items():
+        got = fwd[name] if name in fwd else grads[name]
+        np.testing.assert_allclose(got, w.detach().numpy(), rtol=1e-9, atol=1e-11, err_msg=name)

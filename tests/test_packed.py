@@ -45,7 +45,7 @@ def run(fn, tensors, offsets, causal, seed=1, **kw):
     out, (S, z) = fn(q, k, v, mu, omega, alpha, causal=causal, initial_state=tuple(state) or None,
                      output_final_state=True, cu_seqlens=offsets, **kw)
     g = torch.Generator().manual_seed(seed)
-    cot = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype) for t in (out, S, z)]
+    cot = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device, t.dtype) for t in (out, S, z)]
     grads = torch.autograd.grad((out, S, z), tensors, cot)
     return [out, S, z], list(grads)
 
@@ -112,6 +112,44 @@ def test_packed_equals_separate_calls(causal):
     want_outs, want_grads = run(separate, tensors, offsets, causal)
     assert_all_close(outs, want_outs, OUT_NAMES, **TOL64)
     assert_all_close(grads, want_grads, GRAD_NAMES, **TOL64)
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+
+
+def _on_cuda(tensors):
+    return [t.detach().cuda().requires_grad_() for t in tensors]
+
+
+@needs_gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("lengths", list(LENGTHS), ids=list(LENGTHS))
+def test_packed_on_cuda_matches_loop_over_sequences(causal, lengths):
+    """The CUDA kernels on packed sequences (offsets on the GPU): outputs, final states and every
+    gradient equal naive_gma on each sequence alone, to float64 rounding."""
+    tensors = make_packed(LENGTHS[lengths], H=2)
+    offsets = offsets_of(LENGTHS[lengths])
+    outs, grads = run(gmattn.gma_attention, _on_cuda(tensors), offsets.cuda(), causal)
+    want_outs, want_grads = run(packed_reference, tensors, offsets, causal)
+    assert_all_close([t.cpu() for t in outs], want_outs, OUT_NAMES, **TOL64)
+    assert_all_close([t.cpu() for t in grads], want_grads, GRAD_NAMES, **TOL64)
+
+
+@needs_gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_packed_on_cuda_long_and_short_float32(causal):
+    """float32 on the GPU: one sequence over many segments among many short ones (states through
+    the segment scan and streamed), against the float64 reference."""
+    lengths = [5000] + (np.arange(500) % 13).tolist() + [777]
+    tensors = make_packed(lengths, H=4, K=8, D=16, Dv=32, dtype=torch.float32)
+    offsets = offsets_of(lengths)
+    outs, grads = run(gmattn.gma_attention, _on_cuda(tensors), offsets.cuda(), causal)
+    want_outs, want_grads = run(packed_reference, [t.double().detach().requires_grad_() for t in tensors], offsets,
+                                causal)
+    for got, want, name in zip(outs + grads, want_outs + want_grads, OUT_NAMES + GRAD_NAMES):
+        scale = want.abs().max().item()
+        err = (got.detach().cpu().double() - want).abs().max().item() / scale
+        assert err < 3e-4, f"{name}: {err:.2e}"
 
 
 def test_many_short_sequences():

@@ -381,7 +381,10 @@ struct Call {
     }
     if (has_mask) fail(arg, "and key_padding_mask cannot be combined: pack only the real tokens");
     seqs = t->shape[0] - 1;
-    if (kDevice != kDLCPU) fail(arg, "(packed sequences) is not supported by the CUDA module");
+    // CUDA: the offsets are in device memory and reading them here would synchronise with the GPU;
+    // the kernels clamp them into [0, N], non-decreasing, so bad values cannot reach outside the
+    // tensors (docs/api.md).
+    if (kDevice != kDLCPU) return v;
     const auto offset = [&](int64_t i) { return static_cast<const int64_t*>(v.data)[i * v.stride[0]]; };
     if (offset(0) != 0) fail(arg, "must start at 0, got " + std::to_string(offset(0)));
     if (offset(seqs) != dims.N) {

@@ -53,14 +53,14 @@ struct BwdChunkParams {
   DView<const T> den;     // (B, H, N)
   DView<const S> v, dout; // (B, N, H, Dv)
   const T* dden;          // [B*H][N]
-  StateRef<T> fwd_init;   // S, z before the segment (total when bidirectional)
-  StateRef<T> bwd_init;   // dS, dz after the segment (total when bidirectional)
+  StateRef<T> fwd_init;   // workspace: S, z before the segment (total when bidirectional)
+  StateRef<T> bwd_init;   // workspace: dS, dz after the segment (total when bidirectional)
+  StateRef<T> S0, dS_final;  // the caller's, for a block that streams its state (streams_state)
   T* dGq;                 // [nslices][B*H][N][K]
   T* dGk;                 // [nslices][B*H][N][K]
   int64_t slice_stride;   // B*H*N*K
   DView<S> dv;            // (B, N, H, Dv)
-  DView<T> dS0, dz0;      // written when write_final (causal, single segment)
-  bool write_final;
+  DView<T> dS0, dz0;      // written here by a block that streams its state
 };
 
 template <class T>
@@ -94,6 +94,7 @@ __global__ void __launch_bounds__(kThreads) backward_chunk_kernel(const BwdChunk
   const int tid = threadIdx.x;
   const int K = g.K, Kp = g.Kp, C = g.C, DvT = g.DvT;
   const int ldK = blk.ldK, ldS = blk.ldS, ldC = blk.ldC;
+  if (!bc.valid) return;  // the whole block: before any barrier
   const bool first_slice = bc.slice == 0;
   T* dGq = p.dGq + bc.slice * p.slice_stride + bc.bh * g.N * K;
   T* dGk = p.dGk + bc.slice * p.slice_stride + bc.bh * g.N * K;
@@ -117,7 +118,7 @@ __global__ void __launch_bounds__(kThreads) backward_chunk_kernel(const BwdChunk
   };
 
   // ---- forward sweep: dGq ----
-  load_state(sm.S, ldS, sm.z, p.fwd_init, bc.b, bc.h, bc.seg, K, Kp, DvT, bc.e0, bc.ev);
+  load_block_state(sm.S, ldS, sm.z, p.S0, p.fwd_init, bc, CAUSAL, K, Kp, DvT);
   clear_compensation(sm.Sc, ldS, sm.zc, Kp, DvT);
   __syncthreads();
   for (int64_t c0 = bc.n_begin; c0 < bc.n_end; c0 += C) {
@@ -150,7 +151,7 @@ __global__ void __launch_bounds__(kThreads) backward_chunk_kernel(const BwdChunk
   }
 
   // ---- reverse sweep: dGk, dv ----
-  load_state(sm.S, ldS, sm.z, p.bwd_init, bc.b, bc.h, bc.seg, K, Kp, DvT, bc.e0, bc.ev);
+  load_block_state(sm.S, ldS, sm.z, p.dS_final, p.bwd_init, bc, CAUSAL, K, Kp, DvT);
   clear_compensation(sm.Sc, ldS, sm.zc, Kp, DvT);
   __syncthreads();
   const int64_t nchunks = (bc.n_end - bc.n_begin + C - 1) / C;
@@ -192,8 +193,8 @@ __global__ void __launch_bounds__(kThreads) backward_chunk_kernel(const BwdChunk
     if (CAUSAL) add_chunk_to_state<TC>(sm.S, sm.Sc, ldS, sm.z, sm.zc, sm.Gq, ldK, sm.Dn, sm.dd, g);  // dS += Gq^T dnum
     __syncthreads();
   }
-  if (CAUSAL && p.write_final)
-    store_state(p.dS0, p.dz0, sm.S, ldS, sm.z, bc.b, bc.h, K, DvT, bc.e0, bc.ev, first_slice);
+  if (streams_state(bc, CAUSAL))
+    store_state(p.dS0, p.dz0, sm.S, ldS, sm.z, bc.seq, bc.h, K, DvT, bc.e0, bc.ev, first_slice);
 }
 
 // ============================================================================================
@@ -214,14 +215,15 @@ struct BackwardPlan {
   WorkspaceLayout ws;
   size_t o_lam = 0, o_mu = 0, o_logc = 0, o_dden = 0, o_fS = 0, o_fz = 0, o_bS = 0, o_bz = 0, o_dGq = 0,
          o_dGk = 0, o_slots = 0;
+  SequenceTableLayout table;
 };
 
 template <class T>
 BackwardPlan<T> plan_backward(const BackwardArgs& a, const DeviceInfo& dev) {
   const Dims& d = a.dims;
   BackwardPlan<T> p;
-  p.g = choose_geometry<T, BwdChunkSmem<T>>(d, dev);
-  p.need_seg = !a.opt.causal || p.g.P > 1;
+  p.g = choose_geometry<T, BwdChunkSmem<T>>(d, dev, a.opt.causal, packed_sequences(a.cu_seqlens));
+  p.need_seg = needs_segment_states(p.g, a.opt.causal);
 
   // Row tile and D step of responsibilities_bwd: the largest that fit the shared memory.
   p.Kp = round_up16(d.K);
@@ -252,7 +254,7 @@ BackwardPlan<T> plan_backward(const BackwardArgs& a, const DeviceInfo& dev) {
   p.o_mu = ws.reserve<T>(d.H * d.K * d.D);
   p.o_logc = ws.reserve<T>(d.H * d.K);
   p.o_dden = ws.reserve<T>(d.B * d.H * d.N);
-  const int64_t seg_count = p.need_seg ? d.B * d.H * p.g.P : 0;
+  const int64_t seg_count = p.need_seg ? d.B * d.H * p.g.P_state : 0;
   p.o_fS = ws.reserve<T>(seg_count * d.K * d.Dv);
   p.o_fz = ws.reserve<T>(seg_count * d.K);
   p.o_bS = ws.reserve<T>(seg_count * d.K * d.Dv);
@@ -263,6 +265,7 @@ BackwardPlan<T> plan_backward(const BackwardArgs& a, const DeviceInfo& dev) {
   // Deterministic slots are followed by their compensation terms (responsibilities_bwd).
   p.slots_elems = d.H * p.slots_per_head * p.slot_size * (a.opt.deterministic ? 2 : 1);
   p.o_slots = ws.reserve<T>(p.slots_elems);
+  p.table.reserve(ws, p.g);
   return p;
 }
 
@@ -275,7 +278,7 @@ void backward_impl(const BackwardArgs& a) {
   cudaStream_t stream = static_cast<cudaStream_t>(a.opt.stream);
   const DeviceInfo dev = device_info();
   const BackwardPlan<T> plan = plan_backward<T>(a, dev);
-  const ChunkGeometry& g = plan.g;
+  ChunkGeometry g = plan.g;
   const bool need_seg = plan.need_seg;
   const int Kp = plan.Kp, R = plan.R, DT = plan.DT, groups = plan.groups, slots_per_head = plan.slots_per_head;
   const int64_t row_tiles = plan.row_tiles, slot_size = plan.slot_size, slots_elems = plan.slots_elems;
@@ -293,6 +296,7 @@ void backward_impl(const BackwardArgs& a) {
   T* dGq = ws.at<T>(plan.o_dGq);
   T* dGk = ws.at<T>(plan.o_dGk);
   T* slots = ws.at<T>(plan.o_slots);
+  plan.table.build(g, ws, a.cu_seqlens, causal, stream);
 
   launch_prep<T>(a.mu, a.omega, a.alpha, d, (T)a.opt.sigma_eps, lam, mu_c, logc, stream);
 
@@ -311,9 +315,9 @@ void backward_impl(const BackwardArgs& a) {
   const DView<const T> gq = make_view<const T>(a.gq);
   const DView<const T> gk = make_view<const T>(a.gk);
   if (need_seg) {
-    launch_seg_state<S, T, TC>(g, gk, {}, a.v, View{}, nullptr, fS, fz, stream);
+    launch_seg_state<S, T, TC>(g, gk, {}, a.v, View{}, nullptr, fS, fz, causal, stream);
     launch_scan(make_scan<T>(fS, fz, g, causal ? kExclusivePrefix : kTotal, a.S0, a.z0, View{}, View{}), stream);
-    launch_seg_state<S, T, TC>(g, gq, {}, a.dout, a.den, dden, bS, bz, stream);
+    launch_seg_state<S, T, TC>(g, gq, {}, a.dout, a.den, dden, bS, bz, causal, stream);
     launch_scan(make_scan<T>(bS, bz, g, causal ? kExclusiveSuffix : kTotal, a.dS_final, a.dz_final, a.dS0, a.dz0),
                 stream);
   }
@@ -326,17 +330,16 @@ void backward_impl(const BackwardArgs& a) {
   bp.v = make_view<const S>(a.v);
   bp.dout = make_view<const S>(a.dout);
   bp.dden = dden;
-  bp.fwd_init = need_seg ? state_ref_from_workspace<T>(fS, fz, d.H, g.P, d.K, d.Dv, causal)
-                         : state_ref_from_views<T>(a.S0, a.z0);
-  bp.bwd_init = need_seg ? state_ref_from_workspace<T>(bS, bz, d.H, g.P, d.K, d.Dv, causal)
-                         : state_ref_from_views<T>(a.dS_final, a.dz_final);
+  bp.fwd_init = state_ref_from_workspace<T>(fS, fz, d.H, g.P_state, d.K, d.Dv);
+  bp.bwd_init = state_ref_from_workspace<T>(bS, bz, d.H, g.P_state, d.K, d.Dv);
+  bp.S0 = state_ref_from_views<T>(a.S0, a.z0);
+  bp.dS_final = state_ref_from_views<T>(a.dS_final, a.dz_final);
   bp.dGq = dGq;
   bp.dGk = dGk;
   bp.slice_stride = slice_stride;
   bp.dv = make_view<S>(a.dv);
   bp.dS0 = make_view<T>(a.dS0);
   bp.dz0 = make_view<T>(a.dz0);
-  bp.write_final = !need_seg;
   const unsigned blocks = grid_size(d.B * d.H * g.nslices * g.P, "backward_chunk");
   const size_t smem = smem_bytes<T, BwdChunkSmem<T>>(g);
   if (causal)

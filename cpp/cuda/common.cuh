@@ -245,6 +245,11 @@ inline void check_optional_view(const View& v, const char* name, std::initialize
   if (v.present()) check_view(v, name, shape);
 }
 
+// Packed sequences: S, the number of sequences cu_seqlens (S + 1 offsets) holds; 0 when absent.
+inline int64_t packed_sequences(const View& cu_seqlens) {
+  return cu_seqlens.present() ? cu_seqlens.shape[0] - 1 : 0;
+}
+
 inline void check_sizes(const Dims& d) {
   require(d.B > 0 && d.N > 0 && d.H > 0 && d.K > 0 && d.D > 0 && d.Dv > 0,
           "all of B, N, H, K, D, Dv must be positive");

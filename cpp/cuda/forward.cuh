@@ -22,9 +22,9 @@ struct FwdChunkParams {
   DView<const S> v;            // (B, N, H, Dv)
   DView<S> out;                // (B, N, H, Dv)
   DView<T> den;                // (B, H, N), optional
-  StateRef<T> init;            // state before the segment (the total when bidirectional)
-  DView<T> S_final, z_final;   // written when write_final (causal, single segment)
-  bool write_final;
+  StateRef<T> init;            // workspace: the state before the segment (bidirectional: the total)
+  StateRef<T> S0;              // the caller's initial state (a block that streams its state)
+  DView<T> S_final, z_final;   // written here by a block that streams its state (streams_state)
   T eps;
 };
 
@@ -58,8 +58,9 @@ __global__ void __launch_bounds__(kThreads) forward_chunk_kernel(const FwdChunkP
   const int tid = threadIdx.x;
   const int K = g.K, Kp = g.Kp, C = g.C, DvT = g.DvT;
   const int ldK = blk.ldK, ldS = blk.ldS, ldC = blk.ldC;
+  if (!bc.valid) return;  // the whole block: before any barrier
 
-  load_state(sm.S, ldS, sm.z, p.init, bc.b, bc.h, bc.seg, K, Kp, DvT, bc.e0, bc.ev);
+  load_block_state(sm.S, ldS, sm.z, p.S0, p.init, bc, CAUSAL, K, Kp, DvT);
   clear_compensation(sm.Sc, ldS, sm.zc, Kp, DvT);
   __syncthreads();
   for (int64_t c0 = bc.n_begin; c0 < bc.n_end; c0 += C) {
@@ -100,8 +101,8 @@ __global__ void __launch_bounds__(kThreads) forward_chunk_kernel(const FwdChunkP
       add_chunk_to_state<TC>(sm.S, sm.Sc, ldS, sm.z, sm.zc, sm.Gk, ldK, sm.V, static_cast<const T*>(nullptr), g);
     __syncthreads();
   }
-  if (CAUSAL && p.write_final)
-    store_state(p.S_final, p.z_final, sm.S, ldS, sm.z, bc.b, bc.h, K, DvT, bc.e0, bc.ev, bc.slice == 0);
+  if (streams_state(bc, CAUSAL))
+    store_state(p.S_final, p.z_final, sm.S, ldS, sm.z, bc.seq, bc.h, K, DvT, bc.e0, bc.ev, bc.slice == 0);
 }
 
 // ============================================================================================
@@ -117,6 +118,7 @@ struct ForwardPlan {
   bool need_seg = false;  // segment states (causal, several segments) or the total (bidirectional)
   WorkspaceLayout ws;
   size_t o_lam = 0, o_mu = 0, o_logc = 0, o_Sseg = 0, o_zseg = 0;
+  SequenceTableLayout table;
 };
 
 template <class T>
@@ -124,17 +126,18 @@ ForwardPlan<T> plan_forward(const ForwardArgs& a, const DeviceInfo& dev) {
   const Dims& d = a.dims;
   ForwardPlan<T> p;
   p.save = a.gq.present();
-  p.g = choose_geometry<T, FwdChunkSmem<T>>(d, dev, !p.save);
+  p.g = choose_geometry<T, FwdChunkSmem<T>>(d, dev, a.opt.causal, packed_sequences(a.cu_seqlens), !p.save);
   // Causal with one segment per (b, h) streams the state from S0; otherwise segment states
-  // (causal) or the total state (bidirectional) are computed first.
-  p.need_seg = !a.opt.causal || p.g.P > 1;
+  // (causal) or the total state (bidirectional) are computed first. Packed: per sequence.
+  p.need_seg = needs_segment_states(p.g, a.opt.causal);
   WorkspaceLayout& ws = p.ws;
   p.o_lam = ws.reserve<T>(d.H * d.K * d.D);
   p.o_mu = ws.reserve<T>(d.H * d.K * d.D);
   p.o_logc = ws.reserve<T>(d.H * d.K);
-  const int64_t seg_count = p.need_seg ? d.B * d.H * p.g.P : 0;
+  const int64_t seg_count = p.need_seg ? d.B * d.H * p.g.P_state : 0;
   p.o_Sseg = ws.reserve<T>(seg_count * d.K * d.Dv);
   p.o_zseg = ws.reserve<T>(seg_count * d.K);
+  p.table.reserve(ws, p.g);
   return p;
 }
 
@@ -147,10 +150,11 @@ void forward_impl(const ForwardArgs& a) {
   cudaStream_t stream = static_cast<cudaStream_t>(a.opt.stream);
   const DeviceInfo dev = device_info();
   const ForwardPlan<T> plan = plan_forward<T>(a, dev);
-  const ChunkGeometry& g = plan.g;
+  ChunkGeometry g = plan.g;
   const bool need_seg = plan.need_seg;
 
   WorkspaceMemory ws(plan.ws, a.opt);
+  plan.table.build(g, ws, a.cu_seqlens, causal, stream);
   T* lam = ws.at<T>(plan.o_lam);
   T* mu_c = ws.at<T>(plan.o_mu);
   T* logc = ws.at<T>(plan.o_logc);
@@ -168,7 +172,7 @@ void forward_impl(const ForwardArgs& a) {
   const DView<const T> gk = make_view<const T>(a.gk);
 
   if (need_seg) {
-    launch_seg_state<S, T, TC>(g, gk, k_src, a.v, View{}, nullptr, S_seg, z_seg, stream);
+    launch_seg_state<S, T, TC>(g, gk, k_src, a.v, View{}, nullptr, S_seg, z_seg, causal, stream);
     launch_scan(make_scan<T>(S_seg, z_seg, g, causal ? kExclusivePrefix : kTotal, a.S0, a.z0, a.S_final, a.z_final),
                 stream);
   }
@@ -182,9 +186,8 @@ void forward_impl(const ForwardArgs& a) {
   fp.v = make_view<const S>(a.v);
   fp.out = make_view<S>(a.out);
   fp.den = make_view<T>(a.den);
-  fp.init = need_seg ? state_ref_from_workspace<T>(S_seg, z_seg, d.H, g.P, d.K, d.Dv, causal)
-                     : state_ref_from_views<T>(a.S0, a.z0);
-  fp.write_final = !need_seg;
+  fp.init = state_ref_from_workspace<T>(S_seg, z_seg, d.H, g.P_state, d.K, d.Dv);
+  fp.S0 = state_ref_from_views<T>(a.S0, a.z0);
   fp.S_final = make_view<T>(a.S_final);
   fp.z_final = make_view<T>(a.z_final);
   fp.eps = (T)a.opt.eps;

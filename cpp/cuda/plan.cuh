@@ -10,8 +10,8 @@ namespace gmattn {
 namespace cuda_impl {
 
 // Where a block finds the (K x Dv) state and (K) normaliser it starts from: either a
-// caller's tensor (B, H, K, Dv) / (B, H, K) (seg strides 0), or the segment workspace
-// [B*H][P][K][Dv] / [B*H][P][K]. S == nullptr means zeros.
+// caller's tensor (sequences, H, K, Dv) / (sequences, H, K) (seg strides 0), or the segment
+// workspace [B*H][P_state][K][Dv] / [B*H][P_state][K] (slot strides). S == nullptr means zeros.
 template <class T>
 struct StateRef {
   const T* S = nullptr;
@@ -39,21 +39,20 @@ inline StateRef<T> state_ref_from_views(const View& S, const View& z) {
   return r;
 }
 
-// seg_stride_one == false: every segment reads slot 0 (bidirectional totals).
 template <class T>
-inline StateRef<T> state_ref_from_workspace(const T* S_seg, const T* z_seg, int64_t H, int64_t P,
-                                            int64_t K, int64_t Dv, bool per_segment) {
+inline StateRef<T> state_ref_from_workspace(const T* S_seg, const T* z_seg, int64_t H, int64_t P_state, int64_t K,
+                                            int64_t Dv) {
   StateRef<T> r;
   r.S = S_seg;
-  r.S_h = P * K * Dv;
+  r.S_h = P_state * K * Dv;
   r.S_b = H * r.S_h;
-  r.S_seg = per_segment ? K * Dv : 0;
+  r.S_seg = K * Dv;
   r.S_k = Dv;
   r.S_e = 1;
   r.z = z_seg;
-  r.z_h = P * K;
+  r.z_h = P_state * K;
   r.z_b = H * r.z_h;
-  r.z_seg = per_segment ? K : 0;
+  r.z_seg = K;
   r.z_k = 1;
   return r;
 }
@@ -98,6 +97,19 @@ __device__ void store_state(DView<T> S_out, DView<T> z_out, const T* S, int ldS,
     for (int k = threadIdx.x; k < K; k += kThreads) z_out(b, h, k) = z[k];
 }
 
+// Packed sequences (cu_seqlens): the tables sequence_table_kernel builds in the workspace from
+// the offsets, on the device (the host never reads the offsets: no synchronisation). A sequence
+// of len rows has ceil(len / seg_len) segments (none when empty); the segments of all sequences
+// are numbered in order ("block segments", the grid's seg axis), and those whose states go
+// through the workspace (all but a causal sequence's only segment) have a state slot each.
+struct SequenceTable {
+  const int64_t* starts = nullptr;       // [S + 1] row offsets (clamped into [0, N], non-decreasing)
+  const int64_t* seg_first = nullptr;    // [S + 1] each sequence's first block segment, then their count
+  const int64_t* state_first = nullptr;  // [S + 1] each sequence's first state slot, then their count
+  const int64_t* slot_seq = nullptr;     // [P] the sequence of each block segment; -1: unused
+  int64_t count = 0;                     // S; 0: not packed (each batch row is one sequence)
+};
+
 // Sizes of the sequence decomposition shared by the chunk kernels.
 struct ChunkGeometry {
   int64_t B = 0, N = 0, H = 0;
@@ -105,33 +117,81 @@ struct ChunkGeometry {
   int C = 0;        // chunk length (multiple of 16)
   int DvT = 0;      // value columns per slice (multiple of 16)
   int nslices = 0;  // ceil(Dv / DvT)
-  int P = 0;        // segments per (b, h)
-  int64_t seg_len = 0;  // tokens per segment (a multiple of C)
+  int P = 0;        // segments per (b, h); packed: an upper bound of the block segments
+  int P_state = 0;  // state slots per (b, h) in the segment workspace
+  int64_t seg_len = 0;  // tokens per segment (a multiple of C); a sequence's last may be shorter
   // Forward without saving for backward: the chunk kernels compute each chunk's responsibilities
   // themselves (RespScratch of C rows in their shared memory) instead of reading them from an
   // O(B H N K) buffer.
   bool own_responsibilities = false;
+  SequenceTable seqs;  // packed sequences (device pointers set once the workspace exists)
 };
 
+// A block's place: (b, h), its value slice, and its segment: segment `seg` of `seg_count` of
+// sequence `seq` (the batch row b, or a packed sequence), rows [n_begin, n_end) of batch row b.
+// Its states in the workspace start at slot state_slot0 of (b, h). !valid: a packed block segment
+// beyond the used ones (the block has nothing to do).
 struct BlockCoords {
-  int64_t b, h, bh, seg, n_begin, n_end;
+  int64_t b, h, bh, seq, seg, seg_count, state_slot0, n_begin, n_end;
   int slice, e0, ev;
+  bool valid;
 };
 
 // Blocks are laid out as (bh, slice, seg) with seg fastest.
 __device__ __forceinline__ BlockCoords block_coords(const ChunkGeometry& g) {
   BlockCoords c;
   const int64_t bid = blockIdx.x;
-  c.seg = bid % g.P;
+  const int64_t slot = bid % g.P;
   c.slice = (int)((bid / g.P) % g.nslices);
   c.bh = bid / ((int64_t)g.P * g.nslices);
   c.b = c.bh / g.H;
   c.h = c.bh % g.H;
-  c.n_begin = c.seg * g.seg_len;
-  c.n_end = c.n_begin + g.seg_len < g.N ? c.n_begin + g.seg_len : g.N;
   c.e0 = c.slice * g.DvT;
   c.ev = g.Dv - c.e0 < g.DvT ? g.Dv - c.e0 : g.DvT;
+  c.valid = true;
+  if (g.seqs.count == 0) {
+    c.seq = c.b;
+    c.seg = slot;
+    c.seg_count = g.P;
+    c.state_slot0 = 0;
+    c.n_begin = slot * g.seg_len;
+    c.n_end = c.n_begin + g.seg_len < g.N ? c.n_begin + g.seg_len : g.N;
+    return c;
+  }
+  c.seq = g.seqs.slot_seq[slot];
+  if (c.seq < 0) {
+    c.valid = false;
+    c.seg = c.seg_count = c.state_slot0 = c.n_begin = c.n_end = 0;
+    return c;
+  }
+  const int64_t first = g.seqs.seg_first[c.seq];
+  c.seg = slot - first;
+  c.seg_count = g.seqs.seg_first[c.seq + 1] - first;
+  c.state_slot0 = g.seqs.state_first[c.seq];
+  c.n_begin = g.seqs.starts[c.seq] + c.seg * g.seg_len;
+  const int64_t seq_end = g.seqs.starts[c.seq + 1];
+  c.n_end = c.n_begin + g.seg_len < seq_end ? c.n_begin + g.seg_len : seq_end;
   return c;
+}
+
+// A causal sequence of one segment streams its state: its block starts from the caller's initial
+// state and writes the final one itself (no workspace slot, no scan). Every other block's state
+// goes through its workspace slot.
+__device__ __forceinline__ bool streams_state(const BlockCoords& bc, bool causal) {
+  return causal && bc.seg_count == 1;
+}
+
+// Loads the state a chunk kernel's block starts from: the caller's (S0, or dS_final in the
+// reverse sweep) when it streams its state, else its slot in the workspace (causal: the state
+// before its segment; bidirectional: its sequence's total, in the sequence's first slot).
+template <class T>
+__device__ void load_block_state(T* S, int ldS, T* z, const StateRef<T>& caller, const StateRef<T>& workspace,
+                                 const BlockCoords& bc, bool causal, int K, int Kp, int DvT) {
+  if (streams_state(bc, causal))
+    load_state(S, ldS, z, caller, bc.seq, bc.h, 0, K, Kp, DvT, bc.e0, bc.ev);
+  else
+    load_state(S, ldS, z, workspace, bc.b, bc.h, bc.state_slot0 + (causal ? bc.seg : 0), K, Kp, DvT, bc.e0,
+               bc.ev);
 }
 
 // --------------------------------------------------------------------------------------------
@@ -219,8 +279,9 @@ struct SegStateParams {
   DView<const S> Y;    // (B, N, H, Dv)
   DView<const T> den;  // (B, H, N) or p == nullptr
   const T* w;          // [B*H][N] or nullptr
-  T* S_seg;            // [B*H][P][K][Dv]
-  T* z_seg;            // [B*H][P][K]
+  T* S_seg;            // [B*H][P_state][K][Dv]
+  T* z_seg;            // [B*H][P_state][K]
+  bool causal;         // a causal sequence of one segment streams its state: nothing to sum
 };
 
 template <class T>
@@ -250,6 +311,7 @@ __global__ void __launch_bounds__(kThreads) seg_state_kernel(const SegStateParam
   const int tid = threadIdx.x;
   const int K = g.K, Kp = g.Kp, C = g.C, DvT = g.DvT;
   const int ldK = blk.ldK, ldS = blk.ldS;
+  if (!bc.valid || streams_state(bc, p.causal)) return;  // the whole block: before any barrier
 
   for (int idx = tid; idx < Kp * DvT; idx += kThreads) sm.S[(idx / DvT) * ldS + idx % DvT] = T(0);
   for (int k = tid; k < Kp; k += kThreads) sm.z[k] = T(0);
@@ -264,21 +326,25 @@ __global__ void __launch_bounds__(kThreads) seg_state_kernel(const SegStateParam
     add_chunk_to_state<TC>(sm.S, sm.Sc, ldS, sm.z, sm.zc, sm.G, ldK, sm.Y, sm.w, g);
     __syncthreads();
   }
-  T* S_out = p.S_seg + (bc.bh * g.P + bc.seg) * g.K * g.Dv;
+  const int64_t slot = bc.bh * g.P_state + bc.state_slot0 + bc.seg;
+  T* S_out = p.S_seg + slot * g.K * g.Dv;
   for (int idx = tid; idx < K * DvT; idx += kThreads) {
     const int k = idx / DvT, c = idx % DvT;
     if (c < bc.ev) S_out[(int64_t)k * g.Dv + bc.e0 + c] = sm.S[k * ldS + c];
   }
   if (bc.slice == 0)
-    for (int k = tid; k < K; k += kThreads) p.z_seg[(bc.bh * g.P + bc.seg) * g.K + k] = sm.z[k];
+    for (int k = tid; k < K; k += kThreads) p.z_seg[slot * g.K + k] = sm.z[k];
 }
 
 // --------------------------------------------------------------------------------------------
-// state_scan: over the P segment-local states of each (b, h), in place, in a fixed order:
+// state_scan: over the segment-local states of each (sequence, h), in place, in a fixed order:
 //   kExclusivePrefix  slot p := init + sum_{q < p} local_q     (causal forward states)
 //   kExclusiveSuffix  slot p := init + sum_{q > p} local_q     (causal backward states)
 //   kTotal            slot 0 := init + sum_q local_q           (bidirectional)
-// and writes init + sum_q local_q to the optional out tensors (S_final / dS0).
+// and writes init + sum_q local_q to the optional out tensors (S_final / dS0). A sequence is a
+// batch row (P segments) or a packed sequence (its segments' slots, from the sequence table; an
+// empty one has none: its out is its init). A causal sequence of one segment is skipped: its
+// chunk kernel block streams the state (streams_state).
 // --------------------------------------------------------------------------------------------
 
 enum ScanMode : int { kExclusivePrefix = 0, kExclusiveSuffix = 1, kTotal = 2 };
@@ -287,56 +353,141 @@ template <class T>
 struct ScanParams {
   T* S_seg;
   T* z_seg;
-  int64_t B, H;
-  int K, Dv, P;
+  int64_t seqs, H;                // sequences: B, or S when packed
+  int K, Dv, P, P_state;
+  SequenceTable table;            // packed sequences (table.count > 0)
   int mode;
-  DView<const T> S_init, z_init;  // (B, H, K, Dv), (B, H, K); optional
+  DView<const T> S_init, z_init;  // (seqs, H, K, Dv), (seqs, H, K); optional
   DView<T> S_out, z_out;          // optional
 };
 
 template <class T>
 __global__ void __launch_bounds__(kThreads) state_scan_kernel(const ScanParams<T> p) {
-  const int64_t per_bh = (int64_t)p.K * p.Dv + p.K;
+  const int64_t per_seq = (int64_t)p.K * p.Dv + p.K;
   const int64_t idx = (int64_t)blockIdx.x * kThreads + threadIdx.x;
-  if (idx >= p.B * p.H * per_bh) return;  // no barriers in this kernel
-  const int64_t bh = idx / per_bh, e = idx % per_bh;
-  const int64_t b = bh / p.H, h = bh % p.H;
+  if (idx >= p.seqs * p.H * per_seq) return;  // no barriers in this kernel
+  const int64_t sh = idx / per_seq, e = idx % per_seq;
+  const int64_t seq = sh / p.H, h = sh % p.H;
+  // The sequence's segments and the workspace index of its first state slot.
+  int64_t count = p.P, first = sh * p.P_state;
+  if (p.table.count > 0) {
+    count = p.table.seg_first[seq + 1] - p.table.seg_first[seq];
+    first = h * p.P_state + p.table.state_first[seq];
+  }
+  if (p.mode != kTotal && count == 1) return;  // streamed by its chunk kernel block
   const int64_t KDv = (int64_t)p.K * p.Dv;
   T* slot;
   int64_t stride;
   T acc = T(0), comp = T(0);  // compensated running sum over the segments
   if (e < KDv) {
     const int k = (int)(e / p.Dv), c = (int)(e % p.Dv);
-    slot = p.S_seg + bh * p.P * KDv + e;
+    slot = p.S_seg + first * KDv + e;
     stride = KDv;
-    if (p.S_init.p != nullptr) acc = p.S_init(b, h, k, c);
+    if (p.S_init.p != nullptr) acc = p.S_init(seq, h, k, c);
   } else {
     const int k = (int)(e - KDv);
-    slot = p.z_seg + bh * p.P * p.K + k;
+    slot = p.z_seg + first * p.K + k;
     stride = p.K;
-    if (p.z_init.p != nullptr) acc = p.z_init(b, h, k);
+    if (p.z_init.p != nullptr) acc = p.z_init(seq, h, k);
   }
   if (p.mode == kExclusivePrefix) {
-    for (int q = 0; q < p.P; ++q) {
+    for (int64_t q = 0; q < count; ++q) {
       const T local = slot[q * stride];
       slot[q * stride] = acc;
       math::compensated_add(acc, comp, local);
     }
   } else if (p.mode == kExclusiveSuffix) {
-    for (int q = p.P - 1; q >= 0; --q) {
+    for (int64_t q = count - 1; q >= 0; --q) {
       const T local = slot[q * stride];
       slot[q * stride] = acc;
       math::compensated_add(acc, comp, local);
     }
   } else {
-    for (int q = 0; q < p.P; ++q) math::compensated_add(acc, comp, slot[q * stride]);
-    slot[0] = acc;
+    for (int64_t q = 0; q < count; ++q) math::compensated_add(acc, comp, slot[q * stride]);
+    if (count > 0) slot[0] = acc;
   }
   if (e < KDv) {
-    if (p.S_out.p != nullptr) p.S_out(b, h, e / p.Dv, e % p.Dv) = acc;
+    if (p.S_out.p != nullptr) p.S_out(seq, h, e / p.Dv, e % p.Dv) = acc;
   } else {
-    if (p.z_out.p != nullptr) p.z_out(b, h, e - KDv) = acc;
+    if (p.z_out.p != nullptr) p.z_out(seq, h, e - KDv) = acc;
   }
+}
+
+// --------------------------------------------------------------------------------------------
+// sequence_table: packed sequences' tables (SequenceTable) from the offsets, by one block: the
+// sequences in tiles of kThreads, each tile's running maximum of the ends (offsets are clamped
+// into [0, N] and made non-decreasing, so offsets that break the rules cannot send a block
+// outside the tensors) and its prefix sums of segments and state slots, carried from tile to
+// tile; then the sequence of every block segment.
+// --------------------------------------------------------------------------------------------
+
+// (Templated on the offsets' integer type like the other kernels on their dtypes, so that every
+// translation unit including this header may instantiate it.)
+template <class Offset>
+struct SequenceTableParams {
+  DView<const Offset> offsets;  // (S + 1), as the caller gave them
+  int64_t S, N, seg_len, P;
+  bool causal;
+  int64_t *starts, *seg_first, *state_first, *slot_seq;
+};
+
+// Inclusive scan with `op` of one value per thread over the block, in buf[kThreads] (Hillis-Steele);
+// returns this thread's result. buf then holds every thread's result until the next call.
+template <class Op>
+__device__ int64_t block_inclusive_scan(int64_t* buf, int64_t x, Op op) {
+  const int tid = threadIdx.x;
+  __syncthreads();  // the previous call's results are read
+  buf[tid] = x;
+  __syncthreads();
+  for (int off = 1; off < kThreads; off *= 2) {
+    const int64_t mine = buf[tid], before = tid >= off ? buf[tid - off] : 0;
+    __syncthreads();
+    if (tid >= off) buf[tid] = op(before, mine);
+    __syncthreads();
+  }
+  return buf[tid];
+}
+
+template <class Offset>
+__global__ void __launch_bounds__(kThreads) sequence_table_kernel(const SequenceTableParams<Offset> p) {
+  GMA_DYNAMIC_SMEM(smem_raw);
+  int64_t* buf = reinterpret_cast<int64_t*>(smem_raw);  // [kThreads]
+  const int tid = threadIdx.x;
+  const auto clamp = [&](int64_t x) { return x < 0 ? int64_t(0) : (x > p.N ? p.N : x); };
+  const auto larger = [](int64_t a, int64_t b) { return a < b ? b : a; };
+  const auto plus = [](int64_t a, int64_t b) { return a + b; };
+  for (int64_t g = tid; g < p.P; g += kThreads) p.slot_seq[g] = -1;
+  // Carried over the tiles: the end of the last sequence so far, the segments and slots so far.
+  int64_t end = clamp(p.offsets(0)), segs = 0, states = 0;
+  if (tid == 0) {
+    p.starts[0] = end;
+    p.seg_first[0] = 0;
+    p.state_first[0] = 0;
+  }
+  for (int64_t s0 = 0; s0 < p.S; s0 += kThreads) {
+    const int64_t s = s0 + tid;
+    const bool real = s < p.S;
+    const int64_t seq_end = block_inclusive_scan(buf, real ? larger(clamp(p.offsets(s + 1)), end) : end, larger);
+    const int64_t seq_begin = tid == 0 ? end : buf[tid - 1];
+    const int64_t tile_end = buf[kThreads - 1];
+    const int64_t nseg = (seq_end - seq_begin + p.seg_len - 1) / p.seg_len;  // 0 past the last sequence
+    const int64_t nstate = p.causal && nseg == 1 ? 0 : nseg;                 // see streams_state
+    const int64_t seg_sum = block_inclusive_scan(buf, nseg, plus);
+    const int64_t tile_segs = buf[kThreads - 1];
+    const int64_t state_sum = block_inclusive_scan(buf, nstate, plus);
+    const int64_t tile_states = buf[kThreads - 1];
+    if (real) {
+      p.starts[s + 1] = seq_end;
+      p.seg_first[s + 1] = segs + seg_sum;
+      p.state_first[s + 1] = states + state_sum;
+    }
+    end = tile_end;
+    segs += tile_segs;
+    states += tile_states;
+  }
+  __syncthreads();  // the tables above are visible to the whole block
+  for (int64_t s = tid; s < p.S; s += kThreads)
+    for (int64_t g = p.seg_first[s]; g < p.seg_first[s + 1] && g < p.P; ++g) p.slot_seq[g] = s;
 }
 
 // ============================================================================================
@@ -410,8 +561,16 @@ inline size_t smem_bytes(const ChunkGeometry& g) {
 
 // Chooses chunk length C, slice width DvT (largest that fit the shared memory) and the number
 // of segments P (enough blocks to fill the GPU at about two blocks per SM).
+// Packed sequences (S = packed > 0, B = 1; the host does not know their lengths): the segment
+// length is chosen as for one sequence of all N tokens, and a sequence of len rows takes
+// ceil(len / seg_len) segments; in all at most floor(N / seg_len) + S, the P block segments the
+// grid has (those past the used ones exit at once). State slots: every segment of a
+// bidirectional sequence (its local sums, then its total), none for a causal sequence of one
+// segment (it streams its state), so that causal needs fewer than 2 N / seg_len (each sequence
+// that has slots is longer than seg_len).
 template <class T, class Layout>
-inline ChunkGeometry choose_geometry(const Dims& d, const DeviceInfo& dev, bool own_responsibilities = false) {
+inline ChunkGeometry choose_geometry(const Dims& d, const DeviceInfo& dev, bool causal, int64_t packed,
+                                     bool own_responsibilities = false) {
   ChunkGeometry g;
   g.own_responsibilities = own_responsibilities;
   g.B = d.B;
@@ -441,7 +600,20 @@ inline ChunkGeometry choose_geometry(const Dims& d, const DeviceInfo& dev, bool 
   const int64_t chunks_per_seg = ceil_div(nchunks, P);
   g.P = (int)ceil_div(nchunks, chunks_per_seg);  // no empty segments
   g.seg_len = chunks_per_seg * g.C;
+  g.P_state = g.P;
+  if (packed > 0) {
+    const int64_t whole = ceil_div(d.N, g.seg_len);
+    g.P = (int)(whole + packed);  // (check_sizes bounds S, so that this fits)
+    g.P_state = causal ? (int)std::min<int64_t>(g.P, 2 * whole) : g.P;
+    g.seqs.count = packed;
+  }
   return g;
+}
+
+// Whether a call computes segment states (seg_state, state_scan) before its chunk kernels: not
+// when every sequence streams its state (causal, one segment per batch row).
+inline bool needs_segment_states(const ChunkGeometry& g, bool causal) {
+  return g.seqs.count > 0 || !causal || g.P > 1;
 }
 
 template <class T>
@@ -450,11 +622,13 @@ inline ScanParams<T> make_scan(T* S_seg, T* z_seg, const ChunkGeometry& g, ScanM
   ScanParams<T> sp;
   sp.S_seg = S_seg;
   sp.z_seg = z_seg;
-  sp.B = g.B;
+  sp.seqs = g.seqs.count > 0 ? g.seqs.count : g.B;
   sp.H = g.H;
   sp.K = g.K;
   sp.Dv = g.Dv;
   sp.P = g.P;
+  sp.P_state = g.P_state;
+  sp.table = g.seqs;
   sp.mode = mode;
   sp.S_init = make_view<const T>(S_init);
   sp.z_init = make_view<const T>(z_init);
@@ -465,7 +639,7 @@ inline ScanParams<T> make_scan(T* S_seg, T* z_seg, const ChunkGeometry& g, ScanM
 
 template <class S, class T, bool TC>
 inline void launch_seg_state(const ChunkGeometry& g, DView<const T> G, const RespSource<S, T>& src, const View& Y,
-                             const View& den, const T* w, T* S_seg, T* z_seg, cudaStream_t stream) {
+                             const View& den, const T* w, T* S_seg, T* z_seg, bool causal, cudaStream_t stream) {
   SegStateParams<S, T> sp;
   sp.g = g;
   sp.G = G;
@@ -475,16 +649,52 @@ inline void launch_seg_state(const ChunkGeometry& g, DView<const T> G, const Res
   sp.w = w;
   sp.S_seg = S_seg;
   sp.z_seg = z_seg;
+  sp.causal = causal;
   launch("gmattn seg_state", seg_state_kernel<S, T, TC>, grid_size(g.B * g.H * g.nslices * g.P, "seg_state"),
          kThreads, smem_bytes<T, SegStateSmem<T>>(g), stream, sp);
 }
 
 template <class T>
 inline void launch_scan(const ScanParams<T>& sp, cudaStream_t stream) {
-  const int64_t total = sp.B * sp.H * ((int64_t)sp.K * sp.Dv + sp.K);
+  const int64_t total = sp.seqs * sp.H * ((int64_t)sp.K * sp.Dv + sp.K);
   launch("gmattn state_scan", state_scan_kernel<T>, grid_size(ceil_div(total, kThreads), "state_scan"), kThreads,
          0, stream, sp);
 }
+
+// The workspace of the packed sequences' tables (SequenceTable), and its build.
+struct SequenceTableLayout {
+  size_t o_starts = 0, o_seg_first = 0, o_state_first = 0, o_slot_seq = 0;
+  // Reserves the tables of a geometry (nothing when not packed).
+  void reserve(WorkspaceLayout& ws, const ChunkGeometry& g) {
+    const int64_t S = g.seqs.count;
+    if (S == 0) return;
+    o_starts = ws.reserve<int64_t>(S + 1);
+    o_seg_first = ws.reserve<int64_t>(S + 1);
+    o_state_first = ws.reserve<int64_t>(S + 1);
+    o_slot_seq = ws.reserve<int64_t>(g.P);
+  }
+  // Builds the tables from the offsets (packed only) and points g.seqs at them.
+  void build(ChunkGeometry& g, const WorkspaceMemory& ws, const View& offsets, bool causal,
+             cudaStream_t stream) const {
+    if (g.seqs.count == 0) return;
+    SequenceTableParams<int64_t> tp;
+    tp.offsets = make_view<const int64_t>(offsets);
+    tp.S = g.seqs.count;
+    tp.N = g.N;
+    tp.seg_len = g.seg_len;
+    tp.P = g.P;
+    tp.causal = causal;
+    tp.starts = ws.at<int64_t>(o_starts);
+    tp.seg_first = ws.at<int64_t>(o_seg_first);
+    tp.state_first = ws.at<int64_t>(o_state_first);
+    tp.slot_seq = ws.at<int64_t>(o_slot_seq);
+    launch("gmattn sequence_table", sequence_table_kernel<int64_t>, 1, kThreads, kThreads * sizeof(int64_t), stream, tp);
+    g.seqs.starts = tp.starts;
+    g.seqs.seg_first = tp.seg_first;
+    g.seqs.state_first = tp.state_first;
+    g.seqs.slot_seq = tp.slot_seq;
+  }
+};
 
 }  // namespace cuda_impl
 }  // namespace gmattn

@@ -94,6 +94,25 @@ def reference(q, k, v, mu, omega, alpha, mask, S0, z0, causal, eps, sigma_eps):
     return out, S_final, z_final, Gq, Gk, den
 
 
+def packed_reference(q, k, v, mu, omega, alpha, offsets, S0, z0, causal, eps, sigma_eps):
+    """`reference` on each packed sequence alone (rows offsets[s]:offsets[s + 1] of q, k, v, the
+    state row s), concatenated: the tensors of one row of B = 1 and the (S, H, ...) final states.
+    An empty sequence's final state is its initial state (zeros without one)."""
+    H, K, Dv = q.shape[2], mu.shape[1], v.shape[3]
+    parts, finals = [], []
+    for s, (lo, hi) in enumerate(zip(offsets, offsets[1:])):
+        S0_s, z0_s = (None, None) if S0 is None else (S0[s:s + 1], z0[s:s + 1])
+        if hi == lo:
+            finals.append((q.new_zeros(1, H, K, Dv), q.new_zeros(1, H, K)) if S0 is None else (S0_s, z0_s))
+            continue
+        out, S_f, z_f, Gq, Gk, den = reference(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], mu, omega, alpha, None, S0_s,
+                                               z0_s, causal, eps, sigma_eps)
+        parts.append((out, Gq, Gk, den))
+        finals.append((S_f, z_f))
+    out, Gq, Gk, den = (torch.cat([p[i] for p in parts], dim=1 if i == 0 else 2) for i in range(4))
+    return out, torch.cat([f[0] for f in finals]), torch.cat([f[1] for f in finals]), Gq, Gk, den
+
+
 def rel_err(got, want):
     got = got.detach().cpu().double()
     want = want.double()
@@ -132,10 +151,18 @@ TOL = {torch.float64: (1e-9, 1e-8), torch.float32: (3e-5, 3e-4), torch.float16: 
 USE_CUDA = False  # set by --cuda: kernel tensors on the GPU, reference on the CPU
 
 
-def run_case(lib, dtype, causal, B, N, H, K, D, Dv, use_mask=False, use_init=False, use_dfinal=False,
+def run_case(lib, dtype, causal, H, K, D, Dv, B=1, N=None, use_mask=False, use_init=False, use_dfinal=False,
              noncontig=False, negstride=False, deterministic=True, device=(8, 227 * 1024), seed=0,
-             save=True):
+             save=True, lengths=None, given_offsets=None):
+    """One case on random inputs; with `lengths`, packed sequences of those lengths in one row
+    (B = 1, N their sum, the states one row per sequence). given_offsets: what the kernels get as
+    cu_seqlens instead of the lengths' offsets (offsets that break the rules, which the kernels
+    must clamp to those of `lengths`)."""
     lib.gma_emu_set_device(device[0], device[1])
+    offsets = None if lengths is None else [sum(lengths[:i]) for i in range(len(lengths) + 1)]
+    if offsets is not None:
+        N = offsets[-1]
+    seqs = B if offsets is None else len(lengths)
     g = torch.Generator().manual_seed(seed)
     f64 = torch.float64
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -158,25 +185,31 @@ def run_case(lib, dtype, causal, B, N, H, K, D, Dv, use_mask=False, use_init=Fal
     if use_mask:
         mask = (torch.rand(B, N, generator=g) > 0.3).to(torch.uint8)
         mask[0, : min(3, N)] = 0
-    S0 = rnd(B, H, K, Dv).to(acc) if use_init else None
-    z0 = (torch.rand(B, H, K, generator=g, dtype=f64) * 3).to(acc) if use_init else None
+    S0 = rnd(seqs, H, K, Dv).to(acc) if use_init else None
+    z0 = (torch.rand(seqs, H, K, generator=g, dtype=f64) * 3).to(acc) if use_init else None
     dout = rnd(B, N, H, Dv).to(dtype)
-    dS_final = rnd(B, H, K, Dv, scale=0.1).to(acc) if use_dfinal else None
-    dz_final = rnd(B, H, K, scale=0.1).to(acc) if use_dfinal else None
+    dS_final = rnd(seqs, H, K, Dv, scale=0.1).to(acc) if use_dfinal else None
+    dz_final = rnd(seqs, H, K, scale=0.1).to(acc) if use_dfinal else None
     results, times = check_inputs(lib, dtype, causal, dict(q=q, k=k, v=v, mu=mu, omega=omega, alpha=alpha),
                                   mask, S0, z0, dout, dS_final, dz_final, negstride=negstride,
-                                  deterministic=deterministic, save=save, eps=eps, sigma_eps=sigma_eps)
+                                  deterministic=deterministic, save=save, eps=eps, sigma_eps=sigma_eps,
+                                  offsets=offsets, kernel_offsets=given_offsets)
     return results, times, TOL[dtype]
 
 
 def check_inputs(lib, dtype, causal, ins, mask, S0, z0, dout, dS_final=None, dz_final=None, negstride=False,
-                 deterministic=True, save=True, eps=1e-6, sigma_eps=1e-4, cpu_errors=None):
+                 deterministic=True, save=True, eps=1e-6, sigma_eps=1e-4, cpu_errors=None, offsets=None,
+                 kernel_offsets=None):
     """Runs the kernels' forward and backward on the inputs `ins` (q, k, v, mu, omega, alpha) and
     returns the relative errors (to the largest value) of every output and gradient against the
     float64 autograd reference, and the (forward, backward) seconds. With a dict `cpu_errors`, also
-    fills it with the errors of the CPU kernels (gmattn.gma_attention) on the same inputs."""
+    fills it with the errors of the CPU kernels (gmattn.gma_attention) on the same inputs. With
+    `offsets` (a list of S + 1 row offsets), the B = 1 row holds packed sequences (cu_seqlens), the
+    states have S rows, and the reference runs on each sequence alone (packed_reference); the
+    kernels get `kernel_offsets` instead when given."""
     q, k, v, mu, omega, alpha = (ins[n] for n in ("q", "k", "v", "mu", "omega", "alpha"))
     B, N, H, D = q.shape
+    seqs = B if offsets is None else len(offsets) - 1
     K, Dv = mu.shape[1], v.shape[3]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     use_init, use_dfinal = S0 is not None, dS_final is not None
@@ -184,9 +217,14 @@ def check_inputs(lib, dtype, causal, ins, mask, S0, z0, dout, dS_final=None, dz_
     # float64 reference with autograd
     leaves = {n: (t.double().clone().requires_grad_(True) if t is not None else None)
               for n, t in dict(q=q, k=k, v=v, mu=mu, omega=omega, alpha=alpha, S0=S0, z0=z0).items()}
-    out_r, Sf_r, zf_r, Gq_r, Gk_r, den_r = reference(
-        leaves["q"], leaves["k"], leaves["v"], leaves["mu"], leaves["omega"], leaves["alpha"],
-        mask, leaves["S0"], leaves["z0"], causal, eps, sigma_eps)
+    if offsets is None:
+        out_r, Sf_r, zf_r, Gq_r, Gk_r, den_r = reference(
+            leaves["q"], leaves["k"], leaves["v"], leaves["mu"], leaves["omega"], leaves["alpha"],
+            mask, leaves["S0"], leaves["z0"], causal, eps, sigma_eps)
+    else:
+        out_r, Sf_r, zf_r, Gq_r, Gk_r, den_r = packed_reference(
+            leaves["q"], leaves["k"], leaves["v"], leaves["mu"], leaves["omega"], leaves["alpha"], offsets,
+            leaves["S0"], leaves["z0"], causal, eps, sigma_eps)
     loss = (out_r * dout.double()).sum()
     if use_dfinal:
         loss = loss + (Sf_r * dS_final.double()).sum() + (zf_r * dz_final.double()).sum()
@@ -215,8 +253,8 @@ def check_inputs(lib, dtype, causal, ins, mask, S0, z0, dout, dS_final=None, dz_
     err = ctypes.create_string_buffer(512)
 
     out = nan(B, N, H, Dv, dt=dtype)
-    S_final = nan(B, H, K, Dv, dt=acc)
-    z_final = nan(B, H, K, dt=acc)
+    S_final = nan(seqs, H, K, Dv, dt=acc)
+    z_final = nan(seqs, H, K, dt=acc)
     gq = nan(B, H, N, K, dt=acc)
     gk = nan(B, H, N, K, dt=acc)
     den = nan(B, H, N, dt=acc)
@@ -233,6 +271,9 @@ def check_inputs(lib, dtype, causal, ins, mask, S0, z0, dout, dS_final=None, dz_
     fa.k = view_of(k_store, flip_dim=1 if negstride else None)
     fa.mu, fa.omega, fa.alpha = view_of(dmu_), view_of(domega_), view_of(dalpha_)
     fa.mask, fa.S0, fa.z0 = view_of(dmask_), view_of(dS0_), view_of(dz0_)
+    given = offsets if kernel_offsets is None else kernel_offsets
+    offsets_ = None if given is None else on_dev(torch.tensor(given, dtype=torch.int64))
+    fa.cu_seqlens = view_of(offsets_)
     fa.out, fa.S_final, fa.z_final = view_of(out), view_of(S_final), view_of(z_final)
     if save:
         fa.gq, fa.gk, fa.den = view_of(gq), view_of(gk), view_of(den)
@@ -256,13 +297,13 @@ def check_inputs(lib, dtype, causal, ins, mask, S0, z0, dout, dS_final=None, dz_
     dmu = nan(H, K, D, dt=acc)
     domega = nan(H, K, D, dt=acc)
     dalpha = nan(H, K, dt=acc)
-    dS0 = nan(B, H, K, Dv, dt=acc)
-    dz0 = nan(B, H, K, dt=acc)
+    dS0 = nan(seqs, H, K, Dv, dt=acc)
+    dz0 = nan(seqs, H, K, dt=acc)
     ba = BackwardArgs()
     ba.dims = fa.dims
     ba.opt = fa.opt
     ba.dtype = fa.dtype
-    for n in ["q", "k", "v", "mu", "omega", "alpha", "mask", "S0", "z0"]:
+    for n in ["q", "k", "v", "mu", "omega", "alpha", "mask", "S0", "z0", "cu_seqlens"]:
         setattr(ba, n, getattr(fa, n))
     ba.out, ba.gq, ba.gk, ba.den = view_of(out), view_of(gq), view_of(gk), view_of(den)
     ddout_, ddSf_, ddzf_ = on_dev(dout), on_dev(dS_final), on_dev(dz_final)
@@ -309,6 +350,39 @@ CASES.append(dict(dtype=torch.float64, causal=True, B=1, N=20, H=1, K=256, D=3, 
 CASES.append(dict(dtype=torch.float64, causal=False, B=1, N=300, H=1, K=100, D=40, Dv=8, use_mask=True))
 CASES.append(dict(dtype=torch.float32, causal=True, B=1, N=90, H=1, K=250, D=37, Dv=8, use_init=True,
                   device=(2, 100 * 1024)))  # shared memory fallbacks of every kernel
+# Packed sequences (cu_seqlens), against each sequence run alone. On the default emulated GPU (8
+# SMs) a segment is about N / 16 rows, so a long sequence spans several segments (its states go
+# through the scan) while a short one is a single segment (causal: it streams its state); on a
+# one-SM GPU a segment is about N / 2 rows. Lengths include empty sequences and lengths that are
+# not multiples of the chunk.
+PACKED_LENGTHS = {
+    "mixed": [0, 37, 0, 5, 64, 1, 100, 0, 33],
+    "one long": [3, 250, 7],
+    "many short": [1 + (7 * i) % 9 for i in range(40)],
+    "empty first and last": [0, 0, 20, 0],
+}
+for dtype in (torch.float64, torch.float32):
+    for causal in (True, False):
+        for name, lengths in PACKED_LENGTHS.items():
+            CASES.append(dict(dtype=dtype, causal=causal, lengths=lengths, H=2, K=5, D=7, Dv=9, use_init=True,
+                              use_dfinal=True))
+        CASES += [
+            dict(dtype=dtype, causal=causal, lengths=[70, 0, 130, 9], H=1, K=6, D=4, Dv=5, use_init=True,
+                 use_dfinal=True, device=(1, 227 * 1024)),  # segments of about N / 2: mostly one each
+            dict(dtype=dtype, causal=causal, lengths=[17, 45, 2], H=1, K=20, D=6, Dv=80,
+                 use_dfinal=True),  # two value slices, no initial state
+            dict(dtype=dtype, causal=causal, lengths=[40, 0, 23], H=2, K=40, D=8, Dv=70, use_init=True,
+                 use_dfinal=True, device=(1, 60 * 1024)),  # small shared memory: C = 16
+            dict(dtype=dtype, causal=causal, lengths=[31, 90], H=1, K=8, D=5, Dv=6, use_init=True,
+                 deterministic=False),
+        ]
+for causal in (True, False):  # the tensor-core path
+    CASES.append(dict(dtype=torch.bfloat16, causal=causal, lengths=[0, 37, 5, 100, 1], H=2, K=5, D=7, Dv=9,
+                      use_init=True, use_dfinal=True))
+CASES.append(dict(dtype=torch.float32, causal=True, lengths=[5, 0, 60, 12], H=2, K=8, D=8, Dv=8, save=False))
+for causal in (True, False):  # offsets outside [0, N] or decreasing: clamped, never outside the tensors
+    CASES.append(dict(dtype=torch.float64, causal=causal, lengths=[30, 0, 20, 0], given_offsets=[-5, 30, 20, 1000, 50],
+                      H=2, K=5, D=7, Dv=9, use_init=True, use_dfinal=True))
 
 
 # Invalid arguments: the entry points' own checks must reject them (invalid_argument) before any
@@ -332,6 +406,11 @@ ERROR_CASES = [  # (name, dims changes, view changes, expected part of the messa
     # valid N = 2^31 - 1 on a GPU too small for any chunk: the geometry search must say so without
     # overflowing int when it rounds N up to 16 (UBSan)
     ("N=2^31-1,small GPU", dict(N=2**31 - 1, B=1, H=1, device=(8, 1024)), {}, "needs more shared memory"),
+    # packed sequences (cu_seqlens: S + 1 offsets; only the shapes are checked, the values stay on the GPU)
+    ("packed,B=2", {}, dict(cu_seqlens=(3,)), "with cu_seqlens (packed sequences) B must be 1, got 2"),
+    ("packed,no sequence", dict(B=1), dict(cu_seqlens=(1,)), "1 <= S < 2^30 sequences, got 1 offsets"),
+    ("packed,mask", dict(B=1), dict(cu_seqlens=(3,), mask=(1, 3)), "cu_seqlens and mask cannot be combined"),
+    ("packed,states per row", dict(B=1), dict(cu_seqlens=(3,)), "dimension 0 is 1, expected 2"),  # S_final, dS0
 ]
 
 
@@ -345,7 +424,15 @@ def run_error_case(lib, backward, dims_change, view_change, expect):
     args.opt = Options(True, 1e-6, 1e-4, 0, None, True, -1)
     args.dtype = DTYPE_CODE[torch.float64]
     letters = dict(B="B", N="N", H="H", K="K", D="D", V="Dv")
-    for name, shape in (BWD_SHAPES if backward else FWD_SHAPES).items():
+    shapes = BWD_SHAPES if backward else FWD_SHAPES
+    for name, shape in view_change.items():  # optional arguments the tables leave absent: their shape
+        if name not in shapes:
+            v = View()
+            v.data = buf.data_ptr()
+            for i, size in enumerate(shape):
+                v.shape[i] = size
+            setattr(args, name, v)
+    for name, shape in shapes.items():
         v = View()
         v.data = buf.data_ptr()
         for i, c in enumerate(shape):
