@@ -52,6 +52,8 @@ try:
 except MemoryError as exc:
     print("MemoryError:", exc)
 print("small call finite:", bool(np.isfinite(small()).all()))
+# The kernels flush subnormals to zero; the failed call handed the caller's setting back.
+print("subnormals after the error:", bool(np.float32(1e-38) * np.float32(1e-3) != 0))
 """
 
 
@@ -64,6 +66,7 @@ def test_out_of_memory_raises_memory_error_and_the_process_lives_on(kernel):
     assert lines[0].startswith("MemoryError: gmattn: the CPU " + kernel + " ran out of memory"), proc.stdout
     assert "K=2048, D=2048" in lines[0] and "MiB of working memory failed" in lines[0], lines[0]
     assert lines[1] == "small call finite: True", proc.stdout
+    assert lines[2] == "subnormals after the error: True", proc.stdout
 
 
 def _vm_flags(lo: int, hi: int):

@@ -7,10 +7,18 @@ float64 reference's results (outputs, states, gradients).
   same parameter values: a change of the parameters, in place or not, is never served stale;
 - a call with very little work runs on one thread, with any thread count asked for;
 - the torch front end hands the CPU module DLPack capsules; the module takes only unused ones;
-- the argument checks accept a plainly valid call quickly and agree with the full checks.
+- the argument checks accept a plainly valid call quickly and agree with the full checks;
+- sequences of at most ROW_PATH_ROWS tokens take the core's row-at-a-time path (cpp/cpu/step.h):
+  its outputs, saved tensors (hence gradients) and states are the reference's, and a chain of
+  one-token steps equals one chunked call;
+- the kernels flush subnormals to zero on every thread they run on and put the caller's setting
+  back;
+- NumPy decoding can update its carried state in place (state_in_place=True), never silently.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -250,3 +258,323 @@ def test_quick_acceptance_agrees_with_the_full_checks(monkeypatch):
         assert _checks._plainly_valid(*args, mask, state, eps, sigma_eps) is None
         with pytest.raises(ValueError, match="eps"):
             _checks.check_arguments(*args, mask, state, eps, sigma_eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# The row-at-a-time path of short sequences (cpp/cpu/step.h, kRowPathRows)
+
+ROW_PATH_ROWS = 4  # kRowPathRows: sequences up to this long take the row path, longer ones chunks
+
+
+def _loss_grads(out, S, z, tensors):
+    g = torch.Generator().manual_seed(11)
+    cot = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype) for t in (out, S, z)]
+    return torch.autograd.grad((out, S, z), tensors, cot)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("N", [1, 2, ROW_PATH_ROWS, ROW_PATH_ROWS + 1])
+@pytest.mark.parametrize("mask", [False, True], ids=["", "mask"])
+@pytest.mark.parametrize("state", [True, False], ids=["state", "nostate"])
+def test_short_sequences_match_the_reference(causal, N, mask, state):
+    """Around the row path's bound (ROW_PATH_ROWS rows: row path; one more: chunks), float64:
+    outputs and final states without gradients (the direct route) and with them (the op, whose
+    forward saves the responsibilities the backward reads), and every gradient, equal the
+    float64 reference."""
+    p = make_problem(3, N, 2, 7, 5, 6, mask=mask, state=state, dtype=torch.float64, seed=N)
+    if mask:
+        p.mask[:, 0] = N == 1 or bool(p.mask[0, 0])  # a masked first token too, when N > 1
+        p.mask[1, 0] = False if N > 1 else True
+    x = p.detached()
+    want = reference.naive_gma(x.q, x.k, x.v, x.mu, x.omega, x.alpha, causal=causal, key_padding_mask=x.mask,
+                               initial_state=x.state, output_final_state=True)
+    want = [want[0], *want[1]]
+    with torch.no_grad():
+        out, (S, z) = gmattn.gma_attention(x.q, x.k, x.v, x.mu, x.omega, x.alpha, causal=causal,
+                                           key_padding_mask=x.mask, initial_state=x.state, output_final_state=True)
+    for got, ref in zip((out, S, z), want):
+        torch.testing.assert_close(got, ref.detach(), **TOL64)
+    x = p.detached()
+    out, (S, z) = gmattn.gma_attention(x.q, x.k, x.v, x.mu, x.omega, x.alpha, causal=causal, key_padding_mask=x.mask,
+                                       initial_state=x.state, output_final_state=True)
+    for got, ref in zip((out, S, z), want):
+        torch.testing.assert_close(got.detach(), ref.detach(), **TOL64)
+    got_grads = _loss_grads(out, S, z, x.tensors())
+    r = p.detached()
+    ro, (rS, rz) = reference.naive_gma(r.q, r.k, r.v, r.mu, r.omega, r.alpha, causal=causal, key_padding_mask=r.mask,
+                                       initial_state=r.state, output_final_state=True)
+    for got, ref in zip(got_grads, _loss_grads(ro, rS, rz, r.tensors())):
+        torch.testing.assert_close(got, ref, **TOL64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_row_path_agrees_with_the_chunked_path(dtype, causal):
+    """The same short problem through the row path and through chunks: causal, the first
+    ROW_PATH_ROWS outputs of a longer call (chunked) and a call of those rows alone (rows);
+    bidirectional, a call whose extra keys are masked out (chunked) against the short call. Both
+    within a few roundings of the float64 reference, in every dtype (16-bit q, k, v: within
+    plain float32 rounding of the widened inputs)."""
+    n, long_n = ROW_PATH_ROWS, ROW_PATH_ROWS + 9
+    p = make_problem(2, long_n, 3, 16, 24, 20, mask=True, state=True, dtype=dtype, seed=4)
+    x = p.detached()
+    mask = x.mask.clone()
+    if not causal:
+        mask[:, n:] = False
+    with torch.no_grad():
+        short, (S_s, z_s) = gmattn.gma_attention(x.q[:, :n], x.k[:, :n], x.v[:, :n], x.mu, x.omega, x.alpha,
+                                                 causal=causal, key_padding_mask=mask[:, :n], initial_state=x.state,
+                                                 output_final_state=True)
+        long, _ = gmattn.gma_attention(x.q, x.k, x.v, x.mu, x.omega, x.alpha, causal=causal, key_padding_mask=mask,
+                                       initial_state=x.state, output_final_state=True)
+    ref = reference.naive_gma(*(t.double() for t in (x.q[:, :n], x.k[:, :n], x.v[:, :n], x.mu, x.omega, x.alpha)),
+                              causal=causal, key_padding_mask=mask[:, :n],
+                              initial_state=tuple(s.double() for s in x.state), output_final_state=True)
+    if dtype == torch.float64:
+        tol = TOL64
+    elif dtype == torch.float32:
+        tol = dict(rtol=1e-5, atol=1e-6)
+    else:  # the outputs are rounded to bfloat16 (8 bits)
+        tol = dict(rtol=1.6e-2, atol=1e-3)
+    state_tol = TOL64 if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(short.double(), ref[0], **tol)
+    torch.testing.assert_close(long[:, :n].double(), ref[0], **tol)
+    torch.testing.assert_close(short.double(), long[:, :n].double(), **tol)
+    for got, want in zip((S_s, z_s), ref[1]):
+        torch.testing.assert_close(got.double(), want, **state_tol)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_one_token_step_with_any_state_layout(causal, layout):
+    """A one-token step reads its state from S0 and writes S_final directly when their rows are
+    contiguous, through working memory otherwise: both give the reference's outputs, states and
+    saved-responsibility gradients."""
+    p = make_problem(2, 1, 3, 6, 5, 7, mask=True, state=True, dtype=torch.float64, seed=12)
+    x = p.detached()
+    if layout == "strided":  # S0 with its Dv axis outermost, z0 at stride 2
+        S0 = x.state[0].detach().permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0).requires_grad_()
+        z0 = torch.stack([x.state[1].detach()] * 2, -1)[..., 0].requires_grad_()
+        assert S0.stride()[-1] != 1 and z0.stride()[-1] == 2
+        x = dataclasses.replace(x, state=(S0, z0))
+    want = reference.naive_gma(*(t.detach() for t in (x.q, x.k, x.v, x.mu, x.omega, x.alpha)), causal=causal,
+                               key_padding_mask=x.mask, initial_state=tuple(s.detach() for s in x.state),
+                               output_final_state=True)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            out, (S, z) = gmattn.gma_attention(x.q, x.k, x.v, x.mu, x.omega, x.alpha, causal=causal,
+                                               key_padding_mask=x.mask, initial_state=x.state,
+                                               output_final_state=True)
+        for got, ref in zip((out, S, z), (want[0], *want[1])):
+            torch.testing.assert_close(got.detach(), ref, **TOL64)
+    got_grads = _loss_grads(out, S, z, x.tensors())
+    r = p.detached()
+    ro, (rS, rz) = reference.naive_gma(r.q, r.k, r.v, r.mu, r.omega, r.alpha, causal=causal, key_padding_mask=r.mask,
+                                       initial_state=r.state, output_final_state=True)
+    for got, ref in zip(got_grads, _loss_grads(ro, rS, rz, r.tensors())):
+        torch.testing.assert_close(got, ref, **TOL64)
+
+
+@pytest.mark.parametrize("framework", ["torch", "numpy"])
+def test_one_token_steps_chain_to_one_chunked_call(framework):
+    """float32, 150 one-token steps with the carried state (each on the row path; some tokens
+    masked) equal one chunked call over the 150 tokens, and both the float64 reference."""
+    steps = 150
+    p = make_problem(2, steps, 4, 16, 8, 12, mask=True, state=True, dtype=torch.float32, seed=21)
+    x = p.detached()
+    convert = (lambda t: t) if framework == "torch" else (lambda t: t.detach().numpy())
+    params = [convert(t) for t in (x.mu, x.omega, x.alpha)]
+    carried = tuple(convert(s) for s in x.state)
+    outs = []
+    with torch.no_grad():
+        for i in range(steps):
+            rows = [convert(t[:, i:i + 1]) for t in (x.q, x.k, x.v)]
+            out, carried = gmattn.gma_attention(*rows, *params, causal=True, key_padding_mask=convert(x.mask[:, i:i + 1]),
+                                                initial_state=carried, output_final_state=True)
+            outs.append(torch.as_tensor(out))
+        whole, whole_state = gmattn.gma_attention(x.q, x.k, x.v, x.mu, x.omega, x.alpha, causal=True,
+                                                  key_padding_mask=x.mask, initial_state=x.state,
+                                                  output_final_state=True)
+    ref, ref_state = _reference(x.q, x.k, x.v, x.mu, x.omega, x.alpha, x.state, mask=x.mask)
+    stepped = torch.cat(outs, 1)
+    torch.testing.assert_close(stepped, whole, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(stepped.double(), ref, rtol=2e-5, atol=2e-6)
+    for got, chunked, want in zip(carried, whole_state, ref_state):
+        torch.testing.assert_close(torch.as_tensor(got), chunked, rtol=2e-5, atol=2e-6)
+        torch.testing.assert_close(torch.as_tensor(got).double(), want, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("lengths", [[1, 0, 3, 4, 1, 2], [4], [0, 1]], ids=["mixed", "one", "empty_first"])
+def test_packed_short_sequences_take_the_row_path(causal, lengths):
+    """Packed sequences of at most ROW_PATH_ROWS tokens (empty ones too): outputs, final states
+    and every gradient equal the reference on each sequence alone."""
+    g = torch.Generator().manual_seed(2)
+    H, K, D, Dv, S, N = 2, 5, 4, 6, len(lengths), sum(lengths)
+    shapes = [(1, N, H, D), (1, N, H, D), (1, N, H, Dv), (H, K, D), (H, K, D), (H, K), (S, H, K, Dv), (S, H, K)]
+    tensors = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    tensors[-2:] = [t.abs() + 0.1 for t in tensors[-2:]]
+    tensors = [t.requires_grad_() for t in tensors]
+    offsets = torch.tensor(np.cumsum([0] + lengths), dtype=torch.int64)
+
+    def run(fn):
+        q, k, v, mu, omega, alpha, S0, z0 = tensors
+        out, (S_, z_) = fn(q, k, v, mu, omega, alpha, causal=causal, initial_state=(S0, z0), output_final_state=True,
+                           cu_seqlens=offsets)
+        return [out, S_, z_], _loss_grads(out, S_, z_, tensors)
+
+    got, got_grads = run(gmattn.gma_attention)
+    want, want_grads = run(lambda *a, cu_seqlens, **kw: reference.packed_gma(*a, cu_seqlens, **kw))
+    for a, b in zip(got + list(got_grads), want + list(want_grads)):
+        torch.testing.assert_close(a, b, **TOL64)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_batched_steps_on_several_threads(causal):
+    """A one-token step of many sequences has enough work for several threads (the row path runs
+    its (sequence, head) pairs in parallel): the reference's results at 1, 2 and 3 threads, the
+    same bits at each."""
+    p = make_problem(48, 1, 8, 32, 32, 32, mask=True, state=True, dtype=torch.float32, seed=8)
+    x = p.detached()
+    ref, ref_state = _reference(x.q, x.k, x.v, x.mu, x.omega, x.alpha, x.state, causal=causal, mask=x.mask)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                out, (S, z) = gmattn.gma_attention(x.q, x.k, x.v, x.mu, x.omega, x.alpha, causal=causal,
+                                                   key_padding_mask=x.mask, initial_state=x.state,
+                                                   output_final_state=True)
+            results.append((out, S, z))
+    finally:
+        torch.set_num_threads(before)
+    for got in results:
+        for a, b, want in zip(got, results[0], (ref, *ref_state)):
+            assert torch.equal(a, b)
+            # (float32 responsibilities carry ~eps |s| relative error, |s| ~ 50 nats here; the
+            # chunked path's error on these inputs is larger still)
+            torch.testing.assert_close(a.double(), want, rtol=1e-4, atol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Subnormals flushed inside the kernels, the caller's setting kept
+
+def _subnormals_survive() -> bool:
+    """Whether this thread's float32 arithmetic yields subnormal results (no flush to zero)."""
+    tiny = np.float32(1e-38)
+    return bool(np.multiply(tiny, np.float32(1e-3)) != 0)
+
+
+def _far_problem(N, dtype=torch.float32):
+    """Far components: many float32 responsibilities below the smallest normal number."""
+    p = make_problem(1, N, 2, 16, 4, 5, state=True, dtype=torch.float64, seed=6)
+    with torch.no_grad():
+        p.mu.mul_(6.0)
+        p.omega.fill_(-3.0)
+    return [t.detach().to(dtype) for t in (p.q, p.k, p.v, p.mu, p.omega, p.alpha)], \
+        tuple(s.detach().to(dtype) for s in p.state)
+
+
+@pytest.mark.parametrize("N", [1, 70])
+def test_kernels_flush_subnormals_and_restore_the_callers_setting(N):
+    """The saved responsibilities of far components hold no subnormal numbers (flushed to zero
+    inside the kernels, row path and chunks alike), while the calling thread and torch's worker
+    threads still compute subnormals afterwards; forward and backward stay within float32
+    rounding of the float64 reference."""
+    assert _subnormals_survive()
+    (q, k, v, mu, omega, alpha), state = _far_problem(N)
+    core = _ext.core()
+    B, _, H, _ = q.shape
+    K = mu.shape[1]
+    gq, gk = np.empty((B, H, N, K), np.float32), np.empty((B, H, N, K), np.float32)
+    den, out = np.empty((B, H, N), np.float32), np.empty(v.shape, np.float32)
+    core.forward(*(t.numpy() for t in (q, k, v, mu, omega, alpha)), None, *(s.numpy() for s in state), out, None,
+                 None, gq, gk, den, True, 1e-6, 1e-4, 2, 0, None)
+    for saved in (gq, gk):
+        assert saved.min() >= 0 and (saved.max() > 0)
+        assert not np.any((saved > 0) & (saved < np.finfo(np.float32).tiny)), "a subnormal responsibility"
+    # The float64 responsibilities of these rows do reach below the float32 range of normals.
+    ref_g = reference.responsibilities(q.double(), mu.double(), omega.double(),
+                                       alpha.double())
+    assert bool(((ref_g > 0) & (ref_g < float(np.finfo(np.float32).tiny))).any())
+    assert _subnormals_survive(), "the calling thread's flush-to-zero setting was left changed"
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = [t.clone().requires_grad_() for t in (q, k, v, mu, omega, alpha)]
+        S0, z0 = (s.clone().requires_grad_() for s in state)
+        got, (S, z) = gmattn.gma_attention(*x, causal=True, initial_state=(S0, z0), output_final_state=True)
+        got_grads = _loss_grads(got, S, z, x + [S0, z0])
+        tiny = torch.full((1 << 16,), 1e-38, dtype=torch.float32) * 1e-3  # on torch's threads
+        assert bool((tiny != 0).all()), "a worker thread's flush-to-zero setting was left changed"
+    finally:
+        torch.set_num_threads(before)
+    assert _subnormals_survive()
+    # Against the float64 reference: within 2x (gradients 3x) the error of plain float32 PyTorch
+    # (the reference run in float32), the bound of docs/design.md section 5.
+    def reference_run(dtype):
+        xr = [t.to(dtype).requires_grad_() for t in (q, k, v, mu, omega, alpha)]
+        S0r, z0r = (s.to(dtype).requires_grad_() for s in state)
+        o, (Sr, zr) = reference.naive_gma(*xr, causal=True, initial_state=(S0r, z0r), output_final_state=True)
+        return [o, Sr, zr] + list(_loss_grads(o, Sr, zr, xr + [S0r, z0r]))
+
+    want, plain = reference_run(torch.float64), reference_run(torch.float32)
+    for i, (a, b, c) in enumerate(zip([got, S, z] + list(got_grads), want, plain)):
+        err, plain_err = ((t.double() - b).abs().max().item() for t in (a, c))
+        floor = 1e-6 * b.abs().max().item()
+        assert err <= (2 if i < 3 else 3) * plain_err + floor, (i, err, plain_err)
+
+
+# ---------------------------------------------------------------------------------------------
+# NumPy decoding with the state updated in place
+
+def test_state_in_place_equals_new_state_arrays():
+    """state_in_place=True writes each step's final state into the arrays it started from: the
+    same outputs and states as new arrays per step, in the same (returned) arrays; row path
+    (one token) and chunks (70 tokens) alike."""
+    (q, k, v, mu, omega, alpha), state = _decode_inputs(80, dtype=torch.float32)
+    arrays = [t.numpy() for t in (q, k, v, mu, omega, alpha)]
+    for rows in ([slice(i, i + 1) for i in range(10)], [slice(10, 80)]):
+        S, z = (s.numpy().copy() for s in state)
+        fresh = (S.copy(), z.copy())
+        for r in rows:
+            x = [a[:, r] for a in arrays[:3]]
+            out_new, fresh = gmattn.gma_attention(*x, *arrays[3:], causal=True, initial_state=fresh,
+                                                  output_final_state=True)
+            out_in, (S_ret, z_ret) = gmattn.gma_attention(*x, *arrays[3:], causal=True, initial_state=(S, z),
+                                                          output_final_state=True, state_in_place=True)
+            assert S_ret is S and z_ret is z
+            np.testing.assert_array_equal(out_in, out_new)
+            np.testing.assert_array_equal(S, fresh[0])
+            np.testing.assert_array_equal(z, fresh[1])
+        out_only = gmattn.gma_attention(*(a[:, :1] for a in arrays[:3]), *arrays[3:], causal=True,
+                                        initial_state=(S, z), state_in_place=True)
+        assert out_only.shape == (2, 1, 3, 4)
+
+
+def test_state_in_place_is_never_silent():
+    """state_in_place=True refuses what it could not update in place, naming the problem: no
+    initial state, arrays of another dtype (a converted copy would be updated), read-only or
+    non-contiguous arrays, and torch tensors."""
+    (q, k, v, mu, omega, alpha), state = _decode_inputs(1, dtype=torch.float32)
+    arrays = [t.numpy() for t in (q, k, v, mu, omega, alpha)]
+    S, z = (s.numpy().copy() for s in state)
+    with pytest.raises(ValueError, match="needs an initial_state"):
+        gmattn.gma_attention(*arrays, causal=True, state_in_place=True)
+    with pytest.raises(ValueError, match="accumulator dtype"):
+        gmattn.gma_attention(*arrays, causal=True, initial_state=(S.astype(np.float64), z), state_in_place=True)
+    frozen = S.copy()
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        gmattn.gma_attention(*arrays, causal=True, initial_state=(frozen, z), state_in_place=True)
+    wide = np.zeros(S.shape[:-1] + (2 * S.shape[-1],), np.float32)[..., ::2]
+    with pytest.raises(ValueError, match="C-contiguous"):
+        gmattn.gma_attention(*arrays, causal=True, initial_state=(wide, z), state_in_place=True)
+    with pytest.raises(ValueError, match="NumPy arrays"):
+        gmattn.gma_attention(q, k, v, mu, omega, alpha, causal=True, initial_state=state, state_in_place=True)
+    core = _ext.core()
+    out = np.empty(arrays[2].shape, np.float32)
+    with pytest.raises(ValueError, match="give no S_final"):
+        core.forward(*arrays, None, S, z, out, S.copy(), z.copy(), None, None, None, True, 1e-6, 1e-4, 1, 0, None,
+                     None, True)

@@ -581,10 +581,12 @@ void refuse_workspace(py::handle allocate_workspace) {
 
 // The forward pass's inputs, shared by ForwardArgs and BackwardArgs (same member names). Returns
 // the number of sequences (B, or S with packed sequences), which the state tensors have first.
+// With `state_written` (the forward's state_in_place) the initial state is also an output: it
+// must be writable and C-contiguous, and may share memory with no other argument.
 template <class Args>
 int64_t import_forward_inputs(Call& c, Args& a, py::handle q, py::handle k, py::handle v, py::handle mu,
                               py::handle omega, py::handle alpha, py::handle mask, py::handle S0, py::handle z0,
-                              py::handle cu_seqlens) {
+                              py::handle cu_seqlens, bool state_written = false) {
   const gmattn::Dims& d = c.dims;
   a.q = c.view(q, {"q", {d.B, d.N, d.H, d.D}, Kind::kInput, false, false}, false);
   a.k = c.view(k, {"k", {d.B, d.N, d.H, d.D}, Kind::kInput, false, false}, false);
@@ -595,8 +597,9 @@ int64_t import_forward_inputs(Call& c, Args& a, py::handle q, py::handle k, py::
   a.mask = c.view(mask, {"key_padding_mask", {d.B, d.N}, Kind::kMask, false, false}, true);
   int64_t seqs = 0;
   a.cu_seqlens = c.sequences(cu_seqlens, a.mask.present(), seqs);
-  a.S0 = c.view(S0, {"initial_state[0] (S)", {seqs, d.H, d.K, d.Dv}, Kind::kAccumulator, false, false}, true);
-  a.z0 = c.view(z0, {"initial_state[1] (z)", {seqs, d.H, d.K}, Kind::kAccumulator, false, false}, true);
+  a.S0 = c.view(S0, {"initial_state[0] (S)", {seqs, d.H, d.K, d.Dv}, Kind::kAccumulator, state_written, state_written},
+                true);
+  a.z0 = c.view(z0, {"initial_state[1] (z)", {seqs, d.H, d.K}, Kind::kAccumulator, state_written, state_written}, true);
   if (a.S0.present() != a.z0.present()) fail("initial_state", "must give both S and z, or neither");
   return seqs;
 }
@@ -604,17 +607,34 @@ int64_t import_forward_inputs(Call& c, Args& a, py::handle q, py::handle k, py::
 void forward(py::handle q, py::handle k, py::handle v, py::handle mu, py::handle omega, py::handle alpha,
              py::handle mask, py::handle S0, py::handle z0, py::handle out, py::handle S_final,
              py::handle z_final, py::handle gq, py::handle gk, py::handle den, bool causal, double eps,
-             double sigma_eps, int num_threads, int64_t stream, py::handle allocate_workspace, py::handle cu_seqlens) {
+             double sigma_eps, int num_threads, int64_t stream, py::handle allocate_workspace, py::handle cu_seqlens,
+             bool state_in_place) {
+  // state_in_place: the final state overwrites the initial state's arrays (a decoding loop's
+  // carried state, without new arrays per step). The CPU kernels read each sequence's initial state
+  // before they write its final state (gmattn.h).
+  if (state_in_place) {
+    if (kDevice != kDLCPU) fail("state_in_place", "is for the CPU module only");
+    if (S0.is_none() || z0.is_none()) fail("state_in_place", "needs an initial state (S0, z0) to update");
+    if (!S_final.is_none() || !z_final.is_none()) {
+      fail("state_in_place", "writes the final state into S0 and z0: give no S_final, z_final");
+    }
+  }
   Call c = start_call(q, v, mu, stream);
   const auto& d = c.dims;
   gmattn::ForwardArgs a;
   a.dims = d;
   a.dtype = c.dtype;
   a.opt = make_options(c, causal, eps, sigma_eps, num_threads, true);
-  const int64_t seqs = import_forward_inputs(c, a, q, k, v, mu, omega, alpha, mask, S0, z0, cu_seqlens);
+  const int64_t seqs =
+      import_forward_inputs(c, a, q, k, v, mu, omega, alpha, mask, S0, z0, cu_seqlens, state_in_place);
   a.out = c.view(out, {"out", {d.B, d.N, d.H, d.Dv}, Kind::kInput, true, true}, false);
-  a.S_final = c.view(S_final, {"S_final", {seqs, d.H, d.K, d.Dv}, Kind::kAccumulator, true, true}, true);
-  a.z_final = c.view(z_final, {"z_final", {seqs, d.H, d.K}, Kind::kAccumulator, true, true}, true);
+  if (state_in_place) {
+    a.S_final = a.S0;
+    a.z_final = a.z0;
+  } else {
+    a.S_final = c.view(S_final, {"S_final", {seqs, d.H, d.K, d.Dv}, Kind::kAccumulator, true, true}, true);
+    a.z_final = c.view(z_final, {"z_final", {seqs, d.H, d.K}, Kind::kAccumulator, true, true}, true);
+  }
   if (a.S_final.present() != a.z_final.present()) fail("S_final", "and z_final must be given together");
   a.gq = c.view(gq, {"gq", {d.B, d.H, d.N, d.K}, Kind::kAccumulator, true, true}, true);
   a.gk = c.view(gk, {"gk", {d.B, d.H, d.N, d.K}, Kind::kAccumulator, true, true}, true);
@@ -720,7 +740,10 @@ PYBIND11_MODULE(GMATTN_MODULE_NAME, m) {
         py::arg("z_final"), py::arg("gq"), py::arg("gk"), py::arg("den"), py::arg("causal"), py::arg("eps"),
         py::arg("sigma_eps"), py::arg("num_threads") = 0, py::arg("stream") = 0,
         py::arg("allocate_workspace") = py::none(), py::arg("cu_seqlens") = py::none(),
+        py::arg("state_in_place") = false,
         "Forward pass: writes out (and the optional final state and saved tensors) in place. "
+        "state_in_place (CPU): the final state is written into S0 and z0 (writable, C-contiguous) "
+        "instead of S_final, z_final (which must then be None). "
         "CUDA: stream is the caller's cudaStream_t (0 = the default stream), the kernels run on the "
         "device of q; allocate_workspace(nbytes), when given, returns the device memory for the "
         "call's temporary buffers (an array of at least nbytes bytes on that device). cu_seqlens (int64, "

@@ -19,6 +19,7 @@
 #endif
 
 #include "gmattn/gmattn.h"
+#include "numeric.h"
 #include "working_memory.h"
 
 namespace gmattn {
@@ -87,6 +88,7 @@ const char* isa_name(Isa isa) {
 template <class Args, class Kernel>
 void run_kernel(const char* pass, const Args& a, Kernel&& kernel) {
   try {
+    const cpu_detail::FlushSubnormals flush;  // (the caller's setting back on return or throw)
     kernel();
   } catch (const std::bad_alloc& e) {
     const Dims& d = a.dims;

@@ -6,6 +6,7 @@
 
 #include "mixture.h"
 #include "plan.h"
+#include "step.h"
 
 namespace gmattn {
 namespace cpu {
@@ -17,6 +18,10 @@ void forward_typed(const ForwardArgs& a) {
   const Shape s = Shape::make<Acc>(a.dims, a.cu_seqlens);
   const int64_t N = s.N, K = s.K, D = s.D, Dv = s.Dv, Kp = s.Kp, Dp = s.Dp, Dvp = s.Dvp, C = s.C;
   const int64_t SS = Kp * Dvp, SZ = SS + Kp;  // a state: S (Kp x Dvp), then z (Kp)
+  if (row_path_applies(s)) {  // a decoding step, a few tokens: no chunks (step.h)
+    forward_rows<T, Acc>(a, s, threads_for(s, a.opt.num_threads));
+    return;
+  }
   const Plan pl = make_plan(s, threads_for(s, a.opt.num_threads));
   const int64_t G = pl.group;
   const bool causal = a.opt.causal, save = a.gq.present();

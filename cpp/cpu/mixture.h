@@ -147,8 +147,12 @@ void build_heads(std::vector<Head<Acc>>& heads, const View& mu, const View& omeg
                  double sigma_eps, int nt) {
   const int64_t H = static_cast<int64_t>(heads.size());
   for (Head<Acc>& head : heads) head.allocate(s);
-#pragma omp parallel for num_threads(static_cast<int>(std::min<int64_t>(nt, H))) schedule(static, 1) if (nt > 1)
-  for (int64_t h = 0; h < H; ++h) heads[h].build(mu, omega, alpha, h, sigma_eps);
+#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(nt, H))) if (nt > 1)
+  {
+    const FlushSubnormals flush;  // (each thread's own setting)
+#pragma omp for schedule(static, 1)
+    for (int64_t h = 0; h < H; ++h) heads[h].build(mu, omega, alpha, h, sigma_eps);
+  }
 }
 
 // Prepared mixtures, kept for later calls with the same parameters. Preparing the heads costs
@@ -429,33 +433,64 @@ unsigned softmax_rows(Acc* rows, int64_t ld, const Acc* ln0, const Acc* lmax, co
   return failed;
 }
 
-// Direct form on the raw row: Q[k] = sum_d lam (x - mu)^2 (the guard's fallback), summing four
-// dimensions at a time before accumulating (a shorter chain of roundings).
-template <class Acc>
-void direct_row(const Head<Acc>& hd, const Acc* x, Acc* Q) {
+// Direct form on the raw row: Q[k] = sum_d lam (x - mu)^2 (the guard's fallback, and the row
+// path's form), summing four dimensions at a time before accumulating (a shorter chain of
+// roundings). NV vectors of components from component k0, their sums kept in registers.
+template <class Acc, int NV>
+inline void direct_tile(const Head<Acc>& hd, const Acc* x, Acc* Q, int64_t k0) {
+  using V = VecT<Acc>;
+  using math::direct_term;
+  constexpr int W = Simd<Acc>::W;
   const int64_t Kp = hd.Kp, D = hd.D;
-  std::fill(Q, Q + Kp, Acc(0));
+  V acc[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) acc[v] = V{};
   int64_t d = 0;
   for (; d + 4 <= D; d += 4) {
-    const Acc x0 = x[d], x1 = x[d + 1], x2 = x[d + 2], x3 = x[d + 3];
-    const Acc* m = hd.muT.data() + d * Kp;
-    const Acc* l = hd.lamT.data() + d * Kp;
-#pragma omp simd
-    for (int64_t k = 0; k < Kp; ++k) {
-      using math::direct_term;
-      Q[k] += (direct_term(l[k], x0, m[k]) + direct_term(l[Kp + k], x1, m[Kp + k])) +
-              (direct_term(l[2 * Kp + k], x2, m[2 * Kp + k]) + direct_term(l[3 * Kp + k], x3, m[3 * Kp + k]));
+    const V x0 = splat(x[d]), x1 = splat(x[d + 1]), x2 = splat(x[d + 2]), x3 = splat(x[d + 3]);
+    const Acc* m = hd.muT.data() + d * Kp + k0;
+    const Acc* l = hd.lamT.data() + d * Kp + k0;
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const int64_t o = v * W;
+      acc[v] += (direct_term(loadu(l + o), x0, loadu(m + o)) + direct_term(loadu(l + Kp + o), x1, loadu(m + Kp + o))) +
+                (direct_term(loadu(l + 2 * Kp + o), x2, loadu(m + 2 * Kp + o)) +
+                 direct_term(loadu(l + 3 * Kp + o), x3, loadu(m + 3 * Kp + o)));
     }
   }
   for (; d < D; ++d) {
-    const Acc xd = x[d];
-    const Acc* m = hd.muT.data() + d * Kp;
-    const Acc* l = hd.lamT.data() + d * Kp;
-#pragma omp simd
-    for (int64_t k = 0; k < Kp; ++k) {
-      Q[k] += math::direct_term(l[k], xd, m[k]);
-    }
+    const V xd = splat(x[d]);
+    const Acc* m = hd.muT.data() + d * Kp + k0;
+    const Acc* l = hd.lamT.data() + d * Kp + k0;
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[v] += direct_term(loadu(l + v * W), xd, loadu(m + v * W));
   }
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) storeu(Q + k0 + v * W, acc[v]);
+}
+
+template <class Acc>
+void direct_row(const Head<Acc>& hd, const Acc* x, Acc* Q) {
+  constexpr int W = Simd<Acc>::W;
+  const int64_t nvec = hd.Kp / W;
+  int64_t v = 0;
+  for (; v + 4 <= nvec; v += 4) direct_tile<Acc, 4>(hd, x, Q, v * W);
+  switch (nvec - v) {
+    case 3: direct_tile<Acc, 3>(hd, x, Q, v * W); break;
+    case 2: direct_tile<Acc, 2>(hd, x, Q, v * W); break;
+    case 1: direct_tile<Acc, 1>(hd, x, Q, v * W); break;
+    default: break;
+  }
+}
+
+// gamma (Kp) = the responsibilities of one raw row x (Dp), in the direct form (one row has no
+// chunk to centre on; the centred form's guard would fall back to this form anyway).
+template <class Acc>
+void row_responsibilities(const Head<Acc>& hd, const Acc* x, Acc* gamma) {
+  direct_row(hd, x, gamma);
+  const Acc unused = 0;  // (the guard's inputs; not read without the check)
+  softmax_rows<Acc, 1>(gamma, hd.Kp, hd.ln0.data(), hd.lmax.data(), hd.lmax.data(), &unused, Acc(hd.D),
+                       hd.Kp / Simd<Acc>::W, false);
 }
 
 // gamma (C x Kp) = responsibilities of the raw rows x (C x Dp, n valid); rows with keep[r] == 0

@@ -10,6 +10,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 #include "../common/gma_math.h"
 
@@ -18,6 +21,40 @@ namespace cpu_detail {
 // One copy per ISA build (GMATTN_ISA): inline functions compiled with different instruction
 // sets must not share symbols, or the linker would merge them across builds.
 inline namespace GMATTN_ISA {
+
+// Subnormal numbers flushed to zero, as results (FTZ) and as operands (DAZ), from construction to
+// destruction on the calling thread; the thread's own setting is put back on destruction, also
+// when an exception unwinds. Far components' responsibilities are e^-88..e^-103 in float32:
+// subnormal, and arithmetic on them runs microcode assists (the backward was a third slower).
+// Flushing changes any value by less than the smallest normal number (1.2e-38 in float32,
+// 2.2e-308 in float64; docs/design.md section 4). Every thread that runs kernel code holds one:
+// the caller's thread for the whole call (dispatch.cpp) and each OpenMP thread inside each
+// parallel region (its setting is its own). Elsewhere than x86 and AArch64 it changes nothing.
+class FlushSubnormals {
+ public:
+#if defined(__x86_64__) || defined(__i386__)
+  FlushSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | kFtzDaz); }
+  ~FlushSubnormals() { _mm_setcsr(saved_); }
+
+ private:
+  static constexpr unsigned kFtzDaz = 0x8040u;  // MXCSR bits FTZ (15) and DAZ (6)
+  unsigned saved_;
+#elif defined(__aarch64__)
+  FlushSubnormals() {
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(saved_));
+    const uint64_t fz = saved_ | (uint64_t(1) << 24);  // FPCR.FZ: inputs and results
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(fz));
+  }
+  ~FlushSubnormals() { __asm__ __volatile__("msr fpcr, %0" : : "r"(saved_)); }
+
+ private:
+  uint64_t saved_;
+#else
+  FlushSubnormals() {}
+#endif
+  FlushSubnormals(const FlushSubnormals&) = delete;
+  FlushSubnormals& operator=(const FlushSubnormals&) = delete;
+};
 
 struct bf16_t {
   uint16_t bits;

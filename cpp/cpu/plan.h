@@ -149,31 +149,44 @@ void for_each_chunk(const Plan& pl, const Shape& s, int64_t task, int64_t q, Fn&
 // (With segments a unit is one sequence: q = u.)
 template <class Pass1, class Starts, class Pass2>
 void run_passes(const Plan& pl, bool two_pass, Pass1& pass1, Starts& starts, Pass2& pass2) {
+  // (Each region's threads flush subnormals, their own setting back at its end: numeric.h.)
   if (pl.segs == 1) {
-#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1) if (pl.nt > 1)
-    for (int64_t task = 0; task < pl.tasks; ++task) {
-      int64_t u, h0, sg;
-      pl.task(task, u, h0, sg);
-      for (int64_t q = pl.seq_begin(u); q < pl.seq_end(u); ++q) {
-        if (two_pass) pass1(task, q);
-        for (int64_t h = h0; h < h0 + pl.group; ++h) starts(u, q, h);
-        pass2(task, q);
+#pragma omp parallel num_threads(pl.nt) if (pl.nt > 1)
+    {
+      const FlushSubnormals flush;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t task = 0; task < pl.tasks; ++task) {
+        int64_t u, h0, sg;
+        pl.task(task, u, h0, sg);
+        for (int64_t q = pl.seq_begin(u); q < pl.seq_end(u); ++q) {
+          if (two_pass) pass1(task, q);
+          for (int64_t h = h0; h < h0 + pl.group; ++h) starts(u, q, h);
+          pass2(task, q);
+        }
+        stream_fence();  // outputs written with streaming stores (stream_copy) are visible
       }
-      stream_fence();  // outputs written with streaming stores (stream_copy) are visible
     }
   } else {
-#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1) if (pl.nt > 1)
-    for (int64_t task = 0; task < pl.tasks; ++task) {
-      pass1(task, task / (pl.segs * (pl.H / pl.group)));
-      stream_fence();
+#pragma omp parallel num_threads(pl.nt) if (pl.nt > 1)
+    {
+      const FlushSubnormals flush;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t task = 0; task < pl.tasks; ++task) {
+        pass1(task, task / (pl.segs * (pl.H / pl.group)));
+        stream_fence();
+      }
     }
     for (int64_t b = 0; b < pl.B; ++b) {
       for (int64_t h = 0; h < pl.H; ++h) starts(b, b, h);
     }
-#pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1) if (pl.nt > 1)
-    for (int64_t task = 0; task < pl.tasks; ++task) {
-      pass2(task, task / (pl.segs * (pl.H / pl.group)));
-      stream_fence();
+#pragma omp parallel num_threads(pl.nt) if (pl.nt > 1)
+    {
+      const FlushSubnormals flush;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t task = 0; task < pl.tasks; ++task) {
+        pass2(task, task / (pl.segs * (pl.H / pl.group)));
+        stream_fence();
+      }
     }
   }
 }
@@ -300,43 +313,46 @@ class Relay {
     std::atomic<int64_t> next{0};
     const int64_t tasks = pairs_ * nblocks_, SZ = size_ / 2;
 #pragma omp parallel num_threads(nt_)
-    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < tasks;
-         t = next.fetch_add(1, std::memory_order_relaxed)) {
-      const int64_t pair = t % pairs_, blk = t / pairs_, thread = omp_get_thread_num();
-      // (Packed sequences of different lengths: a pair's blocks end at its own sequence's end.)
-      const int64_t nc = s_.chunks(pair / s_.H);
-      if (blk >= blocks(nc)) continue;
-      const int64_t p0 = blk * kRelayChunks, p1 = std::min(nc, p0 + kRelayChunks);
-      Acc* delta = kept_[thread].data();        // per chunk: its sums (SZ)
-      Acc* before = delta + kRelayChunks * SZ;  // per chunk: the state before it (SZ)
-      Acc* run = before + kRelayChunks * SZ;    // the running state (2 SZ)
-      for (int64_t p = p0; p < p1; ++p) sums(thread, pair, chunk(p, nc), p - p0, delta + (p - p0) * SZ);
-      PairSync& sync = sync_[pair];
-      wait_at_least(sync.handed, blk);
-      std::copy(slot(pair, blk), slot(pair, blk) + size_, run);  // (the slot is rewritten two blocks on)
-      for (int64_t p = p0; p < p1; ++p) {
-        std::copy(run, run + SZ, before + (p - p0) * SZ);
-        add_state(s_, run, delta + (p - p0) * SZ, run);
-      }
-      std::copy(run, run + size_, slot(pair, blk + 1));
-      sync.handed.store(blk + 1, std::memory_order_release);
-      Acc* parked = nullptr;
-      if (combine) {
-        wait_at_least(sync.combined, blk - ring_ + 1);  // the ring slot's last block is combined
-        parked = parked_of(pair, blk);
-        std::fill(parked, parked + partial_size_, Acc(0));
-      }
-      for (int64_t p = p0; p < p1; ++p) work(thread, pair, chunk(p, nc), p - p0, before + (p - p0) * SZ, parked);
-      if (combine) {
-        parked_block_[pair * ring_ + blk % ring_].store(blk, std::memory_order_release);
-        std::lock_guard<std::mutex> hold(sync.lock);
-        for (int64_t b = sync.combined.load(std::memory_order_relaxed);
-             b < blocks(nc) && parked_block_[pair * ring_ + b % ring_].load(std::memory_order_acquire) == b; ++b) {
-          (*combine)(pair, parked_of(pair, b));
-          sync.combined.store(b + 1, std::memory_order_release);
+    {
+      const FlushSubnormals flush;  // (the thread's own setting back at the region's end: numeric.h)
+      for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < tasks;
+           t = next.fetch_add(1, std::memory_order_relaxed)) {
+        const int64_t pair = t % pairs_, blk = t / pairs_, thread = omp_get_thread_num();
+        // (Packed sequences of different lengths: a pair's blocks end at its own sequence's end.)
+        const int64_t nc = s_.chunks(pair / s_.H);
+        if (blk >= blocks(nc)) continue;
+        const int64_t p0 = blk * kRelayChunks, p1 = std::min(nc, p0 + kRelayChunks);
+        Acc* delta = kept_[thread].data();        // per chunk: its sums (SZ)
+        Acc* before = delta + kRelayChunks * SZ;  // per chunk: the state before it (SZ)
+        Acc* run = before + kRelayChunks * SZ;    // the running state (2 SZ)
+        for (int64_t p = p0; p < p1; ++p) sums(thread, pair, chunk(p, nc), p - p0, delta + (p - p0) * SZ);
+        PairSync& sync = sync_[pair];
+        wait_at_least(sync.handed, blk);
+        std::copy(slot(pair, blk), slot(pair, blk) + size_, run);  // (the slot is rewritten two blocks on)
+        for (int64_t p = p0; p < p1; ++p) {
+          std::copy(run, run + SZ, before + (p - p0) * SZ);
+          add_state(s_, run, delta + (p - p0) * SZ, run);
         }
+        std::copy(run, run + size_, slot(pair, blk + 1));
+        sync.handed.store(blk + 1, std::memory_order_release);
+        Acc* parked = nullptr;
+        if (combine) {
+          wait_at_least(sync.combined, blk - ring_ + 1);  // the ring slot's last block is combined
+          parked = parked_of(pair, blk);
+          std::fill(parked, parked + partial_size_, Acc(0));
+        }
+        for (int64_t p = p0; p < p1; ++p) work(thread, pair, chunk(p, nc), p - p0, before + (p - p0) * SZ, parked);
+        if (combine) {
+          parked_block_[pair * ring_ + blk % ring_].store(blk, std::memory_order_release);
+          std::lock_guard<std::mutex> hold(sync.lock);
+          for (int64_t b = sync.combined.load(std::memory_order_relaxed);
+               b < blocks(nc) && parked_block_[pair * ring_ + b % ring_].load(std::memory_order_acquire) == b; ++b) {
+            (*combine)(pair, parked_of(pair, b));
+            sync.combined.store(b + 1, std::memory_order_release);
+          }
+        }
+        stream_fence();  // outputs written with streaming stores (stream_copy) are visible
       }
-      stream_fence();  // outputs written with streaming stores (stream_copy) are visible
     }
   }
 

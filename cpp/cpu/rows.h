@@ -160,28 +160,60 @@ void write_den(const View& x, int64_t b, int64_t h, int64_t row0, int64_t n, con
   for (int64_t r = 0; r < n; ++r) *at<Acc>(x, b, h, row0 + r) = src[r];
 }
 
+// to[0:n] = from[0:n], a vector at a time: for the short rows of a state, where a call of memmove
+// per row (what std::copy becomes) costs more than the copy.
+template <class Acc>
+inline void copy_short(const Acc* from, Acc* to, int64_t n) {
+  constexpr int W = Simd<Acc>::W;
+  int64_t i = 0;
+  for (; i + W <= n; i += W) storeu(to + i, loadu(from + i));
+  for (; i < n; ++i) to[i] = from[i];
+}
+
 // State (B, H, K, Dv) / (B, H, K) in and out of a Kp x Dvp / Kp buffer (zero padded); an absent
 // tensor reads as zeros (S and z are independent: autograd may hand a gradient for one only).
+// A row of K or Dv values at a time (a decoding step reads and writes the whole state per call).
 template <class Acc>
 void read_state(const View& S, const View& z, int64_t b, int64_t h, int64_t K, int64_t Dv, int64_t Kp, int64_t Dvp,
                 Acc* S_buf, Acc* z_buf) {
-  std::fill(S_buf, S_buf + Kp * Dvp, Acc(0));
-  std::fill(z_buf, z_buf + Kp, Acc(0));
-  for (int64_t k = 0; k < K; ++k) {
-    if (S.present()) {
-      for (int64_t e = 0; e < Dv; ++e) S_buf[k * Dvp + e] = *at<const Acc>(S, b, h, k, e);
+  if (S.present()) {
+    const int64_t se = S.stride[3];
+    for (int64_t k = 0; k < K; ++k) {
+      const Acc* row = at<const Acc>(S, b, h, k);
+      Acc* to = S_buf + k * Dvp;
+      if (se == 1) {
+        copy_short(row, to, Dv);
+      } else {
+        for (int64_t e = 0; e < Dv; ++e) to[e] = row[e * se];
+      }
+      std::fill(to + Dv, to + Dvp, Acc(0));
     }
-    if (z.present()) z_buf[k] = *at<const Acc>(z, b, h, k);
+    std::fill(S_buf + K * Dvp, S_buf + Kp * Dvp, Acc(0));
+  } else {
+    std::fill(S_buf, S_buf + Kp * Dvp, Acc(0));
+  }
+  std::fill(z_buf, z_buf + Kp, Acc(0));
+  if (z.present()) {
+    const Acc* zs = at<const Acc>(z, b, h);
+    for (int64_t k = 0; k < K; ++k) z_buf[k] = zs[k * z.stride[2]];
   }
 }
 template <class Acc>
 void write_state(const View& S, const View& z, int64_t b, int64_t h, int64_t K, int64_t Dv, int64_t Dvp,
                  const Acc* S_buf, const Acc* z_buf) {
   if (!S.present()) return;
+  const int64_t se = S.stride[3];
   for (int64_t k = 0; k < K; ++k) {
-    for (int64_t e = 0; e < Dv; ++e) *at<Acc>(S, b, h, k, e) = S_buf[k * Dvp + e];
-    *at<Acc>(z, b, h, k) = z_buf[k];
+    Acc* row = at<Acc>(S, b, h, k);
+    const Acc* from = S_buf + k * Dvp;
+    if (se == 1) {
+      copy_short(from, row, Dv);
+    } else {
+      for (int64_t e = 0; e < Dv; ++e) row[e * se] = from[e];
+    }
   }
+  Acc* zs = at<Acc>(z, b, h);
+  for (int64_t k = 0; k < K; ++k) zs[k * z.stride[2]] = z_buf[k];
 }
 
 // Rows of up to four inputs to fetch into cache ahead of use: the next chunk of the same (b, h),
@@ -268,6 +300,7 @@ struct Shape {
   // boundary: a sequence's chunks start at its first row, its last one may be short.
   int64_t seqs;
   std::vector<int64_t> starts;  // packed only: seqs + 1 row offsets
+  int64_t longest;              // rows of the longest sequence
   int64_t nchunks;              // chunks of the longest sequence
   template <class Acc>
   static Shape make(const Dims& d, const View& cu_seqlens) {
@@ -291,6 +324,7 @@ struct Shape {
         if (q > 0) longest = std::max(longest, s.starts[q] - s.starts[q - 1]);
       }
     }
+    s.longest = longest;
     s.C = std::max<int64_t>(W, std::min(kChunk, round_up(longest, W)));
     s.nchunks = (longest + s.C - 1) / s.C;
     return s;

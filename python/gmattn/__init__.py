@@ -74,7 +74,7 @@ def _framework(x) -> str:
 
 
 def gma_attention(q, k, v, mu, omega, alpha, *, causal=False, key_padding_mask=None, initial_state=None,
-                  output_final_state=False, eps=1e-6, sigma_eps=1e-4, cu_seqlens=None):
+                  output_final_state=False, eps=1e-6, sigma_eps=1e-4, cu_seqlens=None, state_in_place=False):
     """Gaussian Mixture Attention.
 
     Args:
@@ -91,6 +91,9 @@ def gma_attention(q, k, v, mu, omega, alpha, *, causal=False, key_padding_mask=N
             S sequences one after another. Each sequence is attended on its own (causal reads
             restart at its first token); initial_state and the final state have S in place of B.
             Not with key_padding_mask.
+        state_in_place: NumPy arrays only: write the final state into initial_state's arrays
+            (writable, C-contiguous, of the state's dtype) instead of new ones, for a decoding
+            loop that carries its state; they are the state returned with output_final_state.
 
     Returns:
         out (B, N, H, Dv) in the caller's array type and device, or (out, (S, z)) when
@@ -100,6 +103,13 @@ def gma_attention(q, k, v, mu, omega, alpha, *, causal=False, key_padding_mask=N
     if impl is None:
         impl = _front_end(_framework(q))
         _FRONT_ENDS[type(q)] = impl
+    if state_in_place:
+        if _framework(q) != "numpy":
+            raise ValueError("gma_attention: state_in_place=True is for NumPy arrays; the torch and MLX front ends "
+                             "return the final state as new arrays (output_final_state=True)")
+        return impl(q, k, v, mu, omega, alpha, causal=causal, key_padding_mask=key_padding_mask,
+                    initial_state=initial_state, output_final_state=output_final_state, eps=eps,
+                    sigma_eps=sigma_eps, cu_seqlens=cu_seqlens, state_in_place=True)
     return impl(q, k, v, mu, omega, alpha, causal=causal, key_padding_mask=key_padding_mask,
                 initial_state=initial_state, output_final_state=output_final_state, eps=eps, sigma_eps=sigma_eps,
                 cu_seqlens=cu_seqlens)

@@ -19,17 +19,20 @@ def _empty(shape, dtype) -> np.ndarray:
 
 
 def host_forward(q, k, v, mu, omega, alpha, mask, S0, z0, *, causal, eps, sigma_eps, return_state, save,
-                 num_threads, cu_seqlens=None):
+                 num_threads, cu_seqlens=None, state_in_place=False):
     """Runs the core's forward on NumPy arrays; returns (out, S_final, z_final, gq, gk, den), None
     for an output not requested. mu, omega, alpha, S0 and z0 are already in the accumulator dtype;
-    cu_seqlens (packed sequences), if given, is int64."""
-    shapes = _checks.forward_output_shapes(q, v, mu, return_state, save, cu_seqlens)
+    cu_seqlens (packed sequences), if given, is int64. With state_in_place the final state is
+    written into S0 and z0, which are returned as S_final and z_final."""
+    shapes = _checks.forward_output_shapes(q, v, mu, return_state and not state_in_place, save, cu_seqlens)
     dtypes = (q.dtype,) + (mu.dtype,) * 5
     outputs = tuple(None if shape is None else _empty(shape, dtype) for shape, dtype in zip(shapes, dtypes))
     # (every argument by position: pybind11 matches keywords string by string, at a cost next to a
     # one-token call's kernel)
     _ext.core().forward(q, k, v, mu, omega, alpha, mask, S0, z0, *outputs, causal, eps, sigma_eps, num_threads, 0,
-                        None, cu_seqlens)
+                        None, cu_seqlens, state_in_place)
+    if state_in_place:
+        outputs = (outputs[0], S0, z0) + outputs[3:]
     return outputs
 
 
@@ -67,11 +70,17 @@ def gma_attention(
     sigma_eps: float = 1e-4,
     num_threads: int = 0,
     cu_seqlens: Optional[np.ndarray] = None,
+    state_in_place: bool = False,
 ):
     """Gaussian Mixture Attention on NumPy arrays; see gmattn.gma_attention.
 
     float32 and float64 (NumPy has no bfloat16). `num_threads=0` uses OpenMP's default
     (OMP_NUM_THREADS, else all cores).
+
+    `state_in_place=True` writes the final state into the arrays of `initial_state` (a decoding
+    loop's carried state, updated without new arrays per step); they must be writable,
+    C-contiguous and of the accumulator dtype (float32, or float64 for float64 inputs), and are
+    what `output_final_state=True` then returns.
     """
     dims = _checks.check_arguments(q, k, v, mu, omega, alpha, key_padding_mask, initial_state, eps, sigma_eps,
                                    cu_seqlens)
@@ -82,12 +91,20 @@ def gma_attention(
     S0 = z0 = None
     if initial_state is not None:
         S0, z0 = (np.asarray(s, dtype=acc) for s in initial_state)
+    if state_in_place:
+        if initial_state is None:
+            raise ValueError("gma_attention: state_in_place=True needs an initial_state to update")
+        for name, given, used in (("S", initial_state[0], S0), ("z", initial_state[1], z0)):
+            if used is not given:  # a converted copy: the update would be lost
+                raise ValueError(f"gma_attention: state_in_place=True updates initial_state's arrays, so {name} must "
+                                 f"be a NumPy array of the accumulator dtype {acc}, got "
+                                 f"{type(given).__name__} of dtype {getattr(given, 'dtype', None)}")
     if cu_seqlens is not None:
         cu_seqlens = np.asarray(cu_seqlens, dtype=np.int64)
     out, S_final, z_final, _, _, _ = host_forward(
         q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, causal=bool(causal), eps=float(eps),
         sigma_eps=float(sigma_eps), return_state=bool(output_final_state), save=False, num_threads=int(num_threads),
-        cu_seqlens=cu_seqlens,
+        cu_seqlens=cu_seqlens, state_in_place=bool(state_in_place),
     )
     if output_final_state:
         return out, (S_final, z_final)

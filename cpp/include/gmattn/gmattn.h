@@ -86,7 +86,9 @@ struct ForwardArgs {
   View cu_seqlens;  // packed sequences (in the memory of the kernels' device); absent: B sequences
   // outputs
   View out;
-  View S_final, z_final;  // optional
+  // Optional. CPU: may be the views S0, z0 themselves (the state updated in place); the kernels
+  // read each sequence's initial state before they write its final state.
+  View S_final, z_final;
   View gq, gk, den;       // optional as a group: written when gq.data != nullptr
 };
 
