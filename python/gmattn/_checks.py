@@ -19,22 +19,18 @@ STATE_NAMES = ("initial_state[0] (S)", "initial_state[1] (z)")
 """How error messages name the two arrays of `initial_state`."""
 
 
-_DTYPE_NAMES: dict = {}  # dtype -> its name: NumPy's dtype.name is a Python property, ~1.5 us a read
+KNOWN_DTYPE_NAMES: dict = {}
+"""dtype -> name, filled by the front ends when they are imported (NumPy's dtype.name is a Python
+property, ~1.5 us a read) and never changed afterwards (torch.compile guards on what it reads)."""
 
 
 def dtype_name(dtype: Any) -> str:
     """'float32' for torch.float32, np.float32 / dtype('float32') and mx.float32 alike."""
     try:
-        return _DTYPE_NAMES[dtype]
-    except (KeyError, TypeError):  # (TypeError: an unhashable dtype-like)
-        pass
-    name = _dtype_name(dtype)
-    try:
-        if len(_DTYPE_NAMES) < 256:
-            _DTYPE_NAMES[dtype] = name
-    except TypeError:
-        pass
-    return name
+        name = KNOWN_DTYPE_NAMES.get(dtype)
+    except TypeError:  # an unhashable dtype-like
+        name = None
+    return name if name is not None else _dtype_name(dtype)
 
 
 def _dtype_name(dtype: Any) -> str:

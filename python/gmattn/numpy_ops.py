@@ -12,6 +12,8 @@ import numpy as np
 
 from . import _checks, _config, _ext
 _checks.NATIVE_ARRAY_TYPES["numpy"] = np.ndarray
+_checks.KNOWN_DTYPE_NAMES.update({np.dtype(name): name for name in ("float16", "float32", "float64", "bool", "uint8",
+                                                                    "int32", "int64")})
 
 
 def _empty(shape, dtype) -> np.ndarray:
