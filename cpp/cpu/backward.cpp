@@ -319,8 +319,9 @@ class Backward {
   // A task owns whole sequences: both scans in one go, the state carried from chunk to chunk.
   void causal_scans() {
     // Each lane's block of parameter sums (G per thread): zeroed at the block's first chunk
-    // (place p in scan order), added to the lane after its last.
-    Buffer<Acc> scan_blocks(pl.nt * G * slot);
+    // (place p in scan order), added to the lane after its last. (Not cleared here: a short call
+    // would spend more on clearing than on its work.)
+    UnclearedBuffer<Acc> scan_blocks(pl.nt * G * slot);
     auto scans = [&](int64_t task, int64_t q) {
       int64_t u, h0, sg;
       pl.task(task, u, h0, sg);
