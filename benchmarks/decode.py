@@ -11,8 +11,9 @@ per step; building it by one prompt of 64k tokens takes minutes of O(N^2) attent
 
 Second section: one decoding step of the op alone (B = 1, one new token, H = 8, K = 64,
 D = Dv = 64, float32, 1 thread, carried state) through gmattn.gma_attention on torch tensors and
-on NumPy arrays, against a plain-PyTorch recurrent step of the same math and the arithmetic
-bound (the step's flops at the rate of a float32 matmul measured in the same run).
+on NumPy arrays (new state arrays per step, and the state updated in place), against a
+plain-PyTorch recurrent step of the same math and the arithmetic bound (the step's flops at the
+rate of a float32 matmul measured in the same run).
 
 Writes decode.json and decode.png (time per token against context) to --out.
 """
@@ -126,6 +127,7 @@ def _op_step_times(rounds: int, steps: int) -> dict:
     S, z = torch.rand(1, H, K, D, generator=g), torch.rand(1, H, K, generator=g) + 1
     arrays = [t.numpy() for t in (q, k, v, mu, omega, alpha)]
     np_state = (S.numpy(), z.numpy())
+    carried = (S.numpy().copy(), z.numpy().copy())
     ours, _ = gmattn.gma_attention(q, k, v, mu, omega, alpha, causal=True, initial_state=(S, z),
                                    output_final_state=True)
     plain, _ = plain_torch_step(q, k, v, mu, omega, alpha, S, z)
@@ -135,6 +137,10 @@ def _op_step_times(rounds: int, steps: int) -> dict:
             q, k, v, mu, omega, alpha, causal=True, initial_state=(S, z), output_final_state=True),
         "gmattn.gma_attention (NumPy)": lambda: gmattn.gma_attention(
             *arrays, causal=True, initial_state=np_state, output_final_state=True),
+        # the decoding loop's way: the carried state updated in place (it drifts over the steps
+        # timed, which changes nothing in the work)
+        "gmattn.gma_attention (NumPy, state_in_place)": lambda: gmattn.gma_attention(
+            *arrays, causal=True, initial_state=carried, output_final_state=True, state_in_place=True),
         "plain PyTorch step": lambda: plain_torch_step(q, k, v, mu, omega, alpha, S, z),
     }
     a = torch.randn(1024, 1024)
