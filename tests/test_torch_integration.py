@@ -222,7 +222,12 @@ def test_autocast_cpu_bfloat16(causal, monkeypatch):
 
     y, grads = autocast_run(layer)
     plain = copy.deepcopy(layer)
-    monkeypatch.setattr("gmattn.torch.layers.gma_attention", reference.chunked_gma)
+
+    def plain_op(*args, cu_seqlens=None, **kwargs):  # the layer passes cu_seqlens (None: not packed)
+        assert cu_seqlens is None
+        return reference.chunked_gma(*args, **kwargs)
+
+    monkeypatch.setattr("gmattn.torch.layers.gma_attention", plain_op)
     y_plain, grads_plain = autocast_run(plain)
 
     assert _max_error(y, y64) <= 2 * _max_error(y_plain, y64) + 1e-3

@@ -9,12 +9,12 @@ own pieces (its nn namespace, its Linear class) are parameters.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .. import _layer_spec
-from .._checks import check_input, require_module_input  # the GMA layers share these input checks
+from .._checks import check_input, check_sequences, require_module_input  # the GMA layers share these checks
 from . import weights as _weights
 from .config import MixerConfig
 
@@ -78,6 +78,132 @@ def check_call(name: str, d_model: int, x: Any, key_padding_mask: Optional[Any],
     if key_padding_mask is not None:
         check_mask(name, key_padding_mask.shape, B, N)
     return B, N
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed sequences (cu_seqlens): S sequences one after another in the one row of x (B = 1)
+# ----------------------------------------------------------------------------------------------
+class ArrayOps(NamedTuple):
+    """What the packed-sequence helpers need from a framework besides slicing."""
+
+    concat: Callable[[List[Any], int], Any]
+    """concat(arrays, axis): join arrays along an axis."""
+    zeros: Callable[[Any, Tuple[int, ...]], Any]
+    """zeros(like, shape): zeros (False for bool) of `shape` with like's dtype (and device)."""
+
+
+def host_offsets(owner: str, cu_seqlens: Any, B: int, N: int, key_padding_mask: Optional[Any],
+                 framework: str) -> List[int]:
+    """The S + 1 offsets of packed sequences as Python ints, checked: an array of `framework`, the
+    op's checks of shape, dtype, B = 1 and no key_padding_mask (gmattn._checks.check_sequences, its
+    messages naming `owner`), then the values, in the words of the compiled core's checks."""
+    require_module_input(owner, "cu_seqlens", cu_seqlens, framework)
+    try:
+        check_sequences(cu_seqlens, B, key_padding_mask)
+    except (TypeError, ValueError) as exc:
+        # The op's checks name the op; the caller here is a module.
+        raise type(exc)(str(exc).replace("gma_attention:", f"{owner}:", 1)) from None
+    offsets = [int(o) for o in cu_seqlens.tolist()]
+    if offsets[0] != 0:
+        raise ValueError(f"{owner}: 'cu_seqlens' must start at 0, got {offsets[0]}")
+    if offsets[-1] != N:
+        raise ValueError(f"{owner}: 'cu_seqlens' must end at N = {N} (the tokens of x), got {offsets[-1]}")
+    for i, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])):
+        if hi < lo:
+            raise ValueError(f"{owner}: 'cu_seqlens' must not decrease, got {lo} then {hi} at {i}")
+    return offsets
+
+
+def run_mixer(mixer: Any, ops: ArrayOps, framework: str, x: Any, key_padding_mask, state, return_state: bool,
+              cu_seqlens: Optional[Any]):
+    """A baseline mixer's call. Without cu_seqlens: its `unpacked(x, key_padding_mask, state,
+    return_state)`. With packed sequences: each sequence's slice of x through `unpacked` on its own,
+    from its row of `state` (one row per sequence, as a packed call returns it); the outputs are
+    concatenated along N and, with return_state, the sequences' states stacked by `stack_states`.
+    An empty sequence outputs nothing and keeps its state."""
+    if cu_seqlens is None:
+        return mixer.unpacked(x, key_padding_mask, state, return_state)
+    owner = type(mixer).__name__
+    B, N = check_call(owner, mixer.config.d_model, x, key_padding_mask, framework=framework)
+    offsets = host_offsets(owner, cu_seqlens, B, N, key_padding_mask, framework)
+    S = len(offsets) - 1
+    if N == 0:
+        raise ValueError(f"{owner}: packed sequences need at least one token, got N = 0")
+    if state is not None:
+        rows = [int(t.shape[0]) for t in state]
+        if any(r != S for r in rows):
+            raise ValueError(f"{owner}: with cu_seqlens the state has one row per sequence: S = {S} rows, "
+                             f"got {rows}")
+    outs, states = [], []
+    for s, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])):
+        row = None if state is None else tuple(t[s: s + 1] for t in state)
+        if hi == lo:
+            states.append(row)
+            continue
+        result = mixer.unpacked(x[:, lo:hi], None, row, return_state)
+        y, new_state = result if return_state else (result, None)
+        outs.append(y)
+        states.append(new_state)
+    y = ops.concat(outs, 1)
+    return (y, stack_states(ops, states)) if return_state else y
+
+
+def stack_states(ops: ArrayOps, states: Sequence[Optional[Tuple[Any, ...]]]) -> Tuple[Any, ...]:
+    """One state with a row per sequence from the sequences' states (tuples of arrays of one row;
+    None: an empty sequence without a state, whose state is zeros). Sizes that differ between
+    sequences (the length T of the softmax KV cache) are padded at the end with zeros, which in the
+    cache's mask are False: the padded slots are masked keys, never read."""
+    like = next(st for st in states if st is not None)
+    stacked = []
+    for i, ref in enumerate(like):
+        shape = tuple(max(int(st[i].shape[a]) for st in states if st is not None) for a in range(1, ref.ndim))
+        rows = []
+        for st in states:
+            if st is None:
+                rows.append(ops.zeros(ref, (1, *shape)))
+                continue
+            t = st[i]
+            for a in range(1, t.ndim):
+                gap = shape[a - 1] - int(t.shape[a])
+                if gap:
+                    t = ops.concat([t, ops.zeros(t, (*t.shape[:a], gap, *t.shape[a + 1:]))], a)
+            rows.append(t)
+        stacked.append(ops.concat(rows, 0))
+    return tuple(stacked)
+
+
+def packed_positions(owner: str, tokens: Any, key_padding_mask, cu_seqlens: Any, framework: str,
+                     start: Union[int, Sequence[int]], max_len: Optional[int]
+                     ) -> Tuple[List[int], np.ndarray, Tuple[int, ...]]:
+    """Positions of a SequenceModel call on packed sequences: they restart at each sequence's first
+    token, counting from the sequence's `start` (one int per sequence, or one int for all: the
+    position offset of the state the call continues). Returns the offsets, the positions (N,) int64
+    and each sequence's position after the call (the next call's starts)."""
+    B, N = tokens.shape
+    offsets = host_offsets(owner, cu_seqlens, B, N, key_padding_mask, framework)
+    S = len(offsets) - 1
+    starts = [int(start)] * S if isinstance(start, (int, np.integer)) else [int(s) for s in start]
+    if len(starts) != S:
+        raise ValueError(f"{owner}: the state's position offsets are for {len(starts)} sequences, "
+                         f"cu_seqlens has S = {S}")
+    lengths = np.diff(np.asarray(offsets, dtype=np.int64))
+    positions = np.repeat(np.asarray(starts, dtype=np.int64) - offsets[:-1], lengths) + np.arange(N, dtype=np.int64)
+    ends = tuple(s + int(n) for s, n in zip(starts, lengths))
+    if max_len is not None:
+        check_positions(max(ends), 0, max_len)
+    return offsets, positions, ends
+
+
+def pool_packed(ops: ArrayOps, x: Any, offsets: Sequence[int], pooling: str) -> Any:
+    """The classification head's pooling of packed sequences: (1, N, d) -> (S, d), the mean or the
+    last token of each sequence; an empty sequence pools to zeros."""
+    rows = []
+    for lo, hi in zip(offsets[:-1], offsets[1:]):
+        if pooling == "last" and hi > lo:
+            rows.append(x[0, hi - 1: hi])
+        else:
+            rows.append(x[0, lo:hi].sum(0)[None] / max(hi - lo, 1))
+    return ops.concat(rows, 0)
 
 
 def check_model_args(head: str, num_classes, pooling: str, tie_embeddings: bool) -> None:
@@ -209,14 +335,16 @@ def observing_mixer_inputs(observe: Callable[[Any, Any], None]):
 
 
 def run_block(block: Any, framework: str, x: Any, key_padding_mask, state, return_state: bool,
-              gelu: Callable[[Any], Any]):
+              gelu: Callable[[Any], Any], cu_seqlens: Optional[Any] = None):
     """MixerBlock's forward: x + drop(mixer(norm1(x))), then x + drop(fc2(gelu(fc1(norm2(x))))),
-    returning (x, the mixer's state) with return_state. `gelu` is the framework's (exact, erf)."""
+    returning (x, the mixer's state) with return_state. `gelu` is the framework's (exact, erf).
+    Only the mixer mixes tokens, so packed sequences (cu_seqlens) are the mixer's business."""
     require_module_input(type(block).__name__, "x", x, framework)
     u = block.norm1(x)
     for observe in _MIXER_INPUT_OBSERVERS:
         observe(block, u)
-    h = block.mixer(u, key_padding_mask=key_padding_mask, state=state, return_state=return_state)
+    h = block.mixer(u, key_padding_mask=key_padding_mask, state=state, return_state=return_state,
+                    cu_seqlens=cu_seqlens)
     if return_state:
         h, state = h
     x = x + block.drop(h)
@@ -227,14 +355,21 @@ def run_block(block: Any, framework: str, x: Any, key_padding_mask, state, retur
 # ----------------------------------------------------------------------------------------------
 # SequenceModel state: (position offset, [state of each block])
 # ----------------------------------------------------------------------------------------------
-def model_state(model: Any, framework: str, tokens: Any, state, return_state: bool) -> Tuple[int, Sequence]:
+def model_state(model: Any, framework: str, tokens: Any, state, return_state: bool,
+                cu_seqlens: Optional[Any] = None) -> Tuple[Union[int, Tuple[int, ...]], Sequence]:
     """Checks a SequenceModel call's tokens; returns the (position offset, per-block states) it
-    starts from (only the "lm" head carries a state)."""
+    starts from (only the "lm" head carries a state). After a call on packed sequences the position
+    offset is a tuple, one per sequence, which only a call on packed sequences continues."""
     require_module_input(type(model).__name__, "tokens", tokens, framework)
     head_kind, num_blocks = model.head_kind, len(model.blocks)
     if (state is not None or return_state) and head_kind != "lm":
         raise ValueError("SequenceModel: state is only carried with the 'lm' head")
-    return (0, [None] * num_blocks) if state is None else state
+    if state is None:
+        return 0, [None] * num_blocks
+    if cu_seqlens is None and not isinstance(state[0], (int, np.integer)):
+        raise ValueError("SequenceModel: this state continues packed sequences (a position offset per sequence); "
+                         "pass their cu_seqlens")
+    return state
 
 
 def check_positions(offset: int, N: int, max_len: int) -> None:
@@ -243,16 +378,16 @@ def check_positions(offset: int, N: int, max_len: int) -> None:
 
 
 def run_blocks(blocks: Sequence[Any], x: Any, key_padding_mask, layer_states: Sequence,
-               return_state: bool) -> Tuple[Any, List]:
+               return_state: bool, cu_seqlens: Optional[Any] = None) -> Tuple[Any, List]:
     """x through every block in turn, each with its own state; returns (x, the blocks' new states)
     (an empty list without return_state)."""
     new_states: List = []
     for block, s in zip(blocks, layer_states):
         if return_state:
-            x, s = block(x, key_padding_mask=key_padding_mask, state=s, return_state=True)
+            x, s = block(x, key_padding_mask=key_padding_mask, state=s, return_state=True, cu_seqlens=cu_seqlens)
             new_states.append(s)
         else:
-            x = block(x, key_padding_mask=key_padding_mask, state=s)
+            x = block(x, key_padding_mask=key_padding_mask, state=s, cu_seqlens=cu_seqlens)
     return x, new_states
 
 

@@ -10,10 +10,10 @@ import mlx.nn as nn
 
 import numpy as np
 
-from ._common import (Exchange, check_model_args, check_positions, generate_tokens, init_block, model_state, run_block,
-                      run_blocks)
+from ._common import (Exchange, check_model_args, check_positions, generate_tokens, init_block, model_state,
+                      packed_positions, pool_packed, run_block, run_blocks)
 from .config import MixerConfig
-from .mlx_mixers import build
+from .mlx_mixers import MLX_OPS, build
 
 
 class MixerBlock(Exchange, nn.Module):
@@ -23,13 +23,14 @@ class MixerBlock(Exchange, nn.Module):
         super().__init__()
         init_block(self, nn, build, config, mlp_ratio, dropout, norm_eps)
 
-    def __call__(self, x: mx.array, key_padding_mask=None, state=None, return_state: bool = False):
-        return run_block(self, "mlx", x, key_padding_mask, state, return_state, nn.gelu)
+    def __call__(self, x: mx.array, key_padding_mask=None, state=None, return_state: bool = False, cu_seqlens=None):
+        return run_block(self, "mlx", x, key_padding_mask, state, return_state, nn.gelu, cu_seqlens)
 
 
 class SequenceModel(Exchange, nn.Module):
     """Token model: embedding (+ learned positions if max_len), MixerBlocks, final norm, head.
-    Same arguments and calling convention as gmattn.mixers.blocks_torch.SequenceModel."""
+    Same arguments and calling convention as gmattn.mixers.blocks_torch.SequenceModel, packed
+    sequences (cu_seqlens) included."""
 
     def __init__(self, config: MixerConfig, vocab_size: int, num_layers: int = 2, head: str = "lm",
                  num_classes: Optional[int] = None, pooling: str = "mean", max_len: Optional[int] = None,
@@ -49,18 +50,28 @@ class SequenceModel(Exchange, nn.Module):
         elif not tie_embeddings:
             self.head = nn.Linear(d, vocab_size, bias=False)
 
-    def __call__(self, tokens: mx.array, key_padding_mask=None, state=None, return_state: bool = False):
-        offset, layer_states = model_state(self, "mlx", tokens, state, return_state)
+    def __call__(self, tokens: mx.array, key_padding_mask=None, state=None, return_state: bool = False,
+                 cu_seqlens=None):
+        offset, layer_states = model_state(self, "mlx", tokens, state, return_state, cu_seqlens)
         B, N = tokens.shape
         x = self.embed(tokens)
-        if self.max_len:
-            check_positions(offset, N, self.max_len)
-            x = x + self.pos_embed(mx.arange(offset, offset + N))
-        x, new_states = run_blocks(self.blocks, x, key_padding_mask, layer_states, return_state)
+        if cu_seqlens is None:
+            if self.max_len:
+                check_positions(offset, N, self.max_len)
+                x = x + self.pos_embed(mx.arange(offset, offset + N))
+            end = offset + N
+        else:
+            offsets, positions, end = packed_positions(type(self).__name__, tokens, key_padding_mask, cu_seqlens,
+                                                       "mlx", offset, self.max_len)
+            if self.max_len:
+                x = x + self.pos_embed(mx.array(positions))
+        x, new_states = run_blocks(self.blocks, x, key_padding_mask, layer_states, return_state, cu_seqlens)
         x = self.norm(x)
         if self.head_kind == "lm":
             logits = self.embed.as_linear(x) if self.tie_embeddings else self.head(x)
-            return (logits, (offset + N, new_states)) if return_state else logits
+            return (logits, (end, new_states)) if return_state else logits
+        if cu_seqlens is not None:
+            return self.head(pool_packed(MLX_OPS, x, offsets, self.pooling))
         return self.head(pool(x, key_padding_mask, self.pooling))
 
     def generate(self, tokens: mx.array, max_new_tokens: int, *, temperature: float = 1.0,

@@ -8,25 +8,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import (Exchange, check_model_args, check_positions, generate_tokens, init_block, model_state, run_block,
-                      run_blocks)
+from ._common import (Exchange, check_model_args, check_positions, generate_tokens, init_block, model_state,
+                      packed_positions, pool_packed, run_block, run_blocks)
 from .config import MixerConfig
-from .torch_mixers import build
+from .torch_mixers import TORCH_OPS, build
 
 
 class MixerBlock(Exchange, nn.Module):
     """Pre-norm residual block: x + mixer(norm1(x)), then x + fc2(gelu(fc1(norm2(x)))).
 
-    forward(x, key_padding_mask=None, state=None, return_state=False) follows the mixer's calling
-    convention; the state is the mixer's.
+    forward(x, key_padding_mask=None, state=None, return_state=False, cu_seqlens=None) follows the
+    mixer's calling convention; the state is the mixer's.
     """
 
     def __init__(self, config: MixerConfig, mlp_ratio: float = 4.0, dropout: float = 0.0, norm_eps: float = 1e-5):
         super().__init__()
         init_block(self, nn, build, config, mlp_ratio, dropout, norm_eps)
 
-    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, state=None, return_state: bool = False):
-        return run_block(self, "torch", x, key_padding_mask, state, return_state, F.gelu)
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, state=None, return_state: bool = False,
+                cu_seqlens: Optional[Tensor] = None):
+        return run_block(self, "torch", x, key_padding_mask, state, return_state, F.gelu, cu_seqlens)
 
 
 class SequenceModel(Exchange, nn.Module):
@@ -42,8 +43,15 @@ class SequenceModel(Exchange, nn.Module):
         max_len: learned absolute positions up to max_len (None: no positional embedding).
         tie_embeddings: the LM head reuses the embedding matrix.
 
-    forward(tokens (B, N) int, key_padding_mask=None, state=None, return_state=False). With the
-    "lm" head, state = (position offset, [state of each block]) continues a sequence.
+    forward(tokens (B, N) int, key_padding_mask=None, state=None, return_state=False,
+    cu_seqlens=None). With the "lm" head, state = (position offset, [state of each block])
+    continues a sequence.
+
+    Packed sequences: tokens (1, N) hold S sequences one after another, cu_seqlens their S + 1
+    offsets (int32/int64, from 0 to N; read on the host). Positions restart at each sequence's
+    first token, every mixer mixes each sequence on its own, the "lm" logits stay (1, N, vocab),
+    the classification logits are (S, num_classes) (pooled per sequence), and the state has a
+    position offset and a block-state row per sequence (continue it with the next pieces' offsets).
     """
 
     def __init__(self, config: MixerConfig, vocab_size: int, num_layers: int = 2, head: str = "lm",
@@ -64,18 +72,27 @@ class SequenceModel(Exchange, nn.Module):
             self.head = nn.Linear(d, num_classes)
 
     def forward(self, tokens: Tensor, key_padding_mask: Optional[Tensor] = None, state=None,
-                return_state: bool = False):
-        offset, layer_states = model_state(self, "torch", tokens, state, return_state)
+                return_state: bool = False, cu_seqlens: Optional[Tensor] = None):
+        offset, layer_states = model_state(self, "torch", tokens, state, return_state, cu_seqlens)
         B, N = tokens.shape
         x = self.embed(tokens)
-        if self.pos_embed is not None:
-            check_positions(offset, N, self.max_len)
-            x = x + self.pos_embed(torch.arange(offset, offset + N, device=tokens.device))
-        x, new_states = run_blocks(self.blocks, x, key_padding_mask, layer_states, return_state)
+        if cu_seqlens is None:
+            if self.pos_embed is not None:
+                check_positions(offset, N, self.max_len)
+                x = x + self.pos_embed(torch.arange(offset, offset + N, device=tokens.device))
+            end = offset + N
+        else:
+            offsets, positions, end = packed_positions(type(self).__name__, tokens, key_padding_mask, cu_seqlens,
+                                                       "torch", offset, self.max_len)
+            if self.pos_embed is not None:
+                x = x + self.pos_embed(torch.from_numpy(positions).to(tokens.device))
+        x, new_states = run_blocks(self.blocks, x, key_padding_mask, layer_states, return_state, cu_seqlens)
         x = self.norm(x)
         if self.head_kind == "lm":
             logits = F.linear(x, self.embed.weight) if self.tie_embeddings else self.head(x)
-            return (logits, (offset + N, new_states)) if return_state else logits
+            return (logits, (end, new_states)) if return_state else logits
+        if cu_seqlens is not None:
+            return self.head(pool_packed(TORCH_OPS, x, offsets, self.pooling))
         return self.head(pool(x, key_padding_mask, self.pooling))
 
     def generate(self, tokens: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: Optional[int] = None,

@@ -3,6 +3,7 @@ mixers in gmattn.mixers.torch_mixers, so weights exchange exactly between the tw
 
     y = mixer(x, key_padding_mask=None)                          # x: (B, N, d_model)
     y, state = mixer(x, key_padding_mask=None, state=state, return_state=True)
+    y = mixer(x, cu_seqlens=offsets)                             # x: (1, N, d_model), S packed sequences
 """
 
 from __future__ import annotations
@@ -14,13 +15,17 @@ import mlx.nn as nn
 import numpy as np
 
 from ..mlx.layers import GaussianMixtureAttention
-from ._common import LINEAR_CHUNK, SSM_CHUNK, SSM_NORM_EPS, Exchange, check_call, gma_layer_arguments
-from ._common import init_projected_mixer, init_ssm_mixer, orthogonal_random_features
+from ._common import LINEAR_CHUNK, SSM_CHUNK, SSM_NORM_EPS, ArrayOps, Exchange, check_call, gma_layer_arguments
+from ._common import init_projected_mixer, init_ssm_mixer, orthogonal_random_features, run_mixer
 from .config import MixerConfig
 
 
 def _acc(dtype) -> mx.Dtype:
     return mx.float32  # MLX has no float64 on the GPU; the accumulator is float32
+
+
+MLX_OPS = ArrayOps(concat=lambda arrays, axis: mx.concatenate(arrays, axis=axis),
+                   zeros=lambda like, shape: mx.zeros(shape, dtype=like.dtype))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,7 +166,15 @@ class GMAMixer(Exchange, GaussianMixtureAttention):
         self.config = config
 
 
-class _ProjectedMixer(Exchange, nn.Module):
+class _PackedCalls:
+    """The calling convention of the baseline kinds (twin of torch_mixers._PackedCalls)."""
+
+    def __call__(self, x: mx.array, key_padding_mask=None, state=None, return_state: bool = False,
+                 cu_seqlens=None):
+        return run_mixer(self, MLX_OPS, "mlx", x, key_padding_mask, state, return_state, cu_seqlens)
+
+
+class _ProjectedMixer(Exchange, _PackedCalls, nn.Module):
     def __init__(self, config: MixerConfig, qk_dim: int):
         super().__init__()
         init_projected_mixer(self, nn.Linear, config, qk_dim)
@@ -188,7 +201,7 @@ class SoftmaxAttention(_ProjectedMixer):
     def __init__(self, config: MixerConfig):
         super().__init__(config, qk_dim=config.resolved_head_dim)
 
-    def __call__(self, x: mx.array, key_padding_mask=None, state=None, return_state: bool = False):
+    def unpacked(self, x: mx.array, key_padding_mask, state, return_state: bool):
         q, k, v, mask = self._qkv(x, key_padding_mask)
         B, H, N, D = q.shape
         scale = D ** -0.5
@@ -232,7 +245,7 @@ class LinearAttention(_ProjectedMixer):
     def _phi(self, x: mx.array) -> mx.array:
         return nn.elu(x) + 1.0 if self.feature_map == "elu+1" else nn.relu(x)
 
-    def __call__(self, x: mx.array, key_padding_mask=None, state=None, return_state: bool = False):
+    def unpacked(self, x: mx.array, key_padding_mask, state, return_state: bool):
         q, k, v, mask = self._qkv(x, key_padding_mask)
         acc = _acc(x.dtype)
         fq, fk = self._phi(q.astype(acc)), self._phi(k.astype(acc))
@@ -264,9 +277,13 @@ class PerformerAttention(_ProjectedMixer):
         W = orthogonal_random_features(self.num_heads, self.num_features, self.qk_dim, seed)
         self.features = mx.array(W).astype(self.features.dtype)
 
-    def __call__(self, x: mx.array, key_padding_mask=None, state=None, return_state: bool = False):
+    def __call__(self, x: mx.array, key_padding_mask=None, state=None, return_state: bool = False,
+                 cu_seqlens=None):
         if self.redraw and self.training and state is None:
-            self.redraw_features()
+            self.redraw_features()  # once per call, also for packed sequences
+        return super().__call__(x, key_padding_mask, state, return_state, cu_seqlens)
+
+    def unpacked(self, x: mx.array, key_padding_mask, state, return_state: bool):
         q, k, v, mask = self._qkv(x, key_padding_mask)
         acc = _acc(x.dtype)
         W = self.features.astype(acc)
@@ -278,14 +295,14 @@ class PerformerAttention(_ProjectedMixer):
         return (y, new_state) if return_state else y
 
 
-class SelectiveSSM(Exchange, nn.Module):
+class SelectiveSSM(Exchange, _PackedCalls, nn.Module):
     """kind "ssm": MLX twin of gmattn.mixers.torch_mixers.SelectiveSSM (same parameters, state and math)."""
 
     def __init__(self, config: MixerConfig):
         super().__init__()
         init_ssm_mixer(self, nn.Linear, mx.array, config, lambda shape: np.array(mx.random.uniform(shape=shape)))
 
-    def __call__(self, x: mx.array, key_padding_mask=None, state=None, return_state: bool = False):
+    def unpacked(self, x: mx.array, key_padding_mask, state, return_state: bool):
         B, N = check_call(type(self).__name__, self.config.d_model, x, key_padding_mask, framework="mlx")
         H, P, S = self.num_heads, self.head_dim, self.state_dim
         acc = _acc(x.dtype)

@@ -6,6 +6,12 @@
 `state` carries what the mixer has read so far (see gmattn.mixers.CAUSAL_STATE); feeding a
 sequence in pieces with the state handed across equals one run over the whole sequence.
 `key_padding_mask` (B, N) bool, True = real token: masked keys are never read.
+
+    y = mixer(x, cu_seqlens=offsets)                             # x: (1, N, d_model), S packed sequences
+
+`cu_seqlens` (S + 1 offsets from 0 to N) packs S sequences into the one row of x: each is mixed on
+its own, and states have a row per sequence. The GMA layer runs them in one op call; the baseline
+kinds run each sequence's slice on its own (gmattn.mixers._common.run_mixer).
 """
 
 from __future__ import annotations
@@ -17,13 +23,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..torch.layers import GaussianMixtureAttention
-from ._common import LINEAR_CHUNK, SSM_CHUNK, SSM_NORM_EPS, Exchange, check_call, gma_layer_arguments
-from ._common import init_projected_mixer, init_ssm_mixer, orthogonal_random_features
+from ._common import LINEAR_CHUNK, SSM_CHUNK, SSM_NORM_EPS, ArrayOps, Exchange, check_call, gma_layer_arguments
+from ._common import init_projected_mixer, init_ssm_mixer, orthogonal_random_features, run_mixer
 from .config import MixerConfig
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+TORCH_OPS = ArrayOps(concat=lambda arrays, axis: torch.cat(arrays, dim=axis),
+                     zeros=lambda like, shape: like.new_zeros(shape))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,7 +217,17 @@ class GMAMixer(Exchange, GaussianMixtureAttention):
         self.config = config
 
 
-class _ProjectedMixer(Exchange, nn.Module):
+class _PackedCalls:
+    """The calling convention of the baseline kinds: forward(x, key_padding_mask=None, state=None,
+    return_state=False, cu_seqlens=None) runs the kind's `unpacked` call, on packed sequences
+    one sequence at a time (run_mixer)."""
+
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, state=None, return_state: bool = False,
+                cu_seqlens: Optional[Tensor] = None):
+        return run_mixer(self, TORCH_OPS, "torch", x, key_padding_mask, state, return_state, cu_seqlens)
+
+
+class _ProjectedMixer(Exchange, _PackedCalls, nn.Module):
     """q/k/v/out projections and the (B, H, N, .) layout shared by the baseline kinds."""
 
     def __init__(self, config: MixerConfig, qk_dim: int):
@@ -243,8 +263,7 @@ class SoftmaxAttention(_ProjectedMixer):
     def __init__(self, config: MixerConfig):
         super().__init__(config, qk_dim=config.resolved_head_dim)
 
-    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, state=None,
-                return_state: bool = False):
+    def unpacked(self, x: Tensor, key_padding_mask: Optional[Tensor], state, return_state: bool):
         q, k, v, mask = self._qkv(x, key_padding_mask)
         B, H, N, _ = q.shape
         T = 0
@@ -288,8 +307,7 @@ class LinearAttention(_ProjectedMixer):
     def _phi(self, x: Tensor) -> Tensor:
         return F.elu(x) + 1.0 if self.feature_map == "elu+1" else F.relu(x)
 
-    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, state=None,
-                return_state: bool = False):
+    def unpacked(self, x: Tensor, key_padding_mask: Optional[Tensor], state, return_state: bool):
         q, k, v, mask = self._qkv(x, key_padding_mask)
         acc = _acc(x.dtype)
         fq, fk = self._phi(q.to(acc)), self._phi(k.to(acc))
@@ -322,10 +340,13 @@ class PerformerAttention(_ProjectedMixer):
         W = orthogonal_random_features(self.num_heads, self.num_features, self.qk_dim, seed)
         self.features.copy_(torch.from_numpy(W))
 
-    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, state=None,
-                return_state: bool = False):
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, state=None, return_state: bool = False,
+                cu_seqlens: Optional[Tensor] = None):
         if self.redraw and self.training and state is None:
-            self.redraw_features()
+            self.redraw_features()  # once per call, also for packed sequences
+        return super().forward(x, key_padding_mask, state, return_state, cu_seqlens)
+
+    def unpacked(self, x: Tensor, key_padding_mask: Optional[Tensor], state, return_state: bool):
         q, k, v, mask = self._qkv(x, key_padding_mask)
         acc = _acc(x.dtype)
         W = self.features.to(acc)
@@ -340,7 +361,7 @@ class PerformerAttention(_ProjectedMixer):
         return super().extra_repr() + f", num_features={self.num_features}, redraw={self.redraw}"
 
 
-class SelectiveSSM(Exchange, nn.Module):
+class SelectiveSSM(Exchange, _PackedCalls, nn.Module):
     """kind "ssm": a Mamba-2 style selective state-space mixer (Dao & Gu 2024).
 
     Per token: z, x (H P), B, C (S, shared by the heads) and dt (H) are projections of the input;
@@ -361,8 +382,7 @@ class SelectiveSSM(Exchange, nn.Module):
         init_ssm_mixer(self, nn.Linear, lambda value: nn.Parameter(torch.from_numpy(value)), config,
                        lambda shape: torch.rand(shape, dtype=torch.float64).numpy())
 
-    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, state=None,
-                return_state: bool = False):
+    def unpacked(self, x: Tensor, key_padding_mask: Optional[Tensor], state, return_state: bool):
         B, N = check_call(type(self).__name__, self.config.d_model, x, key_padding_mask, framework="torch")
         H, P, S = self.num_heads, self.head_dim, self.state_dim
         acc = _acc(x.dtype)

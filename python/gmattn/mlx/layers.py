@@ -93,7 +93,14 @@ class GaussianMixtureAttention(nn.Module):
         key_padding_mask: Optional[mx.array] = None,
         state: Optional[Tuple[mx.array, mx.array]] = None,
         return_state: bool = False,
+        cu_seqlens: Optional[mx.array] = None,
     ):
+        """x (B, N, d_model) -> (B, N, d_model), or (y, final state) with return_state.
+
+        cu_seqlens: packed sequences, as for gmattn.torch.GaussianMixtureAttention (states with a
+        row per sequence). The op reads the offsets on the host, so a call with them cannot be
+        traced by mx.compile.
+        """
         _checks.require_module_input(type(self).__name__, "x", x, "mlx")
         _checks.check_input(_layer_spec.LAYER, x.shape, self.d_model)
         B, N, _ = x.shape
@@ -104,7 +111,7 @@ class GaussianMixtureAttention(nn.Module):
         result = gma_attention(
             q, k, v, self.mu, self.omega, self.alpha, causal=self.causal, key_padding_mask=key_padding_mask,
             initial_state=state, output_final_state=return_state, eps=self.eps, sigma_eps=self.sigma_eps,
-            save_for_backward=self.training,
+            save_for_backward=self.training, cu_seqlens=cu_seqlens,
         )
         out, new_state = result if return_state else (result, None)
         y = self.out_proj(out.reshape(B, N, H * Dv))

@@ -79,7 +79,14 @@ class GaussianMixtureAttention(nn.Module):
         key_padding_mask: Optional[Tensor] = None,
         state: Optional[Tuple[Tensor, Tensor]] = None,
         return_state: bool = False,
+        cu_seqlens: Optional[Tensor] = None,
     ):
+        """x (B, N, d_model) -> (B, N, d_model), or (y, final state) with return_state.
+
+        cu_seqlens: packed sequences, S + 1 int32/int64 offsets from 0 to N into the one row of x
+        (B = 1): each sequence is attended on its own; `state` and the returned state then have a
+        row per sequence (S in place of B). Passed to gmattn.gma_attention, which checks it.
+        """
         _checks.require_module_input(type(self).__name__, "x", x, "torch")
         _checks.check_input(_layer_spec.LAYER, x.shape, self.d_model)
         B, N, _ = x.shape
@@ -91,6 +98,9 @@ class GaussianMixtureAttention(nn.Module):
             if state is not None or return_state:
                 raise ValueError("GaussianMixtureAttention: a context-parallel layer takes no state and returns none "
                                  "(the ranks' states are combined inside the call)")
+            if cu_seqlens is not None:
+                raise ValueError("GaussianMixtureAttention: a context-parallel layer takes no cu_seqlens (its input "
+                                 "is one rank's shard of one sequence)")
             from .distributed import gma_attention as context_parallel_gma
 
             out = context_parallel_gma(q, k, v, self.mu, self.omega, self.alpha, causal=self.causal,
@@ -100,6 +110,7 @@ class GaussianMixtureAttention(nn.Module):
         result = gma_attention(
             q, k, v, self.mu, self.omega, self.alpha, causal=self.causal, key_padding_mask=key_padding_mask,
             initial_state=state, output_final_state=return_state, eps=self.eps, sigma_eps=self.sigma_eps,
+            cu_seqlens=cu_seqlens,
         )
         out, new_state = result if return_state else (result, None)
         y = self.out_proj(out.reshape(B, N, H * Dv))
