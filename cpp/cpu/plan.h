@@ -167,27 +167,23 @@ void run_passes(const Plan& pl, bool two_pass, Pass1& pass1, Starts& starts, Pas
       }
     }
   } else {
+    // One parallel region per pass (the states between them are summed on one thread).
+    auto every_task = [&pl](auto& pass) {
 #pragma omp parallel num_threads(pl.nt) if (pl.nt > 1)
-    {
-      const FlushSubnormals flush;
+      {
+        const FlushSubnormals flush;
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t task = 0; task < pl.tasks; ++task) {
-        pass1(task, task / (pl.segs * (pl.H / pl.group)));
-        stream_fence();
+        for (int64_t task = 0; task < pl.tasks; ++task) {
+          pass(task, task / (pl.segs * (pl.H / pl.group)));
+          stream_fence();
+        }
       }
-    }
+    };
+    every_task(pass1);
     for (int64_t b = 0; b < pl.B; ++b) {
       for (int64_t h = 0; h < pl.H; ++h) starts(b, b, h);
     }
-#pragma omp parallel num_threads(pl.nt) if (pl.nt > 1)
-    {
-      const FlushSubnormals flush;
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t task = 0; task < pl.tasks; ++task) {
-        pass2(task, task / (pl.segs * (pl.H / pl.group)));
-        stream_fence();
-      }
-    }
+    every_task(pass2);
   }
 }
 

@@ -149,6 +149,19 @@ void forward_rows(const ForwardArgs& a, const Shape& s, int nt) {
   const std::vector<Head<Acc>>& heads = *prepared;
   const RowPathLayout lay = RowPathLayout::of<Acc>(s);
 
+  // out = num / (gq . z + eps) for one query row whose num = gq S is formed, written out, and
+  // gq and the denominator saved for the backward (shared by both row paths below).
+  auto read_out_row = [&](const Acc* gq, const Acc* z, Acc* num, int64_t b, int64_t h, int64_t row) {
+    Acc den = dot(gq, z, Kp) + eps;
+    const Acc inv = Acc(1) / den;
+    for (int64_t e = 0; e < Dvp; e += W) storeu(num + e, loadu(num + e) * inv);
+    scatter_rows<T>(a.out, b, h, row, 1, Dv, num, Dvp);
+    if (save) {
+      write_saved(a.gq, b, h, row, 1, K, gq, Kp);
+      write_den(a.den, b, h, row, 1, &den);
+    }
+  };
+
   // A one-token sequence whose state rows are contiguous (the decoding step): the state goes from
   // S0 straight to S_final, a row of it at a time, and the query reads each row as it is formed,
   // S_final[k] = S0[k] + gk[k] v, num += gq[k] S_final[k]: the state is read once and written
@@ -208,14 +221,7 @@ void forward_rows(const ForwardArgs& a, const Shape& s, int nt) {
       Acc* zf = at<Acc>(a.z_final, q, h);
       for (int64_t k = 0; k < K; ++k) zf[k * a.z_final.stride[2]] = z[k];
     }
-    Acc den = dot(gq, z, Kp) + eps;
-    const Acc inv = Acc(1) / den;
-    for (int64_t e = 0; e < Dvp; e += W) storeu(num + e, loadu(num + e) * inv);
-    scatter_rows<T>(a.out, sq.b, h, row, 1, Dv, num, Dvp);
-    if (save) {
-      write_saved(a.gq, sq.b, h, row, 1, K, gq, Kp);
-      write_den(a.den, sq.b, h, row, 1, &den);
-    }
+    read_out_row(gq, z, num, sq.b, h, row);
   };
 
   auto pair_rows = [&](Acc* mem, int64_t pair) {
@@ -277,14 +283,7 @@ void forward_rows(const ForwardArgs& a, const Shape& s, int nt) {
       row_responsibilities(hd, x, gq);
       // num = gq S, den = gq . z + eps
       gemm(1, Dvp / W, K, gq, Kp, 1, S, Dvp, num, Dvp, false);
-      Acc den = dot(gq, S + SS, Kp) + eps;
-      const Acc inv = Acc(1) / den;
-      for (int64_t e = 0; e < Dvp; e += W) storeu(num + e, loadu(num + e) * inv);
-      scatter_rows<T>(a.out, sq.b, h, row, 1, Dv, num, Dvp);
-      if (save) {
-        write_saved(a.gq, sq.b, h, row, 1, K, gq, Kp);
-        write_den(a.den, sq.b, h, row, 1, &den);
-      }
+      read_out_row(gq, S + SS, num, sq.b, h, row);
     };
     if (causal) {
       for (int64_t r = 0; r < sq.len; ++r) {
