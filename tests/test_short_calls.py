@@ -272,6 +272,16 @@ def _loss_grads(out, S, z, tensors):
     return torch.autograd.grad((out, S, z), tensors, cot)
 
 
+def _assert_gradients_match_reference(p, causal, out, S, z, x):
+    """Every input gradient of the loss over (out, S, z) computed from x equals naive_gma's in float64."""
+    got_grads = _loss_grads(out, S, z, x.tensors())
+    r = p.detached()
+    ro, (rS, rz) = reference.naive_gma(r.q, r.k, r.v, r.mu, r.omega, r.alpha, causal=causal, key_padding_mask=r.mask,
+                                       initial_state=r.state, output_final_state=True)
+    for got, ref in zip(got_grads, _loss_grads(ro, rS, rz, r.tensors())):
+        torch.testing.assert_close(got, ref, **TOL64)
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 @pytest.mark.parametrize("N", [1, 2, ROW_PATH_ROWS, ROW_PATH_ROWS + 1])
 @pytest.mark.parametrize("mask", [False, True], ids=["", "mask"])
@@ -299,12 +309,7 @@ def test_short_sequences_match_the_reference(causal, N, mask, state):
                                        initial_state=x.state, output_final_state=True)
     for got, ref in zip((out, S, z), want):
         torch.testing.assert_close(got.detach(), ref.detach(), **TOL64)
-    got_grads = _loss_grads(out, S, z, x.tensors())
-    r = p.detached()
-    ro, (rS, rz) = reference.naive_gma(r.q, r.k, r.v, r.mu, r.omega, r.alpha, causal=causal, key_padding_mask=r.mask,
-                                       initial_state=r.state, output_final_state=True)
-    for got, ref in zip(got_grads, _loss_grads(ro, rS, rz, r.tensors())):
-        torch.testing.assert_close(got, ref, **TOL64)
+    _assert_gradients_match_reference(p, causal, out, S, z, x)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -367,12 +372,7 @@ def test_one_token_step_with_any_state_layout(causal, layout):
                                                output_final_state=True)
         for got, ref in zip((out, S, z), (want[0], *want[1])):
             torch.testing.assert_close(got.detach(), ref, **TOL64)
-    got_grads = _loss_grads(out, S, z, x.tensors())
-    r = p.detached()
-    ro, (rS, rz) = reference.naive_gma(r.q, r.k, r.v, r.mu, r.omega, r.alpha, causal=causal, key_padding_mask=r.mask,
-                                       initial_state=r.state, output_final_state=True)
-    for got, ref in zip(got_grads, _loss_grads(ro, rS, rz, r.tensors())):
-        torch.testing.assert_close(got, ref, **TOL64)
+    _assert_gradients_match_reference(p, causal, out, S, z, x)
 
 
 @pytest.mark.parametrize("framework", ["torch", "numpy"])
