@@ -89,7 +89,124 @@ def test_direct_route_equals_the_custom_op(causal, N, monkeypatch):
             assert torch.equal(got, want)
     grad_args = [t.clone().requires_grad_() for t in args]
     gmattn.gma_attention(*grad_args, causal=causal, key_padding_mask=p.mask, initial_state=state)
-    assert calls, "the custom op did not run for a call that needs gradients"
+    assert not calls, "the custom op ran for an eager CPU call that needs gradients"
+    compiled = torch.compile(lambda *a: gmattn.gma_attention(*a, causal=causal, key_padding_mask=p.mask),
+                             backend="eager", fullgraph=True)
+    compiled(*grad_args)
+    assert calls, "the custom op did not run under torch.compile"
+
+
+def _grad_problem(causal, packed, seed=3):
+    """Inputs for a call with gradients: (args, kwargs, output gradients), with a mask and state
+    (or packed sequences with their states)."""
+    if packed:
+        p = make_problem(1, 29, 3, 5, 4, 6, dtype=torch.float64, seed=seed)
+        offsets = torch.tensor([0, 1, 5, 17, 29])
+        g = torch.Generator().manual_seed(seed)
+        state = (torch.rand(4, 3, 5, 6, generator=g, dtype=torch.float64).requires_grad_(),
+                 (torch.rand(4, 3, 5, generator=g, dtype=torch.float64) + 0.1).requires_grad_())
+        kwargs = dict(causal=causal, initial_state=state, cu_seqlens=offsets, output_final_state=True)
+    else:
+        p = make_problem(2, 37, 3, 5, 4, 6, mask=True, state=True, dtype=torch.float64, seed=seed)
+        kwargs = dict(causal=causal, key_padding_mask=p.mask, initial_state=p.state, output_final_state=True)
+        state = p.state
+    args = (p.q, p.k, p.v, p.mu, p.omega, p.alpha)
+    g = torch.Generator().manual_seed(seed + 1)
+    grads = [torch.randn(p.q.shape[:3] + (6,), generator=g, dtype=torch.float64),
+             torch.randn(state[0].shape, generator=g, dtype=torch.float64),
+             torch.randn(state[1].shape, generator=g, dtype=torch.float64)]
+    return args, kwargs, grads
+
+
+def _value_and_grads(args, kwargs, grads):
+    leaves = list(args) + list(kwargs["initial_state"])
+    for t in leaves:
+        t.grad = None
+    out, (S, z) = gmattn.gma_attention(*args, **kwargs)
+    torch.autograd.backward((out, S, z), grads)
+    return [t.detach().clone() for t in (out, S, z)] + [t.grad.clone() for t in leaves]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_direct_autograd_route_equals_the_custom_op(causal, packed, monkeypatch):
+    """An eager CPU call with gradients runs the kernels through a plain autograd.Function: the
+    outputs, states and every gradient (including those of the initial state, through the final
+    state's gradient) are bit for bit the custom op's, and both are the float64 reference's."""
+    args, kwargs, grads = _grad_problem(causal, packed)
+    direct = _value_and_grads(args, kwargs, grads)
+    monkeypatch.setattr(ops, "_direct_call_allowed", lambda *tensors: False)
+    via_op = _value_and_grads(args, kwargs, grads)
+    for got, want in zip(direct, via_op):
+        assert torch.equal(got, want)
+    leaves = [t.detach().clone().requires_grad_() for t in list(args) + list(kwargs["initial_state"])]
+    ref_kwargs = dict(kwargs, initial_state=tuple(leaves[6:]))
+    if packed:  # the reference per sequence, one after another
+        offsets = ref_kwargs.pop("cu_seqlens").tolist()
+        outs, Ss, zs = [], [], []
+        for i, (a, b) in enumerate(zip(offsets, offsets[1:])):
+            o, (S, z) = reference.naive_gma(*(t[:, a:b] for t in leaves[:3]), *leaves[3:6], causal=causal,
+                                            initial_state=(leaves[6][i:i + 1], leaves[7][i:i + 1]),
+                                            output_final_state=True)
+            outs.append(o), Ss.append(S), zs.append(z)
+        ref = (torch.cat(outs, 1), torch.cat(Ss), torch.cat(zs))
+    else:
+        ref_out, ref_state = reference.naive_gma(*leaves[:6], **ref_kwargs)
+        ref = (ref_out, *ref_state)
+    torch.autograd.backward(ref, grads)
+    for got, want in zip(direct, [t.detach() for t in ref] + [t.grad for t in leaves]):
+        torch.testing.assert_close(got, want, **TOL64)
+
+
+def test_direct_autograd_route_keeps_autograds_guarantees():
+    """What autograd promises for the custom op holds on the direct route too: an input modified
+    in place after the call is an error at backward (not a wrong gradient), saved-tensor hooks see
+    the saved tensors, activation checkpointing recomputes to the same gradients, and a second
+    derivative is refused clearly."""
+    p = make_problem(1, 9, 2, 3, 4, 4, dtype=torch.float64, seed=7)
+    args = (p.q, p.k, p.v, p.mu, p.omega, p.alpha)
+    q = p.q.detach().clone().requires_grad_()
+    x = q * 1.0
+    out = gmattn.gma_attention(x, *args[1:], causal=True)
+    x.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+    packed_count = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed_count.append(1) or t, lambda t: t):
+        out = gmattn.gma_attention(*args, causal=True)
+    assert packed_count, "saved-tensor hooks did not see the direct route's saved tensors"
+    out.sum().backward()
+    want = [t.grad.clone() for t in args]
+
+    for t in args:
+        t.grad = None
+    from torch.utils.checkpoint import checkpoint
+    checkpoint(lambda *a: gmattn.gma_attention(*a, causal=True), *args, use_reentrant=False).sum().backward()
+    for t, w in zip(args, want):
+        assert torch.equal(t.grad, w)
+
+    out = gmattn.gma_attention(*args, causal=True)
+    (dq,) = torch.autograd.grad(out.sum(), p.q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        dq.sum().backward()
+
+
+def test_torch_func_transforms_do_not_take_the_direct_route():
+    """Under a torch.func transform the tensors a function sees are wrappers whose memory is not
+    theirs to hand to the kernels: the direct routes are closed (the custom op sees them)."""
+    p = make_problem(1, 6, 2, 3, 4, 4, dtype=torch.float64, seed=2)
+    args = [t.detach() for t in (p.q, p.k, p.v, p.mu, p.omega, p.alpha)]
+    seen = []
+
+    def f(q):
+        seen.append(ops._direct_call_allowed(q, *args[1:]))
+        return q.sum()
+
+    torch.func.grad(f)(args[0])
+    torch.func.vmap(f)(args[0])
+    assert seen == [False, False]
+    assert ops._direct_call_allowed(*args)
 
 
 def test_negative_bit_views_go_through_the_op():

@@ -113,7 +113,30 @@ def _run_forward(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, causal, ep
     return outputs
 
 
+def _run_backward(dout, dS_final, dz_final, q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, out, gq, gk, den,
+                  S_end, z_end, causal, eps, sigma_eps, cu_seqlens=None):
+    """The compiled backward on checked tensors: (dq, dk, dv, dmu, domega, dalpha, dS0, dz0), dS0 and
+    dz0 empty (size 0) without S0. backward_op runs it; so does the direct autograd route."""
+    acc = mu.dtype
+    dq, dk = _empty(q.shape, q, q.dtype), _empty(k.shape, q, q.dtype)
+    dv = _empty(v.shape, q, q.dtype)
+    dmu, domega, dalpha = _empty(mu.shape, q, acc), _empty(omega.shape, q, acc), _empty(alpha.shape, q, acc)
+    has_state = S0 is not None
+    dS0, dz0 = (_empty(_sized(shape), q, acc) for shape in _initial_state_shapes(q, v, mu, has_state, cu_seqlens))
+    module, on_device, (num_threads, stream, allocate_workspace) = _backend(q)
+    with on_device:
+        module.backward(
+            *_plain(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, out, gq, gk, den, dout, dS_final,
+                    dz_final),
+            *_plain(dq, dk, dv, dmu, domega, dalpha, dS0 if has_state else None, dz0 if has_state else None),
+            causal, eps, sigma_eps, num_threads, stream, True, *_plain(S_end, z_end), allocate_workspace,
+            *_plain(cu_seqlens),
+        )  # (True: deterministic)
+    return dq, dk, dv, dmu, domega, dalpha, dS0, dz0
+
+
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+_functorch_level = torch._C._functorch.peek_interpreter_stack  # None: no torch.func transform active
 
 
 def _direct_call_allowed(*tensors) -> bool:
@@ -121,9 +144,10 @@ def _direct_call_allowed(*tensors) -> bool:
     torch.compile or torch.export), no torch function or dispatch mode active (it would expect to
     see the op), and plain CPU tensors: no tensor subclass (FakeTensor, DTensor, ...) and no lazy
     negation bit (x._neg_view(), `.imag` of a conjugate view) or efficient zero tensor, which
-    DLPack does not carry and the op's dispatcher resolves first."""
+    DLPack does not carry and the op's dispatcher resolves first. No torch.func transform (vmap,
+    grad, jvp) is active either: its wrapped tensors reach the kernels only through the op."""
     return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
-            and not torch._C._is_torch_function_mode_enabled()
+            and not torch._C._is_torch_function_mode_enabled() and _functorch_level() is None
             and all(t is None or (type(t) in _PLAIN_TENSOR_TYPES and t.is_cpu and not t.is_neg()
                                   and not t._is_zerotensor()) for t in tensors))
 
@@ -187,22 +211,8 @@ def backward_op(
     """Returns (dq, dk, dv, dmu, domega, dalpha, dS0, dz0); dS0/dz0 are empty without S0.
     S_end, z_end (bidirectional, optional): the forward's final state, which the CPU core then does
     not sum again."""
-    acc = mu.dtype
-    dq, dk = _empty(q.shape, q, q.dtype), _empty(k.shape, q, q.dtype)
-    dv = _empty(v.shape, q, q.dtype)
-    dmu, domega, dalpha = _empty(mu.shape, q, acc), _empty(omega.shape, q, acc), _empty(alpha.shape, q, acc)
-    has_state = S0 is not None
-    dS0, dz0 = (_empty(_sized(shape), q, acc) for shape in _initial_state_shapes(q, v, mu, has_state, cu_seqlens))
-    module, on_device, (num_threads, stream, allocate_workspace) = _backend(q)
-    with on_device:
-        module.backward(
-            *_plain(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, out, gq, gk, den, dout, dS_final,
-                    dz_final),
-            *_plain(dq, dk, dv, dmu, domega, dalpha, dS0 if has_state else None, dz0 if has_state else None),
-            causal, eps, sigma_eps, num_threads, stream, True, *_plain(S_end, z_end), allocate_workspace,
-            *_plain(cu_seqlens),
-        )  # (True: deterministic)
-    return dq, dk, dv, dmu, domega, dalpha, dS0, dz0
+    return _run_backward(dout, dS_final, dz_final, q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, out, gq, gk,
+                         den, S_end, z_end, causal, eps, sigma_eps, cu_seqlens)
 
 
 @backward_op.register_fake
@@ -232,6 +242,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, dS_final, dz_final, _dgq, _dgk, _dden):
+    return _gradients(ctx, dout, dS_final, dz_final, backward_op)
+
+
+def _gradients(ctx, dout, dS_final, dz_final, run_backward):
+    """The gradients of forward_op's inputs, the backward kernels run by `run_backward` (backward_op,
+    or _run_backward on the direct route)."""
     q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, S_end, z_end, cu_seqlens = ctx.saved_tensors
     if not ctx.saved_responsibilities:
         # The forward ran without saving (no input required grad when it was traced); recompute.
@@ -244,7 +260,7 @@ def _backward(ctx, dout, dS_final, dz_final, _dgq, _dgk, _dden):
         dS_final = dz_final = None
     if dout is None:  # only the final state was used
         dout = torch.zeros_like(out)
-    dq, dk, dv, dmu, domega, dalpha, dS0, dz0 = backward_op(
+    dq, dk, dv, dmu, domega, dalpha, dS0, dz0 = run_backward(
         dout, dS_final, dz_final, q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, S_end, z_end,
         ctx.causal, ctx.eps, ctx.sigma_eps, cu_seqlens,
     )
@@ -254,6 +270,26 @@ def _backward(ctx, dout, dS_final, dz_final, _dgq, _dgk, _dden):
 
 
 forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _DirectAutograd(torch.autograd.Function):
+    """The eager CPU route of a call that needs gradients: the same kernels, saved tensors and
+    backward as forward_op's autograd formula, without the custom op's dispatch (default filling,
+    redispatch through the autograd and CPU keys, aliasing checks, twice: about 0.3 ms a training
+    step of a short sequence, more than its kernels). torch.compile, export, dispatch and function
+    modes and torch.func transforms take the op (see _direct_call_allowed). Inputs as forward_op's;
+    returns (out, S_final, z_final), the state empty (size 0) unless requested."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _run_forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output[:3]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # (backward_op has no derivative either)
+    def backward(ctx, dout, dS_final, dz_final):
+        return _gradients(ctx, dout, dS_final, dz_final, _run_backward)
 
 
 def gma_attention(
@@ -290,15 +326,18 @@ def gma_attention(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, mu, omega, alpha, S0, z0)
     )
-    # Without gradients, an eager CPU call runs the core directly (the same computation as the op;
-    # tests check both routes agree bit for bit); otherwise the custom op, for autograd and tracing.
+    # An eager CPU call runs the core directly (without gradients) or through _DirectAutograd (with
+    # them): the same computation as the custom op, which tests check bit for bit, without its
+    # dispatch. The custom op serves tracing, modes and transforms.
     args = (q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, bool(causal), float(eps), float(sigma_eps),
             bool(output_final_state or _checks.backward_reuses_state(causal, needs_grad)), bool(needs_grad),
             cu_seqlens)
-    if not needs_grad and _direct_call_allowed(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, cu_seqlens):
-        out, S_final, z_final, _, _, _ = _run_forward(*args, unrequested=None)
-    else:
+    if not _direct_call_allowed(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, cu_seqlens):
         out, S_final, z_final, _, _, _ = forward_op(*args)
+    elif needs_grad:
+        out, S_final, z_final = _DirectAutograd.apply(*args)
+    else:
+        out, S_final, z_final, _, _, _ = _run_forward(*args, unrequested=None)
     if output_final_state:
         return out, (S_final, z_final)
     return out
