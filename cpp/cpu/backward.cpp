@@ -54,13 +54,26 @@ class Backward {
   const std::vector<Head<Acc>>& heads = *prepared;
   std::vector<Workspace<Acc>> ws;
   // One slot of parameter sums per lane (with compensation), reduced in a fixed order at the end.
+  // A lane's first block is copied in, its compensation zeroed (what adding it to zero with
+  // compensation gives, bit for bit): clearing every slot first cost a short call more than its
+  // work (0.5 MB at H = 8, K = D = 64). A lane that received nothing is skipped in the reduction.
   const int64_t slot = ParamSums<Acc>::size(s);
-  Buffer<Acc> partial = Buffer<Acc>(pl.lanes * 2 * slot, Acc(0));
+  UnclearedBuffer<Acc> partial = UnclearedBuffer<Acc>(pl.lanes * 2 * slot);
+  std::vector<uint8_t> lane_started = std::vector<uint8_t>(pl.lanes, 0);  // (a lane's adds are ordered)
   // Causal: dden of every row, from the first pass that computes it (pass 1, else the forward
   // scan) to the later ones, which then do not read `out` again.
   Buffer<Acc> dden_store = Buffer<Acc>(causal ? s.B * s.H * N : 0);
 
-  ParamSums<Acc> sums_of(int64_t lane) { return ParamSums<Acc>{partial.data() + lane * 2 * slot}; }
+  void add_to_lane(int64_t lane, const Acc* block) {
+    Acc* sums = partial.data() + lane * 2 * slot;
+    if (lane_started[lane]) {
+      ParamSums<Acc>{sums}.add(s, block);
+    } else {
+      std::copy(block, block + slot, sums);
+      std::fill(sums + slot, sums + 2 * slot, Acc(0));
+      lane_started[lane] = 1;
+    }
+  }
   Acc* dden_of(int64_t b, int64_t h, int64_t row0) { return dden_store.data() + (b * s.H + h) * N + row0; }
 
   // Where a chunk's inputs are loaded to: its keys' rows (saved Gk, C x Kp; v, C x Dvp) and its
@@ -117,12 +130,13 @@ class Backward {
   }
   // dGq -> ds (softmax backward) -> dq and parameter sums; likewise dGk -> dk.
   // `ahead`: rows of the chunk computed next, fetched meanwhile. The chunk's parameter sums are
-  // added to param_sums.
+  // added to param_sums (written there when `sums_fresh`: see density_backward).
   void finish(Workspace<Acc>& w, const Head<Acc>& hd, const View& x_in, const View& dx_out, Acc* gamma, Acc* dgamma,
-              Acc* xbuf, int64_t b, int64_t h, int64_t row0, int64_t n, Acc* param_sums, const Ahead& ahead) {
+              Acc* xbuf, int64_t b, int64_t h, int64_t row0, int64_t n, Acc* param_sums, bool sums_fresh,
+              const Ahead& ahead) {
     softmax_backward(gamma, dgamma, n, K, Kp);
     gather_rows<T>(x_in, b, h, row0, n, D, xbuf, Dp, n);
-    density_backward(hd, s, xbuf, dgamma, n, w.dx, param_sums, ahead);
+    density_backward(hd, s, xbuf, dgamma, n, w.dx, param_sums, sums_fresh, ahead);
     scatter_rows<T>(dx_out, b, h, row0, n, D, w.dx, Dp);
   }
   // dGq += dden z^T (dGq holds dnum S^T).
@@ -186,12 +200,8 @@ class Backward {
       for (int64_t l = 0; l < G; ++l) transpose(Kp, Dvp, pair_state(x, u, h0 + l), Dvp, xT.data() + l * SS, Kp);
       return u;
     };
-    // Each chunk's parameter sums are a block of their own: formed from zero in the workspace, then
+    // Each chunk's parameter sums are a block of their own: written fresh in the workspace, then
     // added to the lane.
-    auto zeroed_sums = [&](Workspace<Acc>& w) {
-      std::fill(w.psum, w.psum + slot, Acc(0));
-      return w.psum;
-    };
     auto query_pass = [&](int64_t task, int64_t q) {
       Workspace<Acc>& w = ws[omp_get_thread_num()];
       zero_lane_states(pl, s, task, seg_d);
@@ -201,9 +211,9 @@ class Backward {
         state_grad_update(w, n, seg_d.data() + ln * 2 * SZ);
         gemm(n, Kp / W, Dvp, w.dnum, Dvp, 1, w.lST.data() + (h % G) * SS, Kp, w.dgq, Kp, false);  // dnum S^T
         add_dden_z(w, n, pair_state(state, u, h) + SS);
-        finish(w, heads[h], a.q, a.dq, w.gq, w.dgq, w.xq, b, h, row0, n, zeroed_sums(w),
+        finish(w, heads[h], a.q, a.dq, w.gq, w.dgq, w.xq, b, h, row0, n, w.psum, true,
                Ahead::of<T>({{&a.dout, Dv}, {&a.out, Dv}, {&a.q, D}}, b, h, row0 + C, N, C));
-        sums_of(ln).add(s, w.psum);
+        add_to_lane(ln, w.psum);
       });
     };
     auto grad_totals = [&](int64_t u, int64_t q, int64_t h) {
@@ -218,9 +228,9 @@ class Backward {
         load_keys(keys_in(w), b, h, row0, n);
         key_grads(w, pair_state(dstate, u, h), w.ldST.data() + (h % G) * SS, n);
         scatter_rows<T>(a.dv, b, h, row0, n, Dv, w.num, Dvp);
-        finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, zeroed_sums(w),
+        finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, w.psum, true,
                Ahead::of<T>({{&a.v, Dv}, {&a.k, D}}, b, h, row0 + C, N, C));  // masked: gk = 0, ds = 0
-        sums_of(ln).add(s, w.psum);
+        add_to_lane(ln, w.psum);
       });
     };
     if (pl.segs == 1) {
@@ -251,19 +261,19 @@ class Backward {
   // gradient state after each chunk -> dGk, dv -> dk), a chunk at a time:
   // The query side of a chunk from the state S before it, its keys' rows loaded.
   void query_chunk(Workspace<Acc>& w, KeyRows keys, int64_t b, int64_t h, int64_t row0, int64_t n, const Acc* S,
-                   Acc* param_sums) {
+                   Acc* param_sums, bool sums_fresh) {
     load_grads(w, grads_in(w), b, h, row0, n, false);  // computes dden, kept in dden_store for the key side
     affinity_grad(w, keys.v, grads_in(w), n);
     gemm(n, Kp / W, n, w.Bm, C, 1, keys.gk, Kp, w.dgq, Kp, false, Tri::kDepthLower);  // Bm Gk
     transpose(Kp, Dvp, S, Dvp, w.ST, Kp);
     gemm(n, Kp / W, Dvp, w.dnum, Dvp, 1, w.ST, Kp, w.dgq, Kp, true);  // dnum S^T
     add_dden_z(w, n, S + SS);
-    finish(w, heads[h], a.q, a.dq, w.gq, w.dgq, w.xq, b, h, row0, n, param_sums,
+    finish(w, heads[h], a.q, a.dq, w.gq, w.dgq, w.xq, b, h, row0, n, param_sums, sums_fresh,
            Ahead::of<T>({{&a.v, Dv}, {&a.dout, Dv}, {&a.q, D}, {&a.out, Dv}}, b, h, row0 + C, N, C));
   }
   // The key side of a chunk from the gradient state dS after it, its gradients' rows loaded.
   void key_chunk(Workspace<Acc>& w, GradRows grads, int64_t b, int64_t h, int64_t row0, int64_t n, const Acc* dS,
-                 Acc* param_sums) {
+                 Acc* param_sums, bool sums_fresh) {
     const int64_t ncv = round_up(n, W) / W;
     load_keys(keys_in(w), b, h, row0, n);
     affinity_grad(w, w.v, grads, n);
@@ -276,7 +286,7 @@ class Backward {
     gemm(n, Dvp / W, n, w.A, 1, C, grads.dnum, Dvp, w.num, Dvp, true, Tri::kDepthUpper);  // dv += A^T dnum
     scatter_rows<T>(a.dv, b, h, row0, n, Dv, w.num, Dvp);
     // masked rows: gk = 0, hence ds = 0
-    finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, param_sums,
+    finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, param_sums, sums_fresh,
            Ahead::of<T>({{&a.v, Dv}, {&a.dout, Dv}, {&a.k, D}}, b, h, row0 - C, N, C));
   }
   // The parameter sums of a scan add up plainly over blocks of kRelayChunks chunks in scan order
@@ -287,7 +297,7 @@ class Backward {
   // sums its partial. A task keeps the rows its state sums loaded for its work (the forward scan
   // its keys', the reverse scan its gradients').
   void causal_relays() {
-    auto add_sums = [&](int64_t pair, const Acc* sums) { sums_of(pl.lane(pair / s.H, pair % s.H, 0)).add(s, sums); };
+    auto add_sums = [&](int64_t pair, const Acc* sums) { add_to_lane(pl.lane(pair / s.H, pair % s.H, 0), sums); };
     Relay<Acc> forward_scan = relay_from<Acc>(s, pl.nt, false, slot, C * (Kp + Dvp), a.S0, a.z0);
     auto key_sums = [&](int64_t thread, int64_t pair, int64_t c, int64_t j, Acc* delta) {
       const auto [b, h, row0, n] = s.chunk_at(pair, c);
@@ -297,7 +307,7 @@ class Backward {
     };
     auto query_work = [&](int64_t thread, int64_t pair, int64_t c, int64_t j, const Acc* S, Acc* sums) {
       const auto [b, h, row0, n] = s.chunk_at(pair, c);
-      query_chunk(ws[thread], kept_keys(forward_scan.rows(thread, j)), b, h, row0, n, S, sums);
+      query_chunk(ws[thread], kept_keys(forward_scan.rows(thread, j)), b, h, row0, n, S, sums, j == 0);
     };
     forward_scan.run(key_sums, query_work, &add_sums);
 
@@ -310,7 +320,7 @@ class Backward {
     };
     auto key_work = [&](int64_t thread, int64_t pair, int64_t c, int64_t j, const Acc* dS, Acc* sums) {
       const auto [b, h, row0, n] = s.chunk_at(pair, c);
-      key_chunk(ws[thread], kept_grads(reverse_scan.rows(thread, j)), b, h, row0, n, dS, sums);
+      key_chunk(ws[thread], kept_grads(reverse_scan.rows(thread, j)), b, h, row0, n, dS, sums, j == 0);
     };
     reverse_scan.run(grad_sums, key_work, &add_sums);
     write_relay_ends(s, reverse_scan, a.dS0, a.dz0);
@@ -318,9 +328,9 @@ class Backward {
 
   // A task owns whole sequences: both scans in one go, the state carried from chunk to chunk.
   void causal_scans() {
-    // Each lane's block of parameter sums (G per thread): zeroed at the block's first chunk
-    // (place p in scan order), added to the lane after its last. (Not cleared here: a short call
-    // would spend more on clearing than on its work.)
+    // Each lane's block of parameter sums (G per thread): written fresh by the block's first chunk
+    // (place p in scan order), added to by the others, added to the lane after its last. (Never
+    // cleared: a short call would spend more on clearing than on its work.)
     UnclearedBuffer<Acc> scan_blocks(pl.nt * G * slot);
     auto scans = [&](int64_t task, int64_t q) {
       int64_t u, h0, sg;
@@ -328,14 +338,11 @@ class Backward {
       const int64_t nc = s.chunks(q);
       Workspace<Acc>& w = ws[omp_get_thread_num()];
       Acc* blocks = scan_blocks.data() + omp_get_thread_num() * G * slot;
-      auto block_sums = [&](int64_t l, int64_t p) {
-        Acc* block = blocks + l * slot;
-        if (p % kRelayChunks == 0) std::fill(block, block + slot, Acc(0));
-        return block;
-      };
+      auto block_sums = [&](int64_t l) { return blocks + l * slot; };
+      auto block_starts = [](int64_t p) { return p % kRelayChunks == 0; };
       auto block_done = [&](int64_t l, int64_t p) {
         if (p % kRelayChunks == kRelayChunks - 1 || p == nc - 1) {
-          sums_of(pl.lane(u, h0 + l, sg)).add(s, blocks + l * slot);
+          add_to_lane(pl.lane(u, h0 + l, sg), blocks + l * slot);
         }
       };
       for (int64_t l = 0; l < G; ++l) {
@@ -351,7 +358,7 @@ class Backward {
         for (int64_t l = 0; l < G; ++l) {
           Acc* S = w.lstate.data() + l * 2 * SZ;
           load_keys(keys_in(w), b, h0 + l, row0, n);
-          query_chunk(w, keys_in(w), b, h0 + l, row0, n, S, block_sums(l, c));
+          query_chunk(w, keys_in(w), b, h0 + l, row0, n, S, block_sums(l), block_starts(c));
           block_done(l, c);
           accumulate_state(s, w.gk, w.v, n, S, w.delta);
         }
@@ -361,7 +368,7 @@ class Backward {
         for (int64_t l = 0; l < G; ++l) {
           Acc* dS = w.ldstate.data() + l * 2 * SZ;
           load_grads(w, grads_in(w), b, h0 + l, row0, n, true);
-          key_chunk(w, grads_in(w), b, h0 + l, row0, n, dS, block_sums(l, nc - 1 - c));
+          key_chunk(w, grads_in(w), b, h0 + l, row0, n, dS, block_sums(l), block_starts(nc - 1 - c));
           block_done(l, nc - 1 - c);
           state_grad_update(w, n, dS);
         }
@@ -383,6 +390,7 @@ class Backward {
       std::fill(total.begin(), total.end(), Acc(0));
       for (int64_t b = 0; b < pl.B; ++b) {  // (the units)
         for (int64_t sg = 0; sg < pl.segs; ++sg) {
+          if (!lane_started[pl.lane(b, h, sg)]) continue;
           const Acc* src = partial.data() + pl.lane(b, h, sg) * 2 * slot;
           for (int64_t i = 0; i < slot; ++i) total[i] += src[i];
         }

@@ -669,11 +669,11 @@ void softmax_backward(const Acc* gamma, Acc* dgamma, int64_t rows, int64_t K, in
 }
 
 // For components [k0, k0+KT): dx (n x Dp) -= sum_k ds lam (x - mu) (dx overwritten when `first`),
-// t1[k] += sum_i ds (x - mu), t2[k] += sum_i ds (x - mu)^2 (per dimension). Direct form: exact
-// up to rounding whatever |x|.
+// t1[k] += sum_i ds (x - mu), t2[k] += sum_i ds (x - mu)^2 (per dimension; overwritten when
+// `sums_fresh`). Direct form: exact up to rounding whatever |x|.
 template <class Acc, int KT>
 void density_tile(int64_t n, int64_t Dp, const Acc* x, const Acc* ds, int64_t Kp, int64_t k0, const Acc* mu,
-                  const Acc* lam, Acc* dx, Acc* t1, Acc* t2, bool first) {
+                  const Acc* lam, Acc* dx, Acc* t1, Acc* t2, bool first, bool sums_fresh) {
   using V = VecT<Acc>;
   constexpr int W = Simd<Acc>::W;
   for (int64_t d0 = 0; d0 < Dp; d0 += W) {
@@ -704,8 +704,8 @@ void density_tile(int64_t n, int64_t Dp, const Acc* x, const Acc* ds, int64_t Kp
     for (int kk = 0; kk < KT; ++kk) {
       Acc* p1 = t1 + (k0 + kk) * Dp + d0;
       Acc* p2 = t2 + (k0 + kk) * Dp + d0;
-      storeu(p1, loadu(p1) + T1[kk]);
-      storeu(p2, loadu(p2) + T2[kk]);
+      storeu(p1, sums_fresh ? T1[kk] : loadu(p1) + T1[kk]);
+      storeu(p2, sums_fresh ? T2[kk] : loadu(p2) + T2[kk]);
     }
   }
 }
@@ -721,10 +721,11 @@ struct ParamSums {
 };
 
 // The chunk's dx (n x Dp), from ds (n x Kp); its parameter sums (ParamSums::size values: t1, t2,
-// ds_sum) are added to `param_sums`.
+// ds_sum) are added to `param_sums`, or written there when `sums_fresh` (the first chunk of a
+// block: no clearing of the block before it, the same values).
 template <class Acc>
 void density_backward(const Head<Acc>& hd, const Shape& s, const Acc* x, const Acc* ds, int64_t n, Acc* dx,
-                      Acc* param_sums, const Ahead& ahead) {
+                      Acc* param_sums, bool sums_fresh, const Ahead& ahead) {
   const int64_t K = s.K, Kp = s.Kp, Dp = s.Dp;
   Acc* t1 = param_sums;
   Acc* t2 = t1 + K * Dp;
@@ -733,12 +734,13 @@ void density_backward(const Head<Acc>& hd, const Shape& s, const Acc* x, const A
   const int64_t tiles = K / kDensKT;
   for (; k0 + kDensKT <= K; k0 += kDensKT) {
     ahead.fetch_part(k0 / kDensKT, tiles);
-    density_tile<Acc, kDensKT>(n, Dp, x, ds, Kp, k0, hd.mu.data(), hd.lam.data(), dx, t1, t2, k0 == 0);
+    density_tile<Acc, kDensKT>(n, Dp, x, ds, Kp, k0, hd.mu.data(), hd.lam.data(), dx, t1, t2, k0 == 0, sums_fresh);
   }
   if (tiles == 0) ahead.fetch(0, n);
   for (; k0 < K; ++k0) {
-    density_tile<Acc, 1>(n, Dp, x, ds, Kp, k0, hd.mu.data(), hd.lam.data(), dx, t1, t2, k0 == 0);
+    density_tile<Acc, 1>(n, Dp, x, ds, Kp, k0, hd.mu.data(), hd.lam.data(), dx, t1, t2, k0 == 0, sums_fresh);
   }
+  if (sums_fresh) std::fill(ds_sum, ds_sum + Kp, Acc(0));
   for (int64_t r = 0; r < n; ++r) {
 #pragma omp simd
     for (int64_t k = 0; k < Kp; ++k) ds_sum[k] += ds[r * Kp + k];

@@ -272,7 +272,8 @@ struct NoCombine {  // a relay without partials (Relay::run)
 // from its sums to its work, so its work need not load them again.
 //
 // With `combine`, the work of a block's chunks adds up `partial_size` values (the backward's
-// parameter sums, from zero) that combine(pair, partial) takes in scan order, as one thread's scan
+// parameter sums; the block's first chunk, j = 0, writes them fresh: the block is not cleared
+// before) that combine(pair, partial) takes in scan order, as one thread's scan
 // would: a finished block parks them in a ring of its pair, and whoever finishes the block next in
 // line combines every parked block that is then in order (under the pair's lock), so no thread
 // waits for another to finish its work.
@@ -303,7 +304,7 @@ class Relay {
   // sums(thread, pair, chunk, j, delta): the chunk's SS + Kp sums into delta (chunk_state_sums),
   // j its place in the block (in scan order); work(thread, pair, chunk, j, state, partial): the
   // chunk's work from the state before it, adding to its block's partial_size values in partial
-  // (nullptr: none); combine(pair, partial), in scan order (nullptr: none).
+  // (nullptr: none; written fresh at j = 0); combine(pair, partial), in scan order (nullptr: none).
   template <class Sums, class Work, class Combine>
   void run(Sums& sums, Work& work, Combine* combine) {
     std::atomic<int64_t> next{0};
@@ -335,7 +336,6 @@ class Relay {
         if (combine) {
           wait_at_least(sync.combined, blk - ring_ + 1);  // the ring slot's last block is combined
           parked = parked_of(pair, blk);
-          std::fill(parked, parked + partial_size_, Acc(0));
         }
         for (int64_t p = p0; p < p1; ++p) work(thread, pair, chunk(p, nc), p - p0, before + (p - p0) * SZ, parked);
         if (combine) {

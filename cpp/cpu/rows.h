@@ -357,7 +357,9 @@ struct Workspace {
   Acc *psum;                               // one chunk's parameter-gradient sums (ParamSums::size)
   Acc* dx;                                 // C x Dp
   uint8_t keep[kChunk];
-  Buffer<Acc> storage;
+  // Uncleared: every use writes a buffer's rows before it reads them (a build that filled it with
+  // NaN passed the suites), and clearing ~0.3 MB a thread costs a short call more than its work.
+  UnclearedBuffer<Acc> storage;
   // Per-lane running states of the task being run, each with its compensation (see
   // accumulate_state): group x 2 (Kp x Dvp + Kp); transposed states, group x Dvp x Kp. Set in
   // full by each task before use (set_state, read_state, transpose).
@@ -377,7 +379,7 @@ struct Workspace {
     static_assert(sizeof(sizes) / sizeof(sizes[0]) == sizeof(slots) / sizeof(slots[0]), "workspace slots");
     int64_t total = kLine<Acc>;
     for (int64_t sz : sizes) total += round_up(sz, kLine<Acc>);
-    storage.assign(total, Acc(0));
+    storage = UnclearedBuffer<Acc>(total);
     Acc* base = align64(storage.data());
     int64_t off = 0;
     for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); ++i) {
