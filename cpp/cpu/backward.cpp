@@ -360,7 +360,7 @@ class Backward {
           load_keys(keys_in(w), b, h0 + l, row0, n);
           query_chunk(w, keys_in(w), b, h0 + l, row0, n, S, block_sums(l), block_starts(c));
           block_done(l, c);
-          accumulate_state(s, w.gk, w.v, n, S, w.delta);
+          if (c + 1 < nc) accumulate_state(s, w.gk, w.v, n, S, w.delta);  // (no chunk reads the final state)
         }
       }
       for (int64_t c = nc - 1; c >= 0; --c) {
@@ -370,7 +370,7 @@ class Backward {
           load_grads(w, grads_in(w), b, h0 + l, row0, n, true);
           key_chunk(w, grads_in(w), b, h0 + l, row0, n, dS, block_sums(l), block_starts(nc - 1 - c));
           block_done(l, nc - 1 - c);
-          state_grad_update(w, n, dS);
+          if (c > 0 || a.dS0.present()) state_grad_update(w, n, dS);  // (the last one only for dS0)
         }
       }
       for (int64_t l = 0; l < G; ++l) {
