@@ -409,6 +409,24 @@ class Bench:
             with torch.no_grad():
                 torch.ops.gmattn.forward(q, k, v, mu, omega, alpha, None, None, None, True, 1e-6, 1e-4, False, False)
 
+        class NoKernel(torch.autograd.Function):
+            """What torch's autograd alone costs a call of these tensors: no kernel, gradients of
+            the right shapes (the floor of any torch op's forward+backward)."""
+
+            @staticmethod
+            def forward(ctx, *tensors):
+                ctx.save_for_backward(*tensors)
+                return torch.empty_like(tensors[2])
+
+            @staticmethod
+            def backward(ctx, g):
+                return tuple(torch.empty_like(t) for t in ctx.saved_tensors)
+
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, mu, omega, alpha)]
+
+        def autograd_alone():
+            NoKernel.apply(*leaves).backward(dout)
+
         calls = {
             "argument checks": lambda: _checks.check_arguments(q, k, v, mu, omega, alpha, None, None, 1e-6, 1e-4),
             "front end, forward": front_end,
@@ -417,6 +435,7 @@ class Bench:
             "core forward, NumPy arrays, H=K=D=1": core_forward(*tiny),
             "core backward, NumPy arrays": core_backward,
             "front end, forward+backward": make_call("core", 1, 1, H, K, D, D, True, True),
+            "torch autograd alone, forward+backward (no kernel)": autograd_alone,
         }
         p = self._progress(len(calls) * (reps + 1), "fixed cost")
         times = run_cell(calls, reps, p, min_seconds=turn)
@@ -883,6 +902,10 @@ def short_tables(sh: dict) -> List[str]:
     lines += ["", "Fixed cost of an N = 1 call, every piece in one round-robin (us):", "",
               "| piece | us |", "|---|---:|"]
     lines += [f"| {name} | {t*1e6:.1f} |" for name, t in fc.items()]
+    floor = fc.get("torch autograd alone, forward+backward (no kernel)")
+    if floor is not None:
+        lines += ["", f"(torch's autograd alone costs {floor*1e6:.0f} us for a call with these six inputs on this "
+                      f"machine now: the floor of any torch op's N = 1 forward+backward, SDPA's included.)"]
     lm = sh["byte_lm"]
     lines += ["", f"Byte-LM training step (d_model {lm['d_model']}, {lm['num_layers']} layers, {lm['num_heads']} heads, "
                   f"K = {lm['num_components']}, B = {lm['B']}, N = {lm['N']}, AdamW): GMA {lm['gma_s']*1e3:.1f} ms, "
