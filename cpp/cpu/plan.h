@@ -14,6 +14,8 @@
 // in parallel, the segments' sums are added up, pass 2 runs the segments in parallel. Parameter
 // gradients go to one slot per (batch, head, segment) and are summed in a fixed order afterwards:
 // bit-identical results run to run at a fixed thread count (causal: at any thread count).
+// Packed sequences no longer than a chunk share chunks (Shape::piece_end, Plan::packs): a chunk
+// then holds several whole sequences, each a block of rows that reads only its own (rows.h).
 #pragma once
 
 #include <omp.h>

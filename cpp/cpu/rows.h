@@ -296,8 +296,9 @@ struct Shape {
   int64_t Kp, Dp, Dvp;  // padded to whole vectors
   int64_t C = kChunk;
   // Sequences: each batch row is one (seqs = B), or, packed (cu_seqlens), batch row 0 holds seqs
-  // of them, sequence q its rows [starts[q], starts[q + 1]). Chunks never straddle a sequence's
-  // boundary: a sequence's chunks start at its first row, its last one may be short.
+  // of them, sequence q its rows [starts[q], starts[q + 1]). A sequence longer than a chunk has
+  // chunks of its own, from its first row (the last one may be short); packed, shorter ones may
+  // share a chunk (piece_end), but never a chunk with part of another sequence.
   int64_t seqs;
   std::vector<int64_t> starts;  // packed only: seqs + 1 row offsets
   int64_t longest;              // rows of the longest sequence
@@ -313,7 +314,7 @@ struct Shape {
     s.seqs = d.B;
     // A sequence shorter than a chunk is one chunk of its own length (whole vectors): the
     // per-thread buffers (Workspace, C x C products) shrink with it, so a one-token step does not
-    // allocate and clear buffers for 64 rows. Packed: the longest sequence sets it.
+    // allocate and clear buffers for 64 rows.
     int64_t longest = d.N;
     if (cu_seqlens.present()) {
       s.seqs = cu_seqlens.shape[0] - 1;
@@ -325,7 +326,7 @@ struct Shape {
       }
     }
     s.longest = longest;
-    // Packed: a chunk may hold several short sequences (piece_end), so the whole row sets it.
+    // (Packed: a chunk may hold several short sequences, so the whole row sets it.)
     s.C = std::max<int64_t>(W, std::min(kChunk, round_up(cu_seqlens.present() ? d.N : longest, W)));
     s.nchunks = (longest + s.C - 1) / s.C;
     return s;
