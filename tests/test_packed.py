@@ -124,6 +124,8 @@ PACKED_CHUNKS = {
     # long sequences read it; the packed chunks need none).
     "long_mean": [300, 5, 7, 1, 200, 16, 17, 64, 0, 2],
     "all_16": [16] * 40,
+    # At most 4 tokens each, more than a chunk in all: packed chunks rather than the row path.
+    "tiny": [2, 3, 4, 1, 0, 4, 3, 2, 1, 1, 4, 4, 2, 3] * 3,
 }
 
 
