@@ -114,6 +114,106 @@ def test_packed_equals_separate_calls(causal):
     assert_all_close(grads, want_grads, GRAD_NAMES, **TOL64)
 
 
+# Many short sequences of mixed lengths, several to a chunk of the CPU core (64 rows): lengths
+# 1, 2, 15, 16, 17, 63, 64, 65 and longer, empty ones, sequences that fill a chunk exactly, and runs
+# whose packing leaves a chunk short.
+PACKED_CHUNKS = {
+    "short_mix": [1, 2, 15, 16, 17, 63, 64, 65, 0, 3, 16, 16, 16, 16, 40, 24, 1, 7, 2, 33, 31, 0, 9, 130, 5, 60,
+                  4, 1, 1, 12],
+    # Mean above 64 tokens: the bidirectional backward reuses the forward's final state (the
+    # long sequences read it; the packed chunks need none).
+    "long_mean": [300, 5, 7, 1, 200, 16, 17, 64, 0, 2],
+    "all_16": [16] * 40,
+    # At most 4 tokens each, more than a chunk in all: packed chunks rather than the row path.
+    "tiny": [2, 3, 4, 1, 0, 4, 3, 2, 1, 1, 4, 4, 2, 3] * 3,
+}
+
+
+def run_variant(fn, tensors, offsets, causal, final, seed=1):
+    """run() with or without the final state (without: no final-state cotangents either)."""
+    if final:
+        return run(fn, tensors, offsets, causal, seed)
+    q, k, v, mu, omega, alpha, *state = tensors
+    out = fn(q, k, v, mu, omega, alpha, causal=causal, initial_state=tuple(state) or None, cu_seqlens=offsets)
+    g = torch.Generator().manual_seed(seed)
+    cot = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    return [out], list(torch.autograd.grad(out, tensors, cot))
+
+
+def loop_over_sequences(q, k, v, mu, omega, alpha, *, cu_seqlens, initial_state=None, output_final_state=False,
+                        **kw):
+    """gma_attention on each sequence alone (a batch row of B = 1), results concatenated."""
+    outs, states = [], []
+    for s, (lo, hi) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
+        state = None if initial_state is None else (initial_state[0][s:s + 1], initial_state[1][s:s + 1])
+        if hi == lo:
+            outs.append(v[:, lo:hi] * 0)
+            states.append(state or tuple(torch.zeros(1, *shape, dtype=mu.dtype) for shape in
+                                         ((q.shape[2], mu.shape[1], v.shape[3]), (q.shape[2], mu.shape[1]))))
+            continue
+        out, fs = gmattn.gma_attention(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], mu, omega, alpha, initial_state=state,
+                                       output_final_state=True, **kw)
+        outs.append(out)
+        states.append(fs)
+    out = torch.cat(outs, 1)
+    if not output_final_state:
+        return out
+    return out, (torch.cat([s[0] for s in states]), torch.cat([s[1] for s in states]))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("lengths", list(PACKED_CHUNKS), ids=list(PACKED_CHUNKS))
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("state", ["state", "nostate", "state_nofinal", "nostate_nofinal"])
+def test_packed_chunks_match_loop_over_sequences(causal, lengths, threads, state):
+    """Short sequences packed several to a chunk (each a block reading only its own rows, its own
+    initial state, and giving its own final state and state gradients): outputs, final states and
+    every gradient equal naive_gma on each sequence alone to float64 rounding, with and without
+    an initial state and a final state."""
+    lens = PACKED_CHUNKS[lengths]
+    tensors = make_packed(lens, H=2, K=5, D=4, Dv=6, state=state.startswith("state"), seed=7)
+    offsets = offsets_of(lens)
+    final = not state.endswith("nofinal")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        outs, grads = run_variant(gmattn.gma_attention, tensors, offsets, causal, final)
+    finally:
+        torch.set_num_threads(previous)
+    want_outs, want_grads = run_variant(packed_reference, tensors, offsets, causal, final)
+    assert_all_close(outs, want_outs, OUT_NAMES, **TOL64)
+    assert_all_close(grads, want_grads, GRAD_NAMES, **TOL64)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_chunks_float32_as_accurate_as_a_loop(causal, threads):
+    """float32, a realistic size (K = 16, D = Dv = 32, chunks of 64 rows): the packed call's error
+    against float64 is within 2x (3x for gradients) that of a float32 loop of separate calls over
+    the sequences, which run every sequence in chunks of its own."""
+    lens = PACKED_CHUNKS["short_mix"] * 3
+    base = make_packed(lens, H=2, K=16, D=32, Dv=32, seed=11)
+    offsets = offsets_of(lens)
+
+    def as_(dtype):
+        return [t.detach().to(dtype).requires_grad_() for t in base]
+
+    want_outs, want_grads = run(packed_reference, as_(torch.float64), offsets, causal)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        outs, grads = run(gmattn.gma_attention, as_(torch.float32), offsets, causal)
+        loop_outs, loop_grads = run(loop_over_sequences, as_(torch.float32), offsets, causal)
+    finally:
+        torch.set_num_threads(previous)
+    for got, loop, want, name, factor in zip(outs + grads, loop_outs + loop_grads, want_outs + want_grads,
+                                             OUT_NAMES + GRAD_NAMES, [2] * 3 + [3] * 8):
+        scale = want.abs().max().item()
+        ours = (got.double() - want).abs().max().item() / scale
+        theirs = (loop.double() - want).abs().max().item() / scale
+        assert ours <= factor * theirs + 1e-7, f"{name}: error {ours:.2e} vs a loop of calls {theirs:.2e}"
+
+
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 
 

@@ -117,16 +117,28 @@ class Backward {
   void state_grad_update(Workspace<Acc>& w, int64_t n, Acc* dstate) {
     accumulate_state(s, w.gq, w.dnum, w.dden, n, dstate, w.delta);
   }
-  // Bm = tril(dnum V^T + dden 1^T): the gradient of the intra-chunk affinity.
-  void affinity_grad(Workspace<Acc>& w, const Acc* v, GradRows gr, int64_t n) {
-    transpose(C, Dvp, v, Dvp, w.vT, C);
-    gemm(n, round_up(n, W) / W, Dvp, gr.dnum, Dvp, 1, w.vT, C, w.Bm, C, false, Tri::kOutLower);
-    for (int64_t i = 0; i < n; ++i) {
-      const Acc dd = gr.dden[i];
+  // Bm = dnum V^T + dden 1^T over a block (rows.h; causal: its lower triangle): the gradient of
+  // the block's affinity A. Pointers at the block's first row.
+  void affinity_grad(Workspace<Acc>& w, const Acc* v, const Acc* dnum, const Acc* dden, int64_t L, bool tril,
+                     Acc* Bm) {
+    transpose(L, Dvp, v, Dvp, w.vT, C);  // (columns past L: never read)
+    gemm(L, round_up(L, W) / W, Dvp, dnum, Dvp, 1, w.vT, C, Bm, C, false, out_tri(tril));
+    for (int64_t i = 0; i < L; ++i) {
+      const Acc dd = dden[i];
+      const int64_t cols = block_cols(tril, i, L);
 #pragma omp simd
-      for (int64_t j = 0; j <= i; ++j) w.Bm[i * C + j] += dd;
+      for (int64_t j = 0; j < cols; ++j) Bm[i * C + j] += dd;
     }
-    keep_lower(w.Bm, n, C);
+    if (tril) keep_lower(Bm, L, C);
+  }
+  // The key side of a block's own part of the gradients (Bm from affinity_grad): dGk += Bm^T Gq
+  // and dv += A^T dnum (A = Gq Gk^T, rows.h; in w.A from row o). Pointers at the block's first row.
+  void block_key_grads(Workspace<Acc>& w, const Acc* gq, const Acc* gk, const Acc* dnum, const Acc* Bm, int64_t L,
+                       bool tril, Acc* dgk, Acc* dv, int64_t o) {
+    Acc* A = w.A + o * C;
+    gemm(L, Kp / W, L, Bm, 1, C, gq, Kp, dgk, Kp, true, depth_upper(tril));  // + Bm^T Gq
+    block_affinity(s, gq, gk, L, tril, w.gkT, A);
+    gemm(L, Dvp / W, L, A, 1, C, dnum, Dvp, dv, Dvp, true, depth_upper(tril));  // dv += A^T dnum
   }
   // dGq -> ds (softmax backward) -> dq and parameter sums; likewise dGk -> dk.
   // `ahead`: rows of the chunk computed next, fetched meanwhile. The chunk's parameter sums are
@@ -139,23 +151,25 @@ class Backward {
     density_backward(hd, s, xbuf, dgamma, n, w.dx, param_sums, sums_fresh, ahead);
     scatter_rows<T>(dx_out, b, h, row0, n, D, w.dx, Dp);
   }
-  // dGq += dden z^T (dGq holds dnum S^T).
-  void add_dden_z(Workspace<Acc>& w, int64_t n, const Acc* z) {
-    for (int64_t i = 0; i < n; ++i) {
+  // dGq += dden z^T (dGq holds dnum S^T), rows [o, o + n) of the chunk.
+  void add_dden_z(Workspace<Acc>& w, int64_t n, const Acc* z, int64_t o = 0) {
+    for (int64_t i = o; i < o + n; ++i) {
       const Acc dd = w.dden[i];
 #pragma omp simd
       for (int64_t k = 0; k < Kp; ++k) w.dgq[i * Kp + k] += dd * z[k];
     }
   }
-  // dGk = V dS^T + dz (dST: dS transposed), dv = Gk dS, written out.
-  void key_grads(Workspace<Acc>& w, const Acc* dstate, const Acc* dST, int64_t n) {
-    gemm(n, Kp / W, Dvp, w.v, Dvp, 1, dST, Kp, w.dgk, Kp, false);
+  // dGk = V dS^T + dz (dST: dS transposed), dv = Gk dS (in w.num, written out by the caller),
+  // rows [o, o + n) of the chunk.
+  void key_grads(Workspace<Acc>& w, const Acc* dstate, const Acc* dST, int64_t n, int64_t o = 0) {
+    Acc* dgk = w.dgk + o * Kp;
+    gemm(n, Kp / W, Dvp, w.v + o * Dvp, Dvp, 1, dST, Kp, dgk, Kp, false);
     const Acc* dz = dstate + SS;
     for (int64_t i = 0; i < n; ++i) {
 #pragma omp simd
-      for (int64_t k = 0; k < Kp; ++k) w.dgk[i * Kp + k] += dz[k];
+      for (int64_t k = 0; k < Kp; ++k) dgk[i * Kp + k] += dz[k];
     }
-    gemm(n, Dvp / W, K, w.gk, Kp, 1, dstate, Dvp, w.num, Dvp, false);
+    gemm(n, Dvp / W, K, w.gk + o * Kp, Kp, 1, dstate, Dvp, w.num + o * Dvp, Dvp, false);
   }
 
   // Bidirectional. Every query read the same state (S, z) = S0 + sum_j Gk[j]^T (v[j], 1), and
@@ -242,7 +256,8 @@ class Backward {
         for (int64_t h = h0; h < h0 + G; ++h) key_totals(u, q, h);
         query_pass(task, q);
       };
-      run_passes(pl, true, keys_then_queries, grad_totals, key_pass);
+      auto packed = [this](int64_t task, int64_t q0, int64_t q1) { packed_chunk(task, q0, q1); };
+      run_passes(pl, s, true, keys_then_queries, grad_totals, key_pass, packed);
       return;
     }
     // Segments (a unit is one sequence): the key totals need every segment's sums first.
@@ -252,9 +267,9 @@ class Backward {
       }
     } else {
       auto nothing = [](int64_t, int64_t) {};
-      run_passes(pl, true, sum_keys, key_totals, nothing);
+      run_passes(pl, s, true, sum_keys, key_totals, nothing);
     }
-    run_passes(pl, true, query_pass, grad_totals, key_pass);
+    run_passes(pl, s, true, query_pass, grad_totals, key_pass);
   }
 
   // Causal: a forward scan (the state before each chunk -> dGq -> dq), then a reverse scan (the
@@ -263,7 +278,7 @@ class Backward {
   void query_chunk(Workspace<Acc>& w, KeyRows keys, int64_t b, int64_t h, int64_t row0, int64_t n, const Acc* S,
                    Acc* param_sums, bool sums_fresh) {
     load_grads(w, grads_in(w), b, h, row0, n, false);  // computes dden, kept in dden_store for the key side
-    affinity_grad(w, keys.v, grads_in(w), n);
+    affinity_grad(w, keys.v, w.dnum, w.dden, n, true, w.Bm);
     gemm(n, Kp / W, n, w.Bm, C, 1, keys.gk, Kp, w.dgq, Kp, false, Tri::kDepthLower);  // Bm Gk
     transpose(Kp, Dvp, S, Dvp, w.ST, Kp);
     gemm(n, Kp / W, Dvp, w.dnum, Dvp, 1, w.ST, Kp, w.dgq, Kp, true);  // dnum S^T
@@ -274,16 +289,11 @@ class Backward {
   // The key side of a chunk from the gradient state dS after it, its gradients' rows loaded.
   void key_chunk(Workspace<Acc>& w, GradRows grads, int64_t b, int64_t h, int64_t row0, int64_t n, const Acc* dS,
                  Acc* param_sums, bool sums_fresh) {
-    const int64_t ncv = round_up(n, W) / W;
     load_keys(keys_in(w), b, h, row0, n);
-    affinity_grad(w, w.v, grads, n);
+    affinity_grad(w, w.v, grads.dnum, grads.dden, n, true, w.Bm);
     transpose(Kp, Dvp, dS, Dvp, w.dST, Kp);
     key_grads(w, dS, w.dST, n);
-    gemm(n, Kp / W, n, w.Bm, 1, C, grads.gq, Kp, w.dgk, Kp, true, Tri::kDepthUpper);  // + Bm^T Gq
-    transpose(C, Kp, w.gk, Kp, w.gkT, C);
-    gemm(n, ncv, Kp, grads.gq, Kp, 1, w.gkT, C, w.A, C, false, Tri::kOutLower);  // A = tril(Gq Gk^T)
-    keep_lower(w.A, n, C);
-    gemm(n, Dvp / W, n, w.A, 1, C, grads.dnum, Dvp, w.num, Dvp, true, Tri::kDepthUpper);  // dv += A^T dnum
+    block_key_grads(w, grads.gq, w.gk, grads.dnum, w.Bm, n, true, w.dgk, w.num, 0);
     scatter_rows<T>(a.dv, b, h, row0, n, Dv, w.num, Dvp);
     // masked rows: gk = 0, hence ds = 0
     finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, b, h, row0, n, param_sums, sums_fresh,
@@ -380,7 +390,67 @@ class Backward {
     };
     auto nothing = [](int64_t, int64_t) {};
     auto no_starts = [](int64_t, int64_t, int64_t) {};  // each task sets its own
-    run_passes(pl, false, nothing, no_starts, scans);
+    auto packed = [this](int64_t task, int64_t q0, int64_t q1) { packed_chunk(task, q0, q1); };
+    run_passes(pl, s, false, nothing, no_starts, scans, packed);
+  }
+
+  // A packed chunk (Plan::packs): the short sequences [q0, q1), causal or bidirectional, in one go.
+  // Each sequence is a block (rows.h) whose gradients come from its own rows, from its initial
+  // state (dGq += dnum S0^T + dden z0^T) and from its final state's gradient (dGk += V dS^T + dz,
+  // dv += Gk dS); its dS0 is that gradient plus Gq^T (dnum, dden) summed over its rows (every
+  // query read S0). Then the backward through the responsibilities of all the chunk's rows,
+  // queries and keys, their parameter sums added to the lane as one block.
+  void packed_chunk(int64_t task, int64_t q0, int64_t q1) {
+    int64_t u, h0, sg;
+    pl.task(task, u, h0, sg);
+    Workspace<Acc>& w = ws[omp_get_thread_num()];
+    const int64_t row0 = s.starts[q0], n = s.starts[q1] - row0;
+    const bool from_state = a.S0.present() || a.z0.present();
+    const bool state_grad = a.dS_final.present() || a.dz_final.present(), state_out = a.dS0.present();
+    Acc* S = w.lstate.data();
+    Acc* dS = w.ldstate.data();  // (2 SZ: with its compensation)
+    for (int64_t h = h0; h < h0 + G; ++h) {
+      if (n > 0) {
+        load_keys(keys_in(w), 0, h, row0, n);
+        load_grads(w, grads_in(w), 0, h, row0, n, false);
+      }
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t o = s.starts[q] - row0, L = s.len(q);
+        if (state_grad || state_out) read_state(a.dS_final, a.dz_final, q, h, K, Dv, Kp, Dvp, dS, dS + SS);
+        if (L > 0) {
+          const Acc *gq = w.gq + o * Kp, *gk = w.gk + o * Kp, *dnum = w.dnum + o * Dvp, *dden = w.dden + o;
+          Acc *dgq = w.dgq + o * Kp, *dgk = w.dgk + o * Kp, *dv = w.num + o * Dvp, *Bm = w.Bm + o * C;
+          affinity_grad(w, w.v + o * Dvp, dnum, dden, L, causal, Bm);
+          gemm(L, Kp / W, L, Bm, C, 1, gk, Kp, dgq, Kp, false, depth_lower(causal));  // Bm Gk
+          if (from_state) {
+            read_state(a.S0, a.z0, q, h, K, Dv, Kp, Dvp, S, S + SS);
+            transpose(Kp, Dvp, S, Dvp, w.ST, Kp);
+            gemm(L, Kp / W, Dvp, dnum, Dvp, 1, w.ST, Kp, dgq, Kp, true);  // dnum S0^T
+            add_dden_z(w, L, S + SS, o);
+          }
+          if (state_grad) {
+            transpose(Kp, Dvp, dS, Dvp, w.dST, Kp);
+            key_grads(w, dS, w.dST, L, o);
+          } else {
+            std::fill(dgk, dgk + L * Kp, Acc(0));
+            std::fill(dv, dv + L * Dvp, Acc(0));
+          }
+          block_key_grads(w, gq, gk, dnum, Bm, L, causal, dgk, dv, o);
+          if (state_out) {
+            std::fill(dS + SZ, dS + 2 * SZ, Acc(0));  // (from dS_final with zero compensation)
+            accumulate_state(s, gq, dnum, dden, L, dS, w.delta);
+          }
+        }
+        if (state_out) write_state(a.dS0, a.dz0, q, h, K, Dv, Dvp, dS, dS + SS);
+      }
+      if (n == 0) continue;
+      scatter_rows<T>(a.dv, 0, h, row0, n, Dv, w.num, Dvp);
+      finish(w, heads[h], a.q, a.dq, w.gq, w.dgq, w.xq, 0, h, row0, n, w.psum, true,
+             Ahead::of<T>({{&a.k, D}}, 0, h, row0, N, C));
+      finish(w, heads[h], a.k, a.dk, w.gk, w.dgk, w.xk, 0, h, row0, n, w.psum, false,
+             Ahead::of<T>({{&a.v, Dv}, {&a.dout, Dv}, {&a.out, Dv}, {&a.q, D}}, 0, h, row0 + n, N, C));
+      add_to_lane(pl.lane(u, h, sg), w.psum);
+    }
   }
 
   // Parameter gradients: the lane slots of each head summed in a fixed order, then the chain rule.

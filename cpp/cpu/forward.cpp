@@ -44,24 +44,18 @@ void forward_typed(const ForwardArgs& a) {
     responsibilities(hd, s, w, w.xk, n, gk, mask_rows(a.mask, b, row0, n, w.keep), ahead);
     if (save) write_saved(a.gk, b, h, row0, n, K, gk, Kp);
   };
-  // A chunk's outputs from the state before it (S, then z) and, causal, from the chunk's own keys
-  // (gk, v from route_keys).
-  auto read_out = [&](Workspace<Acc>& w, const Head<Acc>& hd, int64_t b, int64_t h, int64_t row0, int64_t n,
-                      const Acc* S, const Acc* gk, const Acc* v) {
+  // A block's reads of a state (S, then z): num = Gq S, den = Gq z (+ eps in write_out).
+  auto read_state_of = [&](const Acc* gq, int64_t L, const Acc* S, Acc* num, Acc* den) {
+    gemm(L, Dvp / W, K, gq, Kp, 1, S, Dvp, num, Dvp, false);
+    for (int64_t i = 0; i < L; ++i) den[i] = dot(gq + i * Kp, S + SS, Kp);
+  };
+  // A chunk's query responsibilities in w.gq; and its outputs num / (den + eps), written out
+  // (with the saved Gq and denominators when asked for).
+  auto route_queries = [&](Workspace<Acc>& w, const Head<Acc>& hd, int64_t b, int64_t h, int64_t row0, int64_t n) {
     gather_rows<T>(a.q, b, h, row0, n, D, w.xq, Dp, C);
     responsibilities(hd, s, w, w.xq, n, w.gq, nullptr, Ahead::of<T>({{&a.q, D}}, b, h, row0 + C, N, C));
-    // num = Gq S, den = Gq z (+ eps below)
-    gemm(n, Dvp / W, K, w.gq, Kp, 1, S, Dvp, w.num, Dvp, false);
-    for (int64_t i = 0; i < n; ++i) w.den[i] = dot(w.gq + i * Kp, S + SS, Kp);
-    if (causal) {
-      // Intra-chunk: A = tril(Gq Gk^T); num += A V, den += rowsum(A).
-      const int64_t ncv = round_up(n, W) / W;  // vectors spanning the chunk's columns
-      transpose(C, Kp, gk, Kp, w.gkT, C);
-      gemm(n, ncv, Kp, w.gq, Kp, 1, w.gkT, C, w.A, C, false, Tri::kOutLower);
-      keep_lower(w.A, n, C);
-      gemm(n, Dvp / W, n, w.A, C, 1, v, Dvp, w.num, Dvp, true, Tri::kDepthLower);
-      for (int64_t i = 0; i < n; ++i) w.den[i] += row_sum(w.A + i * C, i + 1);
-    }
+  };
+  auto write_out = [&](Workspace<Acc>& w, int64_t b, int64_t h, int64_t row0, int64_t n) {
     for (int64_t i = 0; i < n; ++i) {
       w.den[i] += eps;
       const Acc inv = Acc(1) / w.den[i];
@@ -73,6 +67,18 @@ void forward_typed(const ForwardArgs& a) {
       write_saved(a.gq, b, h, row0, n, K, w.gq, Kp);
       write_den(a.den, b, h, row0, n, w.den);
     }
+  };
+  // A chunk's outputs from the state before it (S, then z) and, causal, from the chunk's own keys
+  // (gk, v from route_keys).
+  auto read_out = [&](Workspace<Acc>& w, const Head<Acc>& hd, int64_t b, int64_t h, int64_t row0, int64_t n,
+                      const Acc* S, const Acc* gk, const Acc* v) {
+    route_queries(w, hd, b, h, row0, n);
+    read_state_of(w.gq, n, S, w.num, w.den);
+    if (causal) {  // intra-chunk: A = tril(Gq Gk^T); num += A V, den += rowsum(A)
+      block_affinity(s, w.gq, gk, n, true, w.gkT, w.A);
+      block_read(s, w.A, v, n, true, w.num, w.den);
+    }
+    write_out(w, b, h, row0, n);
   };
 
   if (causal && pl.segs > 1) {  // fewer pairs than threads (or an uneven split): a relay
@@ -142,7 +148,50 @@ void forward_typed(const ForwardArgs& a) {
     }
   };
 
-  run_passes(pl, two_pass, pass1, starts, pass2);
+  // A packed chunk (Plan::packs): the short sequences [q0, q1), routed together as one chunk's
+  // rows, each sequence a block that reads its initial state (if any) and its own rows (causal:
+  // up to the query; bidirectional: all of them, so no pass over the keys comes first: they all
+  // lie in the chunk). Its final state is its initial state plus its keys' sums.
+  const bool from_state = a.S0.present() || a.z0.present(), final_state = a.S_final.present();
+  auto packed = [&](int64_t task, int64_t q0, int64_t q1) {
+    int64_t u, h0, sg;
+    pl.task(task, u, h0, sg);
+    Workspace<Acc>& w = ws[omp_get_thread_num()];
+    const int64_t row0 = s.starts[q0], n = s.starts[q1] - row0;
+    Acc* state = w.lstate.data();  // (2 SZ: with its compensation)
+    for (int64_t h = h0; h < h0 + G; ++h) {
+      if (n > 0) {
+        route_keys(w, heads[h], 0, h, row0, n, w.gk, w.v);
+        route_queries(w, heads[h], 0, h, row0, n);
+      }
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t o = s.starts[q] - row0, L = s.len(q);
+        const Acc *gq = w.gq + o * Kp, *gk = w.gk + o * Kp, *v = w.v + o * Dvp;
+        Acc *num = w.num + o * Dvp, *den = w.den + o;
+        if (from_state || final_state) read_state(a.S0, a.z0, q, h, K, Dv, Kp, Dvp, state, state + SS);
+        if (L > 0) {
+          if (from_state) {
+            read_state_of(gq, L, state, num, den);
+          } else {
+            std::fill(num, num + L * Dvp, Acc(0));
+            std::fill(den, den + L, Acc(0));
+          }
+          block_affinity(s, gq, gk, L, causal, w.gkT, w.A + o * C);
+          block_read(s, w.A + o * C, v, L, causal, num, den);
+        }
+        if (final_state) {
+          if (L > 0) {
+            std::fill(state + SZ, state + 2 * SZ, Acc(0));  // (from the state with zero compensation)
+            accumulate_state(s, gk, v, L, state, w.delta);
+          }
+          write_state(a.S_final, a.z_final, q, h, K, Dv, Dvp, state, state + SS);
+        }
+      }
+      if (n > 0) write_out(w, 0, h, row0, n);
+    }
+  };
+
+  run_passes(pl, s, two_pass, pass1, starts, pass2, packed);
 }
 
 // The entry point of this ISA build.

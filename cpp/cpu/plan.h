@@ -14,6 +14,8 @@
 // in parallel, the segments' sums are added up, pass 2 runs the segments in parallel. Parameter
 // gradients go to one slot per (batch, head, segment) and are summed in a fixed order afterwards:
 // bit-identical results run to run at a fixed thread count (causal: at any thread count).
+// Packed sequences no longer than a chunk share chunks (Shape::piece_end, Plan::packs): a chunk
+// then holds several whole sequences, each a block of rows that reads only its own (rows.h).
 #pragma once
 
 #include <omp.h>
@@ -46,6 +48,9 @@ struct Plan {
   // Runs of sequences: the first sequence of each unit, then the number of sequences; empty: unit
   // u is sequence u. (Only with one segment: a segment cuts one sequence.)
   std::vector<int64_t> unit_first;
+  // Packed chunks (Shape::piece_end): units are runs of whole pieces, and a task runs a piece of
+  // short sequences as one chunk. (Only with one segment.)
+  bool packs = false;
   int64_t seq_begin(int64_t u) const { return unit_first.empty() ? u : unit_first[u]; }
   int64_t seq_end(int64_t u) const { return unit_first.empty() ? u + 1 : unit_first[u + 1]; }
   // Chunks [first, last) of segment sg of a sequence of nc chunks (a segment may be empty).
@@ -73,23 +78,26 @@ inline int threads_for(const Shape& s, int requested) {
 
 constexpr int64_t kUnitsPerThread = 8;  // packed: runs of sequences per thread (see Plan)
 
-inline Plan make_plan(const Shape& s, int requested) {
+// The plan over units made of the candidates `firsts` (ascending first sequences of the runs a
+// unit may start at; empty: every sequence is a unit): each candidate a unit when there are at
+// most kUnitsPerThread * nt of them, else kUnitsPerThread * nt runs of consecutive candidates,
+// cut where the tokens before a candidate reach the next share of N (a run holds at least one).
+inline Plan plan_of(const Shape& s, int64_t nt, const std::vector<int64_t>& firsts) {
   Plan p;
-  // 64-bit: a caller may ask for up to INT_MAX threads, and the products below must not overflow.
-  int64_t nt = requested > 0 ? requested : omp_get_max_threads();
-  if (nt < 1) nt = 1;
   const int64_t H = s.H, nchunks = s.nchunks;
   int64_t B = s.seqs;
-  if (!s.starts.empty() && B > kUnitsPerThread * nt) {
-    // Many packed sequences: kUnitsPerThread * nt runs of consecutive sequences, cut where the
-    // tokens before a sequence reach the next share of N (a run holds at least one sequence).
-    const int64_t units = kUnitsPerThread * nt;
-    p.unit_first.push_back(0);
-    for (int64_t q = 1; q < B; ++q) {
-      const int64_t cuts = static_cast<int64_t>(p.unit_first.size());
-      if (cuts < units && s.starts[q] * units >= cuts * s.N) p.unit_first.push_back(q);
+  if (!firsts.empty()) {
+    const int64_t count = static_cast<int64_t>(firsts.size()), units = kUnitsPerThread * nt;
+    if (count <= units) {
+      p.unit_first = firsts;
+    } else {
+      p.unit_first.push_back(0);
+      for (int64_t i = 1; i < count; ++i) {
+        const int64_t cuts = static_cast<int64_t>(p.unit_first.size());
+        if (cuts < units && s.starts[firsts[i]] * units >= cuts * s.N) p.unit_first.push_back(firsts[i]);
+      }
     }
-    p.unit_first.push_back(B);
+    p.unit_first.push_back(s.seqs);
     B = static_cast<int64_t>(p.unit_first.size()) - 1;
   }
   p.B = B;
@@ -129,6 +137,28 @@ inline Plan make_plan(const Shape& s, int requested) {
   return p;
 }
 
+inline Plan make_plan(const Shape& s, int requested) {
+  // 64-bit: a caller may ask for up to INT_MAX threads, and the products below must not overflow.
+  int64_t nt = requested > 0 ? requested : omp_get_max_threads();
+  if (nt < 1) nt = 1;
+  std::vector<int64_t> firsts;
+  if (!s.starts.empty()) {
+    // Packed: units of whole pieces, unless the pieces are too few for the threads (segments
+    // then cut sequences).
+    for (int64_t q = 0; q < s.seqs; q = s.piece_end(q)) firsts.push_back(q);
+    Plan p = plan_of(s, nt, firsts);
+    if (p.segs == 1) {
+      p.packs = true;
+      return p;
+    }
+    firsts.clear();
+    if (s.seqs > kUnitsPerThread * nt) {
+      for (int64_t q = 0; q < s.seqs; ++q) firsts.push_back(q);
+    }
+  }
+  return plan_of(s, nt, firsts);
+}
+
 // Calls fn(q, b, h, lane, row0, n) for every chunk of sequence q in a task's segment (in batch row
 // b, rows [row0, row0 + n)), chunk by chunk, the task's heads in lockstep within each chunk.
 template <class Fn>
@@ -146,9 +176,11 @@ void for_each_chunk(const Plan& pl, const Shape& s, int64_t task, int64_t q, Fn&
 // !two_pass), the starting state of every (unit, sequence, head) (`starts(u, q, h)`), then
 // pass2(task, q) from those states. With one segment per sequence a task owns whole sequences:
 // all three run for each sequence of its unit in turn inside one parallel region, no barrier.
-// (With segments a unit is one sequence: q = u.)
-template <class Pass1, class Starts, class Pass2>
-void run_passes(const Plan& pl, bool two_pass, Pass1& pass1, Starts& starts, Pass2& pass2) {
+// (With segments a unit is one sequence: q = u.) With packed chunks (Plan::packs), a piece of
+// short sequences [q0, q1) runs as one chunk instead: packed(task, q0, q1).
+template <class Pass1, class Starts, class Pass2, class Packed>
+void run_passes(const Plan& pl, const Shape& s, bool two_pass, Pass1& pass1, Starts& starts, Pass2& pass2,
+                Packed& packed) {
   // (Each region's threads flush subnormals, their own setting back at its end: numeric.h.)
   if (pl.segs == 1) {
 #pragma omp parallel num_threads(pl.nt) if (pl.nt > 1)
@@ -158,7 +190,12 @@ void run_passes(const Plan& pl, bool two_pass, Pass1& pass1, Starts& starts, Pas
       for (int64_t task = 0; task < pl.tasks; ++task) {
         int64_t u, h0, sg;
         pl.task(task, u, h0, sg);
-        for (int64_t q = pl.seq_begin(u); q < pl.seq_end(u); ++q) {
+        for (int64_t q = pl.seq_begin(u), next; q < pl.seq_end(u); q = next) {
+          next = pl.packs ? s.piece_end(q) : q + 1;
+          if (pl.packs && s.len(q) <= s.C) {
+            packed(task, q, next);
+            continue;
+          }
           if (two_pass) pass1(task, q);
           for (int64_t h = h0; h < h0 + pl.group; ++h) starts(u, q, h);
           pass2(task, q);
@@ -185,6 +222,14 @@ void run_passes(const Plan& pl, bool two_pass, Pass1& pass1, Starts& starts, Pas
     }
     every_task(pass2);
   }
+}
+// Without packed chunks (a plan with segments, or a kernel that runs every sequence alone).
+template <class Pass1, class Starts, class Pass2>
+void run_passes(const Plan& pl, const Shape& s, bool two_pass, Pass1& pass1, Starts& starts, Pass2& pass2) {
+  auto none = [](int64_t, int64_t, int64_t) {};
+  Plan unpacked = pl;  // (a copy only where packs is set; a plan is small)
+  unpacked.packs = false;
+  run_passes(pl.packs ? unpacked : pl, s, two_pass, pass1, starts, pass2, none);
 }
 
 // Waiting for another thread, briefly: pause-spin first (a hand-over is usually microseconds

@@ -296,8 +296,9 @@ struct Shape {
   int64_t Kp, Dp, Dvp;  // padded to whole vectors
   int64_t C = kChunk;
   // Sequences: each batch row is one (seqs = B), or, packed (cu_seqlens), batch row 0 holds seqs
-  // of them, sequence q its rows [starts[q], starts[q + 1]). Chunks never straddle a sequence's
-  // boundary: a sequence's chunks start at its first row, its last one may be short.
+  // of them, sequence q its rows [starts[q], starts[q + 1]). A sequence longer than a chunk has
+  // chunks of its own, from its first row (the last one may be short); packed, shorter ones may
+  // share a chunk (piece_end), but never a chunk with part of another sequence.
   int64_t seqs;
   std::vector<int64_t> starts;  // packed only: seqs + 1 row offsets
   int64_t longest;              // rows of the longest sequence
@@ -313,7 +314,7 @@ struct Shape {
     s.seqs = d.B;
     // A sequence shorter than a chunk is one chunk of its own length (whole vectors): the
     // per-thread buffers (Workspace, C x C products) shrink with it, so a one-token step does not
-    // allocate and clear buffers for 64 rows. Packed: the longest sequence sets it.
+    // allocate and clear buffers for 64 rows.
     int64_t longest = d.N;
     if (cu_seqlens.present()) {
       s.seqs = cu_seqlens.shape[0] - 1;
@@ -325,7 +326,8 @@ struct Shape {
       }
     }
     s.longest = longest;
-    s.C = std::max<int64_t>(W, std::min(kChunk, round_up(longest, W)));
+    // (Packed: a chunk may hold several short sequences, so the whole row sets it.)
+    s.C = std::max<int64_t>(W, std::min(kChunk, round_up(cu_seqlens.present() ? d.N : longest, W)));
     s.nchunks = (longest + s.C - 1) / s.C;
     return s;
   }
@@ -335,6 +337,17 @@ struct Shape {
   };
   SeqAt seq_at(int64_t q) const { return starts.empty() ? SeqAt{q, 0, N} : SeqAt{0, starts[q], starts[q + 1] - starts[q]}; }
   int64_t chunks(int64_t q) const { return (seq_at(q).len + C - 1) / C; }
+  int64_t len(int64_t q) const { return seq_at(q).len; }
+  // Packed: the end of the piece that starts at sequence q. A sequence longer than a chunk is a
+  // piece of its own (q + 1); shorter ones are packed, in order, as many as fit, into one chunk
+  // of up to C rows (a packed chunk: forward.cpp, backward.cpp). Pieces are cut greedily from
+  // the first sequence, so they do not depend on the thread count.
+  int64_t piece_end(int64_t q) const {
+    if (len(q) > C) return q + 1;
+    int64_t rows = len(q), e = q + 1;
+    while (e < seqs && rows + len(e) <= C) rows += len(e++);
+    return e;
+  }
   // Where chunk c of (sequence, head) pair `pair` (= q * H + h) lies: its batch row b, h, its
   // first row, its rows.
   struct ChunkAt {
@@ -411,6 +424,33 @@ inline Acc row_sum(const Acc* a, int64_t n) {
 #pragma omp simd reduction(+ : r)
   for (int64_t j = 0; j < n; ++j) r += a[j];
   return r;
+}
+
+// A block: L consecutive rows of one sequence inside a chunk (a whole chunk of a sequence, or one
+// of the short sequences of a packed chunk). Its products pair its rows with each other only:
+// causal, each row with itself and the rows before it (the lower triangle, entries above the
+// diagonal zero); bidirectional, with every row of the block. Pointers are at the block's first
+// row; L x L products have leading dimension C.
+inline Tri out_tri(bool causal) { return causal ? Tri::kOutLower : Tri::kNone; }
+inline Tri depth_lower(bool causal) { return causal ? Tri::kDepthLower : Tri::kNone; }
+inline Tri depth_upper(bool causal) { return causal ? Tri::kDepthUpper : Tri::kNone; }
+inline int64_t block_cols(bool causal, int64_t i, int64_t L) { return causal ? i + 1 : L; }  // of row i
+
+// A = Gq Gk^T over a block (gq, gk: L x Kp). gkT: scratch, Kp x C.
+template <class Acc>
+void block_affinity(const Shape& s, const Acc* gq, const Acc* gk, int64_t L, bool causal, Acc* gkT, Acc* A) {
+  constexpr int W = Simd<Acc>::W;
+  transpose(L, s.Kp, gk, s.Kp, gkT, s.C);  // (columns past L: whatever they hold; never read)
+  gemm(L, round_up(L, W) / W, s.Kp, gq, s.Kp, 1, gkT, s.C, A, s.C, false, out_tri(causal));
+  if (causal) keep_lower(A, L, s.C);
+}
+
+// The block's reads of its own rows: num += A V, den += rowsum(A) (A from block_affinity).
+template <class Acc>
+void block_read(const Shape& s, const Acc* A, const Acc* v, int64_t L, bool causal, Acc* num, Acc* den) {
+  constexpr int W = Simd<Acc>::W;
+  gemm(L, s.Dvp / W, L, A, s.C, 1, v, s.Dvp, num, s.Dvp, true, depth_lower(causal));
+  for (int64_t i = 0; i < L; ++i) den[i] += row_sum(A + i * s.C, block_cols(causal, i, L));
 }
 
 template <class Acc>

@@ -29,7 +29,13 @@ namespace GMATTN_ISA {  // (rows.h: the ISA name, and cpu_detail in scope)
 // few rows only.
 constexpr int64_t kRowPathRows = 4;
 
-inline bool row_path_applies(const Shape& s) { return s.longest <= kRowPathRows; }
+// Packed sequences (cu_seqlens) take it only in a small call (at most a chunk's rows) or a
+// decoding step (at most one token per sequence on average: each token's state read and written
+// once dominates). Otherwise packed chunks, several short sequences to a chunk, cost per token
+// about a third of the row path without a state, half with one (2 to 4 tokens per sequence).
+inline bool row_path_applies(const Shape& s) {
+  return s.longest <= kRowPathRows && (s.starts.empty() || s.N <= kChunk || s.N <= s.seqs);
+}
 
 // Working memory kept by each thread from call to call (a decoding loop calls thousands of times
 // with the same sizes), up to kKeptBytes; a larger request, or one made while the thread's block

@@ -338,10 +338,22 @@ def state_shapes(q: Any, v: Any, mu: Any, cu_seqlens: Optional[Any] = None) -> T
     return (B, H, K, Dv), (B, H, K)
 
 
-def backward_reuses_state(causal: bool, save_for_backward: bool) -> bool:
+# Packed sequences of at most this many tokens on average: the backward does not reuse the final
+# state (the CPU core's chunk length; see backward_reuses_state).
+PACKED_REUSE_MIN_TOKENS = 64
+
+
+def backward_reuses_state(causal: bool, save_for_backward: bool, q: Any = None,
+                          cu_seqlens: Optional[Any] = None) -> bool:
     """Whether the forward also computes the final state for the backward: bidirectional, the
     final state is what every query read, and the core's backward takes it (S_end, z_end) instead
-    of summing the keys again. The front ends ask the forward for it then, asked for or not."""
+    of summing the keys again. The front ends ask the forward for it then, asked for or not.
+    Not for packed sequences (q (1, N, ...), cu_seqlens of S + 1 offsets) of at most
+    PACKED_REUSE_MIN_TOKENS tokens on average: the CPU core runs short sequences in shared chunks
+    whose backward reads no state, and forming and writing S final states of K x Dv values would
+    cost more than the long sequences' backward saves (from shapes only: traceable)."""
+    if cu_seqlens is not None and q.shape[1] <= PACKED_REUSE_MIN_TOKENS * (cu_seqlens.shape[0] - 1):
+        return False
     return save_for_backward and not causal
 
 

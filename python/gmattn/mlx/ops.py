@@ -191,7 +191,7 @@ def _build_op(mask: Optional[np.ndarray], *, has_state: bool, causal: bool, eps:
     @mx.custom_function
     def op(*primals):
         q, k, v, mu, omega, alpha, S0, z0 = host_primals(primals)
-        reuse = _checks.backward_reuses_state(causal, save)
+        reuse = _checks.backward_reuses_state(causal, save, q, cu_seqlens)
         out, S_final, z_final, gq, gk, den = _host_forward(
             q, k, v, mu, omega, alpha, mask, S0, z0, return_state=return_state or reuse, save=save,
             num_threads=num_threads, **options,
@@ -230,7 +230,7 @@ def _build_op(mask: Optional[np.ndarray], *, has_state: bool, causal: bool, eps:
             if record is None:  # forward ran without saving: recompute the responsibilities
                 out, S_end, z_end, gq, gk, den = _host_forward(
                     q, k, v, mu, omega, alpha, mask, S0, z0,
-                    return_state=_checks.backward_reuses_state(causal, True), save=True,
+                    return_state=_checks.backward_reuses_state(causal, True, q, cu_seqlens), save=True,
                     num_threads=num_threads, **options,
                 )
             else:

@@ -231,7 +231,7 @@ def _setup_context(ctx, inputs, output):
      cu_seqlens) = inputs
     out, S_final, z_final, gq, gk, den = output
     # gma_attention asks the forward for the final state whenever the backward reuses it.
-    reuse = return_state and _checks.backward_reuses_state(causal, save_for_backward)
+    reuse = return_state and _checks.backward_reuses_state(causal, save_for_backward, q, cu_seqlens)
     S_end, z_end = (S_final, z_final) if reuse else (None, None)
     ctx.save_for_backward(q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, S_end, z_end, cu_seqlens)
     ctx.causal, ctx.eps, ctx.sigma_eps, ctx.return_state = causal, eps, sigma_eps, return_state
@@ -251,7 +251,7 @@ def _gradients(ctx, dout, dS_final, dz_final, run_backward):
     q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, S_end, z_end, cu_seqlens = ctx.saved_tensors
     if not ctx.saved_responsibilities:
         # The forward ran without saving (no input required grad when it was traced); recompute.
-        reuse = _checks.backward_reuses_state(ctx.causal, True)
+        reuse = _checks.backward_reuses_state(ctx.causal, True, q, cu_seqlens)
         out, S_end, z_end, gq, gk, den = forward_op(q, k, v, mu, omega, alpha, mask, S0, z0, ctx.causal, ctx.eps,
                                                     ctx.sigma_eps, reuse, True, cu_seqlens)
         if not reuse:
@@ -337,7 +337,7 @@ def gma_attention(
     # them): the same computation as the custom op, which tests check bit for bit, without its
     # dispatch. The custom op serves tracing, modes and transforms.
     args = (q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, bool(causal), float(eps), float(sigma_eps),
-            bool(output_final_state or _checks.backward_reuses_state(causal, needs_grad)), bool(needs_grad),
+            bool(output_final_state or _checks.backward_reuses_state(causal, needs_grad, q, cu_seqlens)), bool(needs_grad),
             cu_seqlens)
     if not _direct_call_allowed(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, cu_seqlens):
         out, S_final, z_final, _, _, _ = forward_op(*args)
