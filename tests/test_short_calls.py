@@ -157,6 +157,38 @@ def test_prepared_mixtures_follow_parameter_changes(framework):
         check(mu, omega, alpha * 1.0000001)  # one rounding apart
 
 
+def test_prepared_mixtures_see_every_single_value_change():
+    """One value of mu, omega or alpha changed in place, anywhere (first, middle, last; each head),
+    in contiguous parameters (compared as one block) and in parameters whose rows are contiguous
+    but whose heads are not (compared a row at a time): every NumPy step equals the reference for
+    the values it was given, and changing the value back serves the earlier result again."""
+    (q, k, v, mu, omega, alpha), state = _decode_inputs(1, H=3, K=6, D=5)
+    x = [t.numpy() for t in (q, k, v)]
+    S0, z0 = (s.numpy() for s in state)
+
+    def check(mu, omega, alpha):
+        out, (S, z) = gmattn.gma_attention(*x, mu, omega, alpha, causal=True, initial_state=(S0, z0),
+                                           output_final_state=True)
+        want, (want_S, want_z) = _reference(q, k, v, *(torch.from_numpy(np.ascontiguousarray(p))
+                                                        for p in (mu, omega, alpha)), state)
+        for got, ref in ((out, want), (S, want_S), (z, want_z)):
+            torch.testing.assert_close(torch.from_numpy(got), ref, **TOL64)
+
+    contiguous = [t.numpy().copy() for t in (mu, omega, alpha)]
+    heads_apart = [np.ascontiguousarray(np.swapaxes(t.numpy(), 0, 1)).swapaxes(0, 1) for t in (mu, omega, alpha)]
+    assert not heads_apart[0].flags.c_contiguous and heads_apart[0].strides[-1] == 8
+    for params in (contiguous, heads_apart):
+        check(*params)
+        for p in params:
+            for index in (0, p.size // 2, p.size - 1):
+                at = np.unravel_index(index, p.shape)
+                old = p[at]
+                p[at] = old + 0.125
+                check(*params)
+                p[at] = old
+                check(*params)
+
+
 def test_sigma_eps_is_part_of_the_prepared_mixture():
     (q, k, v, mu, omega, alpha), state = _decode_inputs(2)
     with torch.no_grad():
