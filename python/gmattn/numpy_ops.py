@@ -18,6 +18,8 @@ _checks.KNOWN_DTYPE_NAMES.update({np.dtype(name): name for name in ("float16", "
 
 
 def _empty(shape, dtype) -> np.ndarray:
+    if not _config.poison_outputs:  # (without new_output's keyword call: a step's Python is counted in us)
+        return np.empty(shape, dtype)
     return _config.new_output(np.empty, np.full, shape, dtype=dtype)
 
 
@@ -57,6 +59,9 @@ def host_backward(q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, dou
     return dq, dk, dv, dmu, domega, dalpha, dS0, dz0
 
 
+_INDEX_LIMIT = 2 ** 31 - 1  # the kernels' 32-bit row, component and (batch, head) counts
+
+
 def _step_call(q, k, v, mu, omega, alpha, initial_state, causal, output_final_state, eps, sigma_eps, num_threads,
                state_in_place):
     """The call through the core's plain entry (`step`: no DLPack export, positional arguments,
@@ -86,8 +91,9 @@ def _step_call(q, k, v, mu, omega, alpha, initial_state, causal, output_final_st
     B, N, H, D = q.shape
     Bv, Nv, Hv, Dv = v.shape
     Hm, K, Dm = mu.shape
-    if ((Bv, Nv, Hv, Hm, Dm) != (B, N, H, H, D) or alpha.shape != (H, K) or min(B, N, H, D, Dv, K) < 1
-            or max(N, K, D, Dv, B * H) > 2 ** 31 - 1):
+    if not (Bv == B and Nv == N and Hv == H == Hm and Dm == D and alpha.shape == (H, K) and B * N * H * D * Dv * K
+            and N <= _INDEX_LIMIT and K <= _INDEX_LIMIT and D <= _INDEX_LIMIT and Dv <= _INDEX_LIMIT
+            and B * H <= _INDEX_LIMIT):
         return None
     out = _empty((B, N, H, Dv), q.dtype)
     if state_in_place:
