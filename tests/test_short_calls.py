@@ -709,11 +709,19 @@ def test_step_entry_takes_dlpack_capsules():
     args = [t.detach() for t in (p.q, p.k, p.v, p.mu, p.omega, p.alpha)]
     S0, z0 = (s.detach() for s in p.state)
     outs = [torch.full_like(args[2], float("nan")), torch.full_like(S0, float("nan")), torch.full_like(z0, float("nan"))]
-    capsule = torch._C._to_dlpack
-    assert _ext.core().step(*(capsule(t) for t in (*args, S0, z0, *outs)), True, 1e-6, 1e-4, 0) is True
+    capsules = [torch._C._to_dlpack(t) for t in (*args, S0, z0, *outs)]
+    assert _ext.core().step(*capsules, True, 1e-6, 1e-4, 0) is True
     with torch.no_grad():
         want_out, (want_S, want_z) = gmattn.gma_attention(*args, causal=True, initial_state=(S0, z0),
                                                           output_final_state=True)
+    for a, b in zip(outs, (want_out, want_S, want_z)):
+        assert torch.equal(a, b)
+    # It opens the capsules without consuming them: forward takes the same ones afterwards (the
+    # route back when step returns False).
+    for t in outs:
+        t.fill_(float("nan"))
+    _ext.core().forward(*capsules[:6], None, *capsules[6:], None, None, None, True, 1e-6, 1e-4, 0, 0, None, None,
+                        False)
     for a, b in zip(outs, (want_out, want_S, want_z)):
         assert torch.equal(a, b)
 
