@@ -687,6 +687,9 @@ def test_step_entry_runs_nothing_for_what_forward_refuses():
         "list": ((q.tolist(), k, v, mu, omega, alpha, S, z, out, None, None), None),
         "S_final alone": ((q, k, v, mu, omega, alpha, S, z, out, S.copy(), None), None),
         "in place, z new": ((q, k, v, mu, omega, alpha, S, z, out, S, z.copy()), "shares memory"),
+        "strides of half elements": ((np.ndarray(q.shape, np.float32, bytearray(q.nbytes * 2), 0,
+                                                 (q.strides[0], q.strides[1], q.strides[2], 2)), k, v, mu, omega,
+                                      alpha, S, z, out, None, None), None),
     }
     for name, (args, message) in cases.items():
         out.fill(np.nan)
@@ -700,6 +703,16 @@ def test_step_entry_runs_nothing_for_what_forward_refuses():
                 core.forward(*args[:6], None, *args[6:], None, None, None, True, 1e-6, 1e-4, 0, 0, None, None, False)
     for eps, sigma_eps, threads in ((1e300, 1e-4, 0), (1e-6, float("nan"), 0), (1e-6, 1e-4, -1)):
         assert core.step(*arrays, S, z, out, None, None, True, eps, sigma_eps, threads) is False
+    # An input at an odd address (whole-element strides) is served, as forward serves it: from an
+    # aligned copy.
+    odd = np.ndarray(q.shape, np.float32, bytearray(q.nbytes + 1), 1)
+    odd[...] = q
+    assert odd.ctypes.data % 4 != 0
+    got, want = np.empty_like(out), np.empty_like(out)
+    assert core.step(odd, k, v, mu, omega, alpha, S, z, got, None, None, True, 1e-6, 1e-4, 0) is True
+    core.forward(q, k, v, mu, omega, alpha, None, S, z, want, None, None, None, None, None, True, 1e-6, 1e-4, 0, 0,
+                 None, None, False)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_step_entry_takes_dlpack_capsules():
@@ -708,7 +721,7 @@ def test_step_entry_takes_dlpack_capsules():
     p = make_problem(1, 1, 2, 3, 4, 4, state=True, dtype=torch.float32)
     args = [t.detach() for t in (p.q, p.k, p.v, p.mu, p.omega, p.alpha)]
     S0, z0 = (s.detach() for s in p.state)
-    outs = [torch.full_like(args[2], float("nan")), torch.full_like(S0, float("nan")), torch.full_like(z0, float("nan"))]
+    outs = [torch.full_like(t, float("nan")) for t in (args[2], S0, z0)]
     capsules = [torch._C._to_dlpack(t) for t in (*args, S0, z0, *outs)]
     assert _ext.core().step(*capsules, True, 1e-6, 1e-4, 0) is True
     with torch.no_grad():

@@ -276,6 +276,7 @@ Imported import_buffer(py::handle obj, const char* arg) {
     fail(arg, "is neither a DLPack capsule nor an array with the buffer protocol");
   }
   const char* f = b.buf.format;
+  if (f != nullptr && (f[0] == '@' || f[0] == '=')) ++f;  // the machine's byte order ('=': NumPy's unaligned arrays)
   const int itemsize = static_cast<int>(b.buf.itemsize);
   uint8_t bits = 0;
   if (f != nullptr && f[0] != '\0' && f[1] == '\0') {
@@ -767,7 +768,8 @@ bool step(py::handle q, py::handle k, py::handle v, py::handle mu, py::handle om
     } else if (!S_final.is_none()) {
       a.S_final = c.view(import_buffer(S_final, "S_final"),
                          {"S_final", {d.B, d.H, d.K, d.Dv}, Kind::kAccumulator, true, true});
-      a.z_final = c.view(import_buffer(z_final, "z_final"), {"z_final", {d.B, d.H, d.K}, Kind::kAccumulator, true, true});
+      a.z_final =
+          c.view(import_buffer(z_final, "z_final"), {"z_final", {d.B, d.H, d.K}, Kind::kAccumulator, true, true});
     }
     c.check_overlaps();
   } catch (const py::builtin_exception&) {  // (forward's checks; nothing has run)
