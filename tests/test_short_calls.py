@@ -763,6 +763,13 @@ def test_numpy_step_skips_the_python_checks_and_keeps_their_messages(monkeypatch
         for x, y, w in zip(flat(a), flat(b), flat(c)):
             np.testing.assert_array_equal(x, y)
             np.testing.assert_array_equal(x, w)
+    # A causal that is not a bool (np.True_) takes the general path (which takes its truth value).
+    full, seen = _checks.check_arguments, []
+    with monkeypatch.context() as m:
+        m.setattr(_checks, "check_arguments", lambda *a: seen.append(1) or full(*a))
+        general_route = gmattn.gma_attention(*arrays, causal=np.True_, initial_state=(S, z))
+    assert seen
+    np.testing.assert_array_equal(general_route, gmattn.gma_attention(*arrays, causal=True, initial_state=(S, z)))
     q, k, v, mu, omega, alpha = arrays
     wrong = [  # (arguments, keywords, what the general path's message says)
         ((q, k[:, :2], v, mu, omega, alpha), {}, "'k' must have shape"),

@@ -66,10 +66,10 @@ def _step_call(q, k, v, mu, omega, alpha, initial_state, causal, output_final_st
                state_in_place):
     """The call through the core's plain entry (`step`: no DLPack export, positional arguments,
     no Python checks) when its arguments plainly fit it: NumPy arrays (no subclass), no mask, no
-    packed sequences, float scalars in range. The core runs every check of its forward and, when
-    one would fail, runs nothing and says so; then, as for anything else outside the pattern, the
-    result is None and the general path runs, and its checks name the problem with their usual
-    messages. Returns gma_attention's result otherwise."""
+    packed sequences, a bool causal, float scalars in range. The core runs every check of its
+    forward and, when one would fail, runs nothing and says so; then, as for anything else outside
+    the pattern, the result is None and the general path runs, and its checks name the problem
+    with their usual messages. Returns gma_attention's result otherwise."""
     ndarray = np.ndarray
     if initial_state is None:
         if state_in_place:
@@ -82,9 +82,10 @@ def _step_call(q, k, v, mu, omega, alpha, initial_state, causal, output_final_st
     else:
         return None
     if not (type(q) is ndarray and type(k) is ndarray and type(v) is ndarray and type(mu) is ndarray
-            and type(omega) is ndarray and type(alpha) is ndarray and type(eps) is float and type(sigma_eps) is float
-            and type(num_threads) is int and 0.0 <= eps < math.inf and 0.0 < sigma_eps < math.inf
-            and q.ndim == 4 and v.ndim == 4 and mu.ndim == 3 and k.shape == q.shape and omega.shape == mu.shape):
+            and type(omega) is ndarray and type(alpha) is ndarray and type(causal) is bool and type(eps) is float
+            and type(sigma_eps) is float and type(num_threads) is int and 0.0 <= eps < math.inf
+            and 0.0 < sigma_eps < math.inf and q.ndim == 4 and v.ndim == 4 and mu.ndim == 3 and k.shape == q.shape
+            and omega.shape == mu.shape):
         return None
     # The shapes, before any output is allocated (as check_arguments guards them): the outputs'
     # sizes come from q, v and mu.
@@ -102,7 +103,7 @@ def _step_call(q, k, v, mu, omega, alpha, initial_state, causal, output_final_st
         S_final, z_final = _empty((B, H, K, Dv), mu.dtype), _empty((B, H, K), mu.dtype)
     else:
         S_final = z_final = None
-    if not _ext.core().step(q, k, v, mu, omega, alpha, S0, z0, out, S_final, z_final, bool(causal), eps, sigma_eps,
+    if not _ext.core().step(q, k, v, mu, omega, alpha, S0, z0, out, S_final, z_final, causal, eps, sigma_eps,
                             num_threads):
         return None
     return (out, (S_final, z_final)) if output_final_state else out
