@@ -274,6 +274,38 @@ def test_prepared_mixtures_follow_parameter_changes(framework):
         check(mu, omega, alpha * 1.0000001)  # one rounding apart
 
 
+def test_prepared_mixtures_see_every_single_value_change():
+    """One value of mu, omega or alpha changed in place, anywhere (first, middle, last; each head),
+    in contiguous parameters (compared as one block) and in parameters whose rows are contiguous
+    but whose heads are not (compared a row at a time): every NumPy step equals the reference for
+    the values it was given, and changing the value back serves the earlier result again."""
+    (q, k, v, mu, omega, alpha), state = _decode_inputs(1, H=3, K=6, D=5)
+    x = [t.numpy() for t in (q, k, v)]
+    S0, z0 = (s.numpy() for s in state)
+
+    def check(mu, omega, alpha):
+        out, (S, z) = gmattn.gma_attention(*x, mu, omega, alpha, causal=True, initial_state=(S0, z0),
+                                           output_final_state=True)
+        want, (want_S, want_z) = _reference(q, k, v, *(torch.from_numpy(np.ascontiguousarray(p))
+                                                        for p in (mu, omega, alpha)), state)
+        for got, ref in ((out, want), (S, want_S), (z, want_z)):
+            torch.testing.assert_close(torch.from_numpy(got), ref, **TOL64)
+
+    contiguous = [t.numpy().copy() for t in (mu, omega, alpha)]
+    heads_apart = [np.ascontiguousarray(np.swapaxes(t.numpy(), 0, 1)).swapaxes(0, 1) for t in (mu, omega, alpha)]
+    assert not heads_apart[0].flags.c_contiguous and heads_apart[0].strides[-1] == 8
+    for params in (contiguous, heads_apart):
+        check(*params)
+        for p in params:
+            for index in (0, p.size // 2, p.size - 1):
+                at = np.unravel_index(index, p.shape)
+                old = p[at]
+                p[at] = old + 0.125
+                check(*params)
+                p[at] = old
+                check(*params)
+
+
 def test_sigma_eps_is_part_of_the_prepared_mixture():
     (q, k, v, mu, omega, alpha), state = _decode_inputs(2)
     with torch.no_grad():
@@ -695,3 +727,177 @@ def test_state_in_place_is_never_silent():
     with pytest.raises(ValueError, match="give no S_final"):
         core.forward(*arrays, None, S, z, out, S.copy(), z.copy(), None, None, None, True, 1e-6, 1e-4, 1, 0, None,
                      None, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU module's plain entry (`step`) and the NumPy front end's route through it
+
+def _step_arrays(B=2, N=1, H=3, K=6, D=5, Dv=4, dtype=np.float32, seed=3):
+    (q, k, v, mu, omega, alpha), (S, z) = _decode_inputs(N, B=B, H=H, K=K, D=D, Dv=Dv, seed=seed)
+    acc = np.float64 if dtype == np.float64 else np.float32
+    return ([t.numpy().astype(dtype) for t in (q, k, v)] + [t.numpy().astype(acc) for t in (mu, omega, alpha)],
+            (S.numpy().astype(acc), z.numpy().astype(acc)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("N", [1, ROW_PATH_ROWS + 3])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_step_entry_equals_forward(dtype, N, causal):
+    """core.step gives forward's results bit for bit: new state arrays, the state in place, no
+    initial state (with and without the final state), the row path and chunks; and both equal
+    the float64 reference."""
+    core = _ext.core()
+    arrays, (S, z) = _step_arrays(N=N, dtype=dtype)
+    B, _, H, Dv = arrays[2].shape
+    K = arrays[3].shape[1]
+    acc = arrays[3].dtype
+    nan = lambda shape, dt: np.full(shape, np.nan, dt)  # noqa: E731  (unwritten elements show)
+    tol = TOL64 if dtype == np.float64 else dict(rtol=2e-3, atol=2e-3) if dtype == np.float16 else dict(rtol=2e-5,
+                                                                                                        atol=2e-6)
+    for state in (True, False):
+        S0, z0 = (S, z) if state else (None, None)
+        want = [nan(arrays[2].shape, dtype), nan(S.shape, acc), nan(z.shape, acc)]
+        core.forward(*arrays, None, S0, z0, *want, None, None, None, causal, 1e-6, 1e-4, 0, 0, None, None, False)
+        got = [nan(arrays[2].shape, dtype), nan(S.shape, acc), nan(z.shape, acc)]
+        assert core.step(*arrays, S0, z0, *got, causal, 1e-6, 1e-4, 0) is True
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+        out_only = nan(arrays[2].shape, dtype)
+        assert core.step(*arrays, S0, z0, out_only, None, None, causal, 1e-6, 1e-4, 0) is True
+        np.testing.assert_array_equal(out_only, want[0])
+        ref_out, (ref_S, ref_z) = reference.naive_gma(
+            *(torch.from_numpy(a).double() for a in arrays), causal=causal,
+            initial_state=tuple(torch.from_numpy(s).double() for s in (S0, z0)) if state else None,
+            output_final_state=True)
+        for a, b in zip(got, (ref_out, ref_S, ref_z)):
+            torch.testing.assert_close(torch.from_numpy(a).double(), b, **tol)
+    S_in, z_in = S.copy(), z.copy()
+    out = nan(arrays[2].shape, dtype)
+    assert core.step(*arrays, S_in, z_in, out, S_in, z_in, causal, 1e-6, 1e-4, 0) is True
+    want = [nan(arrays[2].shape, dtype), nan(S.shape, acc), nan(z.shape, acc)]
+    core.forward(*arrays, None, S, z, *want, None, None, None, causal, 1e-6, 1e-4, 0, 0, None, None, False)
+    for a, b in zip((out, S_in, z_in), want):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_step_entry_runs_nothing_for_what_forward_refuses():
+    """core.step returns False, and writes nothing, for every argument forward would refuse and
+    for arguments outside its pattern (not an array with the buffer protocol, another format);
+    forward then names the problem."""
+    core = _ext.core()
+    arrays, (S, z) = _step_arrays()
+    q, k, v, mu, omega, alpha = arrays
+    out = np.empty(v.shape, np.float32)
+    frozen = np.empty(v.shape, np.float32)
+    frozen.flags.writeable = False
+    gapped = np.empty(v.shape[:-1] + (2 * v.shape[-1],), np.float32)[..., ::2]
+    cases = {
+        "k shape": ((q, k[:, :, :2], v, mu, omega, alpha, S, z, out, None, None), "'k' must have shape"),
+        "mu dtype": ((q, k, v, mu.astype(np.float64), omega, alpha, S, z, out, None, None), "'mu' must be float32"),
+        "q ints": ((q.astype(np.int32), k, v, mu, omega, alpha, S, z, out, None, None), "'q' must be a floating"),
+        "q big-endian": ((q.astype(">f4"), k, v, mu, omega, alpha, S, z, out, None, None), None),
+        "S dtype": ((q, k, v, mu, omega, alpha, S.astype(np.float64), z, out, None, None), "must be float32"),
+        "z missing": ((q, k, v, mu, omega, alpha, S, None, out, None, None), "both S and z"),
+        "read-only out": ((q, k, v, mu, omega, alpha, S, z, frozen, None, None), "read-only"),
+        "gapped out": ((q, k, v, mu, omega, alpha, S, z, gapped, None, None), "C-contiguous"),
+        "out is v": ((q, k, v, mu, omega, alpha, S, z, v, None, None), "shares memory"),
+        "list": ((q.tolist(), k, v, mu, omega, alpha, S, z, out, None, None), None),
+        "S_final alone": ((q, k, v, mu, omega, alpha, S, z, out, S.copy(), None), None),
+        "in place, z new": ((q, k, v, mu, omega, alpha, S, z, out, S, z.copy()), "shares memory"),
+        "strides of half elements": ((np.ndarray(q.shape, np.float32, bytearray(q.nbytes * 2), 0,
+                                                 (q.strides[0], q.strides[1], q.strides[2], 2)), k, v, mu, omega,
+                                      alpha, S, z, out, None, None), None),
+    }
+    for name, (args, message) in cases.items():
+        out.fill(np.nan)
+        before = [np.array(a, copy=True) for a in args if isinstance(a, np.ndarray)]
+        assert core.step(*args, True, 1e-6, 1e-4, 0) is False, name
+        after = [a for a in args if isinstance(a, np.ndarray)]
+        for x, y in zip(before, after):
+            np.testing.assert_array_equal(x, y, err_msg=name)  # nothing written (NaN == NaN here)
+        if message is not None:
+            with pytest.raises(ValueError, match=message):
+                core.forward(*args[:6], None, *args[6:], None, None, None, True, 1e-6, 1e-4, 0, 0, None, None, False)
+    for eps, sigma_eps, threads in ((1e300, 1e-4, 0), (1e-6, float("nan"), 0), (1e-6, 1e-4, -1)):
+        assert core.step(*arrays, S, z, out, None, None, True, eps, sigma_eps, threads) is False
+    # An input at an odd address (whole-element strides) is served, as forward serves it: from an
+    # aligned copy.
+    odd = np.ndarray(q.shape, np.float32, bytearray(q.nbytes + 1), 1)
+    odd[...] = q
+    assert odd.ctypes.data % 4 != 0
+    got, want = np.empty_like(out), np.empty_like(out)
+    assert core.step(odd, k, v, mu, omega, alpha, S, z, got, None, None, True, 1e-6, 1e-4, 0) is True
+    core.forward(q, k, v, mu, omega, alpha, None, S, z, want, None, None, None, None, None, True, 1e-6, 1e-4, 0, 0,
+                 None, None, False)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_step_entry_takes_dlpack_capsules():
+    """The torch front end's route: core.step takes torch's DLPack capsules (torch tensors have no
+    buffer protocol) and gives forward's results."""
+    p = make_problem(1, 1, 2, 3, 4, 4, state=True, dtype=torch.float32)
+    args = [t.detach() for t in (p.q, p.k, p.v, p.mu, p.omega, p.alpha)]
+    S0, z0 = (s.detach() for s in p.state)
+    outs = [torch.full_like(t, float("nan")) for t in (args[2], S0, z0)]
+    capsules = [torch._C._to_dlpack(t) for t in (*args, S0, z0, *outs)]
+    assert _ext.core().step(*capsules, True, 1e-6, 1e-4, 0) is True
+    with torch.no_grad():
+        want_out, (want_S, want_z) = gmattn.gma_attention(*args, causal=True, initial_state=(S0, z0),
+                                                          output_final_state=True)
+    for a, b in zip(outs, (want_out, want_S, want_z)):
+        assert torch.equal(a, b)
+    # It opens the capsules without consuming them: forward takes the same ones afterwards (the
+    # route back when step returns False).
+    for t in outs:
+        t.fill_(float("nan"))
+    _ext.core().forward(*capsules[:6], None, *capsules[6:], None, None, None, True, 1e-6, 1e-4, 0, 0, None, None,
+                        False)
+    for a, b in zip(outs, (want_out, want_S, want_z)):
+        assert torch.equal(a, b)
+
+
+def test_numpy_step_skips_the_python_checks_and_keeps_their_messages(monkeypatch):
+    """A plain NumPy call (no mask, no packed sequences) goes through core.step without the Python
+    checks, with the general path's results bit for bit; anything it does not serve goes the
+    general path, whose checks name the problem as before."""
+    from gmattn import numpy_ops
+
+    arrays, (S, z) = _step_arrays(N=3)
+    calls = [dict(causal=True, initial_state=(S, z), output_final_state=True),
+             dict(causal=False, initial_state=[S, z]), dict(causal=True, output_final_state=True),
+             dict(causal=True)]
+    results = [gmattn.gma_attention(*arrays, **kw) for kw in calls]
+    with monkeypatch.context() as m:
+        m.setattr(numpy_ops, "_step_call", lambda *a: None)  # the general path alone
+        general = [gmattn.gma_attention(*arrays, **kw) for kw in calls]
+    with monkeypatch.context() as m:
+        def refuse(*a, **kw):
+            raise AssertionError("the Python checks ran")
+        m.setattr(_checks, "check_arguments", refuse)
+        again = [gmattn.gma_attention(*arrays, **kw) for kw in calls]
+    flat = lambda r: [r] if isinstance(r, np.ndarray) else [x for y in r for x in flat(y)]  # noqa: E731
+    for a, b, c in zip(results, general, again):
+        for x, y, w in zip(flat(a), flat(b), flat(c)):
+            np.testing.assert_array_equal(x, y)
+            np.testing.assert_array_equal(x, w)
+    # A causal that is not a bool (np.True_) takes the general path (which takes its truth value).
+    full, seen = _checks.check_arguments, []
+    with monkeypatch.context() as m:
+        m.setattr(_checks, "check_arguments", lambda *a: seen.append(1) or full(*a))
+        general_route = gmattn.gma_attention(*arrays, causal=np.True_, initial_state=(S, z))
+    assert seen
+    np.testing.assert_array_equal(general_route, gmattn.gma_attention(*arrays, causal=True, initial_state=(S, z)))
+    q, k, v, mu, omega, alpha = arrays
+    wrong = [  # (arguments, keywords, what the general path's message says)
+        ((q, k[:, :2], v, mu, omega, alpha), {}, "'k' must have shape"),
+        ((q, k, v, mu, omega, alpha[:, :2]), {}, "'alpha' has K=2"),
+        ((q, k, v, mu.astype(np.float64), omega, alpha), {}, "'omega' must have the dtype of mu"),
+        ((q, k, v, mu, omega, alpha), dict(eps=-1.0), "'eps' must be >= 0"),
+        ((q, k, v, mu, omega, alpha), dict(initial_state=(S[:1], z)), r"initial_state\[0\] \(S\)"),
+        ((q, k, v, mu, omega, alpha), dict(initial_state=(S.astype(np.float64), z), state_in_place=True),
+         "accumulator dtype"),
+        ((q, k, v, mu, omega, alpha), dict(eps=1e300), "'eps' must be a non-negative number"),
+    ]
+    for args, kw, message in wrong:
+        with pytest.raises((ValueError, TypeError), match=message):
+            gmattn.gma_attention(*args, causal=True, **kw)

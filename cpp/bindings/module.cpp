@@ -115,10 +115,25 @@ const char* device_type_name(int t) {
   throw py::error_already_set();
 }
 
-// One imported DLPack tensor. Owns the capsule: the producer's capsule destructor releases the
-// tensor (the name stays "dltensor"), so nothing leaks whether we return or throw.
+// An array read through the buffer protocol (the CPU step entry's NumPy arrays: a buffer costs a
+// small part of a DLPack export), described as a DLTensor; the buffer is released with it.
+struct BufferImport {
+  Py_buffer buf{};
+  DLTensor t{};
+  int64_t shape[4] = {0, 0, 0, 0};
+  int64_t strides[4] = {0, 0, 0, 0};
+  BufferImport() = default;
+  BufferImport(const BufferImport&) = delete;
+  BufferImport& operator=(const BufferImport&) = delete;
+  ~BufferImport() { PyBuffer_Release(&buf); }  // (nothing to release when buf.obj is null)
+};
+
+// One imported tensor: a DLPack capsule, or a buffer (BufferImport). Owns the capsule: the
+// producer's capsule destructor releases the tensor (the name stays "dltensor"), so nothing
+// leaks whether we return or throw.
 struct Imported {
   py::object capsule;
+  std::unique_ptr<BufferImport> buffer;
   DLTensor* t = nullptr;
   bool read_only = false;
 };
@@ -242,6 +257,52 @@ Imported import_dlpack(py::handle obj, const std::string& arg, int64_t stream, i
   return im;
 }
 
+#ifndef GMATTN_BACKEND_CUDA
+// The CPU step entry's import: a DLPack capsule (as import_dlpack takes one), else an array with
+// the buffer protocol holding float16, float32 or float64 in the machine's byte order, at most 4
+// dimensions, strides in whole elements (NumPy's arrays). Anything else fails (the step entry then
+// leaves the call to forward).
+Imported import_buffer(py::handle obj, const char* arg) {
+  Imported im;
+  if (PyCapsule_CheckExact(obj.ptr())) {
+    im.capsule = py::reinterpret_borrow<py::object>(obj);
+    open_capsule(im, arg, "is a capsule but not an unused DLPack tensor (a DLPack capsule is consumed once)");
+    return im;
+  }
+  im.buffer = std::make_unique<BufferImport>();
+  BufferImport& b = *im.buffer;
+  if (!PyObject_CheckBuffer(obj.ptr()) || PyObject_GetBuffer(obj.ptr(), &b.buf, PyBUF_RECORDS_RO) != 0) {
+    PyErr_Clear();
+    fail(arg, "is neither a DLPack capsule nor an array with the buffer protocol");
+  }
+  const char* f = b.buf.format;
+  if (f != nullptr && (f[0] == '@' || f[0] == '=')) ++f;  // the machine's byte order ('=': NumPy's unaligned arrays)
+  const int itemsize = static_cast<int>(b.buf.itemsize);
+  uint8_t bits = 0;
+  if (f != nullptr && f[0] != '\0' && f[1] == '\0') {
+    if (f[0] == 'e' && itemsize == 2) bits = 16;
+    if (f[0] == 'f' && itemsize == 4) bits = 32;
+    if (f[0] == 'd' && itemsize == 8) bits = 64;
+  }
+  if (bits == 0 || b.buf.ndim > 4) fail(arg, "is not a floating array of at most 4 dimensions");
+  b.t.data = b.buf.buf;
+  b.t.device = {kDLCPU, 0};
+  b.t.ndim = b.buf.ndim;
+  b.t.dtype = {static_cast<uint8_t>(kDLFloat), bits, 1};
+  for (int i = 0; i < b.buf.ndim; ++i) {
+    b.shape[i] = b.buf.shape[i];
+    if (b.buf.strides[i] % itemsize != 0) fail(arg, "has strides that are not whole elements");
+    b.strides[i] = b.buf.strides[i] / itemsize;
+  }
+  b.t.shape = b.shape;
+  b.t.strides = b.strides;
+  b.t.byte_offset = 0;
+  im.t = &b.t;
+  im.read_only = b.buf.readonly != 0;
+  return im;
+}
+#endif
+
 struct Spec {
   const char* name;
   std::vector<int64_t> shape;  // expected shape
@@ -360,6 +421,12 @@ struct Call {
       return gmattn::View{};
     }
     keep.push_back(import_dlpack(obj, spec.name, stream, device_id));
+    return adopt(spec);
+  }
+
+  // Validates an array already imported (import_buffer) and keeps it; returns its View.
+  gmattn::View view(Imported&& im, const Spec& spec) {
+    keep.push_back(std::move(im));
     return adopt(spec);
   }
 
@@ -492,31 +559,7 @@ struct Call {
 
 // Reads B, N, H, D from q, Dv from v, K from mu, and the input dtype from q: the shapes every
 // other argument is checked against.
-Call start_call(py::handle q, py::handle v, py::handle mu, int64_t stream) {
-  Call c;
-  if (kDevice == kDLCUDA && stream < 0) {
-    fail("stream", "must be a CUDA stream handle (cudaStream_t as an integer >= 0; 0 = the default stream), got " +
-                       std::to_string(stream));
-  }
-  c.stream = stream;
-#ifdef GMATTN_BACKEND_CUDA
-  const DLDeviceOf q_device = query_device(q, "q");
-  if (q_device.type == kDLCUDA) {
-    c.device_id = q_device.id;
-    c.device_guard = std::make_unique<gmattn::cuda::DeviceGuard>(q_device.id);
-  }
-#endif
-  Imported iq = import_dlpack(q, "q", stream, c.device_id);
-  if (kDevice == kDLCUDA && c.device_id >= 0 && iq.t->device.device_id != c.device_id) {
-    fail("q", "was exported on CUDA device " + std::to_string(iq.t->device.device_id) +
-                  " but its __dlpack_device__() said " + std::to_string(c.device_id));
-  }
-  c.device_id = iq.t->device.device_id;
-#ifdef GMATTN_BACKEND_CUDA
-  if (!c.device_guard) c.device_guard = std::make_unique<gmattn::cuda::DeviceGuard>(c.device_id);
-#endif
-  Imported iv = import_dlpack(v, "v", stream, c.device_id);
-  Imported imu = import_dlpack(mu, "mu", stream, c.device_id);
+void set_dims(Call& c, const Imported& iq, const Imported& iv, const Imported& imu) {
   if (iq.t->ndim != 4) fail("q", "must have 4 dimensions (B, N, H, D), got " + shape_str(iq.t->shape, iq.t->ndim));
   if (iv.t->ndim != 4) fail("v", "must have 4 dimensions (B, N, H, Dv), got " + shape_str(iv.t->shape, iv.t->ndim));
   if (imu.t->ndim != 3) fail("mu", "must have 3 dimensions (H, K, D), got " + shape_str(imu.t->shape, imu.t->ndim));
@@ -544,6 +587,35 @@ Call start_call(py::handle q, py::handle v, py::handle mu, int64_t stream) {
   }
   if (d.Dv > i32max) fail("v", "has a dimension larger than 2^31-1, which the kernels do not support");
   if (d.K > i32max) fail("mu", "has a dimension larger than 2^31-1, which the kernels do not support");
+}
+
+// Starts a call on q's device: exports q, v and mu for set_dims.
+Call start_call(py::handle q, py::handle v, py::handle mu, int64_t stream) {
+  Call c;
+  if (kDevice == kDLCUDA && stream < 0) {
+    fail("stream", "must be a CUDA stream handle (cudaStream_t as an integer >= 0; 0 = the default stream), got " +
+                       std::to_string(stream));
+  }
+  c.stream = stream;
+#ifdef GMATTN_BACKEND_CUDA
+  const DLDeviceOf q_device = query_device(q, "q");
+  if (q_device.type == kDLCUDA) {
+    c.device_id = q_device.id;
+    c.device_guard = std::make_unique<gmattn::cuda::DeviceGuard>(q_device.id);
+  }
+#endif
+  Imported iq = import_dlpack(q, "q", stream, c.device_id);
+  if (kDevice == kDLCUDA && c.device_id >= 0 && iq.t->device.device_id != c.device_id) {
+    fail("q", "was exported on CUDA device " + std::to_string(iq.t->device.device_id) +
+                  " but its __dlpack_device__() said " + std::to_string(c.device_id));
+  }
+  c.device_id = iq.t->device.device_id;
+#ifdef GMATTN_BACKEND_CUDA
+  if (!c.device_guard) c.device_guard = std::make_unique<gmattn::cuda::DeviceGuard>(c.device_id);
+#endif
+  Imported iv = import_dlpack(v, "v", stream, c.device_id);
+  Imported imu = import_dlpack(mu, "mu", stream, c.device_id);
+  set_dims(c, iq, iv, imu);
   return c;
 }
 
@@ -656,6 +728,59 @@ void forward(py::handle q, py::handle k, py::handle v, py::handle mu, py::handle
 #endif
 }
 
+#ifndef GMATTN_BACKEND_CUDA
+// The CPU module's plain forward, for decoding steps and other short calls, where forward's own
+// cost is most of the call: no mask, no packed sequences, nothing saved for a backward; arrays
+// through the buffer protocol (NumPy) or as DLPack capsules; every argument by position. The
+// final state goes to S_final, z_final (None: not asked for) or, when they are S0 and z0
+// themselves, into the initial state (forward's state_in_place). forward's checks all apply;
+// where one fails, or an array is of another kind, it runs nothing and returns False: the caller
+// then calls forward (or its front end's general path), whose checks name the argument.
+bool step(py::handle q, py::handle k, py::handle v, py::handle mu, py::handle omega, py::handle alpha,
+          py::handle S0, py::handle z0, py::handle out, py::handle S_final, py::handle z_final, bool causal,
+          double eps, double sigma_eps, int num_threads) {
+  Call c;
+  gmattn::ForwardArgs a;
+  try {
+    if (S0.is_none() != z0.is_none() || S_final.is_none() != z_final.is_none()) return false;
+    const bool in_place = !S0.is_none() && S_final.is(S0) && z_final.is(z0);
+    c.keep.reserve(11);
+    Imported iq = import_buffer(q, "q"), iv = import_buffer(v, "v"), imu = import_buffer(mu, "mu");
+    set_dims(c, iq, iv, imu);
+    const auto& d = c.dims;
+    a.dims = d;
+    a.dtype = c.dtype;
+    a.opt = make_options(c, causal, eps, sigma_eps, num_threads, true);
+    a.q = c.view(std::move(iq), {"q", {d.B, d.N, d.H, d.D}, Kind::kInput, false, false});
+    a.k = c.view(import_buffer(k, "k"), {"k", {d.B, d.N, d.H, d.D}, Kind::kInput, false, false});
+    a.v = c.view(std::move(iv), {"v", {d.B, d.N, d.H, d.Dv}, Kind::kInput, false, false});
+    a.mu = c.view(std::move(imu), {"mu", {d.H, d.K, d.D}, Kind::kAccumulator, false, false});
+    a.omega = c.view(import_buffer(omega, "omega"), {"omega", {d.H, d.K, d.D}, Kind::kAccumulator, false, false});
+    a.alpha = c.view(import_buffer(alpha, "alpha"), {"alpha", {d.H, d.K}, Kind::kAccumulator, false, false});
+    if (!S0.is_none()) {
+      a.S0 = c.view(import_buffer(S0, "S0"), {"S0", {d.B, d.H, d.K, d.Dv}, Kind::kAccumulator, in_place, in_place});
+      a.z0 = c.view(import_buffer(z0, "z0"), {"z0", {d.B, d.H, d.K}, Kind::kAccumulator, in_place, in_place});
+    }
+    a.out = c.view(import_buffer(out, "out"), {"out", {d.B, d.N, d.H, d.Dv}, Kind::kInput, true, true});
+    if (in_place) {
+      a.S_final = a.S0;
+      a.z_final = a.z0;
+    } else if (!S_final.is_none()) {
+      a.S_final = c.view(import_buffer(S_final, "S_final"),
+                         {"S_final", {d.B, d.H, d.K, d.Dv}, Kind::kAccumulator, true, true});
+      a.z_final =
+          c.view(import_buffer(z_final, "z_final"), {"z_final", {d.B, d.H, d.K}, Kind::kAccumulator, true, true});
+    }
+    c.check_overlaps();
+  } catch (const py::builtin_exception&) {  // (forward's checks; nothing has run)
+    return false;
+  }
+  py::gil_scoped_release release;
+  gmattn::cpu::forward(a);
+  return true;
+}
+#endif
+
 void backward(py::handle q, py::handle k, py::handle v, py::handle mu, py::handle omega, py::handle alpha,
               py::handle mask, py::handle S0, py::handle z0, py::handle out, py::handle gq, py::handle gk,
               py::handle den, py::handle dout, py::handle dS_final, py::handle dz_final, py::handle dq,
@@ -759,6 +884,15 @@ PYBIND11_MODULE(GMATTN_MODULE_NAME, m) {
         "Backward pass: writes dq, dk, dv, dmu, domega, dalpha (and dS0, dz0 when given) in place. "
         "S_end, z_end (bidirectional, optional): the forward's final state, which spares re-summing it. "
         "stream, allocate_workspace: as for forward.");
+#ifndef GMATTN_BACKEND_CUDA
+  m.def("step", &step,
+        "step(q, k, v, mu, omega, alpha, S0, z0, out, S_final, z_final, causal, eps, sigma_eps, num_threads) -> bool. "
+        "The plain forward for decoding steps and short calls, arguments by position: no mask, no packed sequences, "
+        "nothing saved for a backward; arrays through the buffer protocol (NumPy: float16/32/64) or as DLPack "
+        "capsules; S0, z0 and S_final, z_final None or given (S_final, z_final being S0, z0 themselves: the state "
+        "updated in place). Returns True when it ran; False, having run nothing, when an argument is of another kind "
+        "or would be refused by forward (which then says why).");
+#endif
 #if defined(GMATTN_CUDA_EMULATION)
   py::module_ emu = m.def_submodule(
       "emulation", "The emulated CUDA runtime this module runs on (CPU emulation of the kernels, for tests).");

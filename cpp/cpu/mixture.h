@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -167,6 +168,18 @@ void build_heads(std::vector<Head<Acc>>& heads, const View& mu, const View& omeg
 constexpr size_t kMixtureCacheEntries = 16;
 constexpr size_t kMixtureCacheBytes = size_t(64) << 20;
 
+// Whether view x of these sizes is C-contiguous (the strides of size-1 dimensions do not matter).
+inline bool is_contiguous(const View& x, std::initializer_list<int64_t> sizes) {
+  int64_t expect = 1, i = static_cast<int64_t>(sizes.size());
+  for (auto n = sizes.end(); n != sizes.begin();) {
+    --n;
+    --i;
+    if (*n != 1 && x.stride[i] != expect) return false;
+    expect *= *n;
+  }
+  return true;
+}
+
 template <class Acc>
 struct PreparedMixture {
   int64_t H = 0, K = 0, D = 0;
@@ -175,11 +188,18 @@ struct PreparedMixture {
   std::vector<Head<Acc>> heads;
   size_t bytes = 0;
 
-  // Whether mu, omega, alpha (views of the call's shape) hold exactly `values`.
+  // Whether mu, omega, alpha (views of the call's shape) hold exactly `values`. Contiguous
+  // parameters (the usual case) are compared in one memcmp each rather than one per row.
   bool holds(const View& mu, const View& omega, const View& alpha, const Shape& s, double eps) const {
     if (H != s.H || K != s.K || D != s.D || sigma_eps != eps) return false;
     const Acc* p = values.data();
+    const int64_t HKD = H * K * D;
     for (const View* x : {&mu, &omega}) {
+      if (is_contiguous(*x, {H, K, D})) {
+        if (std::memcmp(x->data, p, HKD * sizeof(Acc)) != 0) return false;
+        p += HKD;
+        continue;
+      }
       for (int64_t h = 0; h < H; ++h) {
         for (int64_t k = 0; k < K; ++k, p += D) {
           const Acc* row = at<const Acc>(*x, h, k);
@@ -194,6 +214,7 @@ struct PreparedMixture {
         }
       }
     }
+    if (is_contiguous(alpha, {H, K})) return std::memcmp(alpha.data, p, H * K * sizeof(Acc)) == 0;
     for (int64_t h = 0; h < H; ++h) {
       for (int64_t k = 0; k < K; ++k, ++p) {
         const Acc value = *at<const Acc>(alpha, h, k);

@@ -107,7 +107,9 @@ struct RowPathLayout {
 
 // One token's pass over a state whose rows are contiguous (S0, S_final: K rows, `rs` apart, either
 // absent): S_final[k] = S0[k] + gk[k] v (gk null: a masked key, nothing added), and the query's
-// num = gq S_final, for NV vectors of columns from column e0, the sums kept in registers.
+// num = gq S_final, for NV vectors of columns from column e0, the sums kept in registers. Which of
+// S0, gk and S_final are present is a template argument of the loop (kS0, kGk, kSf): tested per
+// row and vector, the tests cost as much as the arithmetic.
 template <class Acc>
 struct StateRows {
   const Acc* S0;
@@ -116,28 +118,60 @@ struct StateRows {
   int64_t sf_rs;
   const Acc *gk, *v, *gq;
   int64_t K;
-  template <int NV>
+  template <int NV, bool kS0, bool kGk, bool kSf>
   void columns(int64_t e0, Acc* num) const {
     using V = VecT<Acc>;
     constexpr int W = Simd<Acc>::W;
+    // (in locals: the stores through Sf could otherwise alias the members, reloaded per store)
+    const Acc* const s0 = kS0 ? S0 + e0 : nullptr;
+    Acc* const sf = kSf ? Sf + e0 : nullptr;
+    const Acc* const g_k = gk;
+    const Acc* const g_q = gq;
+    const int64_t s0_stride = s0_rs, sf_stride = sf_rs, rows = K;
     V acc[NV], vv[NV];
 #pragma GCC unroll 4
     for (int i = 0; i < NV; ++i) {
       acc[i] = V{};
-      vv[i] = gk ? loadu(v + e0 + i * W) : V{};
+      vv[i] = kGk ? loadu(v + e0 + i * W) : V{};
     }
-    for (int64_t k = 0; k < K; ++k) {
-      const V g = splat(gk ? gk[k] : Acc(0)), r = splat(gq[k]);
+    for (int64_t k = 0; k < rows; ++k) {
+      const V g = splat(kGk ? g_k[k] : Acc(0)), r = splat(g_q[k]);
 #pragma GCC unroll 4
       for (int i = 0; i < NV; ++i) {
-        V sk = S0 ? loadu(S0 + k * s0_rs + e0 + i * W) : V{};
-        if (gk) sk += g * vv[i];
-        if (Sf) storeu(Sf + k * sf_rs + e0 + i * W, sk);
+        V sk = kS0 ? loadu(s0 + k * s0_stride + i * W) : V{};
+        if (kGk) sk += g * vv[i];
+        if (kSf) storeu(sf + k * sf_stride + i * W, sk);
         acc[i] += r * sk;
       }
     }
 #pragma GCC unroll 4
     for (int i = 0; i < NV; ++i) storeu(num + e0 + i * W, acc[i]);
+  }
+  // num's whole vectors of columns (the first Dvw = Dv - Dv % W).
+  template <bool kS0, bool kGk, bool kSf>
+  void whole_vectors(int64_t Dvw, Acc* num) const {
+    constexpr int W = Simd<Acc>::W;
+    int64_t e = 0;
+    for (; e + 4 * W <= Dvw; e += 4 * W) columns<4, kS0, kGk, kSf>(e, num);
+    switch ((Dvw - e) / W) {
+      case 3: columns<3, kS0, kGk, kSf>(e, num); break;
+      case 2: columns<2, kS0, kGk, kSf>(e, num); break;
+      case 1: columns<1, kS0, kGk, kSf>(e, num); break;
+      default: break;
+    }
+  }
+  void whole_vectors(int64_t Dvw, Acc* num) const {
+    const int which = (S0 ? 4 : 0) + (gk ? 2 : 0) + (Sf ? 1 : 0);
+    switch (which) {
+      case 0: whole_vectors<false, false, false>(Dvw, num); break;
+      case 1: whole_vectors<false, false, true>(Dvw, num); break;
+      case 2: whole_vectors<false, true, false>(Dvw, num); break;
+      case 3: whole_vectors<false, true, true>(Dvw, num); break;
+      case 4: whole_vectors<true, false, false>(Dvw, num); break;
+      case 5: whole_vectors<true, false, true>(Dvw, num); break;
+      case 6: whole_vectors<true, true, false>(Dvw, num); break;
+      default: whole_vectors<true, true, true>(Dvw, num); break;
+    }
   }
 };
 
@@ -198,17 +232,10 @@ void forward_rows(const ForwardArgs& a, const Shape& s, int nt) {
     Acc* Sf = a.S_final.present() ? at<Acc>(a.S_final, q, h) : nullptr;
     const StateRows<Acc> st{S0, a.S0.stride[2], Sf, a.S_final.stride[2], written ? gk : nullptr, v, gq, K};
     const int64_t Dvw = Dv - Dv % W;  // whole vectors of a state row
-    int64_t e = 0;
-    for (; e + 4 * W <= Dvw; e += 4 * W) st.template columns<4>(e, num);
-    switch ((Dvw - e) / W) {
-      case 3: st.template columns<3>(e, num); break;
-      case 2: st.template columns<2>(e, num); break;
-      case 1: st.template columns<1>(e, num); break;
-      default: break;
-    }
-    for (e = Dvw; e < Dvp; ++e) num[e] = Acc(0);
-    for (int64_t k = 0; k < K; ++k) {  // the columns past the whole vectors
-      for (e = Dvw; e < Dv; ++e) {
+    st.whole_vectors(Dvw, num);
+    for (int64_t e = Dvw; e < Dvp; ++e) num[e] = Acc(0);
+    for (int64_t k = 0; k < K && Dvw < Dv; ++k) {  // the columns past the whole vectors, if any
+      for (int64_t e = Dvw; e < Dv; ++e) {
         Acc sk = S0 ? S0[k * st.s0_rs + e] : Acc(0);
         if (written) sk += gk[k] * v[e];
         if (Sf) Sf[k * st.sf_rs + e] = sk;

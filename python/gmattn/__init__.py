@@ -50,8 +50,8 @@ def buffer_cache_info() -> dict:
 
 
 _FRONT_ENDS: dict = {}
-"""array type -> the gma_attention of its front end, for the types met so far (a call does not
-repeat the type test and the import: a one-token step is a few tens of microseconds)."""
+"""array type -> (its framework, the gma_attention of its front end), for the types met so far (a
+call does not repeat the type test and the import: a one-token step is a few tens of microseconds)."""
 
 
 def _front_end(kind: str):
@@ -99,12 +99,13 @@ def gma_attention(q, k, v, mu, omega, alpha, *, causal=False, key_padding_mask=N
         out (B, N, H, Dv) in the caller's array type and device, or (out, (S, z)) when
         output_final_state. The state is float32 (float64 for float64 inputs).
     """
-    impl = _FRONT_ENDS.get(type(q))
-    if impl is None:
-        impl = _front_end(_framework(q))
-        _FRONT_ENDS[type(q)] = impl
+    known = _FRONT_ENDS.get(type(q))
+    if known is None:
+        framework = _framework(q)
+        known = _FRONT_ENDS[type(q)] = (framework, _front_end(framework))
+    framework, impl = known
     if state_in_place:
-        if _framework(q) != "numpy":
+        if framework != "numpy":
             raise ValueError("gma_attention: state_in_place=True is for NumPy arrays; the torch and MLX front ends "
                              "return the final state as new arrays (output_final_state=True)")
         return impl(q, k, v, mu, omega, alpha, causal=causal, key_padding_mask=key_padding_mask,

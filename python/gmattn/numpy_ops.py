@@ -6,6 +6,7 @@ too, on NumPy views of its arrays.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import numpy as np
@@ -17,6 +18,8 @@ _checks.KNOWN_DTYPE_NAMES.update({np.dtype(name): name for name in ("float16", "
 
 
 def _empty(shape, dtype) -> np.ndarray:
+    if not _config.poison_outputs:  # (without new_output's keyword call: a step's Python is counted in us)
+        return np.empty(shape, dtype)
     return _config.new_output(np.empty, np.full, shape, dtype=dtype)
 
 
@@ -56,6 +59,56 @@ def host_backward(q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, dou
     return dq, dk, dv, dmu, domega, dalpha, dS0, dz0
 
 
+_INDEX_LIMIT = 2 ** 31 - 1  # the kernels' 32-bit row, component and (batch, head) counts
+
+
+def _step_call(q, k, v, mu, omega, alpha, initial_state, causal, output_final_state, eps, sigma_eps, num_threads,
+               state_in_place):
+    """The call through the core's plain entry (`step`: no DLPack export, positional arguments,
+    no Python checks) when its arguments plainly fit it: NumPy arrays (no subclass), no mask, no
+    packed sequences, a bool causal, float scalars in range. The core runs every check of its
+    forward and, when one would fail, runs nothing and says so; then, as for anything else outside
+    the pattern, the result is None and the general path runs, and its checks name the problem
+    with their usual messages. Returns gma_attention's result otherwise."""
+    ndarray = np.ndarray
+    if initial_state is None:
+        if state_in_place:
+            return None
+        S0 = z0 = None
+    elif type(initial_state) in (tuple, list) and len(initial_state) == 2:
+        S0, z0 = initial_state
+        if type(S0) is not ndarray or type(z0) is not ndarray:
+            return None
+    else:
+        return None
+    if not (type(q) is ndarray and type(k) is ndarray and type(v) is ndarray and type(mu) is ndarray
+            and type(omega) is ndarray and type(alpha) is ndarray and type(causal) is bool and type(eps) is float
+            and type(sigma_eps) is float and type(num_threads) is int and 0.0 <= eps < math.inf
+            and 0.0 < sigma_eps < math.inf and q.ndim == 4 and v.ndim == 4 and mu.ndim == 3 and k.shape == q.shape
+            and omega.shape == mu.shape):
+        return None
+    # The shapes, before any output is allocated (as check_arguments guards them): the outputs'
+    # sizes come from q, v and mu.
+    B, N, H, D = q.shape
+    Bv, Nv, Hv, Dv = v.shape
+    Hm, K, Dm = mu.shape
+    if not (Bv == B and Nv == N and Hv == H == Hm and Dm == D and alpha.shape == (H, K) and B * N * H * D * Dv * K
+            and N <= _INDEX_LIMIT and K <= _INDEX_LIMIT and D <= _INDEX_LIMIT and Dv <= _INDEX_LIMIT
+            and B * H <= _INDEX_LIMIT):
+        return None
+    out = _empty((B, N, H, Dv), q.dtype)
+    if state_in_place:
+        S_final, z_final = S0, z0
+    elif output_final_state:  # (in mu's dtype: the core refuses any other accumulator dtype)
+        S_final, z_final = _empty((B, H, K, Dv), mu.dtype), _empty((B, H, K), mu.dtype)
+    else:
+        S_final = z_final = None
+    if not _ext.core().step(q, k, v, mu, omega, alpha, S0, z0, out, S_final, z_final, causal, eps, sigma_eps,
+                            num_threads):
+        return None
+    return (out, (S_final, z_final)) if output_final_state else out
+
+
 def gma_attention(
     q: np.ndarray,
     k: np.ndarray,
@@ -84,6 +137,11 @@ def gma_attention(
     C-contiguous and of the accumulator dtype (float32, or float64 for float64 inputs), and are
     what `output_final_state=True` then returns.
     """
+    if key_padding_mask is None and cu_seqlens is None:
+        result = _step_call(q, k, v, mu, omega, alpha, initial_state, causal, output_final_state, eps, sigma_eps,
+                            num_threads, state_in_place)
+        if result is not None:
+            return result
     dims = _checks.check_arguments(q, k, v, mu, omega, alpha, key_padding_mask, initial_state, eps, sigma_eps,
                                    cu_seqlens)
     for name, x in _checks.array_arguments(k, v, mu, omega, alpha, key_padding_mask, initial_state, cu_seqlens):
