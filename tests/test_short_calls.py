@@ -209,6 +209,38 @@ def test_torch_func_transforms_do_not_take_the_direct_route():
     assert ops._direct_call_allowed(*args)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("N", [1, 3, 70])
+def test_torch_step_route_equals_the_custom_op(N, causal, dtype, monkeypatch):
+    """Without gradients, mask or packed sequences, an eager CPU call goes through the core's plain
+    entry `step` (not the general entry): bit for bit what the custom op computes, with and without
+    a carried state, the final state asked for or not. Where `step` refuses (a state in another
+    dtype than the accumulator's), the general route casts it and runs: the same numbers."""
+    p = make_problem(2, N, 3, 5, 4, 6, state=True, dtype=dtype, seed=4)
+    args = [t.detach() for t in (p.q, p.k, p.v)] + [t.detach().to(ops._ACC[dtype]) for t in (p.mu, p.omega, p.alpha)]
+    state = tuple(s.detach().to(ops._ACC[dtype]) for s in p.state)
+    general = []
+    original = ops._run_forward
+    monkeypatch.setattr(ops, "_run_forward", lambda *a, **kw: general.append(1) or original(*a, **kw))
+    for initial_state in (None, state):
+        via_op = ops.forward_op(*args, None, *(initial_state or (None, None)), causal, 1e-6, 1e-4, True, False)
+        general.clear()  # (the op ran the general route)
+        with torch.no_grad():
+            out, (S, z) = gmattn.gma_attention(*args, causal=causal, initial_state=initial_state,
+                                               output_final_state=True)
+            alone = gmattn.gma_attention(*args, causal=causal, initial_state=initial_state)
+        assert not general, "the call did not take the step route"
+        for got, want in zip((out, S, z, alone), (*via_op[:3], via_op[0])):
+            assert got.dtype == want.dtype and torch.equal(got, want)
+    other = tuple(s.to(torch.float64 if ops._ACC[dtype] == torch.float32 else torch.float32) for s in state)
+    with torch.no_grad():
+        out = gmattn.gma_attention(*args, causal=causal, initial_state=other)
+    assert general, "a state in another dtype did not take the general route"
+    via_op = ops.forward_op(*args, None, *(s.to(ops._ACC[dtype]) for s in other), causal, 1e-6, 1e-4, False, False)
+    assert torch.equal(out, via_op[0])
+
+
 def test_negative_bit_views_go_through_the_op():
     """A lazily negated view (its memory holds -x) is resolved by the op's dispatcher: the direct
     route must not read its memory as x."""

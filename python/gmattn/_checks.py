@@ -343,6 +343,29 @@ def state_shapes(q: Any, v: Any, mu: Any, cu_seqlens: Optional[Any] = None) -> T
 PACKED_REUSE_MIN_TOKENS = 64
 
 
+_INDEX_LIMIT = 2 ** 31 - 1  # the kernels' 32-bit row, component and (batch, head) counts
+
+
+def plain_step_dims(q: Any, k: Any, v: Any, mu: Any, omega: Any, alpha: Any, causal: Any, eps: Any,
+                    sigma_eps: Any) -> Optional[Tuple[int, ...]]:
+    """(B, N, H, D, Dv, K) when a call plainly fits the CPU module's plain entry `step` (shapes that
+    agree and that the kernels can index, a bool `causal`, float scalars in range), else None. The
+    front ends test this before allocating outputs for `step` (which runs forward's remaining checks
+    itself); anything else takes the general path and its messages."""
+    if not (type(causal) is bool and type(eps) is float and type(sigma_eps) is float and 0.0 <= eps < math.inf
+            and 0.0 < sigma_eps < math.inf and q.ndim == 4 and v.ndim == 4 and mu.ndim == 3 and k.shape == q.shape
+            and omega.shape == mu.shape):
+        return None
+    B, N, H, D = q.shape
+    Bv, Nv, Hv, Dv = v.shape
+    Hm, K, Dm = mu.shape
+    if not (Bv == B and Nv == N and Hv == H == Hm and Dm == D and alpha.shape == (H, K) and B * N * H * D * Dv * K
+            and N <= _INDEX_LIMIT and K <= _INDEX_LIMIT and D <= _INDEX_LIMIT and Dv <= _INDEX_LIMIT
+            and B * H <= _INDEX_LIMIT):
+        return None
+    return B, N, H, D, Dv, K
+
+
 def backward_reuses_state(causal: bool, save_for_backward: bool, q: Any = None,
                           cu_seqlens: Optional[Any] = None) -> bool:
     """Whether the forward also computes the final state for the backward: bidirectional, the

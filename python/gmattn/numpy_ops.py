@@ -6,7 +6,6 @@ too, on NumPy views of its arrays.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import numpy as np
@@ -59,17 +58,14 @@ def host_backward(q, k, v, mu, omega, alpha, mask, S0, z0, out, gq, gk, den, dou
     return dq, dk, dv, dmu, domega, dalpha, dS0, dz0
 
 
-_INDEX_LIMIT = 2 ** 31 - 1  # the kernels' 32-bit row, component and (batch, head) counts
-
-
 def _step_call(q, k, v, mu, omega, alpha, initial_state, causal, output_final_state, eps, sigma_eps, num_threads,
                state_in_place):
     """The call through the core's plain entry (`step`: no DLPack export, positional arguments,
-    no Python checks) when its arguments plainly fit it: NumPy arrays (no subclass), no mask, no
-    packed sequences, a bool causal, float scalars in range. The core runs every check of its
-    forward and, when one would fail, runs nothing and says so; then, as for anything else outside
-    the pattern, the result is None and the general path runs, and its checks name the problem
-    with their usual messages. Returns gma_attention's result otherwise."""
+    no Python checks) when its arguments plainly fit it (_checks.plain_step_dims): NumPy arrays (no
+    subclass), no mask, no packed sequences. The core runs every check of its forward and, when one
+    would fail, runs nothing and says so; then, as for anything else outside the pattern, the
+    result is None and the general path runs, and its checks name the problem with their usual
+    messages. Returns gma_attention's result otherwise."""
     ndarray = np.ndarray
     if initial_state is None:
         if state_in_place:
@@ -82,20 +78,12 @@ def _step_call(q, k, v, mu, omega, alpha, initial_state, causal, output_final_st
     else:
         return None
     if not (type(q) is ndarray and type(k) is ndarray and type(v) is ndarray and type(mu) is ndarray
-            and type(omega) is ndarray and type(alpha) is ndarray and type(causal) is bool and type(eps) is float
-            and type(sigma_eps) is float and type(num_threads) is int and 0.0 <= eps < math.inf
-            and 0.0 < sigma_eps < math.inf and q.ndim == 4 and v.ndim == 4 and mu.ndim == 3 and k.shape == q.shape
-            and omega.shape == mu.shape):
+            and type(omega) is ndarray and type(alpha) is ndarray and type(num_threads) is int):
         return None
-    # The shapes, before any output is allocated (as check_arguments guards them): the outputs'
-    # sizes come from q, v and mu.
-    B, N, H, D = q.shape
-    Bv, Nv, Hv, Dv = v.shape
-    Hm, K, Dm = mu.shape
-    if not (Bv == B and Nv == N and Hv == H == Hm and Dm == D and alpha.shape == (H, K) and B * N * H * D * Dv * K
-            and N <= _INDEX_LIMIT and K <= _INDEX_LIMIT and D <= _INDEX_LIMIT and Dv <= _INDEX_LIMIT
-            and B * H <= _INDEX_LIMIT):
+    dims = _checks.plain_step_dims(q, k, v, mu, omega, alpha, causal, eps, sigma_eps)
+    if dims is None:
         return None
+    B, N, H, D, Dv, K = dims
     out = _empty((B, N, H, Dv), q.dtype)
     if state_in_place:
         S_final, z_final = S0, z0

@@ -292,6 +292,40 @@ class _DirectAutograd(torch.autograd.Function):
         return _gradients(ctx, dout, dS_final, dz_final, _run_backward)
 
 
+def _step_call(q, k, v, mu, omega, alpha, initial_state, causal, output_final_state, eps, sigma_eps):
+    """An eager CPU call without gradients, mask or packed sequences through the core's plain entry
+    `step` (fewer arguments, no Python checks: a decoding step's fixed cost), when its arguments
+    plainly fit it (_checks.plain_step_dims; plain CPU tensors, parameters and state in the
+    accumulator dtype). The core runs every check of its forward and, when one would fail, runs
+    nothing and says so: then, as for anything else, the result is None and the general path runs,
+    with its usual messages. Returns gma_attention's result otherwise."""
+    if initial_state is None:
+        S0 = z0 = None
+    elif type(initial_state) in (tuple, list) and len(initial_state) == 2:
+        S0, z0 = initial_state
+    else:
+        return None
+    tensors = (q, k, v, mu, omega, alpha, S0, z0)
+    if not _direct_call_allowed(*tensors) or (torch.is_grad_enabled()
+                                              and any(t is not None and t.requires_grad for t in tensors)):
+        return None
+    acc = _ACC.get(q.dtype)
+    if acc is None or mu.dtype is not acc:
+        return None
+    dims = _checks.plain_step_dims(q, k, v, mu, omega, alpha, causal, eps, sigma_eps)
+    if dims is None:
+        return None
+    B, N, H, D, Dv, K = dims
+    out = _empty((B, N, H, Dv), q, q.dtype)
+    S_final = z_final = None
+    if output_final_state:
+        S_final, z_final = _empty((B, H, K, Dv), q, acc), _empty((B, H, K), q, acc)
+    if not _ext.core().step(*_plain(q, k, v, mu, omega, alpha, S0, z0, out, S_final, z_final), causal, eps, sigma_eps,
+                            torch.get_num_threads()):
+        return None
+    return (out, (S_final, z_final)) if output_final_state else out
+
+
 def _to_acc(t: Tensor, acc: torch.dtype, eager: bool) -> Tensor:
     """t in the accumulator dtype. An eager call skips the cast to the dtype t has (~3 us, a
     dozen a step); a traced one keeps it (Dynamo would guard on the dtype test: a recompile)."""
@@ -315,6 +349,10 @@ def gma_attention(
     cu_seqlens: Optional[Tensor] = None,
 ):
     """Gaussian Mixture Attention on torch tensors (CPU or CUDA); see gmattn.gma_attention."""
+    if key_padding_mask is None and cu_seqlens is None:
+        result = _step_call(q, k, v, mu, omega, alpha, initial_state, causal, output_final_state, eps, sigma_eps)
+        if result is not None:
+            return result
     _checks.check_arguments(q, k, v, mu, omega, alpha, key_padding_mask, initial_state, eps, sigma_eps, cu_seqlens)
     for name, t in _checks.array_arguments(k, v, mu, omega, alpha, key_padding_mask, initial_state, cu_seqlens):
         _checks.require_framework("gma_attention", f"'{name}'", t, "torch", "like q; convert with torch.as_tensor")
