@@ -35,9 +35,11 @@ _CACHED_OUTPUT_BYTES = 1 << 20
 
 def _empty(shape, like: Tensor, dtype: torch.dtype) -> Tensor:
     numel = math.prod(shape)
-    if like.is_cpu and not _config.poison_outputs and numel * dtype.itemsize >= _CACHED_OUTPUT_BYTES:
-        block = _ext.core().cpu_buffer(numel * dtype.itemsize)
-        return torch.frombuffer(block, dtype=dtype, count=numel).view(shape)  # keeps `block` alive
+    if like.is_cpu and not _config.poison_outputs:
+        if numel * dtype.itemsize >= _CACHED_OUTPUT_BYTES:
+            block = _ext.core().cpu_buffer(numel * dtype.itemsize)
+            return torch.frombuffer(block, dtype=dtype, count=numel).view(shape)  # keeps `block` alive
+        return torch.empty(shape, dtype=dtype)  # (a decoding step's outputs: no device object made)
     return _config.new_output(torch.empty, torch.full, shape, dtype=dtype, device=like.device)
 
 
@@ -146,10 +148,14 @@ def _direct_call_allowed(*tensors) -> bool:
     negation bit (x._neg_view(), `.imag` of a conjugate view) or efficient zero tensor, which
     DLPack does not carry and the op's dispatcher resolves first. No torch.func transform (vmap,
     grad, jvp) is active either: its wrapped tensors reach the kernels only through the op."""
-    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
-            and not torch._C._is_torch_function_mode_enabled() and _functorch_level() is None
-            and all(t is None or (type(t) in _PLAIN_TENSOR_TYPES and t.is_cpu and not t.is_neg()
-                                  and not t._is_zerotensor()) for t in tensors))
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0
+            or torch._C._is_torch_function_mode_enabled() or _functorch_level() is not None):
+        return False
+    for t in tensors:  # (a loop, not all() over a generator: a decoding step makes this call)
+        if t is not None and (type(t) not in _PLAIN_TENSOR_TYPES or not t.is_cpu or t.is_neg()
+                              or t._is_zerotensor()):
+            return False
+    return True
 
 
 @torch.library.custom_op("gmattn::forward", mutates_args=())
@@ -305,10 +311,12 @@ def _step_call(q, k, v, mu, omega, alpha, initial_state, causal, output_final_st
         S0, z0 = initial_state
     else:
         return None
-    tensors = (q, k, v, mu, omega, alpha, S0, z0)
-    if not _direct_call_allowed(*tensors) or (torch.is_grad_enabled()
-                                              and any(t is not None and t.requires_grad for t in tensors)):
+    if not _direct_call_allowed(q, k, v, mu, omega, alpha, S0, z0):
         return None
+    if torch.is_grad_enabled():
+        for t in (q, k, v, mu, omega, alpha, S0, z0):
+            if t is not None and t.requires_grad:
+                return None
     acc = _ACC.get(q.dtype)
     if acc is None or mu.dtype is not acc:
         return None
