@@ -241,6 +241,28 @@ def test_torch_step_route_equals_the_custom_op(N, causal, dtype, monkeypatch):
     assert torch.equal(out, via_op[0])
 
 
+@pytest.mark.parametrize("needs_grad", [False, True])
+def test_jit_trace_records_the_op(needs_grad):
+    """torch.jit.trace records the custom op, not a direct call (which it would keep as constant
+    outputs): the traced function computes new inputs' results, with and without gradients."""
+    p = make_problem(1, 5, 2, 3, 4, 4, dtype=torch.float64, seed=6)
+    args = [t.detach().requires_grad_(needs_grad) for t in (p.q, p.k, p.v, p.mu, p.omega, p.alpha)]
+
+    def f(*args):
+        return gmattn.gma_attention(*args, causal=True)
+
+    with torch.set_grad_enabled(needs_grad):
+        traced = torch.jit.trace(f, tuple(args), check_trace=False)
+        assert "gmattn::forward" in str(traced.graph)
+        other = [torch.randn_like(args[0])] + args[1:]
+        got = traced(*other)
+        torch.testing.assert_close(got, reference.naive_gma(*other, causal=True), **TOL64)
+        if needs_grad:  # the traced op's gradients are autograd's
+            got.sum().backward()
+            want = torch.autograd.grad(reference.naive_gma(*other, causal=True).sum(), args[1])
+            torch.testing.assert_close(args[1].grad, want[0], **TOL64)
+
+
 def test_negative_bit_views_go_through_the_op():
     """A lazily negated view (its memory holds -x) is resolved by the op's dispatcher: the direct
     route must not read its memory as x."""

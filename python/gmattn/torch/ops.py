@@ -139,6 +139,7 @@ def _run_backward(dout, dS_final, dz_final, q, k, v, mu, omega, alpha, key_paddi
 
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 _functorch_level = torch._C._functorch.peek_interpreter_stack  # None: no torch.func transform active
+_jit_tracing_state = torch._C._get_tracing_state  # None: torch.jit.trace is not recording
 
 
 def _direct_call_allowed(*tensors) -> bool:
@@ -147,9 +148,11 @@ def _direct_call_allowed(*tensors) -> bool:
     see the op), and plain CPU tensors: no tensor subclass (FakeTensor, DTensor, ...) and no lazy
     negation bit (x._neg_view(), `.imag` of a conjugate view) or efficient zero tensor, which
     DLPack does not carry and the op's dispatcher resolves first. No torch.func transform (vmap,
-    grad, jvp) is active either: its wrapped tensors reach the kernels only through the op."""
+    grad, jvp) is active either: its wrapped tensors reach the kernels only through the op. Nor is
+    torch.jit.trace recording: it records the op, and would record a direct call as constants."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0
-            or torch._C._is_torch_function_mode_enabled() or _functorch_level() is not None):
+            or torch._C._is_torch_function_mode_enabled() or _functorch_level() is not None
+            or _jit_tracing_state() is not None):
         return False
     for t in tensors:  # (a loop, not all() over a generator: a decoding step makes this call)
         if t is not None and (type(t) not in _PLAIN_TENSOR_TYPES or not t.is_cpu or t.is_neg()
