@@ -592,8 +592,9 @@ def test_one_token_steps_chain_to_one_chunked_call(framework):
     with torch.no_grad():
         for i in range(steps):
             rows = [convert(t[:, i:i + 1]) for t in (x.q, x.k, x.v)]
-            out, carried = gmattn.gma_attention(*rows, *params, causal=True, key_padding_mask=convert(x.mask[:, i:i + 1]),
-                                                initial_state=carried, output_final_state=True)
+            out, carried = gmattn.gma_attention(*rows, *params, causal=True,
+                                                key_padding_mask=convert(x.mask[:, i:i + 1]), initial_state=carried,
+                                                output_final_state=True)
             outs.append(torch.as_tensor(out))
         whole, whole_state = gmattn.gma_attention(x.q, x.k, x.v, x.mu, x.omega, x.alpha, causal=True,
                                                   key_padding_mask=x.mask, initial_state=x.state,

@@ -227,9 +227,13 @@ void run_passes(const Plan& pl, const Shape& s, bool two_pass, Pass1& pass1, Sta
 template <class Pass1, class Starts, class Pass2>
 void run_passes(const Plan& pl, const Shape& s, bool two_pass, Pass1& pass1, Starts& starts, Pass2& pass2) {
   auto none = [](int64_t, int64_t, int64_t) {};
-  Plan unpacked = pl;  // (a copy only where packs is set; a plan is small)
+  if (!pl.packs) {
+    run_passes(pl, s, two_pass, pass1, starts, pass2, none);
+    return;
+  }
+  Plan unpacked = pl;  // (a copy only where packs is set: every sequence then runs alone)
   unpacked.packs = false;
-  run_passes(pl.packs ? unpacked : pl, s, two_pass, pass1, starts, pass2, none);
+  run_passes(unpacked, s, two_pass, pass1, starts, pass2, none);
 }
 
 // Waiting for another thread, briefly: pause-spin first (a hand-over is usually microseconds

@@ -314,10 +314,13 @@ def _step_call(q, k, v, mu, omega, alpha, initial_state, causal, output_final_st
         S0, z0 = initial_state
     else:
         return None
-    if not _direct_call_allowed(q, k, v, mu, omega, alpha, S0, z0):
+    grad_enabled = torch.is_grad_enabled()
+    # (q is a torch tensor here: a training call, whose q requires grad, leaves before scanning
+    # the arguments, which the general path then does once)
+    if grad_enabled and q.requires_grad or not _direct_call_allowed(q, k, v, mu, omega, alpha, S0, z0):
         return None
-    if torch.is_grad_enabled():
-        for t in (q, k, v, mu, omega, alpha, S0, z0):
+    if grad_enabled:
+        for t in (k, v, mu, omega, alpha, S0, z0):
             if t is not None and t.requires_grad:
                 return None
     acc = _ACC.get(q.dtype)
@@ -386,8 +389,8 @@ def gma_attention(
     # them): the same computation as the custom op, which tests check bit for bit, without its
     # dispatch. The custom op serves tracing, modes and transforms.
     args = (q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, bool(causal), float(eps), float(sigma_eps),
-            bool(output_final_state or _checks.backward_reuses_state(causal, needs_grad, q, cu_seqlens)), bool(needs_grad),
-            cu_seqlens)
+            bool(output_final_state or _checks.backward_reuses_state(causal, needs_grad, q, cu_seqlens)),
+            bool(needs_grad), cu_seqlens)
     if not _direct_call_allowed(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, cu_seqlens):
         out, S_final, z_final, _, _, _ = forward_op(*args)
     elif needs_grad:
