@@ -553,6 +553,74 @@ def test_row_path_agrees_with_the_chunked_path(dtype, causal):
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_row_backward_runs_of_sequences_at_any_thread_count(causal):
+    """The row path's backward cuts each head's sequences into runs (a task each) and adds the
+    runs' parameter sums in order: with more sequences than a run holds, every gradient (and the
+    initial state's) equals the float64 reference at 1, 2 and 3 threads, the same bits at each."""
+    p = make_problem(40, 2, 3, 32, 32, 32, mask=True, state=True, dtype=torch.float64, seed=9)
+    r = p.detached()
+    ro, (rS, rz) = reference.naive_gma(r.q, r.k, r.v, r.mu, r.omega, r.alpha, causal=causal, key_padding_mask=r.mask,
+                                       initial_state=r.state, output_final_state=True)
+    want = _loss_grads(ro, rS, rz, r.tensors())
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            x = p.detached()
+            out, (S, z) = gmattn.gma_attention(x.q, x.k, x.v, x.mu, x.omega, x.alpha, causal=causal,
+                                               key_padding_mask=x.mask, initial_state=x.state, output_final_state=True)
+            results.append(_loss_grads(out, S, z, x.tensors()))
+    finally:
+        torch.set_num_threads(before)
+    for got in results:
+        for a, b, w in zip(got, results[0], want):
+            torch.testing.assert_close(a, w, **TOL64)
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_row_backward_low_precision_error_within_the_chunked_paths(dtype, causal):
+    """Gradients in float32 and bfloat16 from the row path's backward are as accurate as the
+    chunked backward's on the same problem: error against the float64 reference within twice the
+    chunked path's (plus a few float32 roundings). Causal, the chunked call is longer with no
+    gradient reaching its extra rows; bidirectional, its extra keys are masked out."""
+    n, long_n = ROW_PATH_ROWS, ROW_PATH_ROWS + 9
+    p = make_problem(2, long_n, 3, 16, 24, 20, mask=True, state=True, dtype=torch.float64, seed=12)
+    mask = p.mask.clone()
+    mask[:, 0] = True
+    if not causal:
+        mask[:, n:] = False
+    g = torch.Generator().manual_seed(3)
+    cot = torch.randn(2, long_n, 3, 20, generator=g, dtype=torch.float64)
+    cot[:, n:] = 0
+
+    acc = torch.float32
+    # the inputs as the low-precision calls see them (q, k, v rounded to dtype, the rest to
+    # float32), so that the reference's difference is the computation's error alone
+    inputs = [t.detach().to(dtype if i < 3 else acc).double() for i, t in enumerate((p.q, p.k, p.v, p.mu, p.omega,
+                                                                                     p.alpha, *p.state))]
+
+    def grads(length, dt):
+        x = [t.to(dt if i < 3 else acc if dt != torch.float64 else dt).requires_grad_() for i, t in enumerate(inputs)]
+        q, k, v = (t[:, :length] for t in x[:3])
+        out, (S, z) = gmattn.gma_attention(q, k, v, *x[3:6], causal=causal, key_padding_mask=mask[:, :length],
+                                           initial_state=tuple(x[6:]), output_final_state=True)
+        loss = (out.double() * cot[:, :length]).sum() + S.double().sum() - z.double().sum()
+        got = torch.autograd.grad(loss, x)
+        return [gr[:, :n] if i < 3 else gr for i, gr in enumerate(got)]
+
+    want = grads(n, torch.float64)
+    rows, chunks = grads(n, dtype), grads(long_n, dtype)
+    for r, c, w in zip(rows, chunks, want):
+        scale = w.abs().max().item() + 1e-30
+        row_err = (r.double() - w).abs().max().item() / scale
+        chunk_err = (c.double() - w).abs().max().item() / scale
+        assert row_err <= 2 * chunk_err + 1e-7, (row_err, chunk_err)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 def test_one_token_step_with_any_state_layout(causal, layout):
     """A one-token step reads its state from S0 and writes S_final directly when their rows are

@@ -11,6 +11,7 @@
 
 #include "mixture.h"
 #include "plan.h"
+#include "step_backward.h"
 
 namespace gmattn {
 namespace cpu {
@@ -19,8 +20,8 @@ namespace GMATTN_ISA {  // (rows.h: the ISA name, and cpu_detail in scope)
 template <class T, class Acc>
 class Backward {
  public:
-  explicit Backward(const BackwardArgs& args)
-      : a(args), s(Shape::make<Acc>(args.dims, args.cu_seqlens)), pl(make_plan(s, threads_for(s, args.opt.num_threads))),
+  Backward(const BackwardArgs& args, Shape shape)
+      : a(args), s(std::move(shape)), pl(make_plan(s, threads_for(s, args.opt.num_threads))),
         causal(args.opt.causal), state_given(!causal && args.S_end.present()) {
     ws.reserve(pl.nt);
     for (int t = 0; t < pl.nt; ++t) ws.emplace_back(s, G);
@@ -470,13 +471,23 @@ class Backward {
   }
 };
 
+template <class T, class Acc>
+void backward_typed(const BackwardArgs& a) {
+  Shape s = Shape::make<Acc>(a.dims, a.cu_seqlens);
+  if (row_path_applies(s)) {  // a few tokens per sequence: no chunks (step_backward.h)
+    backward_rows<T, Acc>(a, s, threads_for(s, a.opt.num_threads));
+    return;
+  }
+  Backward<T, Acc>(a, std::move(s)).run();
+}
+
 // The entry point of this ISA build.
 void backward(const BackwardArgs& a) {
   switch (a.dtype) {
-    case DType::kFloat32: Backward<float, float>(a).run(); break;
-    case DType::kFloat64: Backward<double, double>(a).run(); break;
-    case DType::kBFloat16: Backward<bf16_t, float>(a).run(); break;
-    case DType::kFloat16: Backward<f16_t, float>(a).run(); break;
+    case DType::kFloat32: backward_typed<float, float>(a); break;
+    case DType::kFloat64: backward_typed<double, double>(a); break;
+    case DType::kBFloat16: backward_typed<bf16_t, float>(a); break;
+    case DType::kFloat16: backward_typed<f16_t, float>(a); break;
   }
 }
 

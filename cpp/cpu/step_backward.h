@@ -1,0 +1,216 @@
+// The backward of short sequences, a row at a time: the calls whose forward step.h runs a row at a
+// time (every sequence at most kRowPathRows long). The chunked backward (backward.cpp) sets up, per
+// call, per-thread chunk workspaces, per-lane parameter sums with compensation, transposed states
+// and C x C products: at N = 1 nearly all of its time. Here each task, one head over a run of
+// sequences, walks its sequences' rows directly. For rows i, j of a sequence (causal: j <= i,
+// else all), dnum_i = dout_i / den_i and dden_i = -(dout_i . out_i) / den_i:
+//   Bm[i][j] = dnum_i . v_j + dden_i,   A[i][j] = gq_i . gk_j
+//   dGq_i = sum_j Bm[i][j] gk_j + S0 dnum_i + dden_i z0
+//   dGk_j = sum_i Bm[i][j] gq_i + dS v_j + dz          ((dS, dz): the final state's gradient)
+//   dv_j  = sum_i A[i][j] dnum_i + gk_j^T dS
+//   dS0 = dS + sum_i gq_i^T dnum_i,  dz0 = dz + sum_i dden_i gq_i   (every query read S0)
+// then the softmax and density backward of the query and key rows (mixture.h), whose parameter
+// sums the task adds up over its sequences. (Bidirectional, the forward's final state is not
+// needed: S0 and the sequence's own rows give what every query read.)
+#pragma once
+
+#include <omp.h>
+
+#include "mixture.h"
+#include "plan.h"
+#include "step.h"
+
+namespace gmattn {
+namespace cpu {
+namespace GMATTN_ISA {  // (rows.h: the ISA name, and cpu_detail in scope)
+
+// Sequences per task: a head's sequences are cut into runs of this many, whatever the thread
+// count, and the runs' parameter sums reduced in order, so results do not depend on it.
+constexpr int64_t kRowRunSeqs = 16;
+
+// One thread's working memory in backward_rows (each part 64-byte aligned): a sequence's rows
+// (L <= kRowPathRows) of saved Gq, Gk and their gradients (L x Kp), v, dnum, dv, out (L x Dvp),
+// dden and den (L), the L x L products Bm and A, raw rows and their gradient (L x Dp), the initial
+// state and the final state's gradient with their transposes (Kp x Dvp + Kp each; only with a
+// state), and one task's parameter sums (ParamSums::size).
+struct RowBackwardLayout {
+  int64_t gq, gk, dgq, dgk, v, dnum, dv, o, dden, den, Bm, A, x, dx, S, ST, dS, dST, sums, total;
+  template <class Acc>
+  static RowBackwardLayout of(const Shape& s) {
+    const int64_t line = kLine<Acc>, L = s.longest, SZ = s.Kp * s.Dvp + s.Kp;
+    RowBackwardLayout l;
+    int64_t at = 0;
+    const auto part = [&](int64_t n) {
+      const int64_t start = at;
+      at += round_up(n, line);
+      return start;
+    };
+    l.gq = part(L * s.Kp);
+    l.gk = part(L * s.Kp);
+    l.dgq = part(L * s.Kp);
+    l.dgk = part(L * s.Kp);
+    l.v = part(L * s.Dvp);
+    l.dnum = part(L * s.Dvp);
+    l.dv = part(L * s.Dvp);
+    l.o = part(L * s.Dvp);
+    l.dden = part(L);
+    l.den = part(L);
+    l.Bm = part(kRowPathRows * kRowPathRows);
+    l.A = part(kRowPathRows * kRowPathRows);
+    l.x = part(L * s.Dp);
+    l.dx = part(L * s.Dp);
+    l.S = part(SZ);
+    l.ST = part(s.Kp * s.Dvp);
+    l.dS = part(SZ);
+    l.dST = part(s.Kp * s.Dvp);
+    l.sums = part(ParamSums<Acc>::size(s));
+    l.total = at + line;  // (room to align the start)
+    return l;
+  }
+};
+
+// The backward of a call whose sequences are all at most kRowPathRows long (row_path_applies), on
+// up to `nt` threads over (head, run of sequences) tasks.
+template <class T, class Acc>
+void backward_rows(const BackwardArgs& a, const Shape& s, int nt) {
+  constexpr int W = Simd<Acc>::W;
+  constexpr int64_t LB = kRowPathRows;  // (row stride of Bm and A)
+  const int64_t K = s.K, D = s.D, Dv = s.Dv, Kp = s.Kp, Dp = s.Dp, Dvp = s.Dvp, SS = Kp * Dvp;
+  const bool causal = a.opt.causal;
+  const bool from_state = a.S0.present() || a.z0.present();
+  const bool state_grad = a.dS_final.present() || a.dz_final.present(), state_out = a.dS0.present();
+  const auto prepared = prepared_heads<Acc>(a.mu, a.omega, a.alpha, s, a.opt.sigma_eps, nt);
+  const std::vector<Head<Acc>>& heads = *prepared;
+  const RowBackwardLayout lay = RowBackwardLayout::of<Acc>(s);
+  const int64_t slot = ParamSums<Acc>::size(s);
+  const int64_t runs = (s.seqs + kRowRunSeqs - 1) / kRowRunSeqs, tasks = s.H * runs;
+
+  // Sequence q, head h: its rows' gradients written out, their parameter sums added to `sums`
+  // (written there while `fresh`, which it then clears).
+  auto sequence = [&](Acc* m, int64_t q, int64_t h, Acc* sums, bool& fresh) {
+    const Head<Acc>& hd = heads[h];
+    const Shape::SeqAt sq = s.seq_at(q);
+    const int64_t L = sq.len, b = sq.b, row0 = sq.row0;
+    Acc *gq = m + lay.gq, *gk = m + lay.gk, *dgq = m + lay.dgq, *dgk = m + lay.dgk;
+    Acc *v = m + lay.v, *dnum = m + lay.dnum, *dv = m + lay.dv, *o = m + lay.o;
+    Acc *dden = m + lay.dden, *den = m + lay.den, *Bm = m + lay.Bm, *A = m + lay.A;
+    Acc *x = m + lay.x, *dx = m + lay.dx, *dS = m + lay.dS;
+    if (state_grad || state_out) read_state(a.dS_final, a.dz_final, q, h, K, Dv, Kp, Dvp, dS, dS + SS);
+    if (L > 0) {
+      read_saved(a.gq, b, h, row0, L, K, gq, Kp, L);
+      read_saved(a.gk, b, h, row0, L, K, gk, Kp, L);
+      read_den(a.den, b, h, row0, L, den);
+      gather_rows<T>(a.v, b, h, row0, L, Dv, v, Dvp, L);
+      gather_rows<T>(a.dout, b, h, row0, L, Dv, dnum, Dvp, L);
+      gather_rows<T>(a.out, b, h, row0, L, Dv, o, Dvp, L);
+      for (int64_t i = 0; i < L; ++i) {
+        const Acc inv = Acc(1) / den[i];
+        dden[i] = -dot(dnum + i * Dvp, o + i * Dvp, Dvp) * inv;
+        for (int64_t e = 0; e < Dvp; e += W) storeu(dnum + i * Dvp + e, loadu(dnum + i * Dvp + e) * inv);
+      }
+      for (int64_t i = 0; i < L; ++i) {
+        for (int64_t j = 0; j < L; ++j) {
+          const bool read = !causal || j <= i;
+          Bm[i * LB + j] = read ? dot(dnum + i * Dvp, v + j * Dvp, Dvp) + dden[i] : Acc(0);
+          A[i * LB + j] = read ? dot(gq + i * Kp, gk + j * Kp, Kp) : Acc(0);
+        }
+      }
+      gemm(L, Kp / W, L, Bm, LB, 1, gk, Kp, dgq, Kp, false);   // dGq = Bm Gk
+      gemm(L, Kp / W, L, Bm, 1, LB, gq, Kp, dgk, Kp, false);   // dGk = Bm^T Gq
+      gemm(L, Dvp / W, L, A, 1, LB, dnum, Dvp, dv, Dvp, false);  // dv = A^T dnum
+      if (from_state) {
+        Acc *S = m + lay.S, *ST = m + lay.ST;
+        read_state(a.S0, a.z0, q, h, K, Dv, Kp, Dvp, S, S + SS);
+        transpose(Kp, Dvp, S, Dvp, ST, Kp);
+        gemm(L, Kp / W, Dvp, dnum, Dvp, 1, ST, Kp, dgq, Kp, true);  // + dnum S0^T
+        for (int64_t i = 0; i < L; ++i) {
+          const VecT<Acc> dd = splat(dden[i]);
+          for (int64_t k = 0; k < Kp; k += W) storeu(dgq + i * Kp + k, loadu(dgq + i * Kp + k) + dd * loadu(S + SS + k));
+        }
+      }
+      if (state_grad) {
+        Acc* dST = m + lay.dST;
+        transpose(Kp, Dvp, dS, Dvp, dST, Kp);
+        gemm(L, Kp / W, Dvp, v, Dvp, 1, dST, Kp, dgk, Kp, true);  // + V dS^T
+        for (int64_t j = 0; j < L; ++j) {
+          for (int64_t k = 0; k < Kp; k += W) storeu(dgk + j * Kp + k, loadu(dgk + j * Kp + k) + loadu(dS + SS + k));
+        }
+        gemm(L, Dvp / W, K, gk, Kp, 1, dS, Dvp, dv, Dvp, true);  // + Gk dS
+      }
+      if (state_out) {
+        gemm(Kp, Dvp / W, L, gq, 1, Kp, dnum, Dvp, dS, Dvp, true);  // dS += Gq^T dnum
+        for (int64_t i = 0; i < L; ++i) {
+          const VecT<Acc> dd = splat(dden[i]);
+          for (int64_t k = 0; k < Kp; k += W) storeu(dS + SS + k, loadu(dS + SS + k) + dd * loadu(gq + i * Kp + k));
+        }
+      }
+      scatter_rows<T>(a.dv, b, h, row0, L, Dv, dv, Dvp);
+      // Through the responsibilities: dGq -> dq, dGk -> dk (masked keys: gk = 0, hence ds = 0).
+      const Ahead none;
+      softmax_backward(gq, dgq, L, K, Kp);
+      gather_rows<T>(a.q, b, h, row0, L, D, x, Dp, L);
+      density_backward(hd, s, x, dgq, L, dx, sums, fresh, none);
+      scatter_rows<T>(a.dq, b, h, row0, L, D, dx, Dp);
+      softmax_backward(gk, dgk, L, K, Kp);
+      gather_rows<T>(a.k, b, h, row0, L, D, x, Dp, L);
+      density_backward(hd, s, x, dgk, L, dx, sums, false, none);
+      scatter_rows<T>(a.dk, b, h, row0, L, D, dx, Dp);
+      fresh = false;
+    }
+    if (state_out) write_state(a.dS0, a.dz0, q, h, K, Dv, Dvp, dS, dS + SS);
+  };
+
+  // Task t: head t / runs over run t % runs of its sequences, the sums in `sums` (all zero when the
+  // run holds no rows).
+  auto task = [&](Acc* m, int64_t t, Acc* sums) {
+    const int64_t h = t / runs, r = t % runs;
+    bool fresh = true;
+    for (int64_t q = r * kRowRunSeqs; q < std::min(s.seqs, (r + 1) * kRowRunSeqs); ++q) sequence(m, q, h, sums, fresh);
+    if (fresh) std::fill(sums, sums + slot, Acc(0));
+  };
+  // One run per head: a task ends with its head's parameter gradients. Several: each task's sums
+  // in a block of `blocks`, then each head's blocks added in order with compensation.
+  UnclearedBuffer<Acc> blocks(runs > 1 ? tasks * slot : 0);
+  auto run_task = [&](Acc* m, int64_t t) {
+    if (runs == 1) {
+      task(m, t, m + lay.sums);
+      heads[t].write_parameter_gradients(m + lay.sums, t, a.dmu, a.domega, a.dalpha);
+    } else {
+      task(m, t, blocks.data() + t * slot);
+    }
+  };
+  auto reduce_head = [&](Acc* comp, int64_t h) {
+    Acc* total = blocks.data() + h * runs * slot;
+    std::fill(comp, comp + slot, Acc(0));
+    for (int64_t r = 1; r < runs; ++r) add_compensated(total, comp, total + r * slot, slot);
+    heads[h].write_parameter_gradients(total, h, a.dmu, a.domega, a.dalpha);
+  };
+
+  nt = static_cast<int>(std::min<int64_t>(nt, tasks));
+  if (nt <= 1) {  // (the caller's thread flushes subnormals for the whole call: dispatch.cpp)
+    KeptMemory<Acc> mem(lay.total);
+    Acc* m = align64(mem.data());
+    for (int64_t t = 0; t < tasks; ++t) run_task(m, t);
+    for (int64_t h = 0; h < s.H && runs > 1; ++h) reduce_head(m + lay.sums, h);
+    stream_fence();  // outputs written with streaming stores (stream_copy) are visible
+    return;
+  }
+  // (All memory before the parallel region: an exception must not escape it, working_memory.h.)
+  UnclearedBuffer<Acc> mem(nt * lay.total);
+#pragma omp parallel num_threads(nt)
+  {
+    const FlushSubnormals flush;  // (the thread's own setting back at the region's end: numeric.h)
+    Acc* m = align64(mem.data() + omp_get_thread_num() * lay.total);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) run_task(m, t);
+    if (runs > 1) {
+#pragma omp for schedule(static)
+      for (int64_t h = 0; h < s.H; ++h) reduce_head(m + lay.sums, h);
+    }
+    stream_fence();
+  }
+}
+
+}  // namespace GMATTN_ISA
+}  // namespace cpu
+}  // namespace gmattn
