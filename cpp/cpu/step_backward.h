@@ -29,12 +29,13 @@ namespace GMATTN_ISA {  // (rows.h: the ISA name, and cpu_detail in scope)
 constexpr int64_t kRowRunSeqs = 16;
 
 // One thread's working memory in backward_rows (each part 64-byte aligned): a sequence's rows
-// (L <= kRowPathRows) of saved Gq, Gk and their gradients (L x Kp), v, dnum, dv, out (L x Dvp),
-// dden and den (L), the L x L products Bm and A, raw rows and their gradient (L x Dp), the initial
-// state and the final state's gradient with their transposes (Kp x Dvp + Kp each; only with a
-// state), and one task's parameter sums (ParamSums::size).
+// (L <= kRowPathRows) of saved Gq then Gk (2L x Kp) and their gradients likewise, v, dnum, dv,
+// out (L x Dvp), dden and den (L), the L x L products Bm and A, raw query then key rows and their
+// gradients (2L x Dp: the backward through the responsibilities takes both in one pass over the
+// parameters), the initial state and the final state's gradient with their transposes (Kp x Dvp
+// + Kp each; only with a state), and one task's parameter sums (ParamSums::size).
 struct RowBackwardLayout {
-  int64_t gq, gk, dgq, dgk, v, dnum, dv, o, dden, den, Bm, A, x, dx, S, ST, dS, dST, sums, total;
+  int64_t g, dg, v, dnum, dv, o, dden, den, Bm, A, x, dx, S, ST, dS, dST, sums, total;
   template <class Acc>
   static RowBackwardLayout of(const Shape& s) {
     const int64_t line = kLine<Acc>, L = s.longest, SZ = s.Kp * s.Dvp + s.Kp;
@@ -45,10 +46,8 @@ struct RowBackwardLayout {
       at += round_up(n, line);
       return start;
     };
-    l.gq = part(L * s.Kp);
-    l.gk = part(L * s.Kp);
-    l.dgq = part(L * s.Kp);
-    l.dgk = part(L * s.Kp);
+    l.g = part(2 * L * s.Kp);
+    l.dg = part(2 * L * s.Kp);
     l.v = part(L * s.Dvp);
     l.dnum = part(L * s.Dvp);
     l.dv = part(L * s.Dvp);
@@ -57,8 +56,8 @@ struct RowBackwardLayout {
     l.den = part(L);
     l.Bm = part(kRowPathRows * kRowPathRows);
     l.A = part(kRowPathRows * kRowPathRows);
-    l.x = part(L * s.Dp);
-    l.dx = part(L * s.Dp);
+    l.x = part(2 * L * s.Dp);
+    l.dx = part(2 * L * s.Dp);
     l.S = part(SZ);
     l.ST = part(s.Kp * s.Dvp);
     l.dS = part(SZ);
@@ -91,7 +90,7 @@ void backward_rows(const BackwardArgs& a, const Shape& s, int nt) {
     const Head<Acc>& hd = heads[h];
     const Shape::SeqAt sq = s.seq_at(q);
     const int64_t L = sq.len, b = sq.b, row0 = sq.row0;
-    Acc *gq = m + lay.gq, *gk = m + lay.gk, *dgq = m + lay.dgq, *dgk = m + lay.dgk;
+    Acc *gq = m + lay.g, *gk = gq + L * Kp, *dgq = m + lay.dg, *dgk = dgq + L * Kp;
     Acc *v = m + lay.v, *dnum = m + lay.dnum, *dv = m + lay.dv, *o = m + lay.o;
     Acc *dden = m + lay.dden, *den = m + lay.den, *Bm = m + lay.Bm, *A = m + lay.A;
     Acc *x = m + lay.x, *dx = m + lay.dx, *dS = m + lay.dS;
@@ -145,16 +144,14 @@ void backward_rows(const BackwardArgs& a, const Shape& s, int nt) {
         }
       }
       scatter_rows<T>(a.dv, b, h, row0, L, Dv, dv, Dvp);
-      // Through the responsibilities: dGq -> dq, dGk -> dk (masked keys: gk = 0, hence ds = 0).
-      const Ahead none;
-      softmax_backward(gq, dgq, L, K, Kp);
+      // Through the responsibilities, query and key rows together: dGq -> dq, dGk -> dk (masked
+      // keys: gk = 0, hence ds = 0).
+      softmax_backward(gq, dgq, 2 * L, K, Kp);
       gather_rows<T>(a.q, b, h, row0, L, D, x, Dp, L);
-      density_backward(hd, s, x, dgq, L, dx, sums, fresh, none);
+      gather_rows<T>(a.k, b, h, row0, L, D, x + L * Dp, Dp, L);
+      density_backward(hd, s, x, dgq, 2 * L, dx, sums, fresh, Ahead{});
       scatter_rows<T>(a.dq, b, h, row0, L, D, dx, Dp);
-      softmax_backward(gk, dgk, L, K, Kp);
-      gather_rows<T>(a.k, b, h, row0, L, D, x, Dp, L);
-      density_backward(hd, s, x, dgk, L, dx, sums, false, none);
-      scatter_rows<T>(a.dk, b, h, row0, L, D, dx, Dp);
+      scatter_rows<T>(a.dk, b, h, row0, L, D, dx + L * Dp, Dp);
       fresh = false;
     }
     if (state_out) write_state(a.dS0, a.dz0, q, h, K, Dv, Dvp, dS, dS + SS);
