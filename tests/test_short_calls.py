@@ -979,6 +979,41 @@ def test_step_entry_takes_dlpack_capsules():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_torch_training_route_skips_the_python_checks_and_keeps_their_messages(causal, monkeypatch):
+    """A plain eager CPU call with gradients (no mask, no packed sequences) goes to the direct
+    autograd route without the Python checks: outputs, states and every gradient bit for bit the
+    general path's (and the custom op's, test_direct_autograd_route_equals_the_custom_op); what it
+    does not serve (a key in another dtype, a state of the wrong shape) goes the general path,
+    whose checks name the problem as before."""
+    p = make_problem(2, 37, 3, 5, 4, 6, state=True, dtype=torch.float64, seed=7)
+    args, kwargs = (p.q, p.k, p.v, p.mu, p.omega, p.alpha), dict(causal=causal, initial_state=p.state,
+                                                                 output_final_state=True)
+    g = torch.Generator().manual_seed(8)
+    grads = [torch.randn(2, 37, 3, 6, generator=g, dtype=torch.float64), torch.randn(2, 3, 5, 6, generator=g,
+             dtype=torch.float64), torch.randn(2, 3, 5, generator=g, dtype=torch.float64)]
+    with monkeypatch.context() as m:
+        def refuse(*a, **kw):
+            raise AssertionError("the Python checks ran")
+        m.setattr(_checks, "check_arguments", refuse)
+        fast = _value_and_grads(args, kwargs, grads)
+    with monkeypatch.context() as m:
+        m.setattr(ops, "_plain_call", lambda *a: None)  # the general path alone
+        general = _value_and_grads(args, kwargs, grads)
+    for a, b in zip(fast, general):
+        assert torch.equal(a, b)
+    q, k, v, mu, omega, alpha = (t.detach().requires_grad_() for t in args)
+    S, z = (s.detach() for s in p.state)
+    wrong = [  # (arguments, keywords, what the general path's message says)
+        ((q, k.float(), v, mu, omega, alpha), {}, "'k' must have the dtype of q"),
+        ((q, k, v, mu, omega, alpha), dict(initial_state=(S[:, :, :2], z)), r"initial_state\[0\] \(S\)"),
+        ((q, k, v, mu, omega, alpha), dict(initial_state=(S, z[:, :1])), r"initial_state\[1\] \(z\)"),
+    ]
+    for arguments, keywords, message in wrong:
+        with pytest.raises((ValueError, TypeError), match=message):
+            gmattn.gma_attention(*arguments, causal=causal, **keywords)
+
+
 def test_numpy_step_skips_the_python_checks_and_keeps_their_messages(monkeypatch):
     """A plain NumPy call (no mask, no packed sequences) goes through core.step without the Python
     checks, with the general path's results bit for bit; anything it does not serve goes the

@@ -301,28 +301,22 @@ class _DirectAutograd(torch.autograd.Function):
         return _gradients(ctx, dout, dS_final, dz_final, _run_backward)
 
 
-def _step_call(q, k, v, mu, omega, alpha, initial_state, causal, output_final_state, eps, sigma_eps):
-    """An eager CPU call without gradients, mask or packed sequences through the core's plain entry
-    `step` (fewer arguments, no Python checks: a decoding step's fixed cost), when its arguments
-    plainly fit it (_checks.plain_step_dims; plain CPU tensors, parameters and state in the
-    accumulator dtype). The core runs every check of its forward and, when one would fail, runs
-    nothing and says so: then, as for anything else, the result is None and the general path runs,
-    with its usual messages. Returns gma_attention's result otherwise."""
+def _plain_call(q, k, v, mu, omega, alpha, initial_state, causal, output_final_state, eps, sigma_eps):
+    """An eager CPU call without mask or packed sequences whose arguments plainly fit the kernels
+    (_checks.plain_step_dims; plain CPU tensors, parameters and state in the accumulator dtype),
+    without the Python checks: a short call's fixed cost. Without gradients, through the core's
+    plain entry `step` (fewer arguments), which runs every check of its forward and, where one would
+    fail, runs nothing and says so; with them, through _DirectAutograd, once the dtypes and state
+    shapes the general path checks agree (its checks would pass). Returns gma_attention's result,
+    or None, and then the general path runs, with its usual messages."""
     if initial_state is None:
         S0 = z0 = None
     elif type(initial_state) in (tuple, list) and len(initial_state) == 2:
         S0, z0 = initial_state
     else:
         return None
-    grad_enabled = torch.is_grad_enabled()
-    # (q is a torch tensor here: a training call, whose q requires grad, leaves before scanning
-    # the arguments, which the general path then does once)
-    if grad_enabled and q.requires_grad or not _direct_call_allowed(q, k, v, mu, omega, alpha, S0, z0):
+    if not _direct_call_allowed(q, k, v, mu, omega, alpha, S0, z0):
         return None
-    if grad_enabled:
-        for t in (k, v, mu, omega, alpha, S0, z0):
-            if t is not None and t.requires_grad:
-                return None
     acc = _ACC.get(q.dtype)
     if acc is None or mu.dtype is not acc:
         return None
@@ -330,6 +324,21 @@ def _step_call(q, k, v, mu, omega, alpha, initial_state, causal, output_final_st
     if dims is None:
         return None
     B, N, H, D, Dv, K = dims
+    needs_grad = False
+    if torch.is_grad_enabled():
+        for t in (q, k, v, mu, omega, alpha, S0, z0):
+            if t is not None and t.requires_grad:
+                needs_grad = True
+                break
+    if needs_grad:
+        if (k.dtype is not q.dtype or v.dtype is not q.dtype or omega.dtype is not acc or alpha.dtype is not acc
+                or S0 is not None and (S0.dtype is not acc or z0.dtype is not acc or S0.shape != (B, H, K, Dv)
+                                       or z0.shape != (B, H, K))):
+            return None
+        return_state = output_final_state or _checks.backward_reuses_state(causal, True)
+        out, S_final, z_final = _DirectAutograd.apply(q, k, v, mu, omega, alpha, None, S0, z0, causal, eps, sigma_eps,
+                                                      return_state, True, None)
+        return (out, (S_final, z_final)) if output_final_state else out
     out = _empty((B, N, H, Dv), q, q.dtype)
     S_final = z_final = None
     if output_final_state:
@@ -364,7 +373,7 @@ def gma_attention(
 ):
     """Gaussian Mixture Attention on torch tensors (CPU or CUDA); see gmattn.gma_attention."""
     if key_padding_mask is None and cu_seqlens is None:
-        result = _step_call(q, k, v, mu, omega, alpha, initial_state, causal, output_final_state, eps, sigma_eps)
+        result = _plain_call(q, k, v, mu, omega, alpha, initial_state, causal, output_final_state, eps, sigma_eps)
         if result is not None:
             return result
     _checks.check_arguments(q, k, v, mu, omega, alpha, key_padding_mask, initial_state, eps, sigma_eps, cu_seqlens)
