@@ -116,15 +116,18 @@ def _run_forward(q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, causal, ep
 
 
 def _run_backward(dout, dS_final, dz_final, q, k, v, mu, omega, alpha, key_padding_mask, S0, z0, out, gq, gk, den,
-                  S_end, z_end, causal, eps, sigma_eps, cu_seqlens=None):
+                  S_end, z_end, causal, eps, sigma_eps, cu_seqlens=None, unrequested=_NOT_REQUESTED):
     """The compiled backward on checked tensors: (dq, dk, dv, dmu, domega, dalpha, dS0, dz0), dS0 and
-    dz0 empty (size 0) without S0. backward_op runs it; so does the direct autograd route."""
+    dz0 empty (size 0) without S0, or None with `unrequested=None`. backward_op runs it; so does the
+    direct autograd route."""
     acc = mu.dtype
     dq, dk = _empty(q.shape, q, q.dtype), _empty(k.shape, q, q.dtype)
     dv = _empty(v.shape, q, q.dtype)
     dmu, domega, dalpha = _empty(mu.shape, q, acc), _empty(omega.shape, q, acc), _empty(alpha.shape, q, acc)
     has_state = S0 is not None
-    dS0, dz0 = (_empty(_sized(shape), q, acc) for shape in _initial_state_shapes(q, v, mu, has_state, cu_seqlens))
+    dS0 = dz0 = None
+    if has_state or unrequested is not None:
+        dS0, dz0 = (_empty(_sized(shape), q, acc) for shape in _initial_state_shapes(q, v, mu, has_state, cu_seqlens))
     module, on_device, (num_threads, stream, allocate_workspace) = _backend(q)
     with on_device:
         module.backward(
@@ -291,14 +294,19 @@ class _DirectAutograd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = _run_forward(*inputs)
+        output = _run_forward(*inputs, unrequested=None)  # (no empty state allocated when not asked for)
         _setup_context(ctx, inputs, output)
         return output[:3]
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # (backward_op has no derivative either)
     def backward(ctx, dout, dS_final, dz_final):
-        return _gradients(ctx, dout, dS_final, dz_final, _run_backward)
+        return _gradients(ctx, dout, dS_final, dz_final, _run_backward_direct)
+
+
+def _run_backward_direct(*args):
+    """_run_backward without the empty dS0, dz0 a custom op must return (None without a state)."""
+    return _run_backward(*args, unrequested=None)
 
 
 def _plain_call(q, k, v, mu, omega, alpha, initial_state, causal, output_final_state, eps, sigma_eps):
