@@ -341,6 +341,9 @@ def state_shapes(q: Any, v: Any, mu: Any, cu_seqlens: Optional[Any] = None) -> T
 # Packed sequences of at most this many tokens on average: the backward does not reuse the final
 # state (the CPU core's chunk length; see backward_reuses_state).
 PACKED_REUSE_MIN_TOKENS = 64
+# Sequences of at most this many tokens: the CPU core runs them a row at a time (kRowPathRows,
+# cpp/cpu/step.h), and its backward reads no final state.
+ROW_PATH_ROWS = 4
 
 
 _INDEX_LIMIT = 2 ** 31 - 1  # the kernels' 32-bit row, component and (batch, head) counts
@@ -374,9 +377,12 @@ def backward_reuses_state(causal: bool, save_for_backward: bool, q: Any = None,
     Not for packed sequences (q (1, N, ...), cu_seqlens of S + 1 offsets) of at most
     PACKED_REUSE_MIN_TOKENS tokens on average: the CPU core runs short sequences in shared chunks
     whose backward reads no state, and forming and writing S final states of K x Dv values would
-    cost more than the long sequences' backward saves (from shapes only: traceable)."""
+    cost more than the long sequences' backward saves (from shapes only: traceable). Nor for
+    sequences of at most ROW_PATH_ROWS tokens, whose backward reads no state either."""
     if cu_seqlens is not None and q.shape[1] <= PACKED_REUSE_MIN_TOKENS * (cu_seqlens.shape[0] - 1):
         return False
+    if cu_seqlens is None and q is not None and type(q.shape[1]) is int and q.shape[1] <= ROW_PATH_ROWS:
+        return False  # (a concrete size only: on a symbolic one the test would be a guard)
     return save_for_backward and not causal
 
 

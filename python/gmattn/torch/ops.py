@@ -343,7 +343,7 @@ def _plain_call(q, k, v, mu, omega, alpha, initial_state, causal, output_final_s
                 or S0 is not None and (S0.dtype is not acc or z0.dtype is not acc or S0.shape != (B, H, K, Dv)
                                        or z0.shape != (B, H, K))):
             return None
-        return_state = output_final_state or _checks.backward_reuses_state(causal, True)
+        return_state = output_final_state or _checks.backward_reuses_state(causal, True, q)
         out, S_final, z_final = _DirectAutograd.apply(q, k, v, mu, omega, alpha, None, S0, z0, causal, eps, sigma_eps,
                                                       return_state, True, None)
         return (out, (S_final, z_final)) if output_final_state else out
