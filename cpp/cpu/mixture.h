@@ -22,6 +22,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "rows.h"
@@ -490,18 +491,24 @@ inline void direct_tile(const Head<Acc>& hd, const Acc* x, Acc* Q, int64_t k0) {
   for (int v = 0; v < NV; ++v) storeu(Q + k0 + v * W, acc[v]);
 }
 
+// Calls f(std::integral_constant<int, NV>{}, v0) for blocks [v0, v0 + NV) covering nvec vectors,
+// four at a time and then the 1 to 3 left: loops over a block keep NV accumulators in registers.
+template <class F>
+inline void in_vector_blocks(int64_t nvec, F&& f) {
+  int64_t v = 0;
+  for (; v + 4 <= nvec; v += 4) f(std::integral_constant<int, 4>{}, v);
+  switch (nvec - v) {
+    case 3: f(std::integral_constant<int, 3>{}, v); break;
+    case 2: f(std::integral_constant<int, 2>{}, v); break;
+    case 1: f(std::integral_constant<int, 1>{}, v); break;
+    default: break;
+  }
+}
+
 template <class Acc>
 void direct_row(const Head<Acc>& hd, const Acc* x, Acc* Q) {
   constexpr int W = Simd<Acc>::W;
-  const int64_t nvec = hd.Kp / W;
-  int64_t v = 0;
-  for (; v + 4 <= nvec; v += 4) direct_tile<Acc, 4>(hd, x, Q, v * W);
-  switch (nvec - v) {
-    case 3: direct_tile<Acc, 3>(hd, x, Q, v * W); break;
-    case 2: direct_tile<Acc, 2>(hd, x, Q, v * W); break;
-    case 1: direct_tile<Acc, 1>(hd, x, Q, v * W); break;
-    default: break;
-  }
+  in_vector_blocks(hd.Kp / W, [&](auto nv, int64_t v0) { direct_tile<Acc, decltype(nv)::value>(hd, x, Q, v0 * W); });
 }
 
 // gamma (Kp) = the responsibilities of one raw row x (Dp), in the direct form (one row has no
@@ -526,16 +533,27 @@ void responsibilities(const Head<Acc>& hd, const Shape& s, Workspace<Acc>& w, co
   const int64_t dvec = Dp / W;
   Acc* cen = w.cen;
   const Acc inv_n = Acc(1) / static_cast<Acc>(n);
-  for (int64_t v = 0; v < dvec; ++v) {
-    V acc{};
-    for (int64_t r = 0; r < n; ++r) acc += loadu(x + r * Dp + v * W);
-    acc *= inv_n;
-    // A NaN or Inf row must poison only its own responsibilities: centre on 0 where the mean
-    // is not finite (any centre is exact math; it only matters for rounding).
-    const V big = splat<Acc>(std::numeric_limits<Acc>::max());
-    acc = (acc >= -big && acc <= big) ? acc : V{};
-    storeu(cen + v * W, acc);
-  }
+  // (Each vector's sum runs over the rows in order; blocks of vectors side by side, so that the
+  // dependent additions of one vector do not set the pace.)
+  in_vector_blocks(dvec, [&](auto nv_, int64_t v0) {
+    constexpr int nv = decltype(nv_)::value;
+    V acc[nv];
+#pragma GCC unroll 8
+    for (int v = 0; v < nv; ++v) acc[v] = V{};
+    for (int64_t r = 0; r < n; ++r) {
+#pragma GCC unroll 8
+      for (int v = 0; v < nv; ++v) acc[v] += loadu(x + r * Dp + (v0 + v) * W);
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < nv; ++v) {
+      V c = acc[v] * inv_n;
+      // A NaN or Inf row must poison only its own responsibilities: centre on 0 where the mean
+      // is not finite (any centre is exact math; it only matters for rounding).
+      const V big = splat<Acc>(std::numeric_limits<Acc>::max());
+      c = (c >= -big && c <= big) ? c : V{};
+      storeu(cen + (v0 + v) * W, c);
+    }
+  });
   for (int64_t r = 0; r < n; ++r) {
     V ss{};
     for (int64_t v = 0; v < dvec; ++v) {
@@ -546,16 +564,27 @@ void responsibilities(const Head<Acc>& hd, const Shape& s, Workspace<Acc>& w, co
     w.xn[r] = hsum<Acc>(ss);
   }
   // bT = a (mu - cen), mk = |bT_k|^2 = sum_d lam (mu - cen)^2.
+  // (Rows of bT in order, blocks of components side by side, as for the mean.)
   const int64_t nvec = Kp / W;
-  for (int64_t v = 0; v < nvec; ++v) {
-    V m{};
+  const Acc *aT = hd.aT.data(), *muT = hd.muT.data();
+  Acc* bT = w.bT;
+  in_vector_blocks(nvec, [&](auto nv_, int64_t v0) {
+    constexpr int nv = decltype(nv_)::value;
+    V m[nv];
+#pragma GCC unroll 8
+    for (int v = 0; v < nv; ++v) m[v] = V{};
     for (int64_t d = 0; d < D; ++d) {
-      const V b = loadu(hd.aT.data() + d * Kp + v * W) * (loadu(hd.muT.data() + d * Kp + v * W) - cen[d]);
-      storeu(w.bT + d * Kp + v * W, b);
-      m += b * b;
+      const int64_t o = d * Kp + v0 * W;
+#pragma GCC unroll 8
+      for (int v = 0; v < nv; ++v) {
+        const V b = loadu(aT + o + v * W) * (loadu(muT + o + v * W) - cen[d]);
+        storeu(bT + o + v * W, b);
+        m[v] += b * b;
+      }
     }
-    storeu(w.mk + v * W, m);
-  }
+#pragma GCC unroll 8
+    for (int v = 0; v < nv; ++v) storeu(w.mk + (v0 + v) * W, m[v]);
+  });
   for (int64_t d = D; d < Dp; ++d) std::fill(w.bT + d * Kp, w.bT + (d + 1) * Kp, Acc(0));
   quad(n, nvec, Dp, w.xc, Dp, hd.aT.data(), w.bT, Kp, gamma, Kp, ahead);
   // The per-element guard B <= 4 (Q + D) holds for every row and component when B <= 4 D:
