@@ -202,7 +202,7 @@ class FinishLine {
   void task_done() { done_.fetch_add(1, std::memory_order_release); }
   void reach(int threads) {
     static const int procs = omp_get_num_procs();
-    if (threads > procs) return;
+    if (threads == 1 || threads > procs) return;
     wait_at_least(done_, tasks_);
     if (omp_get_thread_num() != 0) {
       left_.fetch_add(1, std::memory_order_release);
