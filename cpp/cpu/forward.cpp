@@ -25,6 +25,7 @@ void forward_typed(const ForwardArgs& a) {
   const Plan pl = make_plan(s, threads_for(s, a.opt.num_threads));
   const int64_t G = pl.group;
   const bool causal = a.opt.causal, save = a.gq.present();
+  const bool from_state = a.S0.present() || a.z0.present(), final_state = a.S_final.present();
   const Acc eps = static_cast<Acc>(a.opt.eps);
 
   const auto prepared = prepared_heads<Acc>(a.mu, a.omega, a.alpha, s, a.opt.sigma_eps, pl.nt);
@@ -68,12 +69,18 @@ void forward_typed(const ForwardArgs& a) {
       write_den(a.den, b, h, row0, n, w.den);
     }
   };
-  // A chunk's outputs from the state before it (S, then z) and, causal, from the chunk's own keys
-  // (gk, v from route_keys).
+  // A chunk's outputs from the state before it (S, then z; nullptr: a state known to be zero, the
+  // first causal chunk without an initial state, whose read would add Gq 0) and, causal, from the
+  // chunk's own keys (gk, v from route_keys).
   auto read_out = [&](Workspace<Acc>& w, const Head<Acc>& hd, int64_t b, int64_t h, int64_t row0, int64_t n,
                       const Acc* S, const Acc* gk, const Acc* v) {
     route_queries(w, hd, b, h, row0, n);
-    read_state_of(w.gq, n, S, w.num, w.den);
+    if (S) {
+      read_state_of(w.gq, n, S, w.num, w.den);
+    } else {
+      std::fill(w.num, w.num + n * Dvp, Acc(0));
+      std::fill(w.den, w.den + n, Acc(0));
+    }
     if (causal) {  // intra-chunk: A = tril(Gq Gk^T); num += A V, den += rowsum(A)
       block_affinity(s, w.gq, gk, n, true, w.gkT, w.A);
       block_read(s, w.A, v, n, true, w.num, w.den);
@@ -93,7 +100,7 @@ void forward_typed(const ForwardArgs& a) {
     auto work = [&](int64_t thread, int64_t pair, int64_t c, int64_t j, const Acc* S, Acc*) {
       const auto [b, h, row0, n] = s.chunk_at(pair, c);
       const Acc* gk = relay.rows(thread, j);
-      read_out(ws[thread], heads[h], b, h, row0, n, S, gk, gk + C * Kp);
+      read_out(ws[thread], heads[h], b, h, row0, n, c == 0 && !from_state ? nullptr : S, gk, gk + C * Kp);
     };
     relay.run(sums, work, static_cast<NoCombine*>(nullptr));
     write_relay_ends(s, relay, a.S_final, a.z_final);
@@ -134,11 +141,18 @@ void forward_typed(const ForwardArgs& a) {
     for (int64_t l = 0; l < G; ++l) {
       set_state(s, start.data() + pl.lane(b, h0 + l, sg) * SZ, w.lstate.data() + l * 2 * SZ);
     }
+    const Shape::SeqAt seq = s.seq_at(q);
     for_each_chunk(pl, s, task, q, [&](int64_t, int64_t bb, int64_t h, int64_t, int64_t row0, int64_t n) {
       Acc* S = w.lstate.data() + (h - h0) * 2 * SZ;
-      if (causal) route_keys(w, heads[h], bb, h, row0, n, w.gk, w.v);
-      read_out(w, heads[h], bb, h, row0, n, S, w.gk, w.v);
-      if (causal) accumulate_state(s, w.gk, w.v, n, S, w.delta);
+      if (!causal) {
+        read_out(w, heads[h], bb, h, row0, n, S, w.gk, w.v);
+        return;
+      }
+      // (A causal task owns the whole sequence: its first chunk reads the initial state; nothing
+      // reads the state after its last unless the final state is asked for.)
+      route_keys(w, heads[h], bb, h, row0, n, w.gk, w.v);
+      read_out(w, heads[h], bb, h, row0, n, row0 == seq.row0 && !from_state ? nullptr : S, w.gk, w.v);
+      if (final_state || row0 + n < seq.row0 + seq.len) accumulate_state(s, w.gk, w.v, n, S, w.delta);
     });
     if (causal) {  // the task's whole sequence: its final states
       for (int64_t l = 0; l < G; ++l) {
@@ -152,7 +166,6 @@ void forward_typed(const ForwardArgs& a) {
   // rows, each sequence a block that reads its initial state (if any) and its own rows (causal:
   // up to the query; bidirectional: all of them, so no pass over the keys comes first: they all
   // lie in the chunk). Its final state is its initial state plus its keys' sums.
-  const bool from_state = a.S0.present() || a.z0.present(), final_state = a.S_final.present();
   auto packed = [&](int64_t task, int64_t q0, int64_t q1) {
     int64_t u, h0, sg;
     pl.task(task, u, h0, sg);

@@ -22,6 +22,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "rows.h"
@@ -308,13 +309,12 @@ size_t empty_mixture_cache() {
 // ---------------------------------------------------------------------------------------------
 // Responsibilities
 
-// Q[r][k] = sum_d (aT[d][k] x[r][d] - bT[d][k])^2 for an MR x NV tile.
+// acc[r][v] = Q[r][k] = sum_d (aT[d][k] x[r][d] - bT[d][k])^2 for an MR x NV tile, in registers.
 template <class Acc, int MR, int NV>
-inline void quad_micro(int64_t D, const Acc* x, int64_t ldx, const Acc* aT, const Acc* bT, int64_t ldk, Acc* Q,
-                       int64_t ldq) {
+inline void quad_tile(int64_t D, const Acc* x, int64_t ldx, const Acc* aT, const Acc* bT, int64_t ldk,
+                      VecT<Acc> (&acc)[MR][NV]) {
   using V = VecT<Acc>;
   constexpr int W = Simd<Acc>::W;
-  V acc[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 8
@@ -334,10 +334,93 @@ inline void quad_micro(int64_t D, const Acc* x, int64_t ldx, const Acc* aT, cons
       for (int v = 0; v < NV; ++v) acc[r][v] += math::centred_term(av[v], xb, bv[v]);
     }
   }
+}
+
+// Q (MR x NV vectors) = the tile's quadratic forms.
+template <class Acc, int MR, int NV>
+inline void quad_micro(int64_t D, const Acc* x, int64_t ldx, const Acc* aT, const Acc* bT, int64_t ldk, Acc* Q,
+                       int64_t ldq) {
+  constexpr int W = Simd<Acc>::W;
+  VecT<Acc> acc[MR][NV];
+  quad_tile<Acc, MR, NV>(D, x, ldx, aT, bT, ldk, acc);
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) storeu(Q + r * ldq + v * W, acc[r][v]);
+  }
+}
+
+// G (MR rows of NV vectors: every component) = softmax(ln0 - 0.5 Q) of the tile's rows, formed in
+// the tile's registers: the steps of softmax_rows without its guard (check = false), the same
+// operations in the same order, without storing Q and reading it back in three passes.
+template <class Acc, int MR, int NV>
+inline void quad_softmax_micro(int64_t D, const Acc* x, int64_t ldx, const Acc* aT, const Acc* bT, int64_t ldk,
+                               const Acc* ln0, Acc* G, int64_t ldg) {
+  using V = VecT<Acc>;
+  constexpr int W = Simd<Acc>::W;
+  V acc[MR][NV];
+  quad_tile<Acc, MR, NV>(D, x, ldx, aT, bT, ldk, acc);
+  V l0[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) l0[v] = loadu(ln0 + v * W);
+  // (Each step for all the rows before the next: a row's steps are a chain of dependent
+  // reductions, the rows' chains independent.)
+  Acc smax[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    V mv = splat<Acc>(-std::numeric_limits<Acc>::infinity());
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v] = l0[v] - Acc(0.5) * acc[r][v];
+      mv = vmax<Acc>(mv, acc[r][v]);
+    }
+    smax[r] = hmax<Acc>(mv);
+  }
+  V sum[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    sum[r] = V{};
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v] = exp_nonpositive(acc[r][v] - smax[r]);
+      sum[r] += acc[r][v];
+    }
+  }
+  V inv[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) inv[r] = splat<Acc>(Acc(1) / hsum<Acc>(sum[r]));
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) storeu(G + r * ldg + v * W, acc[r][v] * inv[r]);
+  }
+}
+
+// gamma (rows x nvec vectors) = softmax(ln0 - 0.5 Q) for components that fit one tile's width
+// (nvec <= kQuadNV), tiled as quad tiles them.
+template <class Acc, int NV>
+void quad_softmax_nv(int64_t rows, int64_t D, const Acc* x, int64_t ldx, const Acc* aT, const Acc* bT, int64_t ldk,
+                     const Acc* ln0, Acc* G, int64_t ldg, const Ahead& ahead) {
+  constexpr int MR = NV == 1 ? 8 : kQuadMR;  // (one vector of components: taller tiles, as in quad)
+  int64_t i0 = 0;
+  for (; i0 + MR <= rows; i0 += MR) {
+    ahead.fetch(i0, i0 + MR);
+    quad_softmax_micro<Acc, MR, NV>(D, x + i0 * ldx, ldx, aT, bT, ldk, ln0, G + i0 * ldg, ldg);
+  }
+  ahead.fetch(i0, rows);
+  for (; i0 < rows; ++i0) quad_softmax_micro<Acc, 1, NV>(D, x + i0 * ldx, ldx, aT, bT, ldk, ln0, G + i0 * ldg, ldg);
+}
+template <class Acc>
+void quad_softmax(int64_t rows, int64_t nvec, int64_t D, const Acc* x, int64_t ldx, const Acc* aT, const Acc* bT,
+                  int64_t ldk, const Acc* ln0, Acc* G, int64_t ldg, const Ahead& ahead) {
+  switch (nvec) {
+    case 1: quad_softmax_nv<Acc, 1>(rows, D, x, ldx, aT, bT, ldk, ln0, G, ldg, ahead); break;
+    case 2: quad_softmax_nv<Acc, 2>(rows, D, x, ldx, aT, bT, ldk, ln0, G, ldg, ahead); break;
+#if GMATTN_VECTOR_BYTES >= 64
+    case 3: quad_softmax_nv<Acc, 3>(rows, D, x, ldx, aT, bT, ldk, ln0, G, ldg, ahead); break;
+    case 4: quad_softmax_nv<Acc, 4>(rows, D, x, ldx, aT, bT, ldk, ln0, G, ldg, ahead); break;
+#endif
+    default: break;
   }
 }
 
@@ -490,18 +573,24 @@ inline void direct_tile(const Head<Acc>& hd, const Acc* x, Acc* Q, int64_t k0) {
   for (int v = 0; v < NV; ++v) storeu(Q + k0 + v * W, acc[v]);
 }
 
+// Calls f(std::integral_constant<int, NV>{}, v0) for blocks [v0, v0 + NV) covering nvec vectors,
+// four at a time and then the 1 to 3 left: loops over a block keep NV accumulators in registers.
+template <class F>
+inline void in_vector_blocks(int64_t nvec, F&& f) {
+  int64_t v = 0;
+  for (; v + 4 <= nvec; v += 4) f(std::integral_constant<int, 4>{}, v);
+  switch (nvec - v) {
+    case 3: f(std::integral_constant<int, 3>{}, v); break;
+    case 2: f(std::integral_constant<int, 2>{}, v); break;
+    case 1: f(std::integral_constant<int, 1>{}, v); break;
+    default: break;
+  }
+}
+
 template <class Acc>
 void direct_row(const Head<Acc>& hd, const Acc* x, Acc* Q) {
   constexpr int W = Simd<Acc>::W;
-  const int64_t nvec = hd.Kp / W;
-  int64_t v = 0;
-  for (; v + 4 <= nvec; v += 4) direct_tile<Acc, 4>(hd, x, Q, v * W);
-  switch (nvec - v) {
-    case 3: direct_tile<Acc, 3>(hd, x, Q, v * W); break;
-    case 2: direct_tile<Acc, 2>(hd, x, Q, v * W); break;
-    case 1: direct_tile<Acc, 1>(hd, x, Q, v * W); break;
-    default: break;
-  }
+  in_vector_blocks(hd.Kp / W, [&](auto nv, int64_t v0) { direct_tile<Acc, decltype(nv)::value>(hd, x, Q, v0 * W); });
 }
 
 // gamma (Kp) = the responsibilities of one raw row x (Dp), in the direct form (one row has no
@@ -526,38 +615,68 @@ void responsibilities(const Head<Acc>& hd, const Shape& s, Workspace<Acc>& w, co
   const int64_t dvec = Dp / W;
   Acc* cen = w.cen;
   const Acc inv_n = Acc(1) / static_cast<Acc>(n);
-  for (int64_t v = 0; v < dvec; ++v) {
-    V acc{};
-    for (int64_t r = 0; r < n; ++r) acc += loadu(x + r * Dp + v * W);
-    acc *= inv_n;
-    // A NaN or Inf row must poison only its own responsibilities: centre on 0 where the mean
-    // is not finite (any centre is exact math; it only matters for rounding).
-    const V big = splat<Acc>(std::numeric_limits<Acc>::max());
-    acc = (acc >= -big && acc <= big) ? acc : V{};
-    storeu(cen + v * W, acc);
-  }
+  // (Each vector's sum runs over the rows in order; blocks of vectors side by side, so that the
+  // dependent additions of one vector do not set the pace.)
+  // (The lambdas copy what they read into locals: a store through memcpy (storeu) may alias
+  // anything, and the captures would be loaded again after every store.)
+  in_vector_blocks(dvec, [&](auto nv_, int64_t v0) {
+    constexpr int nv = decltype(nv_)::value;
+    const Acc* const xv = x + v0 * W;
+    Acc* const cv = cen + v0 * W;
+    const int64_t rows = n, ld = Dp;
+    V acc[nv];
+#pragma GCC unroll 8
+    for (int v = 0; v < nv; ++v) acc[v] = V{};
+    for (int64_t r = 0; r < rows; ++r) {
+#pragma GCC unroll 8
+      for (int v = 0; v < nv; ++v) acc[v] += loadu(xv + r * ld + v * W);
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < nv; ++v) {
+      V c = acc[v] * inv_n;
+      // A NaN or Inf row must poison only its own responsibilities: centre on 0 where the mean
+      // is not finite (any centre is exact math; it only matters for rounding).
+      const V big = splat<Acc>(std::numeric_limits<Acc>::max());
+      c = (c >= -big && c <= big) ? c : V{};
+      storeu(cv + v * W, c);
+    }
+  });
+  Acc *const xc = w.xc, *const xn = w.xn;
   for (int64_t r = 0; r < n; ++r) {
     V ss{};
     for (int64_t v = 0; v < dvec; ++v) {
       const V c = loadu(x + r * Dp + v * W) - loadu(cen + v * W);
-      storeu(w.xc + r * Dp + v * W, c);
+      storeu(xc + r * Dp + v * W, c);
       ss += c * c;
     }
-    w.xn[r] = hsum<Acc>(ss);
+    xn[r] = hsum<Acc>(ss);
   }
   // bT = a (mu - cen), mk = |bT_k|^2 = sum_d lam (mu - cen)^2.
+  // (Rows of bT in order, blocks of components side by side, as for the mean.)
   const int64_t nvec = Kp / W;
-  for (int64_t v = 0; v < nvec; ++v) {
-    V m{};
-    for (int64_t d = 0; d < D; ++d) {
-      const V b = loadu(hd.aT.data() + d * Kp + v * W) * (loadu(hd.muT.data() + d * Kp + v * W) - cen[d]);
-      storeu(w.bT + d * Kp + v * W, b);
-      m += b * b;
+  in_vector_blocks(nvec, [&](auto nv_, int64_t v0) {
+    constexpr int nv = decltype(nv_)::value;
+    const Acc* const aT = hd.aT.data() + v0 * W;
+    const Acc* const muT = hd.muT.data() + v0 * W;
+    const Acc* const c = cen;
+    Acc* const bT = w.bT + v0 * W;
+    const int64_t dims = D, ld = Kp;
+    V m[nv];
+#pragma GCC unroll 8
+    for (int v = 0; v < nv; ++v) m[v] = V{};
+    for (int64_t d = 0; d < dims; ++d) {
+      const V cd = splat(c[d]);
+#pragma GCC unroll 8
+      for (int v = 0; v < nv; ++v) {
+        const V b = loadu(aT + d * ld + v * W) * (loadu(muT + d * ld + v * W) - cd);
+        storeu(bT + d * ld + v * W, b);
+        m[v] += b * b;
+      }
     }
-    storeu(w.mk + v * W, m);
-  }
+#pragma GCC unroll 8
+    for (int v = 0; v < nv; ++v) storeu(w.mk + (v0 + v) * W, m[v]);
+  });
   for (int64_t d = D; d < Dp; ++d) std::fill(w.bT + d * Kp, w.bT + (d + 1) * Kp, Acc(0));
-  quad(n, nvec, Dp, w.xc, Dp, hd.aT.data(), w.bT, Kp, gamma, Kp, ahead);
   // The per-element guard B <= 4 (Q + D) holds for every row and component when B <= 4 D:
   // check element by element only when the chunk's bound max_r xn * max_k lmax + 4 max_k mk
   // exceeds that.
@@ -566,6 +685,15 @@ void responsibilities(const Head<Acc>& hd, const Shape& s, Workspace<Acc>& w, co
   for (int64_t r = 0; r < n; ++r) xn_max = std::max(xn_max, w.xn[r]);
   for (int64_t k = 0; k < s.K; ++k) mk_max = std::max(mk_max, w.mk[k]);
   const bool check = !(xn_max * hd.lmax_all + Acc(4) * mk_max <= Acc(4) * Dd);
+  if (!check && nvec <= kQuadNV) {  // no guard, and a tile holds whole rows: softmax in its registers
+    quad_softmax(n, nvec, Dp, w.xc, Dp, hd.aT.data(), w.bT, Kp, hd.ln0.data(), gamma, Kp, ahead);
+    for (int64_t r = 0; keep && r < n; ++r) {
+      if (!keep[r]) std::fill(gamma + r * Kp, gamma + (r + 1) * Kp, Acc(0));
+    }
+    if (C > n) std::fill(gamma + n * Kp, gamma + C * Kp, Acc(0));
+    return;
+  }
+  quad(n, nvec, Dp, w.xc, Dp, hd.aT.data(), w.bT, Kp, gamma, Kp, ahead);
   constexpr int kRows = 4;
   for (int64_t r0 = 0; r0 < n; r0 += kRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kRows, n - r0));
