@@ -45,6 +45,19 @@ def _reference(q, k, v, mu, omega, alpha, state, causal=True, mask=None):
     return out, st
 
 
+def _at_thread_counts(run, counts=(1, 2, 3)):
+    """[run() at each torch thread count of `counts` in turn]; the caller's count put back after."""
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in counts:
+            torch.set_num_threads(threads)
+            results.append(run())
+        return results
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("framework", ["torch", "numpy"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_one_token_steps_match_the_reference(framework, dtype):
@@ -376,20 +389,17 @@ def test_tiny_calls_agree_at_any_thread_count(causal):
     state, every gradient) are the reference's at 1, 2 and 3 threads, and identical to each other."""
     p = make_problem(1, 3, 2, 4, 3, 3, mask=True, state=True, dtype=torch.float64, seed=5)
     ref_out, ref_state = _reference(p.q, p.k, p.v, p.mu, p.omega, p.alpha, p.state, causal=causal, mask=p.mask)
-    before = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            x = p.detached()
-            out, (S, z) = gmattn.gma_attention(x.q, x.k, x.v, x.mu, x.omega, x.alpha, causal=causal,
-                                               key_padding_mask=x.mask, initial_state=x.state, output_final_state=True)
-            for got, want in ((out, ref_out), (S, ref_state[0]), (z, ref_state[1])):
-                torch.testing.assert_close(got.detach(), want.detach(), **TOL64)
-            loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum() + S.sum() - z.sum()
-            results.append([out.detach()] + list(torch.autograd.grad(loss, x.tensors())))
-    finally:
-        torch.set_num_threads(before)
+
+    def run():
+        x = p.detached()
+        out, (S, z) = gmattn.gma_attention(x.q, x.k, x.v, x.mu, x.omega, x.alpha, causal=causal,
+                                           key_padding_mask=x.mask, initial_state=x.state, output_final_state=True)
+        for got, want in ((out, ref_out), (S, ref_state[0]), (z, ref_state[1])):
+            torch.testing.assert_close(got.detach(), want.detach(), **TOL64)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum() + S.sum() - z.sum()
+        return [out.detach()] + list(torch.autograd.grad(loss, x.tensors()))
+
+    results = _at_thread_counts(run)
     x = p.detached()
     out, (S, z) = reference.naive_gma(x.q, x.k, x.v, x.mu, x.omega, x.alpha, causal=causal, key_padding_mask=x.mask,
                                       initial_state=x.state, output_final_state=True)
@@ -562,17 +572,14 @@ def test_row_backward_runs_of_sequences_at_any_thread_count(causal):
     ro, (rS, rz) = reference.naive_gma(r.q, r.k, r.v, r.mu, r.omega, r.alpha, causal=causal, key_padding_mask=r.mask,
                                        initial_state=r.state, output_final_state=True)
     want = _loss_grads(ro, rS, rz, r.tensors())
-    before = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            x = p.detached()
-            out, (S, z) = gmattn.gma_attention(x.q, x.k, x.v, x.mu, x.omega, x.alpha, causal=causal,
-                                               key_padding_mask=x.mask, initial_state=x.state, output_final_state=True)
-            results.append(_loss_grads(out, S, z, x.tensors()))
-    finally:
-        torch.set_num_threads(before)
+
+    def run():
+        x = p.detached()
+        out, (S, z) = gmattn.gma_attention(x.q, x.k, x.v, x.mu, x.omega, x.alpha, causal=causal,
+                                           key_padding_mask=x.mask, initial_state=x.state, output_final_state=True)
+        return _loss_grads(out, S, z, x.tensors())
+
+    results = _at_thread_counts(run)
     for got in results:
         for a, b, w in zip(got, results[0], want):
             torch.testing.assert_close(a, w, **TOL64)
@@ -709,18 +716,14 @@ def test_batched_steps_on_several_threads(causal):
     p = make_problem(48, 1, 8, 32, 32, 32, mask=True, state=True, dtype=torch.float32, seed=8)
     x = p.detached()
     ref, ref_state = _reference(x.q, x.k, x.v, x.mu, x.omega, x.alpha, x.state, causal=causal, mask=x.mask)
-    before = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            with torch.no_grad():
-                out, (S, z) = gmattn.gma_attention(x.q, x.k, x.v, x.mu, x.omega, x.alpha, causal=causal,
-                                                   key_padding_mask=x.mask, initial_state=x.state,
-                                                   output_final_state=True)
-            results.append((out, S, z))
-    finally:
-        torch.set_num_threads(before)
+
+    def run():
+        with torch.no_grad():
+            out, (S, z) = gmattn.gma_attention(x.q, x.k, x.v, x.mu, x.omega, x.alpha, causal=causal,
+                                               key_padding_mask=x.mask, initial_state=x.state, output_final_state=True)
+        return out, S, z
+
+    results = _at_thread_counts(run)
     for got in results:
         for a, b, want in zip(got, results[0], (ref, *ref_state)):
             assert torch.equal(a, b)

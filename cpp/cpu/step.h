@@ -78,6 +78,50 @@ class KeptMemory {
   Acc* p_ = nullptr;
 };
 
+// The row paths' tasks: work(m, t) for t in [0, tasks) on up to nt threads, then (once all are
+// done) after(m, i) for i in [0, after_count); m is the running thread's working memory of
+// `per_thread` values (64-byte aligned): on one thread the block it keeps from call to call, on
+// several one block per thread for the call. Static schedules: a task's thread does not matter.
+template <class Acc, class Work, class After>
+void run_row_tasks(int nt, int64_t tasks, int64_t per_thread, Work&& work, int64_t after_count, After&& after) {
+  nt = static_cast<int>(std::min<int64_t>(nt, tasks));
+  if (nt <= 1) {  // (the caller's thread flushes subnormals for the whole call: dispatch.cpp)
+    KeptMemory<Acc> mem(per_thread);
+    Acc* m = align64(mem.data());
+    for (int64_t t = 0; t < tasks; ++t) work(m, t);
+    for (int64_t i = 0; i < after_count; ++i) after(m, i);
+    stream_fence();  // outputs written with streaming stores (stream_copy) are visible
+    return;
+  }
+  // (All memory before the parallel region: an exception must not escape it, working_memory.h.)
+  UnclearedBuffer<Acc> mem(nt * per_thread);
+#pragma omp parallel num_threads(nt)
+  {
+    const FlushSubnormals flush;  // (the thread's own setting back at the region's end: numeric.h)
+    Acc* m = align64(mem.data() + omp_get_thread_num() * per_thread);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) work(m, t);
+    if (after_count > 0) {
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < after_count; ++i) after(m, i);
+    }
+    stream_fence();
+  }
+}
+
+// Consecutive parts of a block of working memory, each on 64-byte lines: part(n) is where the
+// next part of n values starts; total() the block's size, with room to align its start.
+template <class Acc>
+struct LineParts {
+  int64_t at = 0;
+  int64_t operator()(int64_t n) {
+    const int64_t start = at;
+    at += round_up(n, kLine<Acc>);
+    return start;
+  }
+  int64_t total() const { return at + kLine<Acc>; }
+};
+
 // One (sequence, head) pair's working memory in forward_rows: the running state with its
 // compensation (2 (Kp x Dvp + Kp), the layout of plan.h's running states), then a gathered row
 // (Dp), the rows' key responsibilities (L x Kp) and values (L x Dvp), one query's responsibilities
@@ -86,21 +130,16 @@ struct RowPathLayout {
   int64_t state, x, gk, v, gq, num, total;
   template <class Acc>
   static RowPathLayout of(const Shape& s) {
-    const int64_t line = kLine<Acc>, L = s.longest;
+    const int64_t L = s.longest;
     RowPathLayout l;
-    int64_t at = 0;
-    const auto part = [&](int64_t n) {
-      const int64_t start = at;
-      at += round_up(n, line);
-      return start;
-    };
+    LineParts<Acc> part;
     l.state = part(2 * (s.Kp * s.Dvp + s.Kp));
     l.x = part(s.Dp);
     l.gk = part(L * s.Kp);
     l.v = part(L * s.Dvp);
     l.gq = part(s.Kp);
     l.num = part(s.Dvp);
-    l.total = at + line;  // (room to align the start)
+    l.total = part.total();
     return l;
   }
 };
@@ -330,25 +369,7 @@ void forward_rows(const ForwardArgs& a, const Shape& s, int nt) {
     write_state(a.S_final, a.z_final, q, h, K, Dv, Dvp, S, S + SS);
   };
 
-  const int64_t pairs = s.seqs * s.H;
-  if (nt <= 1) {  // (the caller's thread flushes subnormals for the whole call: dispatch.cpp)
-    KeptMemory<Acc> mem(lay.total);
-    Acc* m = align64(mem.data());
-    for (int64_t pair = 0; pair < pairs; ++pair) pair_rows(m, pair);
-    stream_fence();  // outputs written with streaming stores (stream_copy) are visible
-    return;
-  }
-  // (All memory before the parallel region: an exception must not escape it, working_memory.h.)
-  nt = static_cast<int>(std::min<int64_t>(nt, pairs));
-  UnclearedBuffer<Acc> mem(nt * lay.total);
-#pragma omp parallel num_threads(nt)
-  {
-    const FlushSubnormals flush;  // (the thread's own setting back at the region's end: numeric.h)
-    Acc* m = align64(mem.data() + omp_get_thread_num() * lay.total);
-#pragma omp for schedule(static)
-    for (int64_t pair = 0; pair < pairs; ++pair) pair_rows(m, pair);
-    stream_fence();
-  }
+  run_row_tasks<Acc>(nt, s.seqs * s.H, lay.total, pair_rows, 0, [](Acc*, int64_t) {});
 }
 
 }  // namespace GMATTN_ISA

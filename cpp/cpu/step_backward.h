@@ -14,8 +14,6 @@
 // needed: S0 and the sequence's own rows give what every query read.)
 #pragma once
 
-#include <omp.h>
-
 #include "mixture.h"
 #include "plan.h"
 #include "step.h"
@@ -38,14 +36,9 @@ struct RowBackwardLayout {
   int64_t g, dg, v, dnum, dv, o, dden, den, Bm, A, x, dx, S, ST, dS, dST, sums, total;
   template <class Acc>
   static RowBackwardLayout of(const Shape& s) {
-    const int64_t line = kLine<Acc>, L = s.longest, SZ = s.Kp * s.Dvp + s.Kp;
+    const int64_t L = s.longest, SZ = s.Kp * s.Dvp + s.Kp;
     RowBackwardLayout l;
-    int64_t at = 0;
-    const auto part = [&](int64_t n) {
-      const int64_t start = at;
-      at += round_up(n, line);
-      return start;
-    };
+    LineParts<Acc> part;
     l.g = part(2 * L * s.Kp);
     l.dg = part(2 * L * s.Kp);
     l.v = part(L * s.Dvp);
@@ -63,7 +56,7 @@ struct RowBackwardLayout {
     l.dS = part(SZ);
     l.dST = part(s.Kp * s.Dvp);
     l.sums = part(ParamSums<Acc>::size(s));
-    l.total = at + line;  // (room to align the start)
+    l.total = part.total();
     return l;
   }
 };
@@ -183,29 +176,8 @@ void backward_rows(const BackwardArgs& a, const Shape& s, int nt) {
     heads[h].write_parameter_gradients(total, h, a.dmu, a.domega, a.dalpha);
   };
 
-  nt = static_cast<int>(std::min<int64_t>(nt, tasks));
-  if (nt <= 1) {  // (the caller's thread flushes subnormals for the whole call: dispatch.cpp)
-    KeptMemory<Acc> mem(lay.total);
-    Acc* m = align64(mem.data());
-    for (int64_t t = 0; t < tasks; ++t) run_task(m, t);
-    for (int64_t h = 0; h < s.H && runs > 1; ++h) reduce_head(m + lay.sums, h);
-    stream_fence();  // outputs written with streaming stores (stream_copy) are visible
-    return;
-  }
-  // (All memory before the parallel region: an exception must not escape it, working_memory.h.)
-  UnclearedBuffer<Acc> mem(nt * lay.total);
-#pragma omp parallel num_threads(nt)
-  {
-    const FlushSubnormals flush;  // (the thread's own setting back at the region's end: numeric.h)
-    Acc* m = align64(mem.data() + omp_get_thread_num() * lay.total);
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < tasks; ++t) run_task(m, t);
-    if (runs > 1) {
-#pragma omp for schedule(static)
-      for (int64_t h = 0; h < s.H; ++h) reduce_head(m + lay.sums, h);
-    }
-    stream_fence();
-  }
+  run_row_tasks<Acc>(nt, tasks, lay.total, run_task, runs > 1 ? s.H : 0,
+                     [&](Acc* m, int64_t h) { reduce_head(m + lay.sums, h); });
 }
 
 }  // namespace GMATTN_ISA
