@@ -290,7 +290,7 @@ class _DirectAutograd(torch.autograd.Function):
     redispatch through the autograd and CPU keys, aliasing checks, twice: about 0.3 ms a training
     step of a short sequence, more than its kernels). torch.compile, export, dispatch and function
     modes and torch.func transforms take the op (see _direct_call_allowed). Inputs as forward_op's;
-    returns (out, S_final, z_final), the state empty (size 0) unless requested."""
+    returns (out, S_final, z_final), the state None unless requested."""
 
     @staticmethod
     def forward(ctx, *inputs):
@@ -307,6 +307,17 @@ class _DirectAutograd(torch.autograd.Function):
 def _run_backward_direct(*args):
     """_run_backward without the empty dS0, dz0 a custom op must return (None without a state)."""
     return _run_backward(*args, unrequested=None)
+
+
+def _needs_grad(*tensors) -> bool:
+    """Whether autograd records a call of these tensors (None: absent): grad mode on and one of
+    them requiring grad. (A loop, not any() over a generator: a decoding step makes this call.)"""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def _plain_call(q, k, v, mu, omega, alpha, initial_state, causal, output_final_state, eps, sigma_eps):
@@ -332,13 +343,7 @@ def _plain_call(q, k, v, mu, omega, alpha, initial_state, causal, output_final_s
     if dims is None:
         return None
     B, N, H, D, Dv, K = dims
-    needs_grad = False
-    if torch.is_grad_enabled():
-        for t in (q, k, v, mu, omega, alpha, S0, z0):
-            if t is not None and t.requires_grad:
-                needs_grad = True
-                break
-    if needs_grad:
+    if _needs_grad(q, k, v, mu, omega, alpha, S0, z0):
         if (k.dtype is not q.dtype or v.dtype is not q.dtype or omega.dtype is not acc or alpha.dtype is not acc
                 or S0 is not None and (S0.dtype is not acc or z0.dtype is not acc or S0.shape != (B, H, K, Dv)
                                        or z0.shape != (B, H, K))):
@@ -399,9 +404,7 @@ def gma_attention(
         S0, z0 = (_to_acc(s, acc, eager) for s in initial_state)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(torch.int64)  # the core reads int64 offsets
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, mu, omega, alpha, S0, z0)
-    )
+    needs_grad = _needs_grad(q, k, v, mu, omega, alpha, S0, z0)
     # An eager CPU call runs the core directly (without gradients) or through _DirectAutograd (with
     # them): the same computation as the custom op, which tests check bit for bit, without its
     # dispatch. The custom op serves tracing, modes and transforms.
